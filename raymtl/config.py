@@ -1,0 +1,322 @@
+"""Typed experiment configuration: YAML <-> dataclasses, checked before Ray starts.
+
+One `Experiment` drives everything (data pipeline, model, loop, sweeps). Parsing rejects
+unknown keys with a "did you mean" hint and wrong types with the dotted path of the fault;
+checks that need the data itself (files, columns, labels) live in `raymtl.data.tables`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+TASK_KINDS = ("multiclass", "multilabel")
+SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
+IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+class ConfigError(ValueError):
+    """A configuration or input-data fault, with a message naming what is wrong."""
+
+
+@dataclass
+class ViewSpec:
+    """One image view fed to the image backbone (Octopod's full image + crop)."""
+
+    name: str
+    column: str | None = None  # image column; None = the task's `image_column`
+    crop: float = 1.0  # centre-crop fraction of the shorter side, before resizing
+
+
+@dataclass
+class TaskSpec:
+    """One attribute to predict, with its own labelled train/validation data."""
+
+    name: str
+    train: Any  # parquet/CSV path or glob (local or URI); a pandas DataFrame in the Python API
+    validation: Any = None
+    kind: str = "multiclass"
+    label_column: str = "label"
+    image_column: str | None = None
+    text_column: str | None = None
+    id_column: str | None = None
+    labels: list[Any] | None = None  # explicit label list; default = sorted train labels
+    weight: float = 1.0
+    label_smoothing: float = 0.0
+    threshold: float = 0.5  # multilabel decision threshold
+    loss: Callable | None = None  # Python API only: loss(logits, target) -> scalar
+
+
+@dataclass
+class DataSpec:
+    image_size: int = 224
+    views: list[ViewSpec] = field(default_factory=lambda: [ViewSpec("full")])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    tokenizer: str | None = None  # local path of a Hugging Face tokenizer
+    max_length: int = 64
+    skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
+    shuffle_buffer: int = 256  # per-epoch local shuffle buffer (rows), 0 = no shuffle
+
+
+@dataclass
+class ModelSpec:
+    image_backbone: str | None = "resnet18"  # None = no image tower
+    image_weights: str | None = None  # local state_dict file; ResNets start random otherwise
+    text_encoder: str | None = None  # local path for transformers.AutoModel
+    text_config: dict[str, Any] | None = None  # BertConfig kwargs for a small random encoder
+    text_pooling: str = "mean"  # mean | cls
+    hidden_dim: int = 256
+    dropout: float = 0.1
+    groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
+
+
+@dataclass
+class StageSpec:
+    """A training stage: some parts frozen, its own epochs and learning rate."""
+
+    epochs: int
+    lr: float | None = None  # None = training.lr
+    freeze: list[str] = field(default_factory=list)  # image | text | fusion | heads
+
+
+@dataclass
+class TrainingSpec:
+    epochs: int = 3
+    batch_size: int = 32  # per worker
+    eval_batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    lr_schedule: str = "none"
+    warmup_steps: int = 0
+    step_size: int = 1  # epochs between decays for `step`
+    gamma: float = 0.1
+    plateau_patience: int = 1
+    grad_clip: float | None = None
+    mixed_precision: bool = True  # bf16 autocast, only when training on GPU
+    sampler: str = "shuffled"
+    temperature: float = 2.0
+    stages: list[StageSpec] = field(default_factory=list)  # empty = one stage of `epochs`
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = "val_mean_loss"
+    checkpoint_mode: str = "min"
+    max_failures: int = 0
+    ewma_alpha: float = 0.1
+    collective_timeout_s: int = 1800
+    deterministic: bool = False
+    debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
+
+
+@dataclass
+class Experiment:
+    name: str
+    tasks: list[TaskSpec]
+    storage_path: str = "~/raymtl_results"
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise ConfigError(f"unknown task {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task_groups(self) -> dict[str, list[str]]:
+        """Task group -> tasks; every task in exactly one group."""
+        return self.model.groups or {"all": self.task_names}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (DataFrame sources become a placeholder, callables are dropped)."""
+        return _plain(self)
+
+    def validate(self) -> "Experiment":
+        _validate(self)
+        return self
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "loss"}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return f"<{type(obj).__name__}>"
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def load_experiment(source: str | Path | dict[str, Any]) -> Experiment:
+    """Parse a YAML file (or an already-loaded dict) into a validated Experiment."""
+    if isinstance(source, dict):
+        raw, where = source, "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: malformed YAML: {e}") from None
+        where = str(path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        exp = from_dict(Experiment, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return exp.validate()
+
+
+def from_dict(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from plain data; unknown keys and bad types name their dotted path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {_join(path, key)!r}{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _convert(hints[f.name], raw[f.name], _join(path, f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {_join(path, f.name)!r}")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is Callable or origin is Callable:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors and ConfigError(errors[0]) or ConfigError(f"{path}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {k: _convert(args[1], v, _join(path, k)) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+# ---------------------------------------------------------------- structural checks
+
+
+def _choice(value: str, allowed: tuple[str, ...], path: str) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}: unknown value {value!r}{hint}; choose one of {', '.join(allowed)}")
+
+
+def _validate(exp: Experiment) -> None:
+    """Checks that need no data: names, kinds, choices, groups, ranges."""
+    if not exp.tasks:
+        raise ConfigError("no tasks configured: `tasks` needs at least one task")
+    seen: set[str] = set()
+    for i, t in enumerate(exp.tasks):
+        where = f"tasks[{i}] ({t.name!r})"
+        if not t.name or not isinstance(t.name, str):
+            raise ConfigError(f"tasks[{i}]: a task needs a non-empty name")
+        if t.name in seen:
+            raise ConfigError(f"duplicate task name {t.name!r}: task names must be unique")
+        seen.add(t.name)
+        _choice(t.kind, TASK_KINDS, f"{where}.kind")
+        if t.train is None:
+            raise ConfigError(f"{where}: `train` source is required")
+        if t.image_column is None and t.text_column is None and not any(v.column for v in exp.data.views):
+            raise ConfigError(f"{where}: set `image_column` and/or `text_column`: the task has no input")
+        if t.labels is not None and len(set(map(str, t.labels))) != len(t.labels):
+            raise ConfigError(f"{where}.labels: duplicate labels in {t.labels}")
+        if t.weight <= 0:
+            raise ConfigError(f"{where}.weight: must be > 0, got {t.weight}")
+        if not 0.0 <= t.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
+    view_names = [v.name for v in exp.data.views]
+    if len(set(view_names)) != len(view_names):
+        raise ConfigError(f"data.views: duplicate view names {view_names}")
+    for v in exp.data.views:
+        if not 0.0 < v.crop <= 1.0:
+            raise ConfigError(f"data.views ({v.name!r}).crop: must be in (0, 1], got {v.crop}")
+    tr, m = exp.training, exp.model
+    _choice(tr.sampler, SAMPLERS, "training.sampler")
+    _choice(tr.optimizer, OPTIMIZERS, "training.optimizer")
+    _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule")
+    _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
+    if m.image_backbone is not None:
+        _choice(m.image_backbone, IMAGE_BACKBONES, "model.image_backbone")
+    _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
+    for key in ("epochs", "batch_size", "num_workers", "eval_batch_size"):
+        if getattr(tr, key) < 1:
+            raise ConfigError(f"training.{key}: must be >= 1, got {getattr(tr, key)}")
+    if tr.temperature <= 0:
+        raise ConfigError(f"training.temperature: must be > 0, got {tr.temperature}")
+    for i, s in enumerate(tr.stages):
+        for part in s.freeze:
+            _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
+        if s.epochs < 1:
+            raise ConfigError(f"training.stages[{i}].epochs: must be >= 1, got {s.epochs}")
+    if m.groups is not None:
+        owner: dict[str, str] = {}
+        for group, members in m.groups.items():
+            if not members:
+                raise ConfigError(f"model.groups.{group}: a task group needs at least one task")
+            for name in members:
+                if name not in seen:
+                    raise ConfigError(f"model.groups.{group}: unknown task {name!r}; tasks are {sorted(seen)}")
+                if name in owner:
+                    raise ConfigError(f"task {name!r} is in two task groups: {owner[name]!r} and {group!r}")
+                owner[name] = group
+        missing = [t for t in exp.task_names if t not in owner]
+        if missing:
+            raise ConfigError(f"tasks {missing} are in no task group of model.groups")
