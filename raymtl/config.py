@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ TASK_KINDS = ("multiclass", "multilabel")
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -113,7 +116,7 @@ class TrainingSpec:
     cpus_per_worker: float = 1.0
     checkpoint_every_steps: int | None = None
     keep_checkpoints: int = 2
-    checkpoint_metric: str = "val_mean_loss"
+    checkpoint_metric: str = "val/mean_loss"
     checkpoint_mode: str = "min"
     max_failures: int = 0
     ewma_alpha: float = 0.1
@@ -170,6 +173,17 @@ def _plain(obj: Any) -> Any:
 # ---------------------------------------------------------------- parsing
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 would make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_experiment(source: str | Path | dict[str, Any]) -> Experiment:
     """Parse a YAML file (or an already-loaded dict) into a validated Experiment."""
     if isinstance(source, dict):
@@ -179,7 +193,7 @@ def load_experiment(source: str | Path | dict[str, Any]) -> Experiment:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(), Loader=_Loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: malformed YAML: {e}") from None
         where = str(path)
@@ -268,6 +282,11 @@ def _validate(exp: Experiment) -> None:
         where = f"tasks[{i}] ({t.name!r})"
         if not t.name or not isinstance(t.name, str):
             raise ConfigError(f"tasks[{i}]: a task needs a non-empty name")
+        if not TASK_NAME.fullmatch(t.name):
+            raise ConfigError(
+                f"tasks[{i}]: task name {t.name!r} may hold only letters, digits, '_', '-' and '.' "
+                "(it names datasets, files and metrics)"
+            )
         if t.name in seen:
             raise ConfigError(f"duplicate task name {t.name!r}: task names must be unique")
         seen.add(t.name)

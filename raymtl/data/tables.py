@@ -1,8 +1,33 @@
-"""Per-task source tables: read, check and describe them before Ray starts."""
+"""Per-task source tables: read, check and describe them before Ray starts.
+
+A source is a parquet or CSV file, a glob of them (local path or a URI that
+`pyarrow.fs.FileSystem.from_uri` understands), or a pandas DataFrame (Python API).
+`inspect_tasks` reads only each task's label column (plus file schemas), so it stays cheap on
+big tables while still failing fast, with the task, file, column or label named, on data faults
+that would otherwise surface minutes later inside a Ray worker.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+import fnmatch
+import math
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec
 
 
 @dataclass
@@ -24,3 +49,312 @@ class TaskInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---------------------------------------------------------------- files
+
+# `?` starts a URI's query string, so only `*` and `[` are glob characters in URIs.
+_LOCAL_MAGIC = re.compile(r"[*?\[]")
+_URI_MAGIC = re.compile(r"[*\[]")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def source_files(source: str | os.PathLike) -> list[str]:
+    """Files of a file/directory/glob/URI source, sorted: absolute local paths or full URIs."""
+    _, files = _expand(source)
+    return [name for _, name in files]
+
+
+def source_paths(source: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the paths inside it of every file a source names (for Ray Data)."""
+    fs, files = _expand(source)
+    return fs, [path for path, _ in files]
+
+
+def _expand(source: Any) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """The filesystem and (path inside it, user-facing name) of every file a source names.
+
+    Globs match one path component per pattern component; a directory stands for every
+    .parquet/.csv file below it. Names starting with `.` or `_` (Spark's `_SUCCESS`, `.crc`,
+    `_temporary`) are skipped, as pyarrow datasets do.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"expected a file path, glob or URI string (or a DataFrame), got {type(source).__name__}")
+    text = os.fspath(source)
+    is_uri = "://" in text
+    if not is_uri:
+        text = os.path.abspath(os.path.expanduser(text))
+    base, pattern = _split_glob(text, is_uri)
+    fs, base_path = _filesystem(base, is_uri)
+    found = _glob(fs, base_path, pattern) if pattern else _file_or_directory(fs, base_path, text)
+    if not found:
+        what = "matches no files" if pattern else "is a directory without .parquet or .csv files"
+        raise ConfigError(f"{text!r} {what}")
+    return fs, [(p, base.rstrip("/") + p[len(base_path.rstrip("/")):]) for p in found]
+
+
+def _split_glob(text: str, is_uri: bool) -> tuple[str, list[str]]:
+    """'/data/*/part-*.pq' -> ('/data', ['*', 'part-*.pq']); no glob -> (text, [])."""
+    magic = _URI_MAGIC if is_uri else _LOCAL_MAGIC
+    parts = text.split("/")
+    first = next((i for i, part in enumerate(parts) if magic.search(part)), len(parts))
+    return "/".join(parts[:first]) or "/", parts[first:]
+
+
+def _filesystem(base: str, is_uri: bool) -> tuple[pafs.FileSystem, str]:
+    if not is_uri:
+        return pafs.LocalFileSystem(), base
+    try:
+        return pafs.FileSystem.from_uri(base)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ConfigError(f"cannot open {base!r}: {e}") from None
+
+
+def _file_or_directory(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
+    """[path] for a file, the data files below it for a directory (Spark/Hive output)."""
+    with _reading(name):
+        kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise ConfigError(f"file {name!r} does not exist")
+    if kind != pafs.FileType.Directory:
+        return [path]
+    return sorted(
+        info.path
+        for info in _listdir(fs, path, recursive=True)
+        if info.type == pafs.FileType.File
+        and _file_format(info.path)
+        and not any(part.startswith((".", "_")) for part in info.path[len(path) :].split("/"))
+    )
+
+
+def _glob(fs: pafs.FileSystem, base: str, pattern: list[str]) -> list[str]:
+    """Files under `base` matching `pattern`, expanded one directory level per component."""
+    matches = [base]
+    for depth, part in enumerate(pattern):
+        want = pafs.FileType.File if depth == len(pattern) - 1 else pafs.FileType.Directory
+        matches = [
+            info.path
+            for directory in matches
+            for info in _listdir(fs, directory)
+            if info.type == want
+            and not info.base_name.startswith((".", "_"))
+            and fnmatch.fnmatchcase(info.base_name, part)
+        ]
+    return sorted(matches)
+
+
+def _listdir(fs: pafs.FileSystem, directory: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    with _reading(directory):
+        return fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True, recursive=recursive))
+
+
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Turn an I/O or format failure while reading `name` into a ConfigError naming it."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"cannot read {name!r}: {e}") from None
+
+
+def _file_format(name: str) -> str | None:
+    suffixes = PurePosixPath(name).suffixes
+    if suffixes and suffixes[-1] in _PARQUET_SUFFIXES:
+        return "parquet"
+    if ".csv" in suffixes[-2:]:  # data.csv or data.csv.gz
+        return "csv"
+    return None
+
+
+def _format(name: str) -> str:
+    fmt = _file_format(name)
+    if fmt is None:
+        raise ConfigError(f"unsupported file type {name!r}: expected .parquet/.pq or .csv (optionally compressed)")
+    return fmt
+
+
+def _file_columns(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
+    """Column names from the parquet footer or the CSV header, without reading the rows."""
+    with _reading(name):
+        if _format(name) == "parquet":
+            return pq.read_schema(path, filesystem=fs).names
+        with fs.open_input_stream(path) as stream:
+            return pacsv.open_csv(stream).schema.names
+
+
+def _read_file(fs: pafs.FileSystem, path: str, name: str, columns: list[str] | None) -> pd.DataFrame:
+    with _reading(name):
+        if _format(name) == "parquet":
+            table = pq.read_table(path, columns=columns, filesystem=fs)
+        else:
+            options = pacsv.ConvertOptions(include_columns=columns) if columns is not None else None
+            with fs.open_input_stream(path) as stream:
+                table = pacsv.read_csv(stream, convert_options=options)
+    return table.to_pandas()
+
+
+# ---------------------------------------------------------------- tables
+
+
+def read_table(source: Any, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a whole source (file, glob, URI or DataFrame) into pandas, only `columns` if given."""
+    required = {c: "column" for c in columns or []}
+    return pd.concat([df for _, df in _read_parts(source, columns, required)], ignore_index=True)
+
+
+def _read_parts(
+    source: Any, columns: list[str] | None, required: dict[str, str]
+) -> list[tuple[str, pd.DataFrame]]:
+    """(name, frame) per file, reading `columns` once every file is known to have `required`.
+
+    `required` maps column -> the config field that names it, so a missing column is reported
+    as e.g. "text_column 'titel'" rather than a bare KeyError.
+    """
+    if isinstance(source, pd.DataFrame):
+        _check_columns(list(source.columns), required, "the DataFrame")
+        return [("the DataFrame", source if columns is None else source[columns])]
+    fs, files = _expand(source)
+    for path, name in files:
+        _check_columns(_file_columns(fs, path, name), required, name)
+    return [(name, _read_file(fs, path, name, columns)) for path, name in files]
+
+
+def _check_columns(available: list[str], required: dict[str, str], where: str) -> None:
+    for column, role in required.items():
+        if column not in available:
+            close = difflib.get_close_matches(column, [str(a) for a in available], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            listed = ", ".join(map(str, available))
+            raise ConfigError(f"{role} {column!r} not found in {where}{hint}; available columns: {listed}")
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def inspect_tasks(exp: Experiment) -> dict[str, TaskInfo]:
+    """Check every task's data against the config and describe it (run before Ray starts)."""
+    return {t.name: _inspect_task(t, exp.data) for t in exp.tasks}
+
+
+def _inspect_task(task: TaskSpec, data: DataSpec) -> TaskInfo:
+    if task.text_column is not None and not data.tokenizer:
+        raise ConfigError(
+            f"task {task.name!r}: text_column {task.text_column!r} is set but data.tokenizer is not; "
+            "set data.tokenizer to a local Hugging Face tokenizer directory"
+        )
+    train = _split_labels(task, "train", task.train, data)
+    val = _split_labels(task, "validation", task.validation, data) if task.validation is not None else _Split()
+    labels = _label_names(task, train, val)
+    return TaskInfo(
+        name=task.name,
+        kind=task.kind,
+        labels=labels,
+        n_train=train.rows,
+        n_val=val.rows,
+        has_image=task.image_column is not None or any(v.column for v in data.views),
+        has_text=task.text_column is not None,
+        weight=task.weight,
+    )
+
+
+@dataclass
+class _Split:
+    """Row count and label names (str) per file of one task split."""
+
+    rows: int = 0
+    labels_by_file: dict[str, set[str]] = field(default_factory=dict)
+
+    def labels(self) -> set[str]:
+        return set().union(*self.labels_by_file.values())
+
+
+def _required_columns(task: TaskSpec, data: DataSpec) -> dict[str, str]:
+    """Column -> config field naming it, for every column the pipeline will read."""
+    required = {
+        task.label_column: "label_column",
+        task.image_column: "image_column",
+        task.text_column: "text_column",
+        task.id_column: "id_column",
+    }
+    required.update({v.column: f"data.views[{i}].column" for i, v in enumerate(data.views) if v.column})
+    return {column: role for column, role in required.items() if column is not None}
+
+
+def _split_labels(task: TaskSpec, split: str, source: Any, data: DataSpec) -> _Split:
+    where = f"task {task.name!r} ({split})"
+    try:
+        parts = _read_parts(source, [task.label_column], _required_columns(task, data))
+        result = _Split(
+            rows=sum(len(df) for _, df in parts),
+            labels_by_file={name: _cell_labels(df[task.label_column], task, name) for name, df in parts},
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if result.rows == 0:
+        raise ConfigError(f"{where}: {_describe(source)} has no rows")
+    return result
+
+
+def _describe(source: Any) -> str:
+    return "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
+
+
+def _cell_labels(values: pd.Series, task: TaskSpec, where: str) -> set[str]:
+    """Label names in the label column of one file (`where`), after checking each cell's shape."""
+    column = task.label_column
+    is_list = values.map(lambda cell: isinstance(cell, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+    if task.kind == "multilabel":
+        if not is_list.all():
+            row = int(np.flatnonzero(~is_list)[0])
+            raise ConfigError(
+                f"multilabel label_column {column!r} needs a list of labels in every row "
+                f"(a parquet list column or a DataFrame of lists; CSV cannot hold lists); "
+                f"row {row} of {where} holds {values.iloc[row]!r} ({type(values.iloc[row]).__name__})"
+            )
+        return {str(v) for v in values.explode().dropna().unique()}
+    if is_list.any():
+        row = int(np.flatnonzero(is_list)[0])
+        raise ConfigError(
+            f"label_column {column!r} holds a list in row {row} of {where} ({list(values.iloc[row])!r}) "
+            "but the task is multiclass; set `kind: multilabel` for several labels per item"
+        )
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if len(missing):
+        raise ConfigError(
+            f"label_column {column!r} is empty in {len(missing)} row(s) of {where} (first: row {missing[0]})"
+        )
+    return {str(v) for v in values.unique()}
+
+
+def _label_names(task: TaskSpec, train: _Split, val: _Split) -> list[str]:
+    """The task's label map (index = class id), after checking every label can be encoded.
+
+    With an explicit `labels` list that list is the map, so it alone bounds the labels (a listed
+    class may lack train rows). Otherwise the map is the train labels, so validation may not
+    bring new ones.
+    """
+    if task.labels is not None:
+        names = [str(label) for label in task.labels]
+        for split, part in (("train", train), ("validation", val)):
+            _check_known(task, split, part, set(names), f"is not in the task's `labels` {names}")
+        return names
+    names = sorted(train.labels(), key=_label_order)
+    why = "does not occur in the train data (add it there or list the task's `labels`)"
+    _check_known(task, "validation", val, set(names), why)
+    return names
+
+
+def _check_known(task: TaskSpec, split: str, part: _Split, known: set[str], why: str) -> None:
+    for name, labels in part.labels_by_file.items():
+        unknown = sorted(labels - known, key=_label_order)
+        if unknown:
+            raise ConfigError(f"task {task.name!r} ({split}): label {unknown[0]!r} in {name} {why}")
+
+
+def _label_order(name: str) -> tuple[int, float, str]:
+    """Sort numeric labels numerically ('2' before '10'), then the rest alphabetically."""
+    try:
+        number = float(name)
+    except ValueError:
+        return (1, 0.0, name)
+    return (1, 0.0, name) if math.isnan(number) else (0, number, name)

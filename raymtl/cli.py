@@ -1,0 +1,84 @@
+"""`raymtl <verb>`: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from raymtl.config import ConfigError, Experiment, load_experiment
+
+
+def apply_overrides(exp: Experiment, args: argparse.Namespace) -> Experiment:
+    """Command-line scaling and naming flags win over the config file."""
+    tr = exp.training
+    if getattr(args, "workers", None):
+        tr = dataclasses.replace(tr, num_workers=args.workers)
+    if getattr(args, "cpus_per_worker", None):
+        tr = dataclasses.replace(tr, cpus_per_worker=args.cpus_per_worker)
+    if getattr(args, "gpu", False):
+        tr = dataclasses.replace(tr, use_gpu=True)
+    if getattr(args, "epochs", None):
+        tr = dataclasses.replace(tr, epochs=args.epochs, stages=[])
+    exp = dataclasses.replace(exp, training=tr)
+    if getattr(args, "name", None):
+        exp = dataclasses.replace(exp, name=args.name)
+    if getattr(args, "storage", None):
+        exp = dataclasses.replace(exp, storage_path=args.storage)
+    return exp.validate()
+
+
+def add_scaling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, help="training workers (data-parallel ranks)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per training worker")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
+    p.add_argument("--epochs", type=int, help="override training.epochs (single stage)")
+    p.add_argument("--name", help="experiment name (same name = resume)")
+    p.add_argument("--storage", help="storage path or URI for checkpoints and logs")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raymtl.train.trainer import fit, print_summary
+
+    exp = apply_overrides(load_experiment(args.config), args)
+    print_summary(fit(exp, address=args.address))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raymtl.demo import run_demo
+
+    run_demo(args.out, workers=args.workers or 1, epochs=args.epochs, address=args.address)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymtl", description="Multi-task, multi-dataset training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a multi-task model from a YAML experiment")
+    p.add_argument("config", help="experiment YAML file")
+    add_scaling_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="generate a synthetic catalogue and train an image+text model on it")
+    p.add_argument("--out", default="demo_output", help="folder for the demo data, config and runs")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"raymtl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

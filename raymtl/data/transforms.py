@@ -1,0 +1,246 @@
+"""Raw task rows -> model inputs: the one transform shared by training and batch prediction.
+
+`Preprocessor` runs inside Ray Data `map_batches(batch_format="pandas")` and returns a dict of
+numpy arrays:
+
+    task            str               [N]            the task name, on every row
+    label           int64 [N] (multiclass) | float32 [N, num_labels] (multilabel multi-hot)
+    view_<name>     float32           [N, 3, S, S]   one per `data.views` view, normalised
+    input_ids       int64             [N, max_length]
+    attention_mask  int64             [N, max_length]
+    id              str               [N]
+    error           str               [N]            on_bad="mark" only; "" for good rows
+
+Each key is present only when it applies (labels asked for, the task has images/text/ids).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+from collections import defaultdict
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+from PIL import Image
+
+from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
+from raymtl.data.tables import TaskInfo
+
+logger = logging.getLogger(__name__)
+
+ON_BAD = ("raise", "skip", "mark")
+# What a missing, truncated, corrupt or oversized image raises (PIL and pyarrow alike).
+_BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_LOCAL_FS = pafs.LocalFileSystem()
+
+
+class BadImageError(ConfigError):
+    """An image that cannot be read; the message names the task, column and path."""
+
+
+class Preprocessor:
+    """Turns one task's raw rows (a pandas batch) into the model-input dict of numpy arrays.
+
+    Holds only column names and small settings, so pickling it into every Ray task is cheap
+    (never the task's DataFrame sources); the tokenizer and filesystems are cached per process.
+    `on_bad` decides what an unreadable image does: "raise" (fail the job), "skip" (drop the
+    row, log a warning) or "mark" (keep the row with zero images and an `error` message).
+    """
+
+    def __init__(
+        self,
+        task: TaskSpec,
+        info: TaskInfo,
+        data: DataSpec,
+        *,
+        with_labels: bool = True,
+        on_bad: str = "raise",
+    ) -> None:
+        if on_bad not in ON_BAD:
+            raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+        if info.has_text and not data.tokenizer:
+            raise ConfigError(f"task {task.name!r} has text ({task.text_column!r}) but data.tokenizer is not set")
+        self.task = task.name
+        self.kind = info.kind
+        self.labels = list(info.labels)
+        self.on_bad = on_bad
+        self.label_column = task.label_column if with_labels else None
+        self.text_column = task.text_column if info.has_text else None
+        self.id_column = task.id_column
+        self.views = [_resolve_view(v, task) for v in data.views] if info.has_image else []
+        self.image_size = data.image_size
+        self.tokenizer = data.tokenizer
+        self.max_length = data.max_length
+        std = np.asarray(data.std, np.float32).reshape(3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)  # uint8 -> [0, 1] -> (x - mean) / std in one multiply-add
+        self._shift = np.asarray(data.mean, np.float32).reshape(3, 1, 1) / std
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The raw columns this transform reads: select them before anything else."""
+        cols = [self.id_column, self.label_column, *(v.column for v in self.views), self.text_column]
+        return list(dict.fromkeys(c for c in cols if c is not None))
+
+    @property
+    def row_nbytes(self) -> int:
+        """Approximate output bytes per row, for sizing batches."""
+        return 4 * 3 * self.image_size**2 * len(self.views) + (16 * self.max_length if self.text_column else 0) + 64
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        batch = batch.reset_index(drop=True)
+        pixels, errors = self._read_images(batch)
+        if self.on_bad == "skip":
+            batch, pixels, errors = self._drop_bad(batch, pixels, errors)
+        good = errors == ""
+        out: dict[str, np.ndarray] = {"task": np.full(len(batch), self.task, dtype=object)}
+        if self.label_column is not None:
+            out["label"] = self._encode_labels(batch[self.label_column])
+        for name, p in pixels.items():
+            out[f"view_{name}"] = self._normalise(p, good)
+        if self.text_column is not None:
+            out.update(self._tokenize(batch[self.text_column]))
+        if self.id_column is not None:
+            out["id"] = batch[self.id_column].astype(str).to_numpy(dtype=object)
+        if self.on_bad == "mark":
+            out["error"] = errors
+        return out
+
+    # ------------------------------------------------------------ images
+
+    def _read_images(self, batch: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Decode each image once per column and cut every view of it: uint8 [N, S, S, 3] per view."""
+        n, size = len(batch), self.image_size
+        pixels = {v.name: np.zeros((n, size, size, 3), np.uint8) for v in self.views}
+        errors = np.full(n, "", dtype=object)
+        by_column: dict[str, list[ViewSpec]] = defaultdict(list)
+        for v in self.views:
+            by_column[v.column].append(v)
+        for column, views in by_column.items():
+            min_side = math.ceil(size / min(v.crop for v in views))
+            for i, uri in enumerate(batch[column].to_numpy()):
+                if errors[i]:
+                    continue
+                try:
+                    image = load_image(uri, min_side)
+                    for v in views:
+                        pixels[v.name][i] = _crop_resize(image, v.crop, size)
+                except _BAD_IMAGE_ERRORS as e:
+                    errors[i] = f"task {self.task!r}: cannot read image {uri!r} in column {column!r}: {type(e).__name__}: {e}"
+                    if self.on_bad == "raise":
+                        raise BadImageError(errors[i]) from e
+        return pixels, errors
+
+    def _drop_bad(
+        self, batch: pd.DataFrame, pixels: dict[str, np.ndarray], errors: np.ndarray
+    ) -> tuple[pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
+        good = errors == ""
+        if good.all():
+            return batch, pixels, errors
+        logger.warning(
+            "skipped %d of %d rows with unreadable images: %s",
+            (~good).sum(), len(batch), "; ".join(errors[~good][:5]),
+        )
+        return batch[good].reset_index(drop=True), {k: p[good] for k, p in pixels.items()}, errors[good]
+
+    def _normalise(self, pixels: np.ndarray, good: np.ndarray) -> np.ndarray:
+        """uint8 NHWC -> normalised float32 NCHW, vectorised over the batch; bad rows stay zero."""
+        x = pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        x *= self._scale
+        x -= self._shift
+        x[~good] = 0.0
+        return x
+
+    # ------------------------------------------------------------ labels, text
+
+    def _encode_labels(self, values: pd.Series) -> np.ndarray:
+        """Label names (str(value)) -> class ids, or multi-hot rows for list-valued multilabel cells."""
+        rows = [_label_list(v) for v in values] if self.kind == "multilabel" else [[v] for v in values]
+        names = [str(x) for row in rows for x in row]
+        codes = pd.Index(self.labels).get_indexer(names)
+        if (codes < 0).any():
+            bad = names[int(np.argmax(codes < 0))]
+            raise ConfigError(
+                f"task {self.task!r}: unknown label {bad!r} in column {self.label_column!r}; "
+                f"known labels: {self.labels[:20]}"
+            )
+        if self.kind != "multilabel":
+            return codes.astype(np.int64)
+        hot = np.zeros((len(rows), len(self.labels)), np.float32)
+        hot[np.repeat(np.arange(len(rows)), [len(r) for r in rows]), codes] = 1.0
+        return hot
+
+    def _tokenize(self, texts: pd.Series) -> dict[str, np.ndarray]:
+        strings = texts.astype(object).where(texts.notna(), "").astype(str).tolist()
+        enc = load_tokenizer(self.tokenizer)(
+            strings, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return {k: np.asarray(enc[k], np.int64) for k in ("input_ids", "attention_mask")}
+
+
+def _resolve_view(view: ViewSpec, task: TaskSpec) -> ViewSpec:
+    column = view.column or task.image_column
+    if column is None:
+        raise ConfigError(f"task {task.name!r}: view {view.name!r} has no column and the task no image_column")
+    return ViewSpec(view.name, column, view.crop)
+
+
+def _label_list(value: Any) -> list[Any]:
+    """A multilabel cell as a list: list/array cells as is, a scalar as one label, missing as none."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return list(value)
+    return [] if pd.isna(value) else [value]
+
+
+def _crop_resize(image: Image.Image, crop: float, size: int) -> np.ndarray:
+    """Square centre crop of `crop` x the shorter side, resized to size x size (one PIL call)."""
+    w, h = image.size
+    side = max(1, round(min(w, h) * crop))
+    left, top = (w - side) // 2, (h - side) // 2
+    # crop first: resize(box=...) lets the antialiasing filter reach pixels outside the box
+    cropped = image.crop((left, top, left + side, top + side))
+    return np.asarray(cropped.resize((size, size), Image.Resampling.BILINEAR))
+
+
+# ------------------------------------------------------------ per-process caches
+
+
+def load_image(uri: Any, min_side: int = 0) -> Image.Image:
+    """Read a local path or filesystem URI as RGB.
+
+    JPEGs decode at the smallest power-of-two scale that keeps both sides >= `min_side`
+    (PIL draft mode): several times faster, and the pixels are resized down anyway.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("no image path")
+    fs, path = _resolve_uri(uri) if "://" in uri else (_LOCAL_FS, uri)
+    with fs.open_input_stream(path) as f:
+        image = Image.open(io.BytesIO(f.read()))
+    if min_side:
+        image.draft("RGB", (min_side, min_side))
+    return image.convert("RGB")
+
+
+def _resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    parts = urlsplit(uri)
+    fs, root = _filesystem(parts.scheme, parts.netloc)
+    return fs, root.rstrip("/") + "/" + unquote(parts.path).lstrip("/")
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str) -> tuple[pafs.FileSystem, str]:
+    """One filesystem per scheme and bucket/host: creating one (credentials, region) is slow."""
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Any:
+    """The Hugging Face tokenizer at a local path, loaded once per worker process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,118 @@
+"""The self-describing saved model: one folder that `raymtl.load(path)` turns back into a model.
+
+    raymtl_model.json   model spec, data spec (views, sizes, tokenizer), tasks with label maps,
+                        task groups, the experiment it came from
+    model.safetensors   the weights
+    tokenizer/          the Hugging Face tokenizer, when the model reads text
+
+No training config, data or network access is needed to load it: the text encoder is rebuilt from
+its saved Hugging Face config and the weights file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from raymtl.config import DataSpec, ModelSpec, from_dict
+from raymtl.data.tables import TaskInfo
+from raymtl.models.multitask import MultiTaskModel
+
+META_FILE = "raymtl_model.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SavedModel:
+    """A loaded model with everything prediction needs to preprocess inputs as in training."""
+
+    model: MultiTaskModel
+    data: DataSpec
+    infos: dict[str, TaskInfo]
+    thresholds: dict[str, float]
+    groups: dict[str, list[str]]
+    experiment: dict[str, Any]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.infos)
+
+
+def portable_model_spec(model: MultiTaskModel, spec: ModelSpec) -> ModelSpec:
+    """The spec with the text encoder described by its HF config instead of a local path."""
+    if model.text_encoder is None:
+        return dataclasses.replace(spec, text_encoder=None, image_weights=None)
+    hf_config = model.text_encoder.encoder.config.to_dict()  # rebuilt by AutoConfig.for_model
+    return dataclasses.replace(spec, text_encoder=None, text_config=hf_config, image_weights=None)
+
+
+def save_model(
+    folder: str | Path,
+    model: MultiTaskModel,
+    *,
+    model_spec: ModelSpec,
+    data: DataSpec,
+    infos: dict[str, TaskInfo],
+    thresholds: dict[str, float],
+    experiment: dict[str, Any],
+) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, str(folder / WEIGHTS_FILE))
+    data_out = data
+    if data.tokenizer and any(i.has_text for i in infos.values()):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(data.tokenizer).save_pretrained(folder / TOKENIZER_DIR)
+        data_out = dataclasses.replace(data, tokenizer=TOKENIZER_DIR)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(portable_model_spec(model, model_spec)),
+        "data": dataclasses.asdict(data_out),
+        "tasks": {name: info.to_dict() for name, info in infos.items()},
+        "thresholds": thresholds,
+        "groups": model.groups,
+        "experiment": experiment,
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a raymtl model: {META_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedModel:
+    """Rebuild a saved model (eval mode) and its preprocessing spec from a model folder."""
+    from raymtl import storage
+
+    folder = Path(storage.download_dir(str(folder), _cache_dir(str(folder))))
+    meta = read_meta(folder)
+    infos = {name: TaskInfo(**d) for name, d in meta["tasks"].items()}
+    data = from_dict(DataSpec, meta["data"], "data")
+    if data.tokenizer == TOKENIZER_DIR:
+        data.tokenizer = str(folder / TOKENIZER_DIR)
+    spec = from_dict(ModelSpec, meta["model"], "model")
+    model = MultiTaskModel(spec, infos, [v.name for v in data.views], meta["groups"])
+    load_safetensors(model, str(folder / WEIGHTS_FILE), device=str(map_location))
+    model.eval()
+    return SavedModel(model, data, infos, meta["thresholds"], meta["groups"], meta["experiment"])
+
+
+def _cache_dir(uri: str) -> str:
+    import hashlib
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / "raymtl_models" / hashlib.sha1(uri.encode()).hexdigest()[:16])

@@ -1,0 +1,197 @@
+"""The multi-task network: per task group an image backbone and a fusion layer, one head per task.
+
+One group is a plain multi-task model. Several groups form an ensemble with one image backbone per
+group, which keeps tasks that interfere destructively from sharing features. The text encoder is
+shared by every group. A forward pass for a task runs only what that task needs (its group's
+backbone, the text encoder if the task has text, its group's fusion layer and its head), so a step
+leaves every other group's parameters without a gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raymtl.config import ConfigError, ModelSpec
+from raymtl.data.tables import TaskInfo
+from raymtl.models.backbones import ImageBackbone, TextEncoder
+
+class Fusion(nn.Module):
+    """Linear -> ReLU -> Dropout over concat[image features, text features].
+
+    A slot is sized 0 when no task of the group has that modality. A task without a modality the
+    group has feeds zeros in its slot, so image-only, text-only and image+text tasks share one layer.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, out_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.image_dim, self.text_dim = image_dim, text_dim
+        self.net = nn.Sequential(nn.Linear(image_dim + text_dim, out_dim), nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, image: Tensor | None, text: Tensor | None) -> Tensor:
+        given = image if image is not None else text
+        slots = [(image, self.image_dim), (text, self.text_dim)]
+        feats = [f if f is not None else given.new_zeros(given.shape[0], dim) for f, dim in slots if dim]
+        return self.net(torch.cat(feats, dim=1))
+
+
+class MultiTaskModel(nn.Module):
+    """Image backbones per task group, a shared text encoder, fusion per group, a head per task.
+
+    Built from plain data only (see `config` / `from_config`), so any rank, a resumed run or a batch
+    predictor rebuilds the same architecture and then loads a state_dict into it.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        infos: Mapping[str, TaskInfo],
+        view_names: Sequence[str],
+        groups: Mapping[str, Sequence[str]],
+    ) -> None:
+        super().__init__()
+        _check_groups(infos, groups)
+        self.spec = model
+        self.view_names = list(view_names)
+        self.infos: dict[str, TaskInfo] = {}
+        self.groups: dict[str, list[str]] = {}
+        has_text_encoder = model.text_encoder is not None or model.text_config is not None
+        self.text_encoder = (
+            TextEncoder(model.text_encoder, model.text_config, model.text_pooling)
+            if has_text_encoder and any(i.has_text for i in infos.values())
+            else None
+        )
+        self.image_backbones = nn.ModuleDict()
+        self.fusion = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for group, tasks in groups.items():
+            self._add_group(group, [infos[t] for t in tasks])
+
+    # ------------------------------------------------------------ plain-data round trip
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable arguments that `from_config` rebuilds this architecture from."""
+        return {
+            "model": dataclasses.asdict(self.spec),
+            "infos": {name: info.to_dict() for name, info in self.infos.items()},
+            "view_names": list(self.view_names),
+            "groups": {group: list(tasks) for group, tasks in self.groups.items()},
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MultiTaskModel:
+        """Rebuild from `config()` output; weights then come from the checkpoint's state_dict."""
+        return cls(
+            ModelSpec(**config["model"]),
+            {name: TaskInfo(**info) for name, info in config["infos"].items()},
+            config["view_names"],
+            config["groups"],
+        )
+
+    # ------------------------------------------------------------ structure
+
+    def group_of(self, task: str) -> str:
+        for group, tasks in self.groups.items():
+            if task in tasks:
+                return group
+        raise KeyError(f"unknown task {task!r}; the model's tasks are {list(self.infos)}")
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part (image, text, fusion, heads): what a training stage may freeze."""
+        return {
+            "image": list(self.image_backbones.parameters()),
+            "text": list(self.text_encoder.parameters()) if self.text_encoder is not None else [],
+            "fusion": list(self.fusion.parameters()),
+            "heads": list(self.heads.parameters()),
+        }
+
+    def add_task(self, info: TaskInfo, group: str) -> None:
+        """Add a task to a (trained) model: a new head in `group`, or a new group of its own.
+
+        The existing parameters are untouched. A task needing a modality its group was not built
+        with (or text when the model has no text encoder) cannot be attached without a rebuild.
+        """
+        if info.name in self.infos:
+            raise ValueError(f"task {info.name!r} already exists in group {self.group_of(info.name)!r}")
+        if group in self.groups:
+            self._add_head(info, group)
+        else:
+            self._add_group(group, [info])
+
+    def _add_group(self, group: str, infos: Sequence[TaskInfo]) -> None:
+        inputs = [self._inputs(info) for info in infos]
+        image_dim = text_dim = 0
+        if any(image for image, _ in inputs):
+            backbone = ImageBackbone(
+                self.spec.image_backbone,
+                self.view_names,
+                self.spec.hidden_dim,
+                weights=self.spec.image_weights,
+                dropout=self.spec.dropout,
+            )
+            self.image_backbones[group] = backbone
+            image_dim = backbone.out_dim
+        if any(text for _, text in inputs):
+            text_dim = self.text_encoder.out_dim
+        self.fusion[group] = Fusion(image_dim, text_dim, self.spec.hidden_dim, self.spec.dropout)
+        self.groups[group] = []
+        for info in infos:
+            self._add_head(info, group)
+
+    def _add_head(self, info: TaskInfo, group: str) -> None:
+        image, text = self._inputs(info)
+        fusion = self.fusion[group]
+        if (image and not fusion.image_dim) or (text and not fusion.text_dim):
+            raise ConfigError(
+                f"task {info.name!r} needs {'images' if image and not fusion.image_dim else 'text'}, "
+                f"which task group {group!r} was built without; put it in a new group"
+            )
+        self.heads[info.name] = nn.Linear(self.spec.hidden_dim, info.num_labels)
+        self.infos[info.name] = info
+        self.groups[group].append(info.name)
+
+    def _inputs(self, info: TaskInfo) -> tuple[bool, bool]:
+        """Whether a task feeds (image, text): the modalities it has that this model encodes."""
+        image = info.has_image and self.spec.image_backbone is not None
+        text = info.has_text and self.text_encoder is not None
+        if not (image or text):
+            raise ConfigError(
+                f"task {info.name!r} has no input this model can encode (has_image={info.has_image}, "
+                f"has_text={info.has_text}; model.image_backbone={self.spec.image_backbone!r}, "
+                f"text encoder {'present' if self.text_encoder is not None else 'absent'})"
+            )
+        return image, text
+
+    # ------------------------------------------------------------ compute
+
+    def forward(self, batch: Mapping[str, Any], task: str) -> Tensor:
+        """Logits [B, num_labels] of `task`, computing only the modules that task uses."""
+        group = self.group_of(task)
+        use_image, use_text = self._inputs(self.infos[task])
+        image = self.image_backbones[group](batch) if use_image else None
+        text = self.text_encoder(batch["input_ids"], batch["attention_mask"]) if use_text else None
+        return self.heads[task](self.fusion[group](image, text))
+
+
+def _check_groups(infos: Mapping[str, TaskInfo], groups: Mapping[str, Sequence[str]]) -> None:
+    """Every task in exactly one group, every grouped task known, no empty group."""
+    for name, info in infos.items():
+        if info.name != name:
+            raise ConfigError(f"task info keyed {name!r} is named {info.name!r}")
+    owner: dict[str, str] = {}
+    for group, tasks in groups.items():
+        if not tasks:
+            raise ConfigError(f"task group {group!r} has no tasks")
+        for task in tasks:
+            if task not in infos:
+                raise ConfigError(f"task group {group!r}: unknown task {task!r}; tasks are {list(infos)}")
+            if task in owner:
+                raise ConfigError(f"task {task!r} is in two task groups: {owner[task]!r} and {group!r}")
+            owner[task] = group
+    missing = [t for t in infos if t not in owner]
+    if missing:
+        raise ConfigError(f"tasks {missing} are in no task group")

@@ -1,0 +1,71 @@
+"""Local folders and URIs (s3://, gs://, file://...) behind one small interface.
+
+Everything raymtl writes (run files, TensorBoard events, saved models, predictions) goes through
+pyarrow filesystems, so a laptop path and shared cluster storage work the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI; `~` is expanded locally."""
+    path = str(path)
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def normalize(path: str | os.PathLike) -> str:
+    """A storage location in the form Ray Train expects: absolute local path or URI."""
+    return str(path) if is_uri(str(path)) else resolve(path)[1]
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def read_text(path: str) -> str:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def upload_dir(local_dir: str, dest: str) -> None:
+    """Copy a local folder's files to `dest` (a no-op when dest is that same local folder)."""
+    if not is_uri(dest) and Path(dest).expanduser().resolve() == Path(local_dir).resolve():
+        return
+    fs, p = resolve(dest)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(src: str, local_dir: str) -> str:
+    """Local folder holding `src`'s files: `src` itself when local, else a fresh copy."""
+    if not is_uri(src):
+        return resolve(src)[1]
+    fs, p = resolve(src)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir

@@ -1,0 +1,310 @@
+"""`train_loop_per_worker`: the random-batch multi-task loop, run by every Ray Train worker.
+
+Each step trains one task: every rank derives the same `TaskSchedule` from (seed, epoch), takes
+the next batch of that task from its own shard of the task's dataset, and back-propagates only that
+task's (weighted) loss. DDP runs with `find_unused_parameters` because a step leaves the other
+tasks' heads and the other groups' backbones untouched (their gradients stay None, so the
+optimizer does not move them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+from raymtl import storage
+from raymtl.config import Experiment, StageSpec
+from raymtl.data.datasets import dataset_key
+from raymtl.data.schedule import TaskSchedule
+from raymtl.data.tables import TaskInfo
+from raymtl.models.artifact import load as load_artifact
+from raymtl.models.artifact import save_model
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.checkpoint import Position, load_train_state, rng_state, save_train_state, set_rng_state
+from raymtl.train.losses import task_loss
+from raymtl.train.metrics import Ewma, make_accumulator
+from raymtl.train.optim import build_lr_schedule, build_optimizer
+from raymtl.train.report import RunFiles, epoch_row
+
+CRASH_MARKER = ".debug_crash_done"
+
+
+def stages_of(exp: Experiment) -> list[StageSpec]:
+    """The configured stages, or one stage of `training.epochs` with nothing frozen."""
+    return exp.training.stages or [StageSpec(epochs=exp.training.epochs)]
+
+
+def stage_at(stages: list[StageSpec], epoch: int) -> int:
+    end = 0
+    for i, s in enumerate(stages):
+        end += s.epochs
+        if epoch < end:
+            return i
+    return len(stages) - 1
+
+
+def batches_per_epoch(infos: dict[str, TaskInfo], batch_size: int, world_size: int) -> dict[str, int]:
+    """Full batches each rank gets per task: shards are equal-sized, the last partial batch dropped."""
+    return {name: (info.n_train // world_size) // batch_size for name, info in infos.items()}
+
+
+def to_model_batch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Numeric columns as tensors on the device; string columns (task tag, id) stay behind."""
+    return {k: torch.as_tensor(v).to(device) for k, v in batch.items() if v.dtype.kind in "biuf"}
+
+
+def shuffle_seed(seed: int, epoch: int, task: str, epoch_pass: int) -> int:
+    return zlib.crc32(f"{seed}:{epoch}:{task}:{epoch_pass}".encode())
+
+
+class TaskBatches:
+    """Per-task batch iterators over this rank's shards, positioned for (epoch, step).
+
+    A task's iterator restarts (a new "pass", reshuffled) when a sampling schedule asks for more
+    batches than one pass holds. On resume, the batches already consumed are read and skipped,
+    so the data order matches an uninterrupted run.
+    """
+
+    def __init__(self, exp: Experiment, batches: dict[str, int], epoch: int, consumed: dict[str, int], device):
+        self.exp, self.batches, self.epoch, self.device = exp, batches, epoch, device
+        self.passes = {t: consumed.get(t, 0) // n for t, n in batches.items()}
+        self.iters: dict[str, Iterator] = {}
+        for task, count in consumed.items():
+            for _ in range(count % batches[task]):
+                self._next_raw(task)
+
+    def _open(self, task: str) -> Iterator:
+        shard = ray.train.get_dataset_shard(dataset_key(task, "train"))
+        buffer = self.exp.data.shuffle_buffer or None
+        return iter(
+            shard.iter_batches(
+                batch_size=self.exp.training.batch_size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=buffer,
+                local_shuffle_seed=shuffle_seed(self.exp.seed, self.epoch, task, self.passes[task]) if buffer else None,
+            )
+        )
+
+    def _next_raw(self, task: str) -> dict[str, np.ndarray] | None:
+        if task not in self.iters:
+            self.iters[task] = self._open(task)
+        return next(self.iters[task], None)
+
+    def next(self, task: str) -> dict[str, torch.Tensor] | None:
+        """The task's next batch; None when its shard ran short (rows dropped as bad images)."""
+        batch = self._next_raw(task)
+        if batch is None and self.exp.training.sampler != "shuffled":
+            self.passes[task] += 1
+            self.iters[task] = self._open(task)
+            batch = self._next_raw(task)
+        return None if batch is None else to_model_batch(batch, self.device)
+
+
+def consumed_batches(steps_done: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task in steps_done:
+        counts[task] = counts.get(task, 0) + 1
+    return counts
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], device) -> dict[str, dict]:
+    """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
+    model.eval()
+    results = {}
+    for name, info in infos.items():
+        if info.n_val == 0:
+            continue
+        task = exp.task(name)
+        acc = make_accumulator(info, task.threshold)
+        loss_fn = task_loss(task, info)
+        shard = ray.train.get_dataset_shard(dataset_key(name, "val"))
+        for raw in shard.iter_batches(batch_size=exp.training.eval_batch_size, batch_format="numpy"):
+            batch = to_model_batch(raw, device)
+            logits = model(batch, name).float()
+            acc.update(logits, batch["label"], loss_fn(logits, batch["label"]).item() * len(logits))
+        acc.load_state(all_reduce_sum(acc.state.to(device)).cpu())
+        results[name] = acc.compute()
+    model.train()
+    return results
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _gather_rng() -> list[dict]:
+    states = [rng_state()]
+    if dist.is_available() and dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
+def _maybe_crash(exp: Experiment, run_dir: str, global_step: int) -> None:
+    """Test-only fault injection: kill this worker process once, at the configured step."""
+    at = exp.training.debug_crash_at_step
+    marker = storage.join(run_dir, CRASH_MARKER)
+    if at is not None and global_step == at and ray.train.get_context().get_world_rank() == 0:
+        if not storage.exists(marker):
+            storage.write_text(marker, f"crashed at step {global_step}\n")
+            os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    exp: Experiment = config["experiment"]
+    infos: dict[str, TaskInfo] = config["infos"]
+    run_dir: str = config["run_dir"]
+    tr = exp.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if tr.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    view_names = [v.name for v in exp.data.views]
+    groups = exp.task_groups()
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            model = load_artifact(folder).model
+            state = load_train_state(Path(folder))
+    else:
+        torch.manual_seed(exp.seed)
+        model = MultiTaskModel(exp.model, infos, view_names, groups)
+        state = None
+    model.train()
+    torch.manual_seed(exp.seed * 1000 + rank)
+    np.random.seed((exp.seed * 1000 + rank) % 2**32)
+
+    losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
+    ewma = {name: Ewma(tr.ewma_alpha) for name in infos}
+    position = Position()
+    stages = stages_of(exp)
+    batches = batches_per_epoch(infos, tr.batch_size, world)
+    files = RunFiles(run_dir) if rank == 0 else None
+
+    if state is not None:
+        position = state["position"]
+        for name, s in state["ewma"].items():
+            ewma[name].load_state_dict(s)
+        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+
+    total_epochs = sum(s.epochs for s in stages)
+    stage_idx = None
+    while position.epoch < total_epochs:
+        epoch = position.epoch
+        if stage_at(stages, epoch) != stage_idx:
+            stage_idx = stage_at(stages, epoch)
+            stage = stages[stage_idx]
+            ddp_model, optimizer, lr_schedule = _start_stage(model, exp, stage, batches)
+            if state is not None and state["stage"] == stage_idx:
+                optimizer.load_state_dict(state["optimizer"])
+                lr_schedule.load_state_dict(state["lr_schedule"])
+            state = None
+
+        schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
+        all_steps = schedule.steps()
+        data = TaskBatches(exp, batches, epoch, consumed_batches(all_steps[: position.step]), device)
+        for task in all_steps[position.step :]:
+            batch = data.next(task)
+            position.step += 1
+            if batch is None:
+                continue
+            with _autocast(device, tr.mixed_precision):
+                logits = ddp_model(batch, task=task)
+            loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tr.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tr.grad_clip)
+            optimizer.step()
+            lr_schedule.after_step()
+            ewma[task].update(loss.item())
+            position.global_step += 1
+            if files is not None:
+                files.log_step(epoch, position.step, len(all_steps), task, ewma[task].value)
+            _maybe_crash(exp, run_dir, position.global_step)
+            if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
+                if position.step < len(all_steps):
+                    _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx, {}, files)
+
+        val = evaluate(model, exp, infos, device)
+        row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
+        lr_schedule.after_epoch(row.get("val/mean_loss"))
+        position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
+        _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx, row, files)
+
+
+def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
+    """Freeze this stage's parts, (re)wrap for DDP and build its optimizer and LR schedule."""
+    parts = model.parts()
+    for name, params in parts.items():
+        for p in params:
+            p.requires_grad_(name not in stage.freeze)
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    lr = stage.lr if stage.lr is not None else exp.training.lr
+    optimizer = build_optimizer(model.parameters(), exp.training, lr)
+    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()))
+    return ddp_model, optimizer, lr_schedule
+
+
+def _carried_metrics(exp: Experiment, position: Position) -> dict:
+    """A mid-epoch checkpoint carries the last epoch's metrics, so best-k ranking stays meaningful."""
+    if position.history:
+        return dict(position.history[-1], epoch=position.epoch)
+    worst = float("inf") if exp.training.checkpoint_mode == "min" else float("-inf")
+    return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
+
+
+def _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx, row, files) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
+    rng_states = _gather_rng()
+    metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
+    if files is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    if row:
+        files.log_epoch(row, position.history)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(
+            tmp,
+            model,
+            model_spec=exp.model,
+            data=exp.data,
+            infos=infos,
+            thresholds={t.name: t.threshold for t in exp.tasks},
+            experiment=exp.to_dict(),
+        )
+        save_train_state(
+            Path(tmp),
+            position=position,
+            stage=stage_idx,
+            optimizer=optimizer,
+            lr_schedule_state=lr_schedule.state_dict(),
+            ewma={k: v.state_dict() for k, v in ewma.items()},
+            rng_states=rng_states,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

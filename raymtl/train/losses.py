@@ -1,0 +1,41 @@
+"""Per-task loss functions.
+
+They are unweighted: the training loop multiplies by the task weight, so weighting lives in one
+place. Built-in losses compute in float32, since bf16 logits under autocast lose precision in the
+log-sum-exp and a bf16 logit cannot be paired with a float32 multi-hot target outside autocast.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from raymtl.config import TaskSpec
+from raymtl.data.tables import TaskInfo
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def task_loss(task: TaskSpec, info: TaskInfo) -> LossFn:
+    """`loss(logits, target) -> scalar` for one task: the user's `task.loss` if set, else
+    cross-entropy (with `task.label_smoothing`) for multiclass or BCE-with-logits for multilabel."""
+    if task.loss is not None:
+        return task.loss
+    if info.kind == "multiclass":
+        return partial(_cross_entropy, label_smoothing=task.label_smoothing)
+    if info.kind == "multilabel":
+        if task.label_smoothing:
+            raise ValueError(f"task {task.name!r}: label_smoothing applies to multiclass tasks only")
+        return _binary_cross_entropy
+    raise ValueError(f"task {task.name!r}: unknown task kind {info.kind!r}")
+
+
+def _cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+
+
+def _binary_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())

@@ -1,0 +1,69 @@
+"""Optimizers and learning-rate schedules built from `TrainingSpec`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from raymtl.config import TrainingSpec
+
+
+def build_optimizer(params, training: TrainingSpec, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay)
+
+
+@dataclass
+class LrSchedule:
+    """A torch LR scheduler and when to step it: after every batch, or once per epoch."""
+
+    scheduler: object | None
+    per_step: bool
+
+    def after_step(self) -> None:
+        if self.scheduler is not None and self.per_step:
+            self.scheduler.step()
+
+    def after_epoch(self, val_loss: float | None) -> None:
+        if self.scheduler is None or self.per_step:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if val_loss is not None:
+                self.scheduler.step(val_loss)
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None and state:
+            self.scheduler.load_state_dict(state)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, total_steps: int) -> LrSchedule:
+    """`warmup_cosine` steps per batch over `total_steps`; `step` and `plateau` step per epoch."""
+    kind = training.lr_schedule
+    if kind == "warmup_cosine":
+        warmup = max(0, training.warmup_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        return LrSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
+    if kind == "step":
+        sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=training.step_size, gamma=training.gamma)
+        return LrSchedule(sched, per_step=False)
+    if kind == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=training.gamma, patience=training.plateau_patience
+        )
+        return LrSchedule(sched, per_step=False)
+    return LrSchedule(None, per_step=False)

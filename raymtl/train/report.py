@@ -1,0 +1,94 @@
+"""What a run shows and keeps per epoch: the metrics row, metrics.jsonl, TensorBoard, the table."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+from raymtl import storage
+from raymtl.train.metrics import Ewma, summary_table
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def epoch_row(epoch: int, global_step: int, val: dict[str, dict], ewma: dict[str, Ewma], lr: float) -> dict:
+    """One flat metrics row: `val/<task>/<metric>`, `train/<task>/loss_ewma` and the task means.
+
+    `val/mean_score` averages each task's primary metric (accuracy, or micro-F1 for multilabel).
+    """
+    row: dict = {"epoch": epoch + 1, "global_step": global_step, "lr": lr}
+    for task, metrics in val.items():
+        for name, value in metrics.items():
+            row[f"val/{task}/{name}"] = value
+    for task, e in ewma.items():
+        if e.value is not None:
+            row[f"train/{task}/loss_ewma"] = e.value
+    if val:
+        row["val/mean_loss"] = sum(m["loss"] for m in val.values()) / len(val)
+        row["val/mean_score"] = sum(m[_primary(m)] for m in val.values()) / len(val)
+    train = [e.value for e in ewma.values() if e.value is not None]
+    if train:
+        row["train/mean_loss_ewma"] = sum(train) / len(train)
+    return row
+
+
+def _primary(metrics: dict) -> str:
+    return "accuracy" if "accuracy" in metrics else "micro_f1"
+
+
+def format_history(history: list[dict]) -> str:
+    """The per-epoch table: per task its validation loss and primary metric, then the means."""
+    return summary_table([_compact(row) for row in history]) if history else "(no finished epoch)"
+
+
+def _compact(row: dict) -> dict:
+    out = {"epoch": row["epoch"]}
+    tasks = dict.fromkeys(k.split("/")[1] for k in row if k.startswith(("val/", "train/")) and k.count("/") == 2)
+    for task in tasks:
+        if f"val/{task}/loss" in row:
+            metric = "accuracy" if f"val/{task}/accuracy" in row else "micro_f1"
+            out[f"{task} loss"] = row[f"val/{task}/loss"]
+            out[f"{task} {'acc' if metric == 'accuracy' else 'f1'}"] = row[f"val/{task}/{metric}"]
+        else:
+            out[f"{task} train loss"] = row.get(f"train/{task}/loss_ewma")
+    for key, name in (("val/mean_loss", "mean loss"), ("val/mean_score", "mean score")):
+        if key in row:
+            out[name] = row[key]
+    return out
+
+
+def read_history(run_dir: str) -> list[dict]:
+    path = storage.join(run_dir, METRICS_FILE)
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+class RunFiles:
+    """Rank 0's per-epoch outputs in the run folder: metrics.jsonl, TensorBoard events, the table."""
+
+    def __init__(self, run_dir: str):
+        from tensorboardX import SummaryWriter
+
+        self.run_dir = run_dir
+        self.tb_dest = storage.join(run_dir, TENSORBOARD_DIR)
+        local = not storage.is_uri(run_dir)
+        self.tb_local = storage.resolve(self.tb_dest)[1] if local else tempfile.mkdtemp(prefix="raymtl_tb_")
+        self.writer = SummaryWriter(self.tb_local)
+
+    def log_step(self, epoch: int, step: int, steps: int, task: str, loss: float | None) -> None:
+        """A progress line about every tenth of an epoch."""
+        if step == steps or step % max(1, steps // 10) == 0:
+            print(f"[raymtl] epoch {epoch + 1} step {step}/{steps}  {task} loss~{loss:.4f}", flush=True)
+
+    def log_epoch(self, row: dict, history: list[dict]) -> None:
+        # Rewritten from the checkpointed history: a resumed run never duplicates an epoch's row.
+        lines = "".join(json.dumps(r) + "\n" for r in history)
+        storage.write_text(storage.join(self.run_dir, METRICS_FILE), lines)
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=row["epoch"])
+        self.writer.flush()
+        storage.upload_dir(self.tb_local, self.tb_dest)
+        print(format_history(history), flush=True)

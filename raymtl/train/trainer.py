@@ -1,0 +1,142 @@
+"""Driver side of training: check everything, then wire the per-task Datasets into a TorchTrainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from raymtl import storage
+from raymtl.config import Experiment
+from raymtl.data.schedule import TaskSchedule
+from raymtl.data.tables import TaskInfo, inspect_tasks
+from raymtl.train.loop import batches_per_epoch, train_loop_per_worker
+from raymtl.train.report import format_history, read_history
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str  # storage_path/name: Ray Train's run folder plus metrics.jsonl and tensorboard/
+    checkpoint: str | None  # latest checkpoint folder (a loadable model)
+    best_checkpoint: str | None  # best by training.checkpoint_metric
+    metrics: dict[str, Any]  # the last reported metrics
+    history: list[dict[str, Any]]  # one row per epoch
+    error: Exception | None = None
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join a running cluster (RAY_ADDRESS / `address`), else start a local one sized for data + training."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    else:
+        # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+
+
+def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int]:
+    """Per-task batches per epoch; fails before Ray starts when a task cannot fill one batch."""
+    batches = batches_per_epoch(infos, exp.training.batch_size, exp.training.num_workers)
+    TaskSchedule(batches, exp.seed, 0, exp.training.sampler, exp.training.temperature)
+    return batches
+
+
+def for_workers(exp: Experiment) -> Experiment:
+    """The experiment without its source tables: workers read Ray Datasets, not the sources."""
+    return dataclasses.replace(exp, tasks=[dataclasses.replace(t, train=None, validation=None) for t in exp.tasks])
+
+
+def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None):
+    """A TorchTrainer for `exp` (datasets built lazily by Ray Data; nothing runs until `fit`)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    import ray.data
+
+    from raymtl.data.datasets import build_datasets
+
+    tr = exp.training
+    storage_path = storage.normalize(exp.storage_path)
+    # Per-operator bars from a dozen concurrent task streams drown the epoch table and step lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # same data order on every run: exact resume
+    has_val = any(i.n_val for i in infos.values())
+    score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
+    run_config = RunConfig(
+        name=exp.name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=tr.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=tr.keep_checkpoints,
+            checkpoint_score_attribute=score,
+            checkpoint_score_order=tr.checkpoint_mode,
+        ),
+        **(run_config_overrides or {}),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": for_workers(exp),
+            "infos": infos,
+            "run_dir": storage.join(storage_path, exp.name),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
+        datasets=build_datasets(exp, infos),
+        dataset_config=DataConfig(execution_options=ingest),
+        run_config=run_config,
+    )
+
+
+def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True) -> TrainResult:
+    """Train `exp` on Ray; re-running the same experiment name resumes from its latest checkpoint.
+
+    With `raise_on_error=False` a failed run returns its error (and what it saved) instead.
+    """
+    from ray.train import TrainingFailedError
+
+    infos = inspect_tasks(exp)
+    check_schedule(exp, infos)
+    ensure_ray(address)
+    run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
+    try:
+        result = make_trainer(exp, infos).fit()
+    except TrainingFailedError as e:
+        if raise_on_error:
+            raise
+        return TrainResult(run_dir, None, None, {}, read_history(run_dir), error=e)
+    return TrainResult(
+        run_dir=run_dir,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        best_checkpoint=_best(result, exp),
+        metrics=dict(result.metrics or {}),
+        history=read_history(run_dir),
+    )
+
+
+def _best(result, exp: Experiment) -> str | None:
+    if not result.best_checkpoints:
+        return None
+    sign = 1 if exp.training.checkpoint_mode == "max" else -1
+    key = exp.training.checkpoint_metric
+    return max(result.best_checkpoints, key=lambda cm: sign * cm[1].get(key, -sign * float("inf")))[0].path
+
+
+def print_summary(result: TrainResult) -> None:
+    print(format_history(result.history))
+    print(f"\nrun folder:        {result.run_dir}")
+    print(f"latest checkpoint: {result.checkpoint}")
+    if result.best_checkpoint:
+        print(f"best checkpoint:   {result.best_checkpoint}")
+    print(f"tensorboard:       tensorboard --logdir {storage.join(result.run_dir, 'tensorboard')}")
+

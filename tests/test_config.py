@@ -1,0 +1,147 @@
+"""Config parsing: every fault is rejected before Ray starts, with a message that names it."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raymtl.config import ConfigError, Experiment, load_experiment
+
+
+def minimal(**sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "exp",
+        "tasks": [
+            {"name": "color", "train": "color.parquet", "image_column": "image"},
+            {"name": "style", "train": "style.parquet", "kind": "multilabel", "text_column": "title"},
+        ],
+    }
+    return {**raw, **sections}
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_file_parses_into_typed_sections(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        """
+name: exp
+tasks:
+  - {name: color, train: c.parquet, image_column: image, labels: [red, 2]}
+data: {image_size: 96, views: [{name: full}, {name: crop, crop: 0.5}]}
+model: {groups: {look: [color]}}
+training: {lr: 1e-3, batch_size: 8, stages: [{epochs: 1, freeze: [image]}]}
+""",
+    )
+    exp = load_experiment(path)
+    assert exp.tasks[0].labels == ["red", 2]
+    assert exp.data.views[1].crop == 0.5 and exp.data.views[0].crop == 1.0
+    assert exp.training.lr == pytest.approx(1e-3)  # YAML 1.1 would read `1e-3` as a string
+    assert exp.training.stages[0].freeze == ["image"]
+    assert exp.task_groups() == {"look": ["color"]}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (minimal(trainig={"epochs": 1}), "unknown key 'trainig'; did you mean 'training'?"),
+        (minimal(training={"batch_sise": 4}), "unknown key 'training.batch_sise'; did you mean 'batch_size'?"),
+        (minimal(data={"views": [{"name": "full", "corp": 0.5}]}), "'data.views[0].corp'; did you mean 'crop'?"),
+    ],
+)
+def test_unknown_key_suggests_closest(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("?", r"\?")):
+        load_experiment(raw)
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'zzz'; valid keys: name, tasks"):
+        load_experiment(minimal(zzz=1))
+
+
+def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "name: exp\ntasks: [\n  - oops: {\n")
+    with pytest.raises(ConfigError, match=f"{path}: malformed YAML"):
+        load_experiment(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping at the top level, got list"):
+        load_experiment(write_yaml(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (minimal(training={"batch_size": "32"}), "training.batch_size: expected int, got '32'"),
+        (minimal(training={"epochs": True}), "training.epochs: expected int, got True"),
+        (minimal(data={"views": "full"}), "data.views: expected a list"),
+        (minimal(model={"groups": {"g": "color"}}), "model.groups.g: expected a list"),
+        ({"name": "exp", "tasks": [{"name": "a", "train": "a.csv", "weight": "high"}]}, r"tasks\[0\].weight: expected float"),
+    ],
+)
+def test_wrong_type_names_dotted_path(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(raw)
+
+
+def test_missing_required_key() -> None:
+    with pytest.raises(ConfigError, match=r"missing required key 'tasks\[0\].train'"):
+        load_experiment({"name": "exp", "tasks": [{"name": "a"}]})
+
+
+def test_duplicate_task_name() -> None:
+    raw = minimal()
+    raw["tasks"][1]["name"] = "color"
+    with pytest.raises(ConfigError, match="duplicate task name 'color'"):
+        load_experiment(raw)
+
+
+def test_unknown_kind_suggests_closest() -> None:
+    raw = minimal()
+    raw["tasks"][1]["kind"] = "multilable"
+    with pytest.raises(ConfigError, match=r"tasks\[1\] \('style'\).kind: unknown value 'multilable' \(did you mean 'multilabel'\?\)"):
+        load_experiment(raw)
+
+
+def test_task_without_input_column() -> None:
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \('a'\): set `image_column` and/or `text_column`"):
+        load_experiment({"name": "exp", "tasks": [{"name": "a", "train": "a.csv"}]})
+
+
+def test_task_in_two_groups() -> None:
+    with pytest.raises(ConfigError, match="task 'color' is in two task groups: 'a' and 'b'"):
+        load_experiment(minimal(model={"groups": {"a": ["color", "style"], "b": ["color"]}}))
+
+
+def test_task_in_no_group() -> None:
+    with pytest.raises(ConfigError, match=r"tasks \['style'\] are in no task group"):
+        load_experiment(minimal(model={"groups": {"a": ["color"]}}))
+
+
+def test_group_with_unknown_task() -> None:
+    with pytest.raises(ConfigError, match="model.groups.a: unknown task 'size'"):
+        load_experiment(minimal(model={"groups": {"a": ["color", "style", "size"]}}))
+
+
+def test_round_trip_through_plain_dict(tmp_path: Path) -> None:
+    exp = load_experiment(
+        minimal(
+            seed=3,
+            data={"views": [{"name": "full"}, {"name": "crop", "crop": 0.6}], "tokenizer": "/tok"},
+            model={"groups": {"a": ["color"], "b": ["style"]}, "text_config": {"num_hidden_layers": 2}},
+            training={"stages": [{"epochs": 1, "freeze": ["image"]}, {"epochs": 2, "lr": 1e-4}], "grad_clip": 1.0},
+        )
+    )
+    again = load_experiment(exp.to_dict())
+    assert again == exp
+    assert isinstance(again, Experiment)
