@@ -81,6 +81,9 @@ class ModelSpec:
     hidden_dim: int = 256
     dropout: float = 0.1
     groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
+    base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
+    init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from
+    init_heads: bool = False  # with init_from: also take fusion + heads when their shapes match
 
 
 @dataclass

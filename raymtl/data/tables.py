@@ -42,6 +42,7 @@ class TaskInfo:
     has_image: bool
     has_text: bool
     weight: float = 1.0
+    threshold: float = 0.5  # multilabel decision threshold, kept with the model for prediction
 
     @property
     def num_labels(self) -> int:
@@ -254,6 +255,7 @@ def _inspect_task(task: TaskSpec, data: DataSpec) -> TaskInfo:
         has_image=task.image_column is not None or any(v.column for v in data.views),
         has_text=task.text_column is not None,
         weight=task.weight,
+        threshold=task.threshold,
     )
 
 

@@ -38,7 +38,6 @@ class SavedModel:
     model: MultiTaskModel
     data: DataSpec
     infos: dict[str, TaskInfo]
-    thresholds: dict[str, float]
     groups: dict[str, list[str]]
     experiment: dict[str, Any]
 
@@ -46,13 +45,20 @@ class SavedModel:
     def tasks(self) -> list[str]:
         return list(self.infos)
 
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {name: info.threshold for name, info in self.infos.items()}
+
 
 def portable_model_spec(model: MultiTaskModel, spec: ModelSpec) -> ModelSpec:
-    """The spec with the text encoder described by its HF config instead of a local path."""
+    """The spec without references to other files: the weights file holds every weight.
+
+    The text encoder is described by its Hugging Face config (rebuilt by AutoConfig.for_model).
+    """
+    portable = dataclasses.replace(spec, text_encoder=None, image_weights=None, base=None, init_from=None)
     if model.text_encoder is None:
-        return dataclasses.replace(spec, text_encoder=None, image_weights=None)
-    hf_config = model.text_encoder.encoder.config.to_dict()  # rebuilt by AutoConfig.for_model
-    return dataclasses.replace(spec, text_encoder=None, text_config=hf_config, image_weights=None)
+        return portable
+    return dataclasses.replace(portable, text_config=model.text_encoder.encoder.config.to_dict())
 
 
 def save_model(
@@ -61,15 +67,14 @@ def save_model(
     *,
     model_spec: ModelSpec,
     data: DataSpec,
-    infos: dict[str, TaskInfo],
-    thresholds: dict[str, float],
     experiment: dict[str, Any],
 ) -> Path:
+    """Write the model folder; its tasks (label maps, thresholds) are the model's own."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(model, str(folder / WEIGHTS_FILE))
     data_out = data
-    if data.tokenizer and any(i.has_text for i in infos.values()):
+    if data.tokenizer and model.text_encoder is not None:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(data.tokenizer).save_pretrained(folder / TOKENIZER_DIR)
@@ -78,8 +83,7 @@ def save_model(
         "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(portable_model_spec(model, model_spec)),
         "data": dataclasses.asdict(data_out),
-        "tasks": {name: info.to_dict() for name, info in infos.items()},
-        "thresholds": thresholds,
+        "tasks": {name: info.to_dict() for name, info in model.infos.items()},
         "groups": model.groups,
         "experiment": experiment,
     }
@@ -108,7 +112,7 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedM
     model = MultiTaskModel(spec, infos, [v.name for v in data.views], meta["groups"])
     load_safetensors(model, str(folder / WEIGHTS_FILE), device=str(map_location))
     model.eval()
-    return SavedModel(model, data, infos, meta["thresholds"], meta["groups"], meta["experiment"])
+    return SavedModel(model, data, model.infos, meta["groups"], meta["experiment"])
 
 
 def _cache_dir(uri: str) -> str:

@@ -20,6 +20,10 @@ from raymtl.config import ConfigError, ModelSpec
 from raymtl.data.tables import TaskInfo
 from raymtl.models.backbones import ImageBackbone, TextEncoder
 
+# part name -> attribute holding its modules
+PARTS = {"image": "image_backbones", "text": "text_encoder", "fusion": "fusion", "heads": "heads"}
+
+
 class Fusion(nn.Module):
     """Linear -> ReLU -> Dropout over concat[image features, text features].
 
@@ -103,11 +107,32 @@ class MultiTaskModel(nn.Module):
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part (image, text, fusion, heads): what a training stage may freeze."""
         return {
-            "image": list(self.image_backbones.parameters()),
-            "text": list(self.text_encoder.parameters()) if self.text_encoder is not None else [],
-            "fusion": list(self.fusion.parameters()),
-            "heads": list(self.heads.parameters()),
+            name: list(getattr(self, attr).parameters()) if getattr(self, attr) is not None else []
+            for name, attr in PARTS.items()
         }
+
+    def freeze(self, parts: Sequence[str]) -> None:
+        """Freeze these parts (image, text, fusion, heads), unfreeze the others.
+
+        Frozen parameters get no gradient, and frozen modules stay in eval mode so that
+        BatchNorm statistics and dropout do not change them either.
+        """
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ConfigError(f"unknown model parts {sorted(unknown)}; parts are {list(PARTS)}")
+        self.frozen = tuple(parts)
+        for name, params in self.parts().items():
+            for p in params:
+                p.requires_grad_(name not in self.frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        super().train(mode)
+        for name in getattr(self, "frozen", ()):
+            module = getattr(self, PARTS[name])
+            if module is not None:
+                module.eval()
+        return self
 
     def add_task(self, info: TaskInfo, group: str) -> None:
         """Add a task to a (trained) model: a new head in `group`, or a new group of its own.

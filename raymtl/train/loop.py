@@ -30,6 +30,7 @@ from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo
 from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
+from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.checkpoint import Position, load_train_state, rng_state, save_train_state, set_rng_state
 from raymtl.train.losses import task_loss
@@ -182,16 +183,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tr.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    view_names = [v.name for v in exp.data.views]
-    groups = exp.task_groups()
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
             model = load_artifact(folder).model
             state = load_train_state(Path(folder))
     else:
-        torch.manual_seed(exp.seed)
-        model = MultiTaskModel(exp.model, infos, view_names, groups)
+        model = build_model(exp, infos)
         state = None
     model.train()
     torch.manual_seed(exp.seed * 1000 + rank)
@@ -258,10 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
     """Freeze this stage's parts, (re)wrap for DDP and build its optimizer and LR schedule."""
-    parts = model.parts()
-    for name, params in parts.items():
-        for p in params:
-            p.requires_grad_(name not in stage.freeze)
+    model.freeze(stage.freeze)
     ddp_model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
@@ -294,8 +289,6 @@ def _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx
             model,
             model_spec=exp.model,
             data=exp.data,
-            infos=infos,
-            thresholds={t.name: t.threshold for t in exp.tasks},
             experiment=exp.to_dict(),
         )
         save_train_state(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 
 from raymtl import storage
 from raymtl.train.metrics import Ewma, summary_table
 
+# Workers log rather than print: Ray Train tees a worker's print to stdout and its log, twice.
+logger = logging.getLogger("raymtl")
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -80,7 +83,7 @@ class RunFiles:
     def log_step(self, epoch: int, step: int, steps: int, task: str, loss: float | None) -> None:
         """A progress line about every tenth of an epoch."""
         if step == steps or step % max(1, steps // 10) == 0:
-            print(f"[raymtl] epoch {epoch + 1} step {step}/{steps}  {task} loss~{loss:.4f}", flush=True)
+            logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss)
 
     def log_epoch(self, row: dict, history: list[dict]) -> None:
         # Rewritten from the checkpointed history: a resumed run never duplicates an epoch's row.
@@ -91,4 +94,4 @@ class RunFiles:
                 self.writer.add_scalar(key, value, global_step=row["epoch"])
         self.writer.flush()
         storage.upload_dir(self.tb_local, self.tb_dest)
-        print(format_history(history), flush=True)
+        logger.info("\n%s", format_history(history))

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymtl import storage
-from raymtl.config import Experiment
+from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo, inspect_tasks
+from raymtl.models.build import base_label_maps, build_model
 from raymtl.train.loop import batches_per_epoch, train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
@@ -46,6 +47,19 @@ def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int
     batches = batches_per_epoch(infos, exp.training.batch_size, exp.training.num_workers)
     TaskSchedule(batches, exp.seed, 0, exp.training.sampler, exp.training.temperature)
     return batches
+
+
+def with_base_labels(exp: Experiment) -> Experiment:
+    """Tasks that the base model already has keep its label maps (same class ids, same head)."""
+    if not exp.model.base:
+        return exp
+    known = base_label_maps(exp.model.base)
+    tasks = []
+    for t in exp.tasks:
+        if t.name in known and t.labels is not None and list(map(str, t.labels)) != known[t.name]:
+            raise ConfigError(f"task {t.name!r}: labels {t.labels} differ from the base model's {known[t.name]}")
+        tasks.append(dataclasses.replace(t, labels=known[t.name]) if t.name in known else t)
+    return dataclasses.replace(exp, tasks=tasks)
 
 
 def for_workers(exp: Experiment) -> Experiment:
@@ -105,8 +119,11 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
     """
     from ray.train import TrainingFailedError
 
+    exp = with_base_labels(exp)
     infos = inspect_tasks(exp)
     check_schedule(exp, infos)
+    if exp.model.base or exp.model.init_from:
+        build_model(exp, infos)  # base / parts problems surface here, before Ray starts
     ensure_ray(address)
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
     try:

@@ -1,0 +1,84 @@
+"""The one way a training run gets its model: fresh, grown from a saved model, or composed of parts.
+
+- fresh: `MultiTaskModel` seeded by the experiment seed (identical on every rank);
+- `model.base`: a saved model whose tasks, heads and label maps are kept; this config's new tasks get
+  new heads (in the group `model.groups` names, or a new group of that name);
+- `model.init_from`: per task group (and "text") a saved model whose image backbone (text encoder)
+  is loaded into the new model — Octopod's "core models" composed into an ensemble.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raymtl.config import ConfigError, Experiment
+from raymtl.data.tables import TaskInfo
+from raymtl.models.artifact import load
+from raymtl.models.multitask import MultiTaskModel
+
+
+def build_model(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
+    view_names = [v.name for v in exp.data.views]
+    groups = exp.task_groups()
+    if exp.model.base:
+        model = grow(exp.model.base, infos, groups, view_names, exp.seed)
+    else:
+        torch.manual_seed(exp.seed)
+        model = MultiTaskModel(exp.model, infos, view_names, groups)
+    for part, path in (exp.model.init_from or {}).items():
+        load_part(model, part, path, with_heads=exp.model.init_heads)
+    return model
+
+
+def base_label_maps(path: str) -> dict[str, list[str]]:
+    """Label names of a saved model's tasks: tasks trained again must keep them."""
+    return {name: info.labels for name, info in load(path).infos.items()}
+
+
+def grow(path: str, infos: dict[str, TaskInfo], groups: dict[str, list[str]], view_names: list[str],
+         seed: int) -> MultiTaskModel:
+    """The saved model at `path` with a new head for every task of `infos` it does not have yet."""
+    model = load(path).model
+    if list(model.view_names) != view_names:
+        raise ConfigError(f"data.views {view_names} differ from the base model's views {model.view_names} ({path})")
+    torch.manual_seed(seed)
+    for name, info in infos.items():
+        if name in model.infos:
+            continue
+        group = next(g for g, tasks in groups.items() if name in tasks)
+        model.add_task(info, group)
+    return model.train()
+
+
+def load_part(model: MultiTaskModel, part: str, path: str, *, with_heads: bool) -> None:
+    """Copy one trained part ("text", or a task group's image backbone) from the saved model at `path`."""
+    source = load(path).model
+    if part == "text":
+        if model.text_encoder is None or source.text_encoder is None:
+            raise ConfigError(f"model.init_from.text: both models need a text encoder ({path})")
+        _copy(model.text_encoder, source.text_encoder, f"text encoder from {path}")
+        return
+    if part not in model.image_backbones:
+        raise ConfigError(f"model.init_from: {part!r} is no task group with an image backbone; "
+                          f"groups are {sorted(model.image_backbones)}")
+    src_group = part if part in source.image_backbones else _only_group(source, path)
+    _copy(model.image_backbones[part], source.image_backbones[src_group], f"image backbone {src_group!r} of {path}")
+    if with_heads:
+        _copy(model.fusion[part], source.fusion[src_group], f"fusion {src_group!r} of {path}")
+        for task in model.groups[part]:
+            if task in source.heads and source.infos[task].labels == model.infos[task].labels:
+                _copy(model.heads[task], source.heads[task], f"head {task!r} of {path}")
+
+
+def _only_group(source: MultiTaskModel, path: str) -> str:
+    if len(source.image_backbones) != 1:
+        raise ConfigError(f"{path} has image backbones {sorted(source.image_backbones)}: "
+                          "name the task group after the one to take")
+    return next(iter(source.image_backbones))
+
+
+def _copy(target: torch.nn.Module, source: torch.nn.Module, what: str) -> None:
+    try:
+        target.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"cannot load the {what}: its shapes differ ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,133 @@
+"""Ensembles in plain torch: grow a saved model, compose from parts, freeze, save -> load -> predict."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, StageSpec, TaskSpec, ViewSpec
+from raymtl.data.tables import TaskInfo
+from raymtl.models.artifact import load, save_model
+from raymtl.models.build import build_model
+from raymtl.train.optim import build_optimizer
+
+VIEWS = [ViewSpec("full"), ViewSpec("crop", crop=0.5)]
+TEXT = {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16}
+
+
+def info(name, labels=("a", "b", "c"), kind="multiclass"):
+    return TaskInfo(name, kind, list(labels), n_train=64, n_val=16, has_image=True, has_text=True)
+
+
+def experiment(tasks, groups=None, **model):
+    spec = ModelSpec(image_backbone="resnet18", text_config=TEXT, hidden_dim=16, dropout=0.0, groups=groups, **model)
+    return Experiment(
+        name="t",
+        tasks=[TaskSpec(name=t, train="unused.parquet", image_column="image", text_column="title") for t in tasks],
+        data=DataSpec(image_size=16, views=VIEWS, tokenizer=None),
+        model=spec,
+    )
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "view_full": torch.randn(n, 3, 16, 16, generator=g),
+        "view_crop": torch.randn(n, 3, 16, 16, generator=g),
+        "input_ids": torch.randint(0, 50, (n, 8), generator=g),
+        "attention_mask": torch.ones(n, 8, dtype=torch.long),
+        "label": torch.randint(0, 3, (n,), generator=g),
+    }
+
+
+def save(model, exp, path):
+    return save_model(path, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+
+
+def state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_save_load_predict_gives_identical_outputs(tmp_path):
+    exp = experiment(["color", "season"], groups={"visual": ["color"], "other": ["season"]})
+    model = build_model(exp, {"color": info("color"), "season": info("season", ("w", "s"))}).eval()
+    saved = load(save(model, exp, tmp_path / "m"))
+    assert saved.groups == {"visual": ["color"], "other": ["season"]}
+    assert saved.infos["season"].labels == ["w", "s"]
+    b = batch()
+    for task in ("color", "season"):
+        assert torch.equal(model(b, task), saved.model(b, task))
+
+
+def test_growing_a_saved_model_keeps_its_tasks_and_adds_heads(tmp_path):
+    base_exp = experiment(["color"])
+    base = build_model(base_exp, {"color": info("color")})
+    path = save(base, base_exp, tmp_path / "base")
+    grown_exp = experiment(["pattern"], groups={"all": ["pattern"]}, base=str(path))
+    grown = build_model(grown_exp, {"pattern": info("pattern", ("solid", "striped"))})
+    assert set(grown.infos) == {"color", "pattern"}
+    assert grown.heads["pattern"].out_features == 2
+    assert_same(state(grown.heads["color"]), state(base.heads["color"]))
+    assert_same(state(grown.image_backbones["all"]), state(base.image_backbones["all"]))
+    # a new group gets its own backbone; the old one stays as trained
+    apart = build_model(experiment(["pattern"], groups={"new": ["pattern"]}, base=str(path)),
+                        {"pattern": info("pattern", ("solid", "striped"))})
+    assert set(apart.image_backbones) == {"all", "new"}
+
+
+def test_compose_from_parts_loads_each_parts_backbone_exactly(tmp_path):
+    parts = {}
+    for seed, (task, group) in enumerate([("color", "cp"), ("sleeve", "sl")]):
+        exp = dataclasses.replace(experiment([task]), seed=seed + 10)
+        model = build_model(exp, {task: info(task)})
+        parts[group] = (model, save(model, exp, tmp_path / group))
+    ens_exp = experiment(
+        ["color", "sleeve"],
+        groups={"cp": ["color"], "sl": ["sleeve"]},
+        init_from={"cp": str(parts["cp"][1]), "sl": str(parts["sl"][1]), "text": str(parts["cp"][1])},
+    )
+    ensemble = build_model(ens_exp, {"color": info("color"), "sleeve": info("sleeve")})
+    for group, (model, _) in parts.items():
+        assert_same(state(ensemble.image_backbones[group]), state(model.image_backbones["all"]))
+    assert_same(state(ensemble.text_encoder), state(parts["cp"][0].text_encoder))
+    # heads start fresh unless asked for
+    assert not torch.equal(ensemble.heads["color"].weight, parts["cp"][0].heads["color"].weight)
+
+
+def test_compose_names_a_group_that_does_not_exist(tmp_path):
+    exp = experiment(["color"])
+    path = save(build_model(exp, {"color": info("color")}), exp, tmp_path / "m")
+    with pytest.raises(ConfigError, match="'nope' is no task group"):
+        build_model(experiment(["color"], init_from={"nope": str(path)}), {"color": info("color")})
+
+
+def test_frozen_parts_stay_bit_identical_through_training_steps():
+    exp = experiment(["color", "season"], groups={"visual": ["color"], "other": ["season"]})
+    model = build_model(exp, {"color": info("color"), "season": info("season")}).train()
+    stage = StageSpec(epochs=1, freeze=["image", "text"])
+    model.freeze(stage.freeze)
+    frozen = {"image": state(model.image_backbones), "text": state(model.text_encoder)}  # BN stats too
+    heads = state(model.heads)
+    opt = build_optimizer(model.parameters(), exp.training, lr=0.1)
+    for step in range(4):
+        task = ("color", "season")[step % 2]
+        b = batch(seed=step)
+        loss = torch.nn.functional.cross_entropy(model(b, task), b["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert_same(state(model.image_backbones), frozen["image"])
+    assert_same(state(model.text_encoder), frozen["text"])
+    assert not torch.equal(state(model.heads)["color.weight"], heads["color.weight"])
+    model.freeze([])  # the next stage fine-tunes everything
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.image_backbones.training
