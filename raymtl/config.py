@@ -123,6 +123,7 @@ class TrainingSpec:
     checkpoint_mode: str = "min"
     max_failures: int = 0
     ewma_alpha: float = 0.1
+    affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     collective_timeout_s: int = 1800
     deterministic: bool = False
     debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step

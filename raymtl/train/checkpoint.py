@@ -45,6 +45,7 @@ def save_train_state(
     optimizer: torch.optim.Optimizer,
     lr_schedule_state: dict,
     ewma: dict[str, dict],
+    affinity: dict | None,
     rng_states: list[dict],
 ) -> None:
     torch.save(
@@ -54,6 +55,7 @@ def save_train_state(
             "optimizer": optimizer.state_dict(),
             "lr_schedule": lr_schedule_state,
             "ewma": ewma,
+            "affinity": affinity,
             "rng": rng_states,
         },
         Path(folder) / TRAIN_STATE_FILE,

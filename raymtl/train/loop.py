@@ -37,6 +37,7 @@ from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma, make_accumulator
 from raymtl.train.optim import build_lr_schedule, build_optimizer
 from raymtl.train.report import RunFiles, epoch_row
+from raymtl.tune.affinity import AffinityTracker, lookahead_affinity
 
 CRASH_MARKER = ".debug_crash_done"
 
@@ -148,6 +149,13 @@ def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo],
     return results
 
 
+def measure_affinity(model, batches, losses, lr: float, tracker: AffinityTracker) -> None:
+    """One lookahead affinity measurement on each task's latest batch, averaged over ranks."""
+    tasks, z = lookahead_affinity(model, {t: batches[t] for t in tracker.tasks}, losses, lr)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    tracker.update(all_reduce_sum(z.float()).double() / world)
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -198,6 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
     ewma = {name: Ewma(tr.ewma_alpha) for name in infos}
     position = Position()
+    affinity = AffinityTracker(sorted(infos)) if tr.affinity_every_steps else None
+    last_batches: dict[str, dict[str, torch.Tensor]] = {}
     stages = stages_of(exp)
     batches = batches_per_epoch(infos, tr.batch_size, world)
     files = RunFiles(run_dir) if rank == 0 else None
@@ -207,6 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        if affinity is not None and state.get("affinity"):
+            affinity.load_state_dict(state["affinity"])
 
     total_epochs = sum(s.epochs for s in stages)
     stage_idx = None
@@ -240,18 +252,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr_schedule.after_step()
             ewma[task].update(loss.item())
             position.global_step += 1
+            if affinity is not None:
+                last_batches[task] = batch
+                if position.global_step % tr.affinity_every_steps == 0 and len(last_batches) == len(infos):
+                    measure_affinity(model, last_batches, losses, optimizer.param_groups[0]["lr"], affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task].value)
             _maybe_crash(exp, run_dir, position.global_step)
             if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
                 if position.step < len(all_steps):
-                    _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx, {}, files)
+                    _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, {}, files)
 
+        if files is not None and affinity is not None and affinity.count:
+            files.log_affinity(affinity)
         val = evaluate(model, exp, infos, device)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
-        _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx, row, files)
+        _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files)
 
 
 def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
@@ -274,7 +292,7 @@ def _carried_metrics(exp: Experiment, position: Position) -> dict:
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
 
-def _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx, row, files) -> None:
+def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
     rng_states = _gather_rng()
     metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
@@ -298,6 +316,7 @@ def _report(exp, infos, model, optimizer, lr_schedule, ewma, position, stage_idx
             optimizer=optimizer,
             lr_schedule_state=lr_schedule.state_dict(),
             ewma={k: v.state_dict() for k, v in ewma.items()},
+            affinity=affinity.state_dict() if affinity is not None else None,
             rng_states=rng_states,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -8,10 +8,12 @@ import tempfile
 
 from raymtl import storage
 from raymtl.train.metrics import Ewma, summary_table
+from raymtl.tune.affinity import AffinityTracker, plot_heatmap
 
 # Workers log rather than print: Ray Train tees a worker's print to stdout and its log, twice.
 logger = logging.getLogger("raymtl")
 METRICS_FILE = "metrics.jsonl"
+AFFINITY_FILE = "affinity.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -84,6 +86,13 @@ class RunFiles:
         """A progress line about every tenth of an epoch."""
         if step == steps or step % max(1, steps // 10) == 0:
             logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss)
+
+    def log_affinity(self, tracker: AffinityTracker) -> None:
+        """affinity.json (the running mean, TAG's Z) and affinity.png (its heatmap) in the run folder."""
+        storage.write_text(storage.join(self.run_dir, AFFINITY_FILE), json.dumps(tracker.to_dict(), indent=2))
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_heatmap(tracker.mean(), tracker.tasks, f"{tmp}/affinity.png")
+            storage.upload_dir(tmp, self.run_dir)
 
     def log_epoch(self, row: dict, history: list[dict]) -> None:
         # Rewritten from the checkpointed history: a resumed run never duplicates an epoch's row.

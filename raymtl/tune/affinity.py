@@ -1,0 +1,220 @@
+"""Inter-task affinity by lookahead (Fifty et al. 2021, "Efficiently Identifying Task Groupings").
+
+For tasks i, j with their own batches B_i, B_j and the parameters theta_s shared by all tasks:
+
+    Z[i, j] = 1 - L_j(B_j; theta_s - lr * g_i) / L_j(B_j; theta_s),   g_i = grad_theta_s L_i(B_i)
+
+Z[i, j] > 0: a step on task i lowers task j's loss (i helps j); < 0: it raises it (conflict). Rows
+are the stepping task, columns the task that is affected. Because every task has its own dataset,
+each task's loss is measured on its own batch. The measurement is side-effect free: the lookahead
+parameters live in a dict passed to `torch.func.functional_call`; the model and optimizer are never
+written to, so it can run inside the training loop between two steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+_EPS = 1e-12  # a zero loss before the step leaves nothing to improve: Z is then 1 - after / eps
+
+
+def shared_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters outside the task heads: with one task group, what every task shares."""
+    heads = {id(p) for p in model.parts()["heads"]}
+    return [name for name, p in model.named_parameters() if id(p) not in heads]
+
+
+def lookahead_affinity(
+    model: nn.Module,
+    batches: Mapping[str, Mapping[str, Tensor]],
+    losses: Mapping[str, LossFn],
+    lr: float,
+    shared: Sequence[str] | None = None,
+) -> tuple[list[str], Tensor]:
+    """(tasks, Z [T, T]) for the tasks of `batches` (in its order); Z[i, j] as in the module doc.
+
+    `losses[task](logits, batch["label"])` is the task's unweighted loss; `shared` names the
+    parameters that take the lookahead step (default: `shared_parameter_names`). Heads stay put.
+    Costs T forward+backward passes and T^2 forward passes; the model is left bit-identical.
+    Pass the bare model, not its DDP wrapper: the measurement is local to one rank.
+    """
+    tasks = list(batches)
+    names = list(shared) if shared is not None else shared_parameter_names(model)
+    all_params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in all_params]
+    if unknown or not names:
+        raise ValueError(f"shared parameters must be some of the model's parameter names; unknown: {unknown}")
+    theta = {n: all_params[n].detach().requires_grad_(True) for n in names}
+    z = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    with _deterministic(model):
+        steps, before = {}, {}
+        for task in tasks:
+            loss = _task_loss(model, theta, batches[task], task, losses[task])
+            grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
+            steps[task] = {n: g for n, g in zip(names, grads) if g is not None}
+            before[task] = loss.detach().double()
+        with torch.no_grad():
+            for i, source in enumerate(tasks):
+                moved = {n: p - lr * steps[source][n] if n in steps[source] else p for n, p in theta.items()}
+                for j, target in enumerate(tasks):
+                    after = _task_loss(model, moved, batches[target], target, losses[target]).double()
+                    z[i, j] = 1.0 - after / before[target].clamp_min(_EPS)
+    return tasks, z
+
+
+def _task_loss(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor], task: str, loss: LossFn
+) -> Tensor:
+    # Fresh copies of the buffers: a BatchNorm in train mode updates its running statistics in
+    # place, which must land on throwaway tensors, not on the model.
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    logits = functional_call(model, {**buffers, **params}, args=(batch,), kwargs={"task": task})
+    return loss(logits, batch["label"])
+
+
+@contextlib.contextmanager
+def _deterministic(model: nn.Module) -> Iterator[None]:
+    """Switch off dropout (modules and attention) but keep BatchNorm in the model's current mode.
+
+    Dropout noise would swamp the small loss differences Z is made of and differ between the
+    "before" and "after" passes. BatchNorm is deterministic; keeping it in train mode measures the
+    function the optimizer actually trains (batch statistics), whereas early in training the
+    running statistics describe a different, poorly estimated network. So every module without a
+    BatchNorm inside it goes to eval; BatchNorms and their containers keep their mode.
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for m in model.modules():
+            if not any(isinstance(sub, _BatchNorm) for sub in m.modules()):
+                m.training = False
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class AffinityTracker:
+    """Running mean of lookahead affinities over a run (TAG averages Z over training)."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.tasks = list(tasks)
+        self.total = torch.zeros(len(self.tasks), len(self.tasks), dtype=torch.float64)
+        self.count = 0
+
+    def update(self, z: Tensor) -> None:
+        if z.shape != self.total.shape:
+            raise ValueError(f"affinity of shape {tuple(z.shape)} for {len(self.tasks)} tasks")
+        self.total += z.detach().to("cpu", torch.float64)
+        self.count += 1
+
+    def mean(self) -> Tensor:
+        if not self.count:
+            raise ValueError("no affinity measured yet: call update() first")
+        return self.total / self.count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "total": self.total.clone(), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state["tasks"]) != self.tasks:
+            raise ValueError(f"affinity state is for tasks {state['tasks']}, this tracker for {self.tasks}")
+        self.total = state["total"].clone().to(torch.float64)
+        self.count = int(state["count"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: the mean as a matrix and as {source task: {target task: affinity}}."""
+        mean = self.mean().tolist()
+        return {
+            "tasks": list(self.tasks),
+            "count": self.count,
+            "mean": mean,
+            "affinity": {i: dict(zip(self.tasks, row)) for i, row in zip(self.tasks, mean)},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+# ------------------------------------------------------------ heatmap
+
+CELL = 56  # pixels per matrix cell: room for "-0.123"
+PAD = 12
+
+
+def plot_heatmap(z: Tensor, tasks: Sequence[str], path: str | Path, title: str = "task affinity") -> Path:
+    """A PNG of Z: rows the stepping task, columns the affected task, values printed in the cells.
+
+    Diverging colours centred at 0 (blue helps, red hurts), scaled by the largest |Z| off the
+    diagonal so self-affinity does not wash out the inter-task values. Pillow only.
+    """
+    values = z.detach().to("cpu", torch.float64)
+    n = len(tasks)
+    if values.shape != (n, n):
+        raise ValueError(f"affinity of shape {tuple(values.shape)} for {n} tasks")
+    font = ImageFont.load_default(13)
+    label_w = max(_text_size(font, t)[0] for t in tasks)
+    text_h = _text_size(font, "Ag")[1]
+    header = [title, "row: stepping task, column: affected task"]
+    left, top = label_w + 2 * PAD, label_w + 2 * text_h + 3 * PAD
+    width = max(left + n * CELL, max(_text_size(font, line)[0] for line in header) + PAD) + PAD
+    image = Image.new("RGB", (width, top + n * CELL + PAD), "white")
+    draw = ImageDraw.Draw(image)
+    for k, (line, ink) in enumerate(zip(header, ("black", "dimgray"))):
+        draw.text((PAD, PAD + k * (text_h + 4)), line, fill=ink, font=font)
+    off_diag = values[~torch.eye(n, dtype=torch.bool)]
+    scale = float(off_diag.abs().max()) if n > 1 else float(values.abs().max())
+    for k, task in enumerate(tasks):
+        w, _ = _text_size(font, task)
+        draw.text((left - w - 6, top + k * CELL + (CELL - text_h) // 2), task, fill="black", font=font)
+        _vertical_text(image, (left + k * CELL + (CELL - text_h) // 2, top - w - 6), task, font, "black")
+    for i in range(n):
+        for j in range(n):
+            v = float(values[i, j])
+            box = (left + j * CELL, top + i * CELL, left + (j + 1) * CELL - 1, top + (i + 1) * CELL - 1)
+            colour = _diverging(v / scale if scale > 0 else 0.0)
+            draw.rectangle(box, fill=colour, outline="white")
+            label = f"{v:.3f}"
+            w, h = _text_size(font, label)
+            ink = "white" if sum(colour) < 380 else "black"
+            draw.text((box[0] + (CELL - w) // 2, box[1] + (CELL - h) // 2), label, fill=ink, font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+def _text_size(font: ImageFont.ImageFont, text: str) -> tuple[int, int]:
+    x0, y0, x1, y1 = font.getbbox(text)
+    return int(x1), int(y1)
+
+
+def _vertical_text(
+    image: Image.Image, xy: tuple[int, int], text: str, font: ImageFont.ImageFont, fill: str
+) -> None:
+    """Text running bottom-to-top (column labels), its top-left corner at `xy`."""
+    w, h = _text_size(font, text)
+    strip = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(strip).text((0, 0), text, fill=255, font=font)
+    strip = strip.rotate(90, expand=True)
+    image.paste(Image.new("RGB", strip.size, fill), xy, mask=strip)
+
+
+def _diverging(x: float) -> tuple[int, int, int]:
+    """x in [-1, 1] -> red (-1) .. white (0) .. blue (+1)."""
+    x = max(-1.0, min(1.0, x))
+    far = (33, 102, 172) if x >= 0 else (178, 24, 43)
+    return tuple(round(255 + (c - 255) * abs(x)) for c in far)  # type: ignore[return-value]

@@ -1,0 +1,163 @@
+"""Lookahead affinity: the formula by hand, no side effects on the model, tracker and heatmap."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from raymtl.config import ModelSpec
+from raymtl.data.tables import TaskInfo
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.tune.affinity import (
+    AffinityTracker,
+    CELL,
+    lookahead_affinity,
+    plot_heatmap,
+    shared_parameter_names,
+)
+
+TASKS = ["a", "b", "c"]
+
+
+class LinearMTL(nn.Module):
+    """features = W x (shared), logits = V_task features (one head per task)."""
+
+    def __init__(self, tasks, d_in=4, d_hidden=3, extras=()):
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(d_in, d_hidden, bias=False), *extras)
+        self.heads = nn.ModuleDict({t: nn.Linear(d_hidden, 1, bias=False) for t in tasks})
+
+    def parts(self):
+        return {"image": list(self.shared.parameters()), "text": [], "fusion": [],
+                "heads": list(self.heads.parameters())}
+
+    def forward(self, batch, task):
+        return self.heads[task](self.shared(batch["x"])).squeeze(-1)
+
+
+def mse(pred, target):
+    return ((pred - target) ** 2).mean()
+
+
+def batches(tasks, n=5, d_in=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {t: {"x": torch.randn(n, d_in, generator=g), "label": torch.randn(n, generator=g)} for t in tasks}
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), f"{k} changed"
+
+
+def test_lookahead_matches_hand_computation():
+    torch.manual_seed(0)
+    model, data, lr = LinearMTL(TASKS), batches(TASKS), 0.3
+    W = model.shared[0].weight.detach()
+    V = {t: model.heads[t].weight.detach()[0] for t in TASKS}
+
+    def loss(w, t):
+        x, y = data[t]["x"], data[t]["label"]
+        return (((x @ w.T) @ V[t] - y) ** 2).mean()
+
+    def grad(t):  # d/dW mean((V W x - y)^2) = 2/n sum_b r_b V x_b^T
+        x, y = data[t]["x"], data[t]["label"]
+        r = (x @ W.T) @ V[t] - y
+        return 2 / len(y) * torch.outer(V[t], r @ x)
+
+    expected = torch.tensor([[1 - loss(W - lr * grad(i), j) / loss(W, j) for j in TASKS] for i in TASKS])
+    tasks, z = lookahead_affinity(model, data, {t: mse for t in TASKS}, lr)
+    assert tasks == TASKS
+    assert torch.allclose(z.float(), expected, atol=1e-6)
+    assert (z.diagonal() > 0).all()  # a small step on a task lowers its own loss
+
+
+def test_shared_defaults_to_everything_but_heads_and_can_be_narrowed():
+    model = LinearMTL(TASKS, extras=[nn.Linear(3, 3)])
+    assert shared_parameter_names(model) == ["shared.0.weight", "shared.1.weight", "shared.1.bias"]
+    data, losses = batches(TASKS), {t: mse for t in TASKS}
+    _, z_all = lookahead_affinity(model, data, losses, 0.1)
+    _, z_one = lookahead_affinity(model, data, losses, 0.1, shared=["shared.1.bias"])
+    assert not torch.allclose(z_one, z_all)
+    for bad in ([], ["shared.9.weight"]):
+        with pytest.raises(ValueError, match="shared parameters"):
+            lookahead_affinity(model, data, losses, 0.1, shared=bad)
+
+
+def test_model_untouched_and_dropout_switched_off():
+    """BatchNorm in train mode would update its running stats; dropout would make Z random."""
+    torch.manual_seed(0)
+    model = LinearMTL(TASKS, extras=[nn.BatchNorm1d(3), nn.Dropout(0.5)]).train()
+    model.heads["b"].eval()  # a mixed-mode model gets every module's own mode back
+    before = snapshot(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    optimizer = torch.optim.Adam(model.parameters())
+    data, losses = batches(TASKS, n=8), {t: mse for t in TASKS}
+    _, z1 = lookahead_affinity(model, data, losses, 0.1)
+    _, z2 = lookahead_affinity(model, data, losses, 0.1)
+    assert torch.equal(z1, z2)
+    assert_unchanged(model, before)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert optimizer.state_dict()["state"] == {}
+
+
+def test_real_multitask_model_untouched():
+    infos = {t: TaskInfo(t, "multiclass", ["0", "1"], 8, 4, True, False) for t in ("x", "y")}
+    spec = ModelSpec(image_backbone="resnet18", hidden_dim=8, dropout=0.1)
+    model = MultiTaskModel(spec, infos, ["full"], {"all": ["x", "y"]}).train()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 1, 0])
+    data = {t: {"view_full": torch.randn(4, 3, 16, 16, generator=g), "label": labels} for t in infos}
+    before = snapshot(model)
+    names = shared_parameter_names(model)
+    assert names and not any(n.startswith("heads.") for n in names)
+    tasks, z = lookahead_affinity(model, data, {t: F.cross_entropy for t in infos}, 0.05)
+    assert tasks == ["x", "y"] and z.shape == (2, 2) and torch.isfinite(z).all()
+    assert_unchanged(model, before)  # BatchNorm running stats included
+    assert model.training
+
+
+def test_tracker_mean_state_and_json(tmp_path):
+    tracker = AffinityTracker(TASKS)
+    with pytest.raises(ValueError, match="no affinity"):
+        tracker.mean()
+    z1, z2 = torch.arange(9.0).view(3, 3), -torch.ones(3, 3)
+    tracker.update(z1)
+    tracker.update(z2)
+    assert torch.allclose(tracker.mean(), ((z1 + z2) / 2).double())
+    with pytest.raises(ValueError, match="shape"):
+        tracker.update(torch.zeros(2, 2))
+
+    restored = AffinityTracker(TASKS)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.count == 2 and torch.equal(restored.mean(), tracker.mean())
+    with pytest.raises(ValueError, match="tasks"):
+        AffinityTracker(["a", "b", "z"]).load_state_dict(tracker.state_dict())
+
+    saved = json.loads(tracker.save(tmp_path / "affinity" / "z.json").read_text())
+    assert saved["tasks"] == TASKS and saved["count"] == 2
+    assert saved["affinity"]["a"]["c"] == pytest.approx(0.5)  # mean of Z[a, c] = 2 and -1
+
+
+def test_heatmap_png(tmp_path):
+    names = ["colour", "pattern", "sleeve_length"]
+    z = torch.tensor([[0.9, 0.5, 0.0], [0.25, 0.7, -0.5], [0.1, -0.2, 0.8]])
+    path = plot_heatmap(z, names, tmp_path / "plots" / "affinity.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.load()
+        assert image.format == "PNG" and image.mode == "RGB"
+        w, h = image.size
+        assert 3 * CELL < w < 3 * CELL + 400 and 3 * CELL < h < 3 * CELL + 400
+        colours = {c for _, c in image.getcolors(w * h)}
+    # +-0.5 are the largest |Z| off the diagonal: they get the full blue and red
+    assert (33, 102, 172) in colours and (178, 24, 43) in colours
