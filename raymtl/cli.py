@@ -46,10 +46,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep
+
+    exp, spec = load_sweep(args.config)
+    exp = apply_overrides(exp, args)
+    if args.max_concurrent:
+        spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent)
+    print(format_summary(run_sweep(exp, spec, address=args.address)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from raymtl.demo import run_demo
 
     run_demo(args.out, workers=args.workers or 1, epochs=args.epochs, address=args.address)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from raymtl.predict import predict
+
+    summary = predict(
+        args.model,
+        args.input,
+        args.output,
+        tasks=args.tasks.split(",") if args.tasks else None,
+        batch_size=args.batch_size,
+        pool_size=args.pool_size,
+        num_gpus=args.num_gpus,
+        top_k=args.top_k,
+        strict=args.strict,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        id_column=args.id_column,
+        overwrite=args.overwrite,
+        address=args.address,
+    )
+    print(summary)
     return 0
 
 
@@ -62,12 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_scaling_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tune", help="sweep task groupings, seeds and hyperparameters with Ray Tune")
+    p.add_argument("config", help="experiment YAML with a top-level `sweep:` section")
+    add_scaling_flags(p)
+    p.add_argument("--max-concurrent", type=int, help="override sweep.max_concurrent (trials at a time)")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("demo", help="generate a synthetic catalogue and train an image+text model on it")
     p.add_argument("--out", default="demo_output", help="folder for the demo data, config and runs")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--epochs", type=int)
     p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="predict every item of a table or image folder with a saved model (Ray Data)")
+    p.add_argument("model", help="saved model folder or URI (any checkpoint folder)")
+    p.add_argument("input", help="parquet/CSV file, folder, glob or URI of items, or a folder of images")
+    p.add_argument("output", help="parquet output folder or URI")
+    p.add_argument("--tasks", help="comma-separated tasks to predict (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per model call")
+    p.add_argument("--pool-size", type=int, default=1, help="model actors")
+    p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
+    p.add_argument("--top-k", type=int, default=0, help="also write the K best labels and scores per task")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of marking it")
+    p.add_argument("--image-column", help="image column of the input (default: the one trained on)")
+    p.add_argument("--text-column", help="text column of the input (default: the one trained on)")
+    p.add_argument("--id-column", help="id column of the input (default: the one trained on, else the image)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -1,0 +1,178 @@
+"""Batch prediction on the session's Ray cluster, against the same saved model run in process.
+
+The model is tiny and untrained (built, not fitted): `color` (image + title, multiclass), `pattern`
+(image, multiclass) and `style` (title, multilabel; image when the MiniLM tokenizer is missing).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import raymtl
+from raymtl.cli import main
+from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
+from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokenizer_path, make_catalogue
+from raymtl.data.tables import TaskInfo
+from raymtl.data.transforms import Preprocessor
+from raymtl.models.artifact import save_model
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.predict import BadRowError, make_plan, predict, read_items
+
+TOKENIZER = default_tokenizer_path()
+MISSING_IMAGE, EMPTY_TITLE = "color-missing-image", "color-empty-title"
+STYLES = sorted({tag for tags in STYLE_WORDS.values() for tag in tags})
+
+
+def tiny_bert(tokenizer: str) -> dict:
+    from transformers import AutoTokenizer
+
+    return {"model_type": "bert", "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer)), "hidden_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 16}
+
+
+def task(name: str, kind: str = "multiclass", image: bool = True, text: bool = False) -> TaskSpec:
+    return TaskSpec(name, train="unused.parquet", kind=kind, image_column="image" if image else None,
+                    text_column="title" if text else None, id_column="id", threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    text = TOKENIZER is not None
+    tasks = [task("color", text=text), task("pattern"), task("style", "multilabel", image=not text, text=text)]
+    labels = {"color": list(COLORS), "pattern": list(PATTERNS), "style": STYLES}
+    exp = Experiment(
+        "tiny", tasks,
+        data=DataSpec(image_size=32, views=[ViewSpec("full"), ViewSpec("crop", crop=0.6)], tokenizer=TOKENIZER,
+                      max_length=16),
+        model=ModelSpec(image_backbone="resnet18", text_config=tiny_bert(TOKENIZER) if text else None, hidden_dim=16,
+                        groups={"look": ["color", "pattern"], "words": ["style"]}),
+    )
+    infos = {t.name: TaskInfo(t.name, t.kind, labels[t.name], 10, 0, t.image_column is not None,
+                              t.text_column is not None, threshold=t.threshold) for t in tasks}
+    torch.manual_seed(0)
+    model = MultiTaskModel(exp.model, infos, ["full", "crop"], exp.task_groups())
+    folder = tmp_path_factory.mktemp("model")
+    save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory) -> pd.DataFrame:
+    """12 synthetic items plus one whose image file is missing and one with an empty title."""
+    root = tmp_path_factory.mktemp("items")
+    frame = pd.read_parquet(make_catalogue(root, image_size=32, sizes={"color": 15})["color"]["train"])
+    frame = frame.drop(columns="label").head(12)
+    bad = pd.DataFrame({"id": [MISSING_IMAGE, EMPTY_TITLE], "image": [str(root / "gone.png"), frame.image[0]],
+                        "title": ["alvo relaxed red cotton shirt", " "]})
+    return pd.concat([frame, bad], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def items_file(items, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("input") / "items.parquet"
+    items.to_parquet(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def predicted(ray_cluster, model_dir, items_file, tmp_path_factory):
+    """(summary, predictions by id) of one run over every task, with top-2 lists."""
+    out = str(tmp_path_factory.mktemp("predictions") / "all")
+    summary = predict(model_dir, items_file, out, top_k=2, batch_size=4)
+    return summary, read(out)
+
+
+def read(path: str) -> pd.DataFrame:
+    return pd.read_parquet(path).set_index("id").sort_index()
+
+
+def in_process(model_dir: str, items: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per task, the probabilities of the loaded model on `items`, preprocessed as in training."""
+    saved = raymtl.load(model_dir)
+    probs = {}
+    for name, info in saved.infos.items():
+        spec = TaskSpec(name, train=None, image_column="image" if info.has_image else None,
+                        text_column="title" if info.has_text else None)
+        arrays = Preprocessor(spec, info, saved.data, with_labels=False)(items)
+        batch = {k: torch.as_tensor(v) for k, v in arrays.items() if v.dtype.kind in "if"}
+        with torch.no_grad():
+            logits = saved.model(batch, name)
+        probs[name] = (logits.softmax(1) if info.kind == "multiclass" else logits.sigmoid()).numpy()
+    return probs
+
+
+def test_predictions_are_the_in_process_models_label_names_and_probabilities(predicted, model_dir, items):
+    _, out = predicted
+    good = items[~items.id.isin([MISSING_IMAGE, EMPTY_TITLE])].sort_values("id").reset_index(drop=True)
+    expected = in_process(model_dir, good)
+    rows = out.loc[good.id]
+    for name, labels in (("color", list(COLORS)), ("pattern", list(PATTERNS))):
+        best = expected[name].argmax(1)
+        assert list(rows[name]) == [labels[b] for b in best]
+        np.testing.assert_allclose(rows[f"{name}_prob"], expected[name][np.arange(len(best)), best], atol=1e-5)
+        top = rows[f"{name}_top_k"].iloc[0]
+        assert [t["label"] for t in top] == [labels[j] for j in np.argsort(-expected[name][0])[:2]]
+    chosen = expected["style"] > 0.5
+    assert 0 < chosen.sum() < chosen.size  # the threshold picks some labels, not all
+    assert [list(x) for x in rows["style"]] == [[STYLES[j] for j in np.flatnonzero(c)] for c in chosen]
+    for got, probs, c in zip(rows["style_prob"], expected["style"], chosen):
+        np.testing.assert_allclose(got, probs[c], atol=1e-5)
+
+
+def test_bad_rows_come_out_with_their_error_and_null_predictions(predicted, items):
+    summary, out = predicted
+    assert summary.rows_in == summary.rows_out == len(out) == len(items)
+    assert sorted(out.index) == sorted(items.id)
+    missing = out.loc[MISSING_IMAGE]
+    assert "cannot read image" in missing.error and "gone.png" in missing.error
+    assert missing[["color", "color_prob", "pattern", "pattern_prob"]].isna().all()
+    assert out.error.drop([MISSING_IMAGE, EMPTY_TITLE]).isna().all()
+    if TOKENIZER is None:
+        assert summary.bad_rows == 1
+        return
+    assert missing["style"] is not None  # style reads only the title, which is fine
+    empty = out.loc[EMPTY_TITLE]
+    assert "empty text in column 'title'" in empty.error
+    assert empty[["color", "style", "style_prob", "style_top_k"]].isna().all() and empty["pattern"] is not None
+    assert summary.bad_rows == 2 and summary.bad_by_reason == {"unreadable image": 1, "empty text": 1}
+
+
+def test_strict_run_fails_naming_the_bad_row(ray_cluster, model_dir, items, tmp_path):
+    with pytest.raises(BadRowError, match=MISSING_IMAGE):
+        predict(model_dir, items, str(tmp_path / "out"), tasks=["pattern"], strict=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_the_same_predictions_for_a_task_subset(predicted, model_dir, items_file, tmp_path):
+    out = tmp_path / "subset"
+    assert main(["predict", model_dir, items_file, str(out), "--tasks", "pattern", "--top-k", "2",
+                 "--batch-size", "4"]) == 0
+    subset, full = read(str(out)), predicted[1]
+    assert list(subset.columns) == ["pattern", "pattern_prob", "pattern_top_k", "error"]
+    pd.testing.assert_frame_equal(subset[["pattern", "pattern_prob"]], full[["pattern", "pattern_prob"]])
+    for ours, theirs in zip(subset.pattern_top_k.dropna(), full.pattern_top_k.dropna()):
+        assert [t["label"] for t in ours] == [t["label"] for t in theirs]
+        np.testing.assert_allclose([t["score"] for t in ours], [t["score"] for t in theirs], atol=1e-6)
+    assert subset.error.notna().sum() == 1 and "'pattern'" in subset.error[MISSING_IMAGE]
+
+
+def test_a_folder_of_images_is_one_row_per_image_with_its_path_as_id(ray_cluster, model_dir, items, tmp_path):
+    for path in items.image[:3]:
+        shutil.copy(path, tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    rows = read_items(str(tmp_path), make_plan(model_dir, raymtl.load(model_dir), tasks=["pattern"])).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(str(tmp_path / Path(p).name) for p in items.image[:3])
+    assert all(r["image"] == r["id"] for r in rows)
+
+
+def test_driver_side_faults_are_named_before_ray_runs(model_dir, items_file, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'pattern'"):
+        predict(model_dir, items_file, str(tmp_path / "out"), tasks=["patern"])
+    with pytest.raises(ConfigError, match="already exists"):
+        predict(model_dir, items_file, str(tmp_path))

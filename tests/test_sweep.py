@@ -1,0 +1,318 @@
+"""Sweeps: the `sweep:` section, trial expansion, the grouping search step, the choice and summary
+(no Ray), and one small real sweep of two concurrent Tune trials on the shared Ray cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import raymtl
+from raymtl.cli import build_parser, main
+from raymtl.config import ConfigError
+from raymtl.data.planted import make_planted, planted_experiment
+from raymtl.tune import sweep
+from raymtl.tune.affinity import AffinityTracker
+from raymtl.tune.sweep import (
+    Candidate,
+    Range,
+    SweepResult,
+    SweepSpec,
+    TrialRecord,
+    apply_config,
+    best_row,
+    candidates,
+    choose,
+    format_summary,
+    load_sweep,
+    n_trials,
+    param_space,
+    read_affinity,
+    trial_experiment,
+    write_summary,
+)
+
+TASKS = ["c0_t0", "c0_t1", "c1_t0", "c1_t1"]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    return make_planted(tmp_path_factory.mktemp("planted"), n_per_task=40)
+
+
+@pytest.fixture
+def exp(catalogue, tmp_path):
+    return planted_experiment(catalogue, str(tmp_path / "runs"), name="sw")
+
+
+def write_config(tmp_path: Path, exp, sweep_section) -> Path:
+    raw = {**exp.to_dict(), "sweep": sweep_section}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+
+def test_load_sweep_parses_typed_fields(exp, tmp_path):
+    path = write_config(tmp_path, exp, {
+        "groupings": "search", "max_groups": 3, "top": 1, "seeds": [0, 1],
+        "backbones": ["resnet18", "resnet34"], "lr": {"min": 1e-4, "max": 1e-2},
+        "sampler": ["shuffled", "temperature"], "temperature": [2, 4], "num_samples": 2,
+        "asha": {"grace_period": 1}, "metric": "val/c0_t0/accuracy",
+    })
+    loaded, spec = load_sweep(path)
+    assert loaded.task_names == TASKS
+    assert spec.groupings == "search" and spec.max_groups == 3 and spec.seeds == [0, 1]
+    assert spec.lr == Range(1e-4, 1e-2, log=True)  # `1e-4` in YAML is a float, not a string
+    assert spec.temperature == [2.0, 4.0] and spec.asha.reduction_factor == 2.0
+    assert (spec.metric, spec.mode, spec.max_concurrent) == ("val/c0_t0/accuracy", "max", 2)
+
+
+def test_a_config_without_sweep_section_is_refused(exp, tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(exp.to_dict()))
+    with pytest.raises(ConfigError, match="top-level `sweep:` section"):
+        load_sweep(path)
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"seed": [1]}, r"unknown key 'sweep.seed'; did you mean 'seeds'\?"),
+        ({"groupings": "serch"}, "sweep.groupings: expected a list of groupings or 'search'"),
+        ({"groupings": [{"a": TASKS[:3]}]}, r"sweep.groupings\[0\]: tasks \['c1_t1'\] are in no task group"),
+        ({"groupings": [{"a": TASKS, "b": ["c0_t0"]}]}, r"sweep.groupings\[0\]: task 'c0_t0' is in two task groups"),
+        ({"backbones": ["resnet18", "resnet19"]}, r"sweep.backbones\[1\]: .*did you mean 'resnet18'"),
+        ({"sampler": ["uniform", "temprature"]}, r"sweep.sampler\[1\]: .*did you mean 'temperature'"),
+        ({"batch_size": [16, 0]}, r"sweep.batch_size\[1\]: training.batch_size: must be >= 1"),
+        ({"seeds": []}, "sweep.seeds: an empty list"),
+        ({"seeds": [1, 1]}, "sweep.seeds: duplicate values"),
+        ({"lr": {"min": 1e-2, "max": 1e-4}}, "sweep.lr: need 0 < min < max"),
+        ({"lr": "fast"}, "sweep.lr: expected a list"),
+        ({"metric": "val/colour/accuracy"}, "sweep.metric: 'val/colour/accuracy' names no task"),
+        ({"metric": "train/mean_loss_ewma"}, "compare trials on a validation metric"),
+        ({"mode": "maximum"}, "sweep.mode: must be 'min' or 'max'"),
+        ({"top": 0}, "sweep.top: must be >= 1"),
+        ({"num_samples": 3}, "sweep.num_samples: repeats would be identical trials"),
+        ({"asha": {"max_t": 1, "grace_period": 2}}, "sweep.asha: need 1 <= grace_period <= max_t"),
+        ({"asha": {"reduction_factor": 1}}, "sweep.asha.reduction_factor: must be > 1"),
+    ],
+)
+def test_sweep_errors_name_the_key_at_fault(exp, tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep(write_config(tmp_path, exp, section))
+    assert str(info.value).startswith(str(tmp_path / "sweep.yaml"))
+
+
+def test_experiment_errors_still_name_their_key(exp, tmp_path):
+    raw = {**exp.to_dict(), "trainig": {}, "sweep": {}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="did you mean 'training'"):
+        load_sweep(path)
+
+
+# ---------------------------------------------------------------- trial expansion
+
+
+def test_grid_is_groupings_times_seeds_times_backbones(exp):
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = SweepSpec(seeds=[0, 1, 2], backbones=["resnet18", "resnet34"], lr=Range(1e-4, 1e-2)).validate(exp)
+    groupings = {"one_group": {"g0": TASKS}, "pairs": {"a": TASKS[:2], "b": TASKS[2:]}}
+    space = param_space(spec, list(groupings))
+    configs = [config for _, config in generate_variants(space)]
+    assert n_trials(space, spec.num_samples) == len(configs) == 2 * 3 * 2
+    assert {(c["grouping"], c["seed"], c["backbone"]) for c in configs} == {
+        (g, s, b) for g in groupings for s in (0, 1, 2) for b in ("resnet18", "resnet34")
+    }
+    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)  # sampled from the log-uniform range
+    trial = trial_experiment(exp, spec, groupings, configs[0], "t0", "/runs")
+    assert trial.task_groups() == groupings[configs[0]["grouping"]]
+    assert (trial.seed, trial.model.image_backbone, trial.training.lr) == (
+        configs[0]["seed"], configs[0]["backbone"], configs[0]["lr"]
+    )
+    assert (trial.name, trial.storage_path) == ("t0", "/runs")
+    assert (trial.training.checkpoint_metric, trial.training.checkpoint_mode) == ("val/mean_score", "max")
+
+
+def test_unlisted_axes_keep_the_experiment_values(exp):
+    space = param_space(SweepSpec(), ["config"])
+    assert list(space) == ["grouping"]
+    same = apply_config(exp, {})
+    assert same == exp
+    changed = apply_config(exp, {"batch_size": 8, "sampler": "uniform", "temperature": 3.0})
+    assert (changed.training.batch_size, changed.training.sampler, changed.training.temperature) == (8, "uniform", 3.0)
+    assert changed.training.lr == exp.training.lr
+
+
+# ---------------------------------------------------------------- groupings and the search step
+
+
+def planted_z() -> torch.Tensor:
+    """Tasks of one cluster help each other (0.3), the two clusters interfere (-0.1)."""
+    same = torch.tensor([[int(i // 2 == j // 2) for j in range(4)] for i in range(4)], dtype=torch.float64)
+    return 0.3 * same - 0.1 * (1 - same)
+
+
+def write_affinity(run_dir: Path, z: torch.Tensor) -> None:
+    tracker = AffinityTracker(TASKS)
+    tracker.update(z)
+    tracker.save(run_dir / "affinity.json")
+
+
+def test_read_affinity_round_trips_the_tracker_file(tmp_path):
+    write_affinity(tmp_path, planted_z())
+    tasks, z = read_affinity(str(tmp_path))
+    assert tasks == TASKS and torch.equal(z, planted_z())
+    with pytest.raises(ConfigError, match="measured no affinity"):
+        read_affinity(str(tmp_path / "nothing"))
+
+
+def test_search_candidates_are_ranked_groupings_plus_baselines(exp):
+    spec = SweepSpec(groupings="search", max_groups=2, top=3)
+    found = candidates(exp, spec, (TASKS, planted_z()))
+    names = [c.name for c in found]
+    assert names[:2] == ["one_group", "one_per_task"]
+    assert found[2].groups == {"g0": ["c0_t0", "c0_t1"], "g1": ["c1_t0", "c1_t1"]}  # the planted clusters
+    assert found[2].score == pytest.approx(4 * 0.3)
+    assert found[0].score == pytest.approx(4 * (0.3 - 0.2) / 3) and found[1].score == 0.0
+    assert all(c.score <= found[2].score for c in found)
+    with pytest.raises(ConfigError, match="measured for tasks"):
+        candidates(exp, spec, (["x", "y"], torch.zeros(2, 2)))
+
+
+def test_listed_groupings_equal_to_a_baseline_are_trained_once(exp):
+    spec = SweepSpec(groupings=[{"all": TASKS}, {"a": TASKS[:2], "b": TASKS[2:]}])
+    found = candidates(exp, spec, None)
+    assert [c.name for c in found] == ["one_group", "one_per_task", "grouping2"]
+    assert all(c.score is None for c in found)
+    assert [c.name for c in candidates(exp, SweepSpec(baselines=False), None)] == ["config"]
+
+
+def test_search_step_reads_the_affinity_run_once_and_keeps_its_choice(exp, tmp_path, monkeypatch):
+    runs = []
+
+    def fake_affinity_run(exp, spec, sweep_dir):
+        run_dir = Path(sweep_dir) / "affinity"
+        write_affinity(run_dir, planted_z())
+        runs.append(run_dir)
+        return str(run_dir)
+
+    monkeypatch.setattr(sweep, "_affinity_run", fake_affinity_run)
+    spec = SweepSpec(groupings="search", top=1, baselines=False)
+    found, _ = sweep._load_or_search(exp, spec, str(tmp_path))
+    assert [c.groups for c in found] == [{"g0": ["c0_t0", "c0_t1"], "g1": ["c1_t0", "c1_t1"]}]
+    again, _ = sweep._load_or_search(exp, spec, str(tmp_path))  # a resumed sweep: no second search run
+    assert again == found and len(runs) == 1
+    assert json.loads((tmp_path / "candidates.json").read_text())["candidates"][0]["name"] == "search1"
+
+
+# ---------------------------------------------------------------- choice and summary
+
+
+def record(trial_id, grouping, seed, scores, epochs=1, error=None) -> TrialRecord:
+    best = None
+    if scores:
+        best = {f"val/{t}/accuracy": s for t, s in zip(TASKS, scores)}
+        best["val/mean_score"] = sum(scores) / len(scores)
+    return TrialRecord(trial_id, {"grouping": grouping, "seed": seed}, 1800.0, best, epochs, f"/ck/{trial_id}", error)
+
+
+def fake_result() -> SweepResult:
+    trials = [
+        record("t0", "one_group", 0, [0.7, 0.7, 0.6, 0.6]),
+        record("t1", "one_group", 1, [0.7, 0.7, 0.6, 0.6]),
+        record("t2", "search1", 0, [0.9, 0.9, 0.9, 0.9]),  # the single best trial ...
+        record("t3", "search1", 1, [0.5, 0.5, 0.5, 0.5]),  # ... but a poor mean over seeds
+        record("t4", "one_per_task", 0, [0.75] * 4),
+        record("t5", "one_per_task", 1, [0.8] * 4),
+        record("t6", "one_per_task", 2, None, epochs=0, error="worker died"),
+    ]
+    found = [
+        Candidate("one_group", {"g0": TASKS}, 0.1),
+        Candidate("one_per_task", {f"g{k}": [t] for k, t in enumerate(TASKS)}, 0.0),
+        Candidate("search1", {"g0": TASKS[:2], "g1": TASKS[2:]}, 1.2),
+    ]
+    return SweepResult("/sweep", "val/mean_score", TASKS, found, trials, None, search_s=900.0)
+
+
+def test_choice_averages_ensemble_members_and_picks_the_best_member():
+    result = fake_result()
+    choice = choose(result.trials, "val/mean_score", "max")
+    assert choice.config == {"grouping": "one_per_task"}
+    assert choice.score == pytest.approx(0.775) and choice.trial_id == "t5"
+    assert choice.members == ["t4", "t5"]  # the failed member does not count
+    worst = choose(result.trials, "val/mean_score", "min")
+    assert worst.config == {"grouping": "one_group"} and worst.trial_id == "t0"  # equal members: the first
+    assert choose([record("x", "one_group", 0, None)], "val/mean_score", "max") is None
+
+
+def test_best_row_is_the_best_epoch_not_the_last():
+    history = [{"epoch": 1, "m": 0.5}, {"epoch": 2, "m": 0.8}, {"epoch": 3, "m": 0.7}, {"epoch": 4}]
+    assert best_row(history, "m", "max")["epoch"] == 2
+    assert best_row(history, "m", "min")["epoch"] == 1
+    assert best_row([], "m", "max") is None
+
+
+def test_summary_table_json_and_csv(tmp_path):
+    result = fake_result()
+    result.sweep_dir = str(tmp_path)
+    result.choice = choose(result.trials, "val/mean_score", "max")
+    result.best_model = str(tmp_path / "best_model")
+    rows = result.rows()
+    assert rows[2]["groups"] == "c0_t0+c0_t1 | c1_t0+c1_t1" and rows[2]["val/c0_t0/accuracy"] == 0.9
+    assert [r["chosen"] for r in rows] == ["", "", "", "", "", "*", ""]
+    assert result.trial_hours == pytest.approx(3.5) and result.total_hours == pytest.approx(3.75)
+    text = format_summary(result)
+    assert "c0_t0 acc" in text and '{"grouping": "one_per_task"}' in text and "3.750 trial-hours" in text
+    write_summary(result)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["choice"]["trial_id"] == "t5" and saved["errors"] == {"t6": "worker died"}
+    assert saved["cost_hours"] == {"search": 0.25, "trials": 3.5, "total": 3.75}
+    csv_lines = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows) and "val/c1_t1/accuracy" in csv_lines[0]
+
+
+def test_cli_has_a_tune_verb(tmp_path, capsys):
+    args = build_parser().parse_args(["tune", "s.yaml", "--max-concurrent", "3", "--workers", "2"])
+    assert (args.config, args.max_concurrent, args.workers) == ("s.yaml", 3, 2)
+    assert main(["tune", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real sweep
+
+
+@pytest.mark.timeout(600)
+def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_factory):
+    """Two groupings (a listed one equal to the all-in-one baseline is trained once), one worker each."""
+    root = tmp_path_factory.mktemp("sweep")
+    cat = make_planted(root / "data", n_clusters=1, tasks_per_cluster=2, n_per_task=40)
+    exp = planted_experiment(cat, str(root / "runs"), name="tiny", training={"epochs": 1})
+    spec = SweepSpec(groupings=[{"both": ["c0_t0", "c0_t1"]}], max_concurrent=2)
+    result = sweep.run_sweep(exp, spec)
+
+    assert sorted(t.config["grouping"] for t in result.trials) == ["one_group", "one_per_task"]
+    for trial in result.trials:
+        assert trial.error is None and trial.epochs == 1 and trial.wall_s > 0
+        for task in exp.task_names:
+            assert 0.0 <= trial.best[f"val/{task}/accuracy"] <= 1.0
+        tune_dir = Path(result.sweep_dir) / "tune" / trial.trial_id
+        assert list(tune_dir.glob("events.out.tfevents*")), tune_dir  # Tune's TensorBoard logger
+        progress = (tune_dir / "progress.csv").read_text()
+        assert "val/c0_t0/accuracy" in progress  # per-epoch reports reached the Tune trial
+    assert result.choice is not None and result.best_model == str(Path(result.sweep_dir) / "best_model")
+    assert raymtl.load(result.best_model).tasks == exp.task_names
+    summary = json.loads((Path(result.sweep_dir) / "summary.json").read_text())
+    assert summary["choice"]["trial_id"] == result.choice.trial_id
+    assert (Path(result.sweep_dir) / "summary.csv").is_file()
+
+    again = sweep.run_sweep(exp, spec)  # restores the finished Tune experiment: nothing retrains
+    assert [t.trial_id for t in again.trials] == [t.trial_id for t in result.trials]
+    assert [t.best for t in again.trials] == [t.best for t in result.trials]
