@@ -158,7 +158,7 @@ def test_build_datasets_streams_every_task_split_through_ray(ray_cluster, images
     assert [(r["task"], r["id"], r["label"]) for r in rows] == [("color", "10", 0), ("color", "11", 1), ("color", "12", 0)]
     assert rows[0]["view_full"].shape == (3, SIZE, SIZE)
 
-    batches = list(datasets["tags/train"].drop_columns(["task"]).iter_torch_batches(batch_size=3))
+    batches = list(datasets[dataset_key("tags", "train")].drop_columns(["task"]).iter_torch_batches(batch_size=3))
     assert len(batches) == 1 and set(batches[0]) == {"label", "view_full"}
     assert tuple(batches[0]["view_full"].shape) == (3, 3, SIZE, SIZE)
     assert sorted(batches[0]["label"].sum(dim=1).tolist()) == [0.0, 1.0, 2.0]
