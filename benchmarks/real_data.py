@@ -35,7 +35,7 @@ from raymtl import storage
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
 from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.train.report import AFFINITY_FILE
-from raymtl.train.trainer import TrainResult, fit
+from raymtl.train.trainer import TrainResult, ensure_ray, fit
 from raymtl.tune.groupings import best_groupings
 
 IMAGE_TASKS = tuple(data_sources.FASHION_TASKS)
@@ -190,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     paths = write_data(args, workdir / "data")
+    ensure_ray()  # started here, so no run's wall time includes the cluster start
     base = base_experiment(args, paths, workdir / "runs")
     tasks = base.task_names
     runs = {f"single/{t}": train(variant(base, f"single-{t}", [t])) for t in tasks}

@@ -336,8 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps % (2 * len(TASKS)) or args.steps < 10 * len(TASKS):
         parser.error(f"--steps must be a multiple of {2 * len(TASKS)} and >= {10 * len(TASKS)}")
-    if args.threads < 2:
-        parser.error("--threads must be >= 2 (the 2-worker mode gives each worker threads // 2)")
+    if args.threads < 2 and "raymtl_2w" in args.modes:
+        parser.error("raymtl_2w needs --threads >= 2 (each of its 2 workers gets threads // 2)")
     return args
 
 
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "model": "resnet18, 1 view, hidden 128", "epochs_per_run": 1},
         "machine": {"cpu_count": os.cpu_count(), "load_after": os.getloadavg(),
                     "torch_threads_plain": torch.get_num_threads(),
-                    "torch_threads_ray_worker": ray_worker_threads(sorted({args.threads, args.threads // 2}))},
+                    "torch_threads_ray_worker": ray_worker_threads(sorted({args.threads, max(1, args.threads // 2)}))},
         "ray_start_s": ray_start,
         "runs": [asdict(r) for r in runs],
         "summary": summarize(runs),

@@ -1,7 +1,7 @@
 """`ray job submit` entrypoint for training: the same code path as `raymtl train`.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/train.py --config jobs/configs/demo.yaml --workers 2
+        python jobs/train.py --config jobs/configs/catalogue.yaml --workers 4 --gpu
 """
 
 import argparse

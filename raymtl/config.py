@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import re
 import types
 import typing
 from dataclasses import dataclass, field

@@ -131,8 +131,9 @@ def test_ray_up_config_passes_rays_schema_with_cpu_head_and_autoscaling_gpu_work
 
 
 def named_configs() -> list[str]:
-    """jobs/configs/ files that cluster/ files and the READMEs tell users to run."""
-    texts = [p.read_text() for p in [*REPO.glob("cluster/**/*"), REPO / "README.md"] if p.is_file()]
+    """jobs/configs/ files that cluster/ files, the README and jobs/train.py tell users to run."""
+    sources = [*REPO.glob("cluster/**/*"), REPO / "README.md", REPO / "jobs" / "train.py"]
+    texts = [p.read_text() for p in sources if p.is_file()]
     return sorted({m for text in texts for m in re.findall(r"jobs/configs/[\w.-]+\.ya?ml", text)})
 
 

@@ -22,7 +22,7 @@ from raymtl.data.tables import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.predict import BadRowError, make_plan, predict, read_items
+from raymtl.predict import BadRowError, Head, make_plan, output_columns, predict, read_items
 
 TOKENIZER = default_tokenizer_path()
 MISSING_IMAGE, EMPTY_TITLE = "color-missing-image", "color-empty-title"
@@ -169,6 +169,20 @@ def test_a_folder_of_images_is_one_row_per_image_with_its_path_as_id(ray_cluster
     rows = read_items(str(tmp_path), make_plan(model_dir, raymtl.load(model_dir), tasks=["pattern"])).take_all()
     assert sorted(r["id"] for r in rows) == sorted(str(tmp_path / Path(p).name) for p in items.image[:3])
     assert all(r["image"] == r["id"] for r in rows)
+
+
+def test_output_columns_choose_labels_by_threshold_and_null_bad_rows():
+    probs = np.array([[0.9, 0.5, 0.6], [0.1, 0.2, 0.3], [0.0, 0.0, 0.0]], np.float32)
+    bad = np.array([False, False, True])
+    tags = output_columns(Head("tags", "multilabel", ("a", "b", "c"), 0.5, (0,)), probs, bad, top_k=2)
+    assert tags["tags"].to_pylist() == [["a", "c"], [], None]  # 0.5 is not above the threshold
+    assert tags["tags_prob"].to_pylist() == [pytest.approx([0.9, 0.6]), [], None]
+    assert [[t["label"] for t in row] if row else row for row in tags["tags_top_k"].to_pylist()] == [
+        ["a", "c"], ["c", "b"], None]
+    kind = output_columns(Head("kind", "multiclass", ("a", "b", "c"), 0.5, (0,)), probs, bad, top_k=0)
+    assert set(kind) == {"kind", "kind_prob"}
+    assert kind["kind"].to_pylist() == ["a", "c", None]
+    assert kind["kind_prob"].to_pylist() == [pytest.approx(0.9), pytest.approx(0.3), None]
 
 
 def test_driver_side_faults_are_named_before_ray_runs(model_dir, items_file, tmp_path):

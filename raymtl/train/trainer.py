@@ -39,7 +39,7 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address or os.environ["RAY_ADDRESS"])
     else:
         # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
 
 
 def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int]:
