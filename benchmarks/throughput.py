@@ -342,13 +342,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run every mode `--reps` times, interleaved; the JSON report is rewritten after each run."""
     from raymtl.train.trainer import ensure_ray
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     ensure_ray()
-    ray_start = time.perf_counter() - started
+    report = {
+        "settings": {**vars(args), "out": str(args.out) if args.out else None, "tasks": list(TASKS),
+                     "model": "resnet18, 1 view, hidden 128", "epochs_per_run": 1},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads_plain": torch.get_num_threads(),
+                    "torch_threads_ray_worker": ray_worker_threads(sorted({args.threads, max(1, args.threads // 2)}))},
+        "ray_start_s": time.perf_counter() - started,
+    }
     workers = {"plain": 1, "plain_raydata": 1, "raymtl_1w": 1, "raymtl_2w": 2}
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="raymtl_bench_") as tmp:
@@ -356,22 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
         for rep in range(args.reps):
             for mode in args.modes:
                 exp = experiment(f"{mode}-{rep}-{time.time_ns()}", frames, args, workers[mode], Path(tmp) / "runs")
-                result = run_mode(mode, rep, exp, frames, args.warmup)
-                print(f"[throughput] {json.dumps(asdict(result))}", flush=True)
-                runs.append(result)
-    report = {
-        "settings": {**vars(args), "out": str(args.out) if args.out else None, "tasks": list(TASKS),
-                     "model": "resnet18, 1 view, hidden 128", "epochs_per_run": 1},
-        "machine": {"cpu_count": os.cpu_count(), "load_after": os.getloadavg(),
-                    "torch_threads_plain": torch.get_num_threads(),
-                    "torch_threads_ray_worker": ray_worker_threads(sorted({args.threads, max(1, args.threads // 2)}))},
-        "ray_start_s": ray_start,
-        "runs": [asdict(r) for r in runs],
-        "summary": summarize(runs),
-    }
+                runs.append(run_mode(mode, rep, exp, frames, args.warmup))
+                print(f"[throughput] {json.dumps(asdict(runs[-1]))}", flush=True)
+                report.update(load_after=os.getloadavg(), runs=[asdict(r) for r in runs], summary=summarize(runs))
+                if args.out:
+                    args.out.write_text(json.dumps(report, indent=2))
     print_table(report["summary"])
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
     return report
 
 
