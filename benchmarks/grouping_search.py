@@ -14,7 +14,8 @@ Reported (JSON at `--out`, and printed): per grouping the per-task validation ac
 trial's best epoch, averaged over seeds; the chosen grouping and whether it is the planted one;
 the search cost (the affinity run's wall time) against one all-in-one training (the `one_group`
 trials' mean wall time) and against pairwise search (the measured pair time times T(T-1)/2), also
-in gradient steps, which do not depend on the machine's load.
+in gradient steps, which do not depend on the machine's load. Use a fresh `--root` for timings:
+the same root resumes (restores) the finished sweep instead of training again.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks-per-cluster", type=int, default=2)
     parser.add_argument("--n-per-task", type=int, default=320, help="items per task (a fifth for validation)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every training, the search run included")
-    parser.add_argument("--optimizer", default="adamw", help="adamw | sgd (with sgd the lookahead step is the update)")
+    parser.add_argument("--optimizer", default="adamw", help="adamw | sgd (sgd: the lookahead step is the update)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -17,6 +17,7 @@ from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.tune import sweep
 from raymtl.tune.affinity import AffinityTracker
 from raymtl.tune.sweep import (
+    AshaSpec,
     Candidate,
     Range,
     SweepResult,
@@ -86,7 +87,7 @@ def test_a_config_without_sweep_section_is_refused(exp, tmp_path):
         ({"seed": [1]}, r"unknown key 'sweep.seed'; did you mean 'seeds'\?"),
         ({"groupings": "serch"}, "sweep.groupings: expected a list of groupings or 'search'"),
         ({"groupings": [{"a": TASKS[:3]}]}, r"sweep.groupings\[0\]: tasks \['c1_t1'\] are in no task group"),
-        ({"groupings": [{"a": TASKS, "b": ["c0_t0"]}]}, r"sweep.groupings\[0\]: task 'c0_t0' is in two task groups"),
+        ({"groupings": [{"a": TASKS, "b": ["c0_t0"]}]}, r"groupings\[0\]: task 'c0_t0' is in two task groups"),
         ({"backbones": ["resnet18", "resnet19"]}, r"sweep.backbones\[1\]: .*did you mean 'resnet18'"),
         ({"sampler": ["uniform", "temprature"]}, r"sweep.sampler\[1\]: .*did you mean 'temperature'"),
         ({"batch_size": [16, 0]}, r"sweep.batch_size\[1\]: training.batch_size: must be >= 1"),
@@ -147,8 +148,15 @@ def test_unlisted_axes_keep_the_experiment_values(exp):
     same = apply_config(exp, {})
     assert same == exp
     changed = apply_config(exp, {"batch_size": 8, "sampler": "uniform", "temperature": 3.0})
-    assert (changed.training.batch_size, changed.training.sampler, changed.training.temperature) == (8, "uniform", 3.0)
+    tr = changed.training
+    assert (tr.batch_size, tr.sampler, tr.temperature) == (8, "uniform", 3.0)
     assert changed.training.lr == exp.training.lr
+
+
+def test_asha_stops_by_finished_epochs(exp):
+    assert sweep.scheduler(exp, SweepSpec()) is None
+    asha = sweep.scheduler(exp, SweepSpec(asha=AshaSpec(grace_period=1, reduction_factor=3)))
+    assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("epoch", exp.training.epochs, 3)
 
 
 # ---------------------------------------------------------------- groupings and the search step
@@ -221,7 +229,8 @@ def record(trial_id, grouping, seed, scores, epochs=1, error=None) -> TrialRecor
     if scores:
         best = {f"val/{t}/accuracy": s for t, s in zip(TASKS, scores)}
         best["val/mean_score"] = sum(scores) / len(scores)
-    return TrialRecord(trial_id, {"grouping": grouping, "seed": seed}, 1800.0, best, epochs, f"/ck/{trial_id}", error)
+    config = {"grouping": grouping, "seed": seed}
+    return TrialRecord(trial_id, config, 1800.0, best, epochs, f"/ck/{trial_id}", error)
 
 
 def fake_result() -> SweepResult:

@@ -526,7 +526,6 @@ def _run_trials(
 ):
     """Tune over the trials (a restored Tuner when the sweep already exists); returns Tune's ResultGrid."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     groupings = {c.name: c.groups for c in found}
     runs_dir = storage.join(sweep_dir, "runs")
@@ -539,23 +538,29 @@ def _run_trials(
         return tune.Tuner.restore(tune_dir, trainable, resume_errored=True).fit()
     space = param_space(spec, list(groupings))
     print(f"sweep: {n_trials(space, spec.num_samples)} trials, {spec.max_concurrent} at a time, in {sweep_dir}")
-    scheduler = None
-    if spec.asha:
-        max_t = spec.asha.max_t or sum(s.epochs for s in exp.training.stages) or exp.training.epochs
-        scheduler = ASHAScheduler(
-            time_attr="epoch", max_t=max_t, grace_period=spec.asha.grace_period,
-            reduction_factor=spec.asha.reduction_factor,
-        )
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
+            metric=spec.metric, mode=spec.mode, scheduler=scheduler(exp, spec), num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent, trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=sweep_dir),
     )
     return tuner.fit()
+
+
+def scheduler(exp: Experiment, spec: SweepSpec):
+    """ASHA by finished epochs (`max_t` defaults to the experiment's), or None: every trial runs to the end."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if spec.asha is None:
+        return None
+    max_t = spec.asha.max_t or sum(s.epochs for s in exp.training.stages) or exp.training.epochs
+    return ASHAScheduler(
+        time_attr="epoch", max_t=max_t, grace_period=spec.asha.grace_period,
+        reduction_factor=spec.asha.reduction_factor,
+    )
 
 
 def _record(result, runs_dir: str, spec: SweepSpec) -> TrialRecord:
