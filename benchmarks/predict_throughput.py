@@ -97,7 +97,8 @@ def main() -> None:
             {"method": "in-process, per task", "seconds": timed(per_task_loop, model_dir, items, args.batch_size)},
             {"method": "in-process, predict stages", "seconds": timed(stages_loop, model_dir, items, args.batch_size)},
         ]
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+                 logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         for pool in map(int, args.pools.split(",")):
             summary = predict(model_dir, items_file, str(root / f"out-{pool}"), batch_size=args.batch_size,

@@ -205,7 +205,11 @@ def predictions(items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size:
 
 
 def _write(predictions: ray.data.Dataset, output: str, overwrite: bool) -> None:
-    """Write parquet to `output`; a failed run removes what it wrote, so no half result remains."""
+    """Write parquet to `output`.
+
+    A failed run leaves no output (with `overwrite`, not the old one either) rather than a partial
+    one that a downstream job could take for complete.
+    """
     fs, path = storage.resolve(output)
     mode = ray.data.SaveMode.OVERWRITE if overwrite else ray.data.SaveMode.ERROR
     try:
