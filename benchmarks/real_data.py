@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64, help="review tokens")
+    parser.add_argument("--max-length", type=int, default=128, help="review tokens")
     parser.add_argument("--threads", type=int, default=2, help="CPUs (torch threads) of the training worker")
     parser.add_argument("--affinity-every", type=int, default=20, help="steps between affinity measurements")
     parser.add_argument("--max-groups", type=int, default=2)

@@ -187,21 +187,28 @@ _Loader.add_implicit_resolver(
 )
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict; a missing file or malformed YAML is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
 def load_experiment(source: str | Path | dict[str, Any]) -> Experiment:
-    """Parse a YAML file (or an already-loaded dict) into a validated Experiment."""
-    if isinstance(source, dict):
-        raw, where = source, "config"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.load(path.read_text(), Loader=_Loader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: malformed YAML: {e}") from None
-        where = str(path)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    """Parse a YAML file (or an already-loaded dict) into a validated Experiment.
+
+    A top-level `sweep:` section is `raymtl tune`'s (see `raymtl.tune.sweep.load_sweep`) and is
+    ignored here, so one file serves both `raymtl train` and `raymtl tune`.
+    """
+    raw, where = (source, "config") if isinstance(source, dict) else (read_config(source), str(source))
+    raw = {k: v for k, v in raw.items() if k != "sweep"}
     try:
         exp = from_dict(Experiment, raw, "")
     except ConfigError as e:

@@ -15,6 +15,7 @@ from raymtl.tune.affinity import (
     AffinityTracker,
     CELL,
     lookahead_affinity,
+    optimizer_update,
     plot_heatmap,
     shared_parameter_names,
 )
@@ -108,6 +109,40 @@ def test_model_untouched_and_dropout_switched_off():
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert all(p.grad is None for p in model.parameters())
     assert optimizer.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("kind", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_lookahead_is_the_optimizers_own_step(kind):
+    """Without momentum (beta1 = 0) or decay, Adam's step for g is exactly lr * update(g)."""
+    torch.manual_seed(0)
+    model, data, lr = LinearMTL(TASKS), batches(TASKS), 0.01
+    optimizer = kind(model.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+    update = optimizer_update(optimizer, model)
+    for t in [*TASKS, "a"]:  # some Adam state first, then a fresh step compared
+        optimizer.zero_grad()
+        mse(model(data[t], t), data[t]["label"]).backward()
+        stepped = {n: p for n, p in model.named_parameters() if p.grad is not None}  # other heads: no grad
+        expected = {n: -lr * update(n, p.grad) for n, p in stepped.items()}
+        before = snapshot(model)
+        optimizer.step()
+        for n, p in stepped.items():
+            torch.testing.assert_close(p.detach() - before[n], expected[n], rtol=1e-4, atol=1e-7)
+    assert optimizer_update(torch.optim.SGD(model.parameters(), lr=0.1), model) is None
+
+
+def test_adam_lookahead_does_not_depend_on_the_gradients_scale():
+    """Adam steps the same for a loss scaled by 1e-3 (as a real net's tiny gradients); a raw step shrinks."""
+    torch.manual_seed(0)
+    model, data, lr = LinearMTL(TASKS), batches(TASKS), 1e-3
+    update = optimizer_update(torch.optim.AdamW(model.parameters(), lr=lr), model)
+    plain, scaled = {t: mse for t in TASKS}, {t: lambda p, y: 1e-3 * mse(p, y) for t in TASKS}
+    _, raw = lookahead_affinity(model, data, plain, lr)
+    _, raw_scaled = lookahead_affinity(model, data, scaled, lr)
+    _, adam = lookahead_affinity(model, data, plain, lr, update=update)
+    _, adam_scaled = lookahead_affinity(model, data, scaled, lr, update=update)
+    torch.testing.assert_close(adam_scaled, adam, rtol=1e-2, atol=2e-5)  # float32 losses
+    assert raw_scaled.abs().max() < 1e-2 * raw.abs().max()  # ~1e-3 of it, below float32's resolution of Z
+    assert (adam.diagonal() > 0).all()  # a task's own step lowers its own loss
 
 
 def test_real_multitask_model_untouched():

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from raymtl.data.planted import make_planted, planted_experiment, planted_tasks, resolve_clusters
-from raymtl.tune.affinity import AffinityTracker, lookahead_affinity
+from raymtl.tune.affinity import AffinityTracker, lookahead_affinity, optimizer_update
 from raymtl.tune.groupings import baseline_groupings, best_groupings, partitions, score_partition
 
 
@@ -129,15 +129,22 @@ class TinyMTL(nn.Module):
         return self.heads[task](self.backbone(batch["view_full"]))
 
 
-def train_and_measure(seed, clusters, steps=1500, warmup=150, every=10, lr=0.1, size=8, n=512):
-    """One-task-per-step SGD (as the trainer does), averaging lookahead affinity after a warm-up."""
+def train_and_measure(seed, clusters, optimizer="sgd", steps=1500, warmup=150, every=10, size=8, n=512):
+    """One task per step (as the trainer does), averaging lookahead affinity after a warm-up.
+
+    The lookahead steps as the optimizer does (`optimizer_update`), as in the training loop.
+    """
     data = planted_tasks(seed, clusters, n_per_task=n, image_size=size)
     images = {t: torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 64 - 2 for t, d in data.items()}
     labels = {t: torch.from_numpy(d.labels) for t, d in data.items()}
     tasks, losses = list(data), {t: F.cross_entropy for t in data}
     torch.manual_seed(seed)
     model = TinyMTL(tasks, 3 * size * size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    if optimizer == "sgd":
+        lr, optimizer = 0.1, torch.optim.SGD(model.parameters(), lr=0.1)
+    else:  # a small model's Adam lr; the lookahead takes Adam's step, as in the loop
+        lr, optimizer = 1e-2, torch.optim.AdamW(model.parameters(), lr=1e-2)
+    update = optimizer_update(optimizer, model)
     rng = random.Random(seed)
 
     def batch(task, size):
@@ -152,7 +159,7 @@ def train_and_measure(seed, clusters, steps=1500, warmup=150, every=10, lr=0.1, 
         F.cross_entropy(model(b, task), b["label"]).backward()
         optimizer.step()
         if step >= warmup and step % every == 0:
-            tracker.update(lookahead_affinity(model, {t: batch(t, 256) for t in tasks}, losses, lr)[1])
+            tracker.update(lookahead_affinity(model, {t: batch(t, 256) for t in tasks}, losses, lr, update=update)[1])
     return tasks, tracker.mean()
 
 
@@ -165,10 +172,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_search_recovers_planted_clusters(seed, one_thread):
+def test_search_recovers_planted_clusters(seed, optimizer, one_thread):
     clusters = resolve_clusters([["a", "b", "c"], ["d", "e"]])
-    tasks, z = train_and_measure(seed, clusters)
+    tasks, z = train_and_measure(seed, clusters, optimizer)
     best = best_groupings(z, tasks, max_groups=len(tasks))  # every partition of the 5 tasks
     assert best[0][0] == {"g0": ["a", "b", "c"], "g1": ["d", "e"]}, (best, z)
     baselines = baseline_groupings(tasks).values()

@@ -12,7 +12,7 @@ import yaml
 
 import raymtl
 from raymtl.cli import build_parser, main
-from raymtl.config import ConfigError
+from raymtl.config import ConfigError, load_experiment
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.tune import sweep
 from raymtl.tune.affinity import AffinityTracker
@@ -72,6 +72,11 @@ def test_load_sweep_parses_typed_fields(exp, tmp_path):
     assert spec.lr == Range(1e-4, 1e-2, log=True)  # `1e-4` in YAML is a float, not a string
     assert spec.temperature == [2.0, 4.0] and spec.asha.reduction_factor == 2.0
     assert (spec.metric, spec.mode, spec.max_concurrent) == ("val/c0_t0/accuracy", "max", 2)
+
+
+def test_raymtl_train_reads_the_same_file_without_its_sweep_section(exp, tmp_path):
+    path = write_config(tmp_path, exp, {"seeds": [0, 1]})
+    assert load_experiment(path) == load_sweep(path)[0] == exp
 
 
 def test_a_config_without_sweep_section_is_refused(exp, tmp_path):

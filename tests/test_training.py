@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from raymtl.config import TaskSpec, load_experiment
+from raymtl.config import StageSpec, TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import load
@@ -47,6 +47,11 @@ def catalogue_config(tmp_path_factory):
 def experiment(config, name: str, **training):
     exp = load_experiment(config)
     return dataclasses.replace(exp, name=name, training=dataclasses.replace(exp.training, **training))
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    """Epoch rows less the `perf/*` timings, which no two runs share."""
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in history]
 
 
 def weights(checkpoint: str) -> dict[str, torch.Tensor]:
@@ -90,8 +95,13 @@ def test_two_group_ensemble_loss_falls_and_every_task_beats_chance(learned):
     assert val_accuracy(saved, exp.task("color")) == pytest.approx(last["val/color/accuracy"])
 
 
-@pytest.mark.xfail(strict=False, reason="unverified: failed or not reached in the last full run under heavy load; see the closing note")
 def test_adding_a_task_keeps_the_old_tasks_working(learned):
+    """A new group trains its own backbone; the text encoder all groups share is frozen meanwhile.
+
+    So the old tasks' whole path (their backbone, the text encoder, their fusion layer and head) is
+    untouched: their validation accuracy is unchanged (tolerance 0), while the new task learns.
+    Without the freeze, `pattern` steps move the shared text encoder and `season` (text) drops.
+    """
     config, exp, result = learned
     before = load(result.checkpoint)
     pattern = next(t for t in load_experiment(config).tasks if t.name == "pattern")
@@ -100,17 +110,18 @@ def test_adding_a_task_keeps_the_old_tasks_working(learned):
         name="add-pattern",
         tasks=[pattern],
         model=dataclasses.replace(exp.model, base=result.checkpoint, groups={"shapes": ["pattern"]}),
-        training=dataclasses.replace(exp.training, epochs=1),
+        training=dataclasses.replace(exp.training, epochs=1, stages=[StageSpec(epochs=1, freeze=["text"])]),
     )
-    after = load(fit(grown).checkpoint)
+    added = fit(grown)
+    after = load(added.checkpoint)
     assert set(after.tasks) == {"color", "season", "pattern"}
+    assert after.groups == {"visual": ["color"], "words": ["season"], "shapes": ["pattern"]}
     assert after.infos["color"].labels == before.infos["color"].labels
-    tolerance = 0.02  # a new group trains its own backbone: the old tasks' paths are untouched
     for name in ("color", "season"):
-        assert val_accuracy(after, exp.task(name)) >= val_accuracy(before, exp.task(name)) - tolerance
+        assert val_accuracy(after, exp.task(name)) == val_accuracy(before, exp.task(name))
+    assert added.history[-1]["val/pattern/accuracy"] > CHANCE["pattern"]
 
 
-@pytest.mark.xfail(strict=False, reason="unverified: failed or not reached in the last full run under heavy load; see the closing note")
 def test_two_workers_complete_with_per_task_metrics(ray_cluster, catalogue_config):
     """gloo DDP, two shards per task, collective timeout 120 s: a deadlock fails the test."""
     result = fit(experiment(catalogue_config, "two-workers", num_workers=2, epochs=1, affinity_every_steps=2))
@@ -131,18 +142,16 @@ def uninterrupted(ray_cluster, catalogue_config):
     return fit(exp)
 
 
-@pytest.mark.xfail(strict=False, reason="unverified: failed or not reached in the last full run under heavy load; see the closing note")
 def test_worker_crash_is_recovered_and_resumes_exactly(catalogue_config, uninterrupted):
     exp = experiment(catalogue_config, "crash", epochs=2, deterministic=True, checkpoint_every_steps=6,
                      debug_crash_at_step=13, max_failures=1)
     result = fit(exp)
-    assert result.history == uninterrupted.history  # the identical task sequence and data
+    assert without_timings(result.history) == without_timings(uninterrupted.history)  # same tasks and data
     expected = weights(uninterrupted.checkpoint)
     for key, value in weights(result.checkpoint).items():
         assert torch.equal(value, expected[key]), key
 
 
-@pytest.mark.xfail(strict=False, reason="unverified: failed or not reached in the last full run under heavy load; see the closing note")
 def test_interrupted_run_resumes_under_the_same_name(catalogue_config, uninterrupted):
     exp = experiment(catalogue_config, "interrupted", epochs=2, deterministic=True, checkpoint_every_steps=6,
                      debug_crash_at_step=25, max_failures=0)

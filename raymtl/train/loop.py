@@ -37,7 +37,8 @@ from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma, make_accumulator
 from raymtl.train.optim import build_lr_schedule, build_optimizer
 from raymtl.train.report import RunFiles, epoch_row
-from raymtl.tune.affinity import AffinityTracker, lookahead_affinity
+from raymtl.train.timing import StepTimer
+from raymtl.tune.affinity import AffinityTracker, lookahead_affinity, optimizer_update
 
 CRASH_MARKER = ".debug_crash_done"
 
@@ -149,9 +150,14 @@ def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo],
     return results
 
 
-def measure_affinity(model, batches, losses, lr: float, tracker: AffinityTracker) -> None:
-    """One lookahead affinity measurement on each task's latest batch, averaged over ranks."""
-    tasks, z = lookahead_affinity(model, {t: batches[t] for t in tracker.tasks}, losses, lr)
+def measure_affinity(model, batches, losses, optimizer, tracker: AffinityTracker) -> None:
+    """One lookahead affinity measurement on each task's latest batch, averaged over ranks.
+
+    The lookahead step is the optimizer's own update for each task's gradient at its current lr.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    update = optimizer_update(optimizer, model)
+    tasks, z = lookahead_affinity(model, {t: batches[t] for t in tracker.tasks}, losses, lr, update=update)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     tracker.update(all_reduce_sum(z.float()).double() / world)
 
@@ -236,8 +242,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
         all_steps = schedule.steps()
         data = TaskBatches(exp, batches, epoch, consumed_batches(all_steps[: position.step]), device)
+        timer = StepTimer()
         for task in all_steps[position.step :]:
+            timer.begin()
             batch = data.next(task)
+            timer.fetched()
             position.step += 1
             if batch is None:
                 continue
@@ -251,11 +260,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             lr_schedule.after_step()
             ewma[task].update(loss.item())
+            timer.done(task, len(batch["label"]))
             position.global_step += 1
             if affinity is not None:
                 last_batches[task] = batch
                 if position.global_step % tr.affinity_every_steps == 0 and len(last_batches) == len(infos):
-                    measure_affinity(model, last_batches, losses, optimizer.param_groups[0]["lr"], affinity)
+                    measure_affinity(model, last_batches, losses, optimizer, affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task].value)
             _maybe_crash(exp, run_dir, position.global_step)
@@ -267,6 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             files.log_affinity(affinity)
         val = evaluate(model, exp, infos, device)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
+        row.update(timer.metrics(world))
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
         _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files)

@@ -60,6 +60,9 @@ def _compact(row: dict) -> dict:
     for key, name in (("val/mean_loss", "mean loss"), ("val/mean_score", "mean score")):
         if key in row:
             out[name] = row[key]
+    if "perf/samples_per_s" in row:
+        out["samples/s"] = f"{row['perf/samples_per_s']:.1f}"
+        out["data wait"] = f"{100 * row['perf/data_wait_fraction']:.1f}%"
     return out
 
 

@@ -62,6 +62,19 @@ def with_base_labels(exp: Experiment) -> Experiment:
     return dataclasses.replace(exp, tasks=tasks)
 
 
+def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
+    """Everything checked before Ray starts: the experiment (with the base's label maps) and its tasks.
+
+    Files, columns, labels, that every task fills a batch, and that `model.base` / `init_from` load.
+    """
+    exp = with_base_labels(exp)
+    infos = inspect_tasks(exp)
+    check_schedule(exp, infos)
+    if exp.model.base or exp.model.init_from:
+        build_model(exp, infos)
+    return exp, infos
+
+
 def for_workers(exp: Experiment) -> Experiment:
     """The experiment without its source tables: workers read Ray Datasets, not the sources."""
     return dataclasses.replace(exp, tasks=[dataclasses.replace(t, train=None, validation=None) for t in exp.tasks])
@@ -119,11 +132,7 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
     """
     from ray.train import TrainingFailedError
 
-    exp = with_base_labels(exp)
-    infos = inspect_tasks(exp)
-    check_schedule(exp, infos)
-    if exp.model.base or exp.model.init_from:
-        build_model(exp, infos)  # base / parts problems surface here, before Ray starts
+    exp, infos = prepare(exp)
     ensure_ray(address)
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
     try:

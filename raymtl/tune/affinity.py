@@ -9,6 +9,11 @@ are the stepping task, columns the task that is affected. Because every task has
 each task's loss is measured on its own batch. The measurement is side-effect free: the lookahead
 parameters live in a dict passed to `torch.func.functional_call`; the model and optimizer are never
 written to, so it can run inside the training loop between two steps.
+
+The paper's step is the optimizer's update for g_i alone. With SGD that is lr * g_i. With Adam it is
+lr * g_i / (sqrt(v) + eps), v the second moment after taking in g_i: a raw-gradient step at an Adam
+learning rate (~1e-3) moves the weights far less than Adam does, and the measured Z is then noise.
+`optimizer_update` gives that map for the optimizers raymtl builds.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Update = Callable[[str, Tensor], Tensor]  # (parameter name, gradient) -> step direction before lr
 _EPS = 1e-12  # a zero loss before the step leaves nothing to improve: Z is then 1 - after / eps
 
 
@@ -41,11 +47,13 @@ def lookahead_affinity(
     losses: Mapping[str, LossFn],
     lr: float,
     shared: Sequence[str] | None = None,
+    update: Update | None = None,
 ) -> tuple[list[str], Tensor]:
     """(tasks, Z [T, T]) for the tasks of `batches` (in its order); Z[i, j] as in the module doc.
 
     `losses[task](logits, batch["label"])` is the task's unweighted loss; `shared` names the
     parameters that take the lookahead step (default: `shared_parameter_names`). Heads stay put.
+    `update(name, g)` turns a gradient into the step direction (default: g itself, plain SGD).
     Costs T forward+backward passes and T^2 forward passes; the model is left bit-identical.
     Pass the bare model, not its DDP wrapper: the measurement is local to one rank.
     """
@@ -62,7 +70,7 @@ def lookahead_affinity(
         for task in tasks:
             loss = _task_loss(model, theta, batches[task], task, losses[task])
             grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-            steps[task] = {n: g for n, g in zip(names, grads) if g is not None}
+            steps[task] = {n: update(n, g) if update else g for n, g in zip(names, grads) if g is not None}
             before[task] = loss.detach().double()
         with torch.no_grad():
             for i, source in enumerate(tasks):
@@ -71,6 +79,33 @@ def lookahead_affinity(
                     after = _task_loss(model, moved, batches[target], target, losses[target]).double()
                     z[i, j] = 1.0 - after / before[target].clamp_min(_EPS)
     return tasks, z
+
+
+def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Update | None:
+    """The lookahead step direction of `optimizer` (see the module doc); None for plain gradients.
+
+    Adam/AdamW: g / (sqrt(v_hat) + eps) with v_hat = (b2 * v + (1 - b2) * g^2) / (1 - b2^(t+1)), v and
+    t the parameter's state (zero before its first step), i.e. Adam's next update for g without its
+    momentum: momentum is shared by all tasks and would hide how they differ. Weight decay is left out
+    for the same reason. SGD (momentum or not): None.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return None
+    by_param = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    params = {n: p for n, p in model.named_parameters() if id(p) in by_param}
+
+    def update(name: str, grad: Tensor) -> Tensor:
+        p = params.get(name)
+        if p is None:  # not optimized (frozen): the optimizer would not move it
+            return torch.zeros_like(grad)
+        group, state = by_param[id(p)], optimizer.state.get(p, {})
+        _, beta2 = group["betas"]
+        t = float(state["step"]) if "step" in state else 0.0
+        v = state.get("exp_avg_sq")
+        v = (1 - beta2) * grad.square() if v is None else beta2 * v + (1 - beta2) * grad.square()
+        return grad / ((v / (1 - beta2 ** (t + 1))).sqrt() + group["eps"])
+
+    return update
 
 
 def _task_loss(

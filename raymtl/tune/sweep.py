@@ -33,11 +33,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import torch
-import yaml
 
 from raymtl import storage
-from raymtl.config import ConfigError, Experiment, _Loader, from_dict
-from raymtl.data.tables import TaskInfo, inspect_tasks
+from raymtl.config import ConfigError, Experiment, from_dict, read_config
+from raymtl.data.tables import TaskInfo
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import AFFINITY_FILE, read_history
 from raymtl.tune.groupings import Grouping, baseline_groupings, best_groupings, score_partition
@@ -177,19 +176,12 @@ def _check_asha(asha: AshaSpec | None) -> None:
 
 def load_sweep(path: str | Path) -> tuple[Experiment, SweepSpec]:
     """The experiment and its `sweep:` section from one YAML file, both checked before Ray starts."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(raw, dict) or "sweep" not in raw:
+    raw = read_config(path)
+    if "sweep" not in raw:
         raise ConfigError(f"{path}: a sweep config needs a top-level `sweep:` section")
-    sweep_raw = raw.pop("sweep") or {}
     try:
-        exp = from_dict(Experiment, raw, "").validate()
-        spec = from_dict(SweepSpec, sweep_raw, "sweep").validate(exp)
+        exp = from_dict(Experiment, {k: v for k, v in raw.items() if k != "sweep"}, "").validate()
+        spec = from_dict(SweepSpec, raw["sweep"] or {}, "sweep").validate(exp)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return exp, spec
@@ -446,10 +438,10 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
     Re-running the same sweep resumes it: the search result is reused, finished trials are kept,
     unfinished and failed ones continue from their latest checkpoint.
     """
-    from raymtl.train.trainer import check_schedule, ensure_ray
+    from raymtl.train.trainer import check_schedule, ensure_ray, prepare
 
     spec.validate(exp)
-    infos = inspect_tasks(exp)
+    exp, infos = prepare(exp)
     for where, variant in spec.variants(exp):
         try:
             check_schedule(variant, infos)

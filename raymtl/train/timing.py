@@ -1,0 +1,49 @@
+"""Where an epoch's training time goes: waiting for batches vs computing on them.
+
+Ray Data feeds each task's steps from its own stream; when a stream falls behind, the loop waits.
+`StepTimer` measures that wait per step so a run reports it (`perf/data_wait_fraction`) instead of
+leaving it to guesswork. The first batch of each task in an epoch waits for its stream to start and
+is counted apart (`perf/first_batch_wait_s`), so the fraction describes the steady state.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class StepTimer:
+    """Per-epoch wait and step times of this rank: call `fetched()` after getting a batch, `done()` after the step."""
+
+    def __init__(self) -> None:
+        self.started: set[str] = set()
+        self.first_wait = self.wait = self.busy = 0.0
+        self.samples = 0
+        self._start = self._got = 0.0
+
+    def begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def fetched(self) -> None:
+        self._got = time.perf_counter()
+
+    def done(self, task: str, samples: int) -> None:
+        end = time.perf_counter()
+        wait = self._got - self._start
+        if task in self.started:
+            self.wait += wait
+            self.busy += end - self._got
+            self.samples += samples
+        else:
+            self.started.add(task)
+            self.first_wait += wait
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        """`perf/*` values of this rank's epoch (steady state; samples/s scaled to all ranks)."""
+        total = self.wait + self.busy
+        if not total:
+            return {"perf/first_batch_wait_s": self.first_wait}
+        return {
+            "perf/data_wait_fraction": self.wait / total,
+            "perf/first_batch_wait_s": self.first_wait,
+            "perf/samples_per_s": world_size * self.samples / total,
+        }
