@@ -68,6 +68,7 @@ class DataSpec:
     max_length: int = 64
     skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
     shuffle_buffer: int = 256  # per-epoch local shuffle buffer (rows), 0 = no shuffle
+    cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
 
 
 @dataclass
@@ -123,6 +124,7 @@ class TrainingSpec:
     max_failures: int = 0
     ewma_alpha: float = 0.1
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
+    affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
     collective_timeout_s: int = 1800
     deterministic: bool = False
     debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
@@ -325,7 +327,8 @@ def _validate(exp: Experiment) -> None:
     if m.image_backbone is not None:
         _choice(m.image_backbone, IMAGE_BACKBONES, "model.image_backbone")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
-    for key in ("epochs", "batch_size", "num_workers", "eval_batch_size"):
+    _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
+    for key in ("epochs", "batch_size", "num_workers", "eval_batch_size", "affinity_rows"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"training.{key}: must be >= 1, got {getattr(tr, key)}")
     if tr.temperature <= 0:

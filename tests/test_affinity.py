@@ -14,6 +14,7 @@ from raymtl.models.multitask import MultiTaskModel
 from raymtl.tune.affinity import (
     AffinityTracker,
     CELL,
+    RecentRows,
     lookahead_affinity,
     optimizer_update,
     plot_heatmap,
@@ -143,6 +144,18 @@ def test_adam_lookahead_does_not_depend_on_the_gradients_scale():
     torch.testing.assert_close(adam_scaled, adam, rtol=1e-2, atol=2e-5)  # float32 losses
     assert raw_scaled.abs().max() < 1e-2 * raw.abs().max()  # ~1e-3 of it, below float32's resolution of Z
     assert (adam.diagonal() > 0).all()  # a task's own step lowers its own loss
+
+
+def test_recent_rows_keep_each_tasks_latest_rows_across_batches():
+    recent = RecentRows(rows=5)
+    for start in (0, 3, 6):  # batches of 3 rows: 0-2, 3-5, 6-8
+        recent.add("a", {"x": torch.arange(start, start + 3), "label": torch.arange(start, start + 3)})
+    assert not recent.has(["a", "b"])
+    recent.add("b", {"x": torch.tensor([9, 10]), "label": torch.tensor([1, 0])})
+    assert recent.has(["a", "b"])
+    assert recent.get("a")["x"].tolist() == [4, 5, 6, 7, 8] == recent.get("a")["label"].tolist()
+    assert len(recent.batches["a"]) == 2  # the first batch is no longer needed
+    assert recent.get("b")["x"].tolist() == [9, 10]  # fewer rows than asked: what there is
 
 
 def test_real_multitask_model_untouched():

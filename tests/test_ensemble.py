@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import pytest
 import torch
@@ -66,6 +67,20 @@ def test_save_load_predict_gives_identical_outputs(tmp_path):
     b = batch()
     for task in ("color", "season"):
         assert torch.equal(model(b, task), saved.model(b, task))
+
+
+def test_a_uri_loads_into_a_folder_of_its_own_and_map_location_moves_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    exp = experiment(["color"])
+    model = build_model(exp, {"color": info("color")}).eval()
+    uri = save(model, exp, tmp_path / "m").resolve().as_uri()  # file://...: copied as s3:// would be
+    first, second = load(uri), load(uri)
+    copies = sorted((tmp_path / "tmp" / "raymtl_models").iterdir())
+    assert len(copies) == 2 and all((c / "model.safetensors").is_file() for c in copies)  # no shared folder
+    b = batch()
+    assert torch.equal(first.model(b, "color"), model(b, "color"))
+    assert torch.equal(second.model(b, "color"), model(b, "color"))
+    assert {p.device.type for p in load(tmp_path / "m", map_location="meta").model.parameters()} == {"meta"}
 
 
 def test_growing_a_saved_model_keeps_its_tasks_and_adds_heads(tmp_path):

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import ray
+from ray.data.dataset import MaterializedDataset
 from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
-from raymtl.data.datasets import build_datasets, dataset_key
+from raymtl.data.datasets import build_datasets, dataset_key, decoded_nbytes, should_cache
 from raymtl.data.tables import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
 
@@ -162,3 +164,31 @@ def test_build_datasets_streams_every_task_split_through_ray(ray_cluster, images
     assert len(batches) == 1 and set(batches[0]) == {"label", "view_full"}
     assert tuple(batches[0]["view_full"].shape) == (3, 3, SIZE, SIZE)
     assert sorted(batches[0]["label"].sum(dim=1).tolist()) == [0.0, 1.0, 2.0]
+
+
+def test_cached_datasets_hold_the_same_rows_decoded_once(ray_cluster, images):
+    exp = Experiment(
+        name="cache",
+        tasks=[TaskSpec("color", train=_table(images, ["a", "b", "a"]), image_column="image", id_column="id")],
+        data=DataSpec(image_size=SIZE),
+    )
+    infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 3, 0, has_image=True, has_text=False)}
+    key = dataset_key("color", "train")
+    streamed, cached = build_datasets(exp, infos)[key], build_datasets(exp, infos, cache=True)[key]
+    assert isinstance(cached, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
+    a, b = (sorted(ds.take_all(), key=lambda r: r["id"]) for ds in (streamed, cached))
+    assert [r["id"] for r in a] == [r["id"] for r in b] == ["10", "11", "12"]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["view_full"], y["view_full"])
+
+
+@pytest.mark.parametrize("mode, store, expected", [
+    ("always", 0, True), ("never", 1e12, False), ("auto", 1e12, True), ("auto", 1e3, False),
+])
+def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_the_object_store(monkeypatch, mode, store, expected):
+    exp = Experiment(name="c", tasks=[TaskSpec("color", train="x.parquet", image_column="image")],
+                     data=DataSpec(image_size=SIZE, cache=mode))
+    infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 2, has_image=True, has_text=False)}
+    assert decoded_nbytes(exp, infos) == 12 * (4 * 3 * SIZE * SIZE + 64)  # rows x float32 CHW view + overhead
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": store})
+    assert should_cache(exp, infos) is expected

@@ -19,21 +19,27 @@ def test_step_timer_splits_wait_from_compute_and_counts_first_batches_apart(monk
         timer.fetched()
         timer.done(task, samples=8)
     # steady steps: waits 0.5 + 0.5, computes 2 + 2; first batches waited 5 + 3
-    assert timer.metrics(world_size=2) == {
+    assert timer.metrics(world_size=2, epoch_s=20.0, eval_s=4.0) == {
         "perf/data_wait_fraction": pytest.approx(1 / 5),
         "perf/first_batch_wait_s": pytest.approx(8.0),
         "perf/samples_per_s": pytest.approx(2 * 16 / 5),
+        "perf/epoch_s": 20.0,
+        "perf/eval_s": 4.0,
     }
 
 
-def test_step_timer_without_steady_steps_reports_only_the_start(monkeypatch):
+def test_step_timer_without_steady_steps_reports_the_start_and_the_epoch(monkeypatch):
     clock = itertools.count()
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     timer = StepTimer()
     timer.begin()
-    timer.fetched()
+    timer.streams_started()  # 1 s to open the streams
+    timer.begin()
+    timer.fetched()  # 1 s more for the first batch
     timer.done("a", samples=4)
-    assert timer.metrics(world_size=1) == {"perf/first_batch_wait_s": 1.0}
+    assert timer.metrics(world_size=1, epoch_s=9.0, eval_s=3.0) == {
+        "perf/first_batch_wait_s": 2.0, "perf/epoch_s": 9.0, "perf/eval_s": 3.0,
+    }
 
 
 def test_table_has_a_row_per_epoch_with_task_columns_and_throughput():
@@ -41,13 +47,14 @@ def test_table_has_a_row_per_epoch_with_task_columns_and_throughput():
         {"epoch": 1, "global_step": 4, "val/color/loss": 1.5, "val/color/accuracy": 0.5,
          "val/style/loss": 0.7, "val/style/micro_f1": 0.25, "train/color/loss_ewma": 1.6,
          "val/mean_loss": 1.1, "val/mean_score": 0.375,
-         "perf/samples_per_s": 123.456, "perf/data_wait_fraction": 0.0312, "perf/first_batch_wait_s": 2.0},
+         "perf/samples_per_s": 123.456, "perf/data_wait_fraction": 0.0312, "perf/first_batch_wait_s": 2.0,
+         "perf/epoch_s": 31.25, "perf/eval_s": 3.0},
         {"epoch": 2, "global_step": 8, "val/color/loss": 1.0, "val/color/accuracy": 0.75,
          "val/style/loss": 0.5, "val/style/micro_f1": 0.5, "val/mean_loss": 0.75, "val/mean_score": 0.625},
     ]
     header, rule, first, second = format_history(history).splitlines()
     assert [c.strip() for c in header.split("  ") if c.strip()] == [
-        "epoch", "color loss", "color acc", "style loss", "style f1", "mean loss", "mean score", "samples/s", "data wait",
+        "epoch", "color loss", "color acc", "style loss", "style f1", "mean loss", "mean score", "samples/s", "data wait", "epoch s",
     ]
-    assert first.split() == ["1", "1.5000", "0.5000", "0.7000", "0.2500", "1.1000", "0.3750", "123.5", "3.1%"]
-    assert second.split() == ["2", "1.0000", "0.7500", "0.5000", "0.5000", "0.7500", "0.6250", "-", "-"]
+    assert first.split() == ["1", "1.5000", "0.5000", "0.7000", "0.2500", "1.1000", "0.3750", "123.5", "3.1%", "31.2"]
+    assert second.split() == ["2", "1.0000", "0.7500", "0.5000", "0.5000", "0.7500", "0.6250", "-", "-", "-"]

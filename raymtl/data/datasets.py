@@ -18,6 +18,7 @@ SPLITS = ("train", "val")
 # target and memory flat on a laptop; clamped so tiny rows still amortise per-call overhead.
 _TARGET_BATCH_BYTES = 32 << 20
 _MIN_BATCH, _MAX_BATCH = 8, 1024
+_CACHE_SHARE = 0.25  # data.cache "auto": cache when the decoded inputs fit in this share of the object store
 
 
 def dataset_key(task: str, split: str) -> str:
@@ -42,11 +43,12 @@ def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Datas
 
 
 def build_datasets(
-    exp: Experiment, infos: dict[str, TaskInfo], splits: tuple[str, ...] = SPLITS
+    exp: Experiment, infos: dict[str, TaskInfo], splits: tuple[str, ...] = SPLITS, cache: bool = False
 ) -> dict[str, ray.data.Dataset]:
     """`{dataset_key(task, split): Dataset}` of model inputs, lazily streamed; "val" only where set.
 
-    Bad images fail the job unless `data.skip_bad_images`, which drops and counts them.
+    Bad images fail the job unless `data.skip_bad_images`, which drops and counts them. With
+    `cache` the inputs are decoded now, once, and kept in the object store (see `should_cache`).
     """
     on_bad = "skip" if exp.data.skip_bad_images else "raise"
     datasets = {}
@@ -56,8 +58,7 @@ def build_datasets(
             source = task.train if split == "train" else task.validation
             if source is None:
                 continue
-            ds = read_source(source, prep.input_columns)
-            datasets[dataset_key(task.name, split)] = ds.map_batches(
+            ds = read_source(source, prep.input_columns).map_batches(
                 prep,
                 batch_format="pandas",
                 batch_size=_batch_size(prep),
@@ -65,7 +66,29 @@ def build_datasets(
                 num_cpus=1,
                 udf_modifying_row_count=on_bad == "skip",
             )
+            datasets[dataset_key(task.name, split)] = ds.materialize() if cache else ds
     return datasets
+
+
+def decoded_nbytes(exp: Experiment, infos: dict[str, TaskInfo]) -> int:
+    """Estimated size of every task's decoded model inputs (train + validation)."""
+    return sum(
+        (infos[t.name].n_train + infos[t.name].n_val) * Preprocessor(t, infos[t.name], exp.data).row_nbytes
+        for t in exp.tasks
+    )
+
+
+def should_cache(exp: Experiment, infos: dict[str, TaskInfo]) -> bool:
+    """Whether to decode once and keep the inputs for every epoch (`data.cache`).
+
+    Preprocessing is deterministic, so each epoch would decode the very same inputs again, and
+    every task's stream costs seconds to start, per epoch. "auto" keeps them when they take at
+    most a quarter of the cluster's object store; larger data streams.
+    """
+    if exp.data.cache != "auto":
+        return exp.data.cache == "always"
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return decoded_nbytes(exp, infos) <= _CACHE_SHARE * store
 
 
 def _batch_size(prep: Preprocessor) -> int:

@@ -99,10 +99,15 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedModel:
-    """Rebuild a saved model (eval mode) and its preprocessing spec from a model folder."""
+    """Rebuild a saved model (eval mode, on `map_location`) and its preprocessing spec from a model folder.
+
+    A URI (s3://, gs://, ...) is copied into a fresh local folder of its own on every call, so
+    several loaders on one node (prediction actors) never write into each other's copy.
+    """
     from raymtl import storage
 
-    folder = Path(storage.download_dir(str(folder), _cache_dir(str(folder))))
+    src = str(folder)
+    folder = Path(storage.download_dir(src, _fresh_dir()) if storage.is_uri(src) else storage.resolve(src)[1])
     meta = read_meta(folder)
     infos = {name: TaskInfo(**d) for name, d in meta["tasks"].items()}
     data = from_dict(DataSpec, meta["data"], "data")
@@ -110,13 +115,14 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedM
         data.tokenizer = str(folder / TOKENIZER_DIR)
     spec = from_dict(ModelSpec, meta["model"], "model")
     model = MultiTaskModel(spec, infos, [v.name for v in data.views], meta["groups"])
-    load_safetensors(model, str(folder / WEIGHTS_FILE), device=str(map_location))
-    model.eval()
+    load_safetensors(model, str(folder / WEIGHTS_FILE))
+    model.to(map_location).eval()
     return SavedModel(model, data, model.infos, meta["groups"], meta["experiment"])
 
 
-def _cache_dir(uri: str) -> str:
-    import hashlib
+def _fresh_dir() -> str:
     import tempfile
 
-    return str(Path(tempfile.gettempdir()) / "raymtl_models" / hashlib.sha1(uri.encode()).hexdigest()[:16])
+    root = Path(tempfile.gettempdir()) / "raymtl_models"
+    root.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(dir=root)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import tempfile
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ from raymtl.train.metrics import Ewma, make_accumulator
 from raymtl.train.optim import build_lr_schedule, build_optimizer
 from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
-from raymtl.tune.affinity import AffinityTracker, lookahead_affinity, optimizer_update
+from raymtl.tune.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
 
 CRASH_MARKER = ".debug_crash_done"
 
@@ -82,15 +85,15 @@ class TaskBatches:
     def __init__(self, exp: Experiment, batches: dict[str, int], epoch: int, consumed: dict[str, int], device):
         self.exp, self.batches, self.epoch, self.device = exp, batches, epoch, device
         self.passes = {t: consumed.get(t, 0) // n for t, n in batches.items()}
-        self.iters: dict[str, Iterator] = {}
+        self.iters: dict[str, Iterator] = started({t: self._open(t) for t in batches})
         for task, count in consumed.items():
             for _ in range(count % batches[task]):
                 self._next_raw(task)
 
-    def _open(self, task: str) -> Iterator:
+    def _open(self, task: str) -> Iterable:
         shard = ray.train.get_dataset_shard(dataset_key(task, "train"))
         buffer = self.exp.data.shuffle_buffer or None
-        return iter(
+        return (
             shard.iter_batches(
                 batch_size=self.exp.training.batch_size,
                 batch_format="numpy",
@@ -101,8 +104,6 @@ class TaskBatches:
         )
 
     def _next_raw(self, task: str) -> dict[str, np.ndarray] | None:
-        if task not in self.iters:
-            self.iters[task] = self._open(task)
         return next(self.iters[task], None)
 
     def next(self, task: str) -> dict[str, torch.Tensor] | None:
@@ -110,9 +111,27 @@ class TaskBatches:
         batch = self._next_raw(task)
         if batch is None and self.exp.training.sampler != "shuffled":
             self.passes[task] += 1
-            self.iters[task] = self._open(task)
+            self.iters[task] = iter(self._open(task))
             batch = self._next_raw(task)
         return None if batch is None else to_model_batch(batch, self.device)
+
+
+def started(streams: dict[str, Iterable]) -> dict[str, Iterator]:
+    """Iterators over `streams` whose first items were all asked for at once.
+
+    A Ray Data stream starts executing only when its first batch is requested, which takes a
+    second or more (scheduling its read and decode tasks). Requesting every task's first batch
+    together overlaps those starts instead of paying them one after another at each task's first
+    step. Every rank still consumes each stream in the same order afterwards.
+    """
+    iters = {name: iter(s) for name, s in streams.items()}
+
+    def first(it: Iterator) -> list:
+        return list(itertools.islice(it, 1))
+
+    with ThreadPoolExecutor(max_workers=max(1, len(iters)), thread_name_prefix="raymtl-start") as pool:
+        heads = dict(zip(iters, pool.map(first, iters.values())))
+    return {name: itertools.chain(heads[name], it) for name, it in iters.items()}
 
 
 def consumed_batches(steps_done: list[str]) -> dict[str, int]:
@@ -133,14 +152,18 @@ def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo],
     """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
     model.eval()
     results = {}
-    for name, info in infos.items():
-        if info.n_val == 0:
-            continue
-        task = exp.task(name)
+    streams = started({
+        name: ray.train.get_dataset_shard(dataset_key(name, "val")).iter_batches(
+            batch_size=exp.training.eval_batch_size, batch_format="numpy"
+        )
+        for name, info in infos.items()
+        if info.n_val
+    })
+    for name, stream in streams.items():
+        info, task = infos[name], exp.task(name)
         acc = make_accumulator(info, task.threshold)
         loss_fn = task_loss(task, info)
-        shard = ray.train.get_dataset_shard(dataset_key(name, "val"))
-        for raw in shard.iter_batches(batch_size=exp.training.eval_batch_size, batch_format="numpy"):
+        for raw in stream:
             batch = to_model_batch(raw, device)
             logits = model(batch, name).float()
             acc.update(logits, batch["label"], loss_fn(logits, batch["label"]).item() * len(logits))
@@ -150,14 +173,14 @@ def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo],
     return results
 
 
-def measure_affinity(model, batches, losses, optimizer, tracker: AffinityTracker) -> None:
-    """One lookahead affinity measurement on each task's latest batch, averaged over ranks.
+def measure_affinity(model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker) -> None:
+    """One lookahead affinity measurement on each task's latest rows, averaged over ranks.
 
     The lookahead step is the optimizer's own update for each task's gradient at its current lr.
     """
     lr = optimizer.param_groups[0]["lr"]
     update = optimizer_update(optimizer, model)
-    tasks, z = lookahead_affinity(model, {t: batches[t] for t in tracker.tasks}, losses, lr, update=update)
+    tasks, z = lookahead_affinity(model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     tracker.update(all_reduce_sum(z.float()).double() / world)
 
@@ -213,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ewma = {name: Ewma(tr.ewma_alpha) for name in infos}
     position = Position()
     affinity = AffinityTracker(sorted(infos)) if tr.affinity_every_steps else None
-    last_batches: dict[str, dict[str, torch.Tensor]] = {}
+    recent = RecentRows(tr.affinity_rows)
     stages = stages_of(exp)
     batches = batches_per_epoch(infos, tr.batch_size, world)
     files = RunFiles(run_dir) if rank == 0 else None
@@ -241,8 +264,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
         all_steps = schedule.steps()
-        data = TaskBatches(exp, batches, epoch, consumed_batches(all_steps[: position.step]), device)
         timer = StepTimer()
+        timer.begin()
+        epoch_start = time.perf_counter()
+        data = TaskBatches(exp, batches, epoch, consumed_batches(all_steps[: position.step]), device)
+        timer.streams_started()
         for task in all_steps[position.step :]:
             timer.begin()
             batch = data.next(task)
@@ -263,9 +289,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             timer.done(task, len(batch["label"]))
             position.global_step += 1
             if affinity is not None:
-                last_batches[task] = batch
-                if position.global_step % tr.affinity_every_steps == 0 and len(last_batches) == len(infos):
-                    measure_affinity(model, last_batches, losses, optimizer, affinity)
+                recent.add(task, batch)
+                if position.global_step % tr.affinity_every_steps == 0 and recent.has(affinity.tasks):
+                    measure_affinity(model, recent, losses, optimizer, affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task].value)
             _maybe_crash(exp, run_dir, position.global_step)
@@ -275,9 +301,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
+        eval_start = time.perf_counter()
         val = evaluate(model, exp, infos, device)
+        end = time.perf_counter()
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
-        row.update(timer.metrics(world))
+        row.update(timer.metrics(world, epoch_s=end - epoch_start, eval_s=end - eval_start))
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
         _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files)

@@ -63,6 +63,8 @@ def _compact(row: dict) -> dict:
     if "perf/samples_per_s" in row:
         out["samples/s"] = f"{row['perf/samples_per_s']:.1f}"
         out["data wait"] = f"{100 * row['perf/data_wait_fraction']:.1f}%"
+    if "perf/epoch_s" in row:
+        out["epoch s"] = f"{row['perf/epoch_s']:.1f}"
     return out
 
 

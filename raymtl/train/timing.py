@@ -4,6 +4,7 @@ Ray Data feeds each task's steps from its own stream; when a stream falls behind
 `StepTimer` measures that wait per step so a run reports it (`perf/data_wait_fraction`) instead of
 leaving it to guesswork. The first batch of each task in an epoch waits for its stream to start and
 is counted apart (`perf/first_batch_wait_s`), so the fraction describes the steady state.
+`perf/epoch_s` and `perf/eval_s` put the steps in proportion to the whole epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class StepTimer:
     def begin(self) -> None:
         self._start = time.perf_counter()
 
+    def streams_started(self) -> None:
+        """After opening the epoch's task streams (their first batches asked for at once)."""
+        self.first_wait += time.perf_counter() - self._start
+
     def fetched(self) -> None:
         self._got = time.perf_counter()
 
@@ -37,13 +42,11 @@ class StepTimer:
             self.started.add(task)
             self.first_wait += wait
 
-    def metrics(self, world_size: int) -> dict[str, float]:
+    def metrics(self, world_size: int, epoch_s: float, eval_s: float) -> dict[str, float]:
         """`perf/*` values of this rank's epoch (steady state; samples/s scaled to all ranks)."""
+        out = {"perf/first_batch_wait_s": self.first_wait, "perf/epoch_s": epoch_s, "perf/eval_s": eval_s}
         total = self.wait + self.busy
-        if not total:
-            return {"perf/first_batch_wait_s": self.first_wait}
-        return {
-            "perf/data_wait_fraction": self.wait / total,
-            "perf/first_batch_wait_s": self.first_wait,
-            "perf/samples_per_s": world_size * self.samples / total,
-        }
+        if total:
+            out["perf/data_wait_fraction"] = self.wait / total
+            out["perf/samples_per_s"] = world_size * self.samples / total
+        return out

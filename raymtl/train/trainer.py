@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,6 @@ from raymtl.models.build import base_label_maps, build_model
 from raymtl.train.loop import batches_per_epoch, train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,7 +85,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
 
     import ray.data
 
-    from raymtl.data.datasets import build_datasets
+    from raymtl.data.datasets import build_datasets, decoded_nbytes, should_cache
 
     tr = exp.training
     storage_path = storage.normalize(exp.storage_path)
@@ -95,6 +93,10 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     ray.data.DataContext.get_current().enable_progress_bars = False
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same data order on every run: exact resume
+    cache = should_cache(exp, infos)
+    if cache:
+        print(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{decoded_nbytes(exp, infos) / 2**20:.0f} MB), "
+              "kept in the object store for every epoch (data.cache)", flush=True)
     has_val = any(i.n_val for i in infos.values())
     score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
     run_config = RunConfig(
@@ -119,7 +121,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
             num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
-        datasets=build_datasets(exp, infos),
+        datasets=build_datasets(exp, infos, cache=cache),
         dataset_config=DataConfig(execution_options=ingest),
         run_config=run_config,
     )

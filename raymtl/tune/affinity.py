@@ -10,10 +10,10 @@ each task's loss is measured on its own batch. The measurement is side-effect fr
 parameters live in a dict passed to `torch.func.functional_call`; the model and optimizer are never
 written to, so it can run inside the training loop between two steps.
 
-The paper's step is the optimizer's update for g_i alone. With SGD that is lr * g_i. With Adam it is
-lr * g_i / (sqrt(v) + eps), v the second moment after taking in g_i: a raw-gradient step at an Adam
-learning rate (~1e-3) moves the weights far less than Adam does, and the measured Z is then noise.
-`optimizer_update` gives that map for the optimizers raymtl builds.
+The paper's step is the optimizer's update for g_i. With SGD that is lr * g_i. With Adam it is the
+share of Adam's next update that g_i makes, ~ lr * (1 - b1) * g_i / (sqrt(v) + eps): a raw-gradient
+step at an Adam learning rate (~1e-3) moves the weights far less than Adam does, and the measured Z
+is then noise. `optimizer_update` gives that map for the optimizers raymtl builds.
 """
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def lookahead_affinity(
 def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Update | None:
     """The lookahead step direction of `optimizer` (see the module doc); None for plain gradients.
 
-    Adam/AdamW: g / (sqrt(v_hat) + eps) with v_hat = (b2 * v + (1 - b2) * g^2) / (1 - b2^(t+1)), v and
-    t the parameter's state (zero before its first step), i.e. Adam's next update for g without its
-    momentum: momentum is shared by all tasks and would hide how they differ. Weight decay is left out
-    for the same reason. SGD (momentum or not): None.
+    Adam/AdamW: the part of Adam's next update that g itself makes,
+    (1 - b1) / (1 - b1^(t+1)) * g / (sqrt(v_hat) + eps), v_hat = (b2 * v + (1 - b2) * g^2) / (1 - b2^(t+1)),
+    with v and t the parameter's state (zero before its first step). The rest of the update, the
+    momentum, is the same whichever task steps, and weight decay too: they would only hide how the
+    tasks differ. SGD (momentum or not): None.
     """
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return None
@@ -99,13 +100,40 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         if p is None:  # not optimized (frozen): the optimizer would not move it
             return torch.zeros_like(grad)
         group, state = by_param[id(p)], optimizer.state.get(p, {})
-        _, beta2 = group["betas"]
+        beta1, beta2 = group["betas"]
         t = float(state["step"]) if "step" in state else 0.0
         v = state.get("exp_avg_sq")
         v = (1 - beta2) * grad.square() if v is None else beta2 * v + (1 - beta2) * grad.square()
-        return grad / ((v / (1 - beta2 ** (t + 1))).sqrt() + group["eps"])
+        share = (1 - beta1) / (1 - beta1 ** (t + 1))
+        return share * grad / ((v / (1 - beta2 ** (t + 1))).sqrt() + group["eps"])
 
     return update
+
+
+class RecentRows:
+    """Each task's latest training rows (its last few batches), `rows` of them, to measure Z on.
+
+    A training batch alone (16 rows, say) makes Z mostly noise: one batch's loss moves by more
+    under any step than the effect measured. Keeping the last ~64 rows per task costs nothing extra
+    to read, only the measurement's forward passes grow.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.batches: dict[str, list[Mapping[str, Tensor]]] = {}
+
+    def add(self, task: str, batch: Mapping[str, Tensor]) -> None:
+        kept = [*self.batches.get(task, []), batch]
+        while len(kept) > 1 and sum(len(b["label"]) for b in kept[1:]) >= self.rows:
+            kept.pop(0)
+        self.batches[task] = kept
+
+    def has(self, tasks: Sequence[str]) -> bool:
+        return all(t in self.batches for t in tasks)
+
+    def get(self, task: str) -> dict[str, Tensor]:
+        kept = self.batches[task]
+        return {k: torch.cat([b[k] for b in kept])[-self.rows :] for k in kept[0]}
 
 
 def _task_loss(
