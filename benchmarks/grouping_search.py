@@ -67,17 +67,18 @@ def per_grouping(result: SweepResult) -> dict[str, dict[str, float]]:
             for name, values in out.items()}
 
 
-def costs(result: SweepResult, pair_s: float, steps_all: int, n_tasks: int, every: int) -> dict[str, float]:
+def costs(result: SweepResult, pair_s: float, steps_all: int, n_tasks: int, every: int, rows_per_batch: float) -> dict[str, float]:
     """Search vs one all-in-one training vs pairwise search, in wall seconds and in gradient steps.
 
     Pairwise trains T(T-1)/2 pairs, each on 2/T of the all-in-one steps: (T-1) all-in-one trainings
     of steps. The search run is one all-in-one training plus, every `every` steps, T lookahead
-    gradients and T^2 forward passes (a forward pass counted as a third of a step).
+    gradients and T^2 forward passes (a forward pass counted as a third of a step), each on
+    `affinity_rows` rows, i.e. `rows_per_batch` training batches.
     """
     pairs = n_tasks * (n_tasks - 1) // 2
     one_group = [t.wall_s for t in result.trials if t.config["grouping"] == "one_group"]
     all_in_one_s = statistics.mean(one_group)
-    lookahead = steps_all / every * (n_tasks + n_tasks**2 / 3)
+    lookahead = steps_all / every * (n_tasks + n_tasks**2 / 3) * rows_per_batch
     return {
         "search_s": result.search_s,
         "all_in_one_s": all_in_one_s,
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         "chosen_is_planted": {frozenset(g) for g in chosen.groups.values()} == planted,
         "top_score_is_planted": {frozenset(g) for g in top.groups.values()} == planted,
         "planted_score": score_partition([list(c) for c in clusters], z, tasks),
-        "cost": costs(result, pair_s, steps_all, len(exp.tasks), args.every) | {"sweep_wall_s": sweep_s},
+        "cost": costs(result, pair_s, steps_all, len(exp.tasks), args.every,
+                       exp.training.affinity_rows / exp.training.batch_size) | {"sweep_wall_s": sweep_s},
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("per_grouping", "chosen", "chosen_is_planted", "cost")}, indent=2))
