@@ -5,7 +5,8 @@
     ├──────► _Prepare  CPU actors: the training `Preprocessor` (mark mode) once per image column and
     │                  once per text column, however many tasks read it; empty texts marked as bad
     ├──────► _Predict  actor pool (a GPU per actor when the cluster has GPUs), the artifact loaded
-    │                  once per actor; per task one forward pass over the rows whose inputs are good
+    │                  once per actor; per task group (and inputs) one backbone pass over the rows
+    │                  whose inputs are good, then each task's head on its features
     └──────► parquet   one row per item:
 
     id            string                                    the item's id (or image path)
@@ -429,7 +430,7 @@ def _join_errors(errors: list[np.ndarray]) -> np.ndarray:
 
 
 class _Predict:
-    """Model actor: loads the artifact once; per batch and task, one forward pass over good rows."""
+    """Model actor: loads the artifact once; per batch, one backbone pass per task group and inputs."""
 
     def __init__(self, plan: Plan, use_gpu: bool) -> None:
         import torch
@@ -442,26 +443,34 @@ class _Predict:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         columns = {ID: pa.array(batch[ID], pa.string())}
+        features: dict[tuple, object] = {}  # tasks of one group with the same inputs share one pass
         for head in self.heads:
             bad = np.zeros(len(batch[ID]), dtype=bool)
             for i in head.inputs:
                 bad |= batch[f"{i}/{ERROR}"] != ""
-            columns.update(output_columns(head, self._probs(head, batch, ~bad), bad, self.top_k))
+            columns.update(output_columns(head, self._probs(head, batch, ~bad, features), bad, self.top_k))
         errors = batch[ERROR]
         columns[ERROR] = pa.array(errors, pa.string(), mask=errors == "")
         return pa.table(columns)
 
-    def _probs(self, head: Head, batch: dict[str, np.ndarray], good: np.ndarray) -> np.ndarray:
-        """Softmax (multiclass) or sigmoid (multilabel) probabilities; zeros on bad rows."""
+    def _probs(self, head: Head, batch: dict[str, np.ndarray], good: np.ndarray, features: dict) -> np.ndarray:
+        """Softmax (multiclass) or sigmoid (multilabel) probabilities; zeros on bad rows.
+
+        `features` caches the fused features per (feature key, good rows) within one batch.
+        """
         import torch
 
         probs = np.zeros((len(good), len(head.labels)), np.float32)
         if good.any():
-            prefixes = tuple(f"{i}/" for i in head.inputs)
-            inputs = {key.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
-                      for key, value in batch.items() if key.startswith(prefixes) and not key.endswith(f"/{ERROR}")}
+            key = (self.model.feature_key(head.task), good.tobytes())
+            if key not in features:
+                prefixes = tuple(f"{i}/" for i in head.inputs)
+                inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
+                          for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
+                with torch.inference_mode():
+                    features[key] = self.model.features(inputs, head.task)
             with torch.inference_mode():
-                logits = self.model(inputs, head.task).float()
+                logits = self.model.heads[head.task](features[key]).float()
             probs[good] = (logits.softmax(1) if head.kind == "multiclass" else logits.sigmoid()).cpu().numpy()
         return probs
 

@@ -73,6 +73,19 @@ def test_logits_shape_per_task_and_only_needed_towers():
         model.group_of("size")
 
 
+def test_tasks_with_one_feature_key_share_features():
+    """What a predictor relies on to run a group's backbone once for all its tasks."""
+    size = info("size", n=5)  # image only, like color
+    model = build({"a": ["color", "size", "tags"], "b": ["title"]}, tasks=(COLOR, size, TITLE, TAGS)).eval()
+    assert model.feature_key("color") == model.feature_key("size") == ("a", True, False)
+    assert model.feature_key("tags") == ("a", True, True) and model.feature_key("title") == ("b", False, True)
+    b = batch(COLOR)
+    with torch.no_grad():
+        shared = model.features(b, "color")
+        assert torch.equal(model.heads["size"](shared), model(b, "size"))
+        assert torch.equal(model.heads["color"](shared), model(b, "color"))
+
+
 def test_step_on_one_task_leaves_other_group_bit_identical():
     model = build({"a": ["color"], "b": ["title", "tags"]})
     other = [model.image_backbones["b"], model.text_encoder, model.fusion["b"], model.heads["title"], model.heads["tags"]]

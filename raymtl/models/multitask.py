@@ -195,11 +195,21 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: Mapping[str, Any], task: str) -> Tensor:
         """Logits [B, num_labels] of `task`, computing only the modules that task uses."""
-        group = self.group_of(task)
-        use_image, use_text = self._inputs(self.infos[task])
+        return self.heads[task](self.features(batch, task))
+
+    def features(self, batch: Mapping[str, Any], task: str) -> Tensor:
+        """The fused features [B, hidden_dim] that `task`'s head reads (its group's backbone, text, fusion)."""
+        group, use_image, use_text = self.feature_key(task)
         image = self.image_backbones[group](batch) if use_image else None
         text = self.text_encoder(batch["input_ids"], batch["attention_mask"]) if use_text else None
-        return self.heads[task](self.fusion[group](image, text))
+        return self.fusion[group](image, text)
+
+    def feature_key(self, task: str) -> tuple[str, bool, bool]:
+        """(group, uses image, uses text): tasks with equal keys read equal `features` of a batch.
+
+        A predictor computes the features once per key and applies every such task's head to them.
+        """
+        return (self.group_of(task), *self._inputs(self.infos[task]))
 
 
 def _check_groups(infos: Mapping[str, TaskInfo], groups: Mapping[str, Sequence[str]]) -> None:
