@@ -14,7 +14,7 @@ from ray.data.dataset import MaterializedDataset
 from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
-from raymtl.data.datasets import build_datasets, dataset_key, decoded_nbytes, should_cache
+from raymtl.data.datasets import build_datasets, dataset_key, decoded_nbytes, read_source, should_cache
 from raymtl.data.tables import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
 
@@ -192,3 +192,11 @@ def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_the_object_store(monkeypa
     assert decoded_nbytes(exp, infos) == 12 * (4 * 3 * SIZE * SIZE + 64)  # rows x float32 CHW view + overhead
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": store})
     assert should_cache(exp, infos) is expected
+
+
+def test_a_dataframe_source_is_cut_into_blocks_in_order(ray_cluster):
+    frame = pd.DataFrame({"id": [str(i) for i in range(40)], "label": ["a"] * 40, "unused": range(40)})
+    ds = read_source(frame, ["id", "label"])
+    assert ds.num_blocks() > 1  # one block would be one decode task
+    assert [r["id"] for r in ds.take_all()] == [str(i) for i in range(40)]
+    assert ds.columns() == ["id", "label"]

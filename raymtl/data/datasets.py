@@ -35,7 +35,11 @@ def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Datas
     sliced before `from_pandas`) so unused columns never enter the object store.
     """
     if isinstance(source, pd.DataFrame):
-        return ray.data.from_pandas(source[columns] if columns else source)
+        frame = source[columns] if columns else source
+        # One DataFrame is one block, decoded by one task: cut it so the decode pool has work.
+        blocks = max(1, min(4 * _decode_tasks(), len(frame) // _MIN_BATCH))
+        bounds = [len(frame) * i // blocks for i in range(blocks + 1)]
+        return ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds, bounds[1:])])
     fs, paths = source_paths(source)
     is_csv = any(".csv" in PurePosixPath(p).suffixes for p in paths)
     ds = (ray.data.read_csv if is_csv else ray.data.read_parquet)(paths, filesystem=fs)
