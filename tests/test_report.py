@@ -1,7 +1,5 @@
 """The epoch table and the loop's step timings (plain Python, no Ray)."""
 
-import itertools
-
 import pytest
 
 from raymtl.train import timing
@@ -10,16 +8,18 @@ from raymtl.train.timing import StepTimer
 
 
 def test_step_timer_splits_wait_from_compute_and_counts_first_batches_apart(monkeypatch):
-    # (begin, fetched, done) clock readings of four steps: a, b (first of each), then a, b again
-    clock = iter([0, 5, 6, 6, 9, 10, 10, 10.5, 12.5, 12.5, 13, 15])
+    # epoch start, (begin, fetched, done) of four steps: a, b (first of each), then a, b again;
+    # evaluation starts at 16, metrics read at 20
+    clock = iter([0, 0, 5, 6, 6, 9, 10, 10, 10.5, 12.5, 12.5, 13, 15, 16, 20])
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     timer = StepTimer()
     for task in ["a", "b", "a", "b"]:
         timer.begin()
         timer.fetched()
         timer.done(task, samples=8)
+    timer.eval_started()
     # steady steps: waits 0.5 + 0.5, computes 2 + 2; first batches waited 5 + 3
-    assert timer.metrics(world_size=2, epoch_s=20.0, eval_s=4.0) == {
+    assert timer.metrics(world_size=2) == {
         "perf/data_wait_fraction": pytest.approx(1 / 5),
         "perf/first_batch_wait_s": pytest.approx(8.0),
         "perf/samples_per_s": pytest.approx(2 * 16 / 5),
@@ -29,15 +29,15 @@ def test_step_timer_splits_wait_from_compute_and_counts_first_batches_apart(monk
 
 
 def test_step_timer_without_steady_steps_reports_the_start_and_the_epoch(monkeypatch):
-    clock = itertools.count()
+    clock = iter([0, 1, 2, 3, 4, 6, 9])
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
-    timer = StepTimer()
-    timer.begin()
+    timer = StepTimer()  # the epoch starts at 0
     timer.streams_started()  # 1 s to open the streams
     timer.begin()
     timer.fetched()  # 1 s more for the first batch
     timer.done("a", samples=4)
-    assert timer.metrics(world_size=1, epoch_s=9.0, eval_s=3.0) == {
+    timer.eval_started()  # at 6, metrics read at 9
+    assert timer.metrics(world_size=1) == {
         "perf/first_batch_wait_s": 2.0, "perf/epoch_s": 9.0, "perf/eval_s": 3.0,
     }
 

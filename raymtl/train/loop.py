@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import os
 import tempfile
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,14 +92,12 @@ class TaskBatches:
     def _open(self, task: str) -> Iterable:
         shard = ray.train.get_dataset_shard(dataset_key(task, "train"))
         buffer = self.exp.data.shuffle_buffer or None
-        return (
-            shard.iter_batches(
-                batch_size=self.exp.training.batch_size,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=buffer,
-                local_shuffle_seed=shuffle_seed(self.exp.seed, self.epoch, task, self.passes[task]) if buffer else None,
-            )
+        return shard.iter_batches(
+            batch_size=self.exp.training.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=shuffle_seed(self.exp.seed, self.epoch, task, self.passes[task]) if buffer else None,
         )
 
     def _next_raw(self, task: str) -> dict[str, np.ndarray] | None:
@@ -265,8 +262,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
         all_steps = schedule.steps()
         timer = StepTimer()
-        timer.begin()
-        epoch_start = time.perf_counter()
         data = TaskBatches(exp, batches, epoch, consumed_batches(all_steps[: position.step]), device)
         timer.streams_started()
         for task in all_steps[position.step :]:
@@ -301,11 +296,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
-        eval_start = time.perf_counter()
+        timer.eval_started()
         val = evaluate(model, exp, infos, device)
-        end = time.perf_counter()
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
-        row.update(timer.metrics(world, epoch_s=end - epoch_start, eval_s=end - eval_start))
+        row.update(timer.metrics(world))
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
         _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files)

@@ -13,13 +13,18 @@ import time
 
 
 class StepTimer:
-    """Per-epoch wait and step times of this rank: call `fetched()` after getting a batch, `done()` after the step."""
+    """This rank's timings of one epoch, from its creation at the epoch start.
+
+    Per step call `begin()`, `fetched()` after getting the batch and `done()` after the step;
+    `streams_started()` after opening the task streams, `eval_started()` before evaluating.
+    """
 
     def __init__(self) -> None:
         self.started: set[str] = set()
         self.first_wait = self.wait = self.busy = 0.0
         self.samples = 0
-        self._start = self._got = 0.0
+        self.epoch_start = self._start = time.perf_counter()
+        self._got = self._eval_start = 0.0
 
     def begin(self) -> None:
         self._start = time.perf_counter()
@@ -42,9 +47,17 @@ class StepTimer:
             self.started.add(task)
             self.first_wait += wait
 
-    def metrics(self, world_size: int, epoch_s: float, eval_s: float) -> dict[str, float]:
-        """`perf/*` values of this rank's epoch (steady state; samples/s scaled to all ranks)."""
-        out = {"perf/first_batch_wait_s": self.first_wait, "perf/epoch_s": epoch_s, "perf/eval_s": eval_s}
+    def eval_started(self) -> None:
+        self._eval_start = time.perf_counter()
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        """`perf/*` values of this rank's epoch until now (steady state; samples/s scaled to all ranks)."""
+        end = time.perf_counter()
+        out = {
+            "perf/first_batch_wait_s": self.first_wait,
+            "perf/epoch_s": end - self.epoch_start,
+            "perf/eval_s": end - self._eval_start,
+        }
         total = self.wait + self.busy
         if total:
             out["perf/data_wait_fraction"] = self.wait / total
