@@ -28,15 +28,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from benchmarks import data_sources
-from raymtl import storage
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
 from raymtl.data.synthetic import default_tokenizer_path
-from raymtl.train.report import AFFINITY_FILE
 from raymtl.train.trainer import TrainResult, ensure_ray, fit
 from raymtl.tune.groupings import best_groupings
+from raymtl.tune.sweep import read_affinity
 
 IMAGE_TASKS = tuple(data_sources.FASHION_TASKS)
 TEXT_TASK = "review"
@@ -134,11 +132,6 @@ def train(exp: Experiment) -> dict:
 def last_metrics(result: TrainResult, tasks: list[str]) -> dict[str, dict[str, float]]:
     row = result.history[-1]
     return {t: {m: row[f"val/{t}/{m}"] for m in ("accuracy", "macro_f1", "loss")} for t in tasks}
-
-
-def read_affinity(run_dir: str) -> tuple[list[str], torch.Tensor]:
-    data = json.loads(storage.read_text(storage.join(run_dir, AFFINITY_FILE)))
-    return data["tasks"], torch.tensor(data["mean"], dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- report

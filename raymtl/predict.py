@@ -46,7 +46,7 @@ import ray.data
 from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec
 from raymtl.data.datasets import read_source
-from raymtl.data.tables import TaskInfo, _check_columns
+from raymtl.data.tables import TaskInfo, check_columns
 from raymtl.data.transforms import Preprocessor
 
 if TYPE_CHECKING:  # the artifact module imports torch, which the decoding actors do without
@@ -360,7 +360,7 @@ def read_items(source: Any, plan: Plan) -> ray.data.Dataset:
         text = {inp.column for inp in plan.inputs if inp.kind == "text"}
         return ray.data.from_items([{c: None if c in text else path for c in columns} for path in images])
     where = "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
-    _check_columns(items.schema().names, columns, where)
+    check_columns(items.schema().names, columns, where)
     return items.select_columns(list(columns))
 
 

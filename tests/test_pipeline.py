@@ -191,7 +191,7 @@ def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_the_object_store(monkeypa
     infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 2, has_image=True, has_text=False)}
     assert decoded_nbytes(exp, infos) == 12 * (4 * 3 * SIZE * SIZE + 64)  # rows x float32 CHW view + overhead
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": store})
-    assert should_cache(exp, infos) is expected
+    assert should_cache(exp, decoded_nbytes(exp, infos)) is expected
 
 
 def test_a_dataframe_source_is_cut_into_blocks_in_order(ray_cluster):

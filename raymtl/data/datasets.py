@@ -82,17 +82,16 @@ def decoded_nbytes(exp: Experiment, infos: dict[str, TaskInfo]) -> int:
     )
 
 
-def should_cache(exp: Experiment, infos: dict[str, TaskInfo]) -> bool:
-    """Whether to decode once and keep the inputs for every epoch (`data.cache`).
+def should_cache(exp: Experiment, nbytes: int) -> bool:
+    """Whether to decode once and keep the inputs for every epoch (`data.cache`), given their size.
 
     Preprocessing is deterministic, so each epoch would decode the very same inputs again, and
     every task's stream costs seconds to start, per epoch. "auto" keeps them when they take at
-    most a quarter of the cluster's object store; larger data streams.
+    most a quarter of the cluster's object store; larger data streams. `nbytes`: `decoded_nbytes`.
     """
     if exp.data.cache != "auto":
         return exp.data.cache == "always"
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    return decoded_nbytes(exp, infos) <= _CACHE_SHARE * store
+    return nbytes <= _CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def _batch_size(prep: Preprocessor) -> int:

@@ -212,15 +212,16 @@ def _read_parts(
     as e.g. "text_column 'titel'" rather than a bare KeyError.
     """
     if isinstance(source, pd.DataFrame):
-        _check_columns(list(source.columns), required, "the DataFrame")
+        check_columns(list(source.columns), required, "the DataFrame")
         return [("the DataFrame", source if columns is None else source[columns])]
     fs, files = _expand(source)
     for path, name in files:
-        _check_columns(_file_columns(fs, path, name), required, name)
+        check_columns(_file_columns(fs, path, name), required, name)
     return [(name, _read_file(fs, path, name, columns)) for path, name in files]
 
 
-def _check_columns(available: list[str], required: dict[str, str], where: str) -> None:
+def check_columns(available: list[str], required: dict[str, str], where: str) -> None:
+    """Every `required` column ({column: its role}) is in `available`, else a ConfigError naming `where`."""
     for column, role in required.items():
         if column not in available:
             close = difflib.get_close_matches(column, [str(a) for a in available], n=1)

@@ -16,7 +16,6 @@ from raymtl.train.loop import batches_per_epoch, train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
 
-
 @dataclass
 class TrainResult:
     run_dir: str  # storage_path/name: Ray Train's run folder plus metrics.jsonl and tensorboard/
@@ -93,9 +92,10 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     ray.data.DataContext.get_current().enable_progress_bars = False
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same data order on every run: exact resume
-    cache = should_cache(exp, infos)
+    nbytes = decoded_nbytes(exp, infos)
+    cache = should_cache(exp, nbytes)
     if cache:
-        print(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{decoded_nbytes(exp, infos) / 2**20:.0f} MB), "
+        print(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{nbytes / 2**20:.0f} MB), "
               "kept in the object store for every epoch (data.cache)", flush=True)
     has_val = any(i.n_val for i in infos.values())
     score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
