@@ -51,7 +51,7 @@ from raymtl.data.synthetic import make_catalogue
 from raymtl.data.tables import TaskInfo, inspect_tasks
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.build import build_model
-from raymtl.train.loop import batches_per_epoch, shuffle_seed, to_model_batch
+from raymtl.train.batches import batches_per_epoch, shuffle_seed, to_model_batch
 from raymtl.train.losses import task_loss
 from raymtl.train.optim import build_optimizer
 

@@ -11,7 +11,7 @@ from torch import nn
 from raymtl.config import ModelSpec
 from raymtl.data.tables import TaskInfo
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.tune.affinity import (
+from raymtl.train.affinity import (
     AffinityTracker,
     CELL,
     RecentRows,

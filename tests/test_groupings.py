@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from raymtl.data.planted import make_planted, planted_experiment, planted_tasks, resolve_clusters
-from raymtl.tune.affinity import AffinityTracker, lookahead_affinity, optimizer_update
+from raymtl.train.affinity import AffinityTracker, lookahead_affinity, optimizer_update
 from raymtl.tune.groupings import baseline_groupings, best_groupings, partitions, score_partition
 
 

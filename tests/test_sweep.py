@@ -15,7 +15,7 @@ from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.tune import sweep
-from raymtl.tune.affinity import AffinityTracker
+from raymtl.train.affinity import AffinityTracker
 from raymtl.tune.sweep import (
     AshaSpec,
     Candidate,

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
 import tempfile
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,19 +25,21 @@ import ray.train.torch
 from raymtl import storage
 from raymtl.config import Experiment, StageSpec
 from raymtl.data.datasets import dataset_key
+from raymtl.train.batches import TaskBatches, batches_per_epoch, consumed_batches, started, to_model_batch
+from raymtl.train.collectives import all_reduce_sum, gather_rng
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo
 from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.train.checkpoint import Position, load_train_state, rng_state, save_train_state, set_rng_state
+from raymtl.train.checkpoint import Position, load_train_state, save_train_state, set_rng_state
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma, make_accumulator
 from raymtl.train.optim import build_lr_schedule, build_optimizer
 from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
-from raymtl.tune.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
+from raymtl.train.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
 
 CRASH_MARKER = ".debug_crash_done"
 
@@ -57,91 +56,6 @@ def stage_at(stages: list[StageSpec], epoch: int) -> int:
         if epoch < end:
             return i
     return len(stages) - 1
-
-
-def batches_per_epoch(infos: dict[str, TaskInfo], batch_size: int, world_size: int) -> dict[str, int]:
-    """Full batches each rank gets per task: shards are equal-sized, the last partial batch dropped."""
-    return {name: (info.n_train // world_size) // batch_size for name, info in infos.items()}
-
-
-def to_model_batch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Numeric columns as tensors on the device; string columns (task tag, id) stay behind."""
-    return {k: torch.as_tensor(v).to(device) for k, v in batch.items() if v.dtype.kind in "biuf"}
-
-
-def shuffle_seed(seed: int, epoch: int, task: str, epoch_pass: int) -> int:
-    return zlib.crc32(f"{seed}:{epoch}:{task}:{epoch_pass}".encode())
-
-
-class TaskBatches:
-    """Per-task batch iterators over this rank's shards, positioned for (epoch, step).
-
-    A task's iterator restarts (a new "pass", reshuffled) when a sampling schedule asks for more
-    batches than one pass holds. On resume, the batches already consumed are read and skipped,
-    so the data order matches an uninterrupted run.
-    """
-
-    def __init__(self, exp: Experiment, batches: dict[str, int], epoch: int, consumed: dict[str, int], device):
-        self.exp, self.batches, self.epoch, self.device = exp, batches, epoch, device
-        self.passes = {t: consumed.get(t, 0) // n for t, n in batches.items()}
-        self.iters: dict[str, Iterator] = started({t: self._open(t) for t in batches})
-        for task, count in consumed.items():
-            for _ in range(count % batches[task]):
-                self._next_raw(task)
-
-    def _open(self, task: str) -> Iterable:
-        shard = ray.train.get_dataset_shard(dataset_key(task, "train"))
-        buffer = self.exp.data.shuffle_buffer or None
-        return shard.iter_batches(
-            batch_size=self.exp.training.batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=shuffle_seed(self.exp.seed, self.epoch, task, self.passes[task]) if buffer else None,
-        )
-
-    def _next_raw(self, task: str) -> dict[str, np.ndarray] | None:
-        return next(self.iters[task], None)
-
-    def next(self, task: str) -> dict[str, torch.Tensor] | None:
-        """The task's next batch; None when its shard ran short (rows dropped as bad images)."""
-        batch = self._next_raw(task)
-        if batch is None and self.exp.training.sampler != "shuffled":
-            self.passes[task] += 1
-            self.iters[task] = iter(self._open(task))
-            batch = self._next_raw(task)
-        return None if batch is None else to_model_batch(batch, self.device)
-
-
-def started(streams: dict[str, Iterable]) -> dict[str, Iterator]:
-    """Iterators over `streams` whose first items were all asked for at once.
-
-    A Ray Data stream starts executing only when its first batch is requested, which takes a
-    second or more (scheduling its read and decode tasks). Requesting every task's first batch
-    together overlaps those starts instead of paying them one after another at each task's first
-    step. Every rank still consumes each stream in the same order afterwards.
-    """
-    iters = {name: iter(s) for name, s in streams.items()}
-
-    def first(it: Iterator) -> list:
-        return list(itertools.islice(it, 1))
-
-    with ThreadPoolExecutor(max_workers=max(1, len(iters)), thread_name_prefix="raymtl-start") as pool:
-        heads = dict(zip(iters, pool.map(first, iters.values())))
-    return {name: itertools.chain(heads[name], it) for name, it in iters.items()}
-
-
-def consumed_batches(steps_done: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for task in steps_done:
-        counts[task] = counts.get(task, 0) + 1
-    return counts
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 @torch.no_grad()
@@ -186,14 +100,6 @@ def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _gather_rng() -> list[dict]:
-    states = [rng_state()]
-    if dist.is_available() and dist.is_initialized():
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, rng_state())
-    return states
 
 
 def _maybe_crash(exp: Experiment, run_dir: str, global_step: int) -> None:
@@ -327,7 +233,7 @@ def _carried_metrics(exp: Experiment, position: Position) -> dict:
 
 def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
-    rng_states = _gather_rng()
+    rng_states = gather_rng()
     metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
     if files is None:
         ray.train.report(metrics, checkpoint=None)

@@ -8,7 +8,7 @@ import tempfile
 
 from raymtl import storage
 from raymtl.train.metrics import Ewma, summary_table
-from raymtl.tune.affinity import AffinityTracker, plot_heatmap
+from raymtl.train.affinity import AffinityTracker, plot_heatmap
 
 # Workers log rather than print: Ray Train tees a worker's print to stdout and its log, twice.
 logger = logging.getLogger("raymtl")

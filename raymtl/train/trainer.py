@@ -12,7 +12,8 @@ from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo, inspect_tasks
 from raymtl.models.build import base_label_maps, build_model
-from raymtl.train.loop import batches_per_epoch, train_loop_per_worker
+from raymtl.train.batches import batches_per_epoch
+from raymtl.train.loop import train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
 
