@@ -67,7 +67,7 @@ class DataSpec:
     tokenizer: str | None = None  # local path of a Hugging Face tokenizer
     max_length: int = 64
     skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
-    shuffle_buffer: int = 256  # per-epoch local shuffle buffer (rows), 0 = no shuffle
+    shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
 
 

@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
-from ray.data.dataset import MaterializedDataset
+import torch
 from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
-from raymtl.data.datasets import build_datasets, dataset_key, decoded_nbytes, read_source, should_cache
+from raymtl.data.datasets import DecodedCache, build_inputs, dataset_key, decoded_nbytes, read_source, should_cache
+from raymtl.data.plan import Step
+from raymtl.train.batches import TaskBatches
 from raymtl.data.tables import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
 
@@ -135,8 +137,8 @@ def test_mark_keeps_bad_rows_with_zero_images_and_the_error(images):
     assert not out["view_full"][1].any() and out["view_full"][0].any()
 
 
-def test_build_datasets_streams_every_task_split_through_ray(ray_cluster, images, tmp_path):
-    color = _table(images, ["a", "b", "a"])
+def _two_task_inputs(images, tmp_path, *, cache: bool, skip_bad_images: bool = False, color_names=("red", "framed", "red")):
+    color = _table(images, ["a", "b", "a"], names=color_names)
     color.iloc[:2].to_parquet(tmp_path / "color-0.parquet")
     color.iloc[2:].to_parquet(tmp_path / "color-1.parquet")
     tags = _table(images, [["x"], ["x", "y"], []])
@@ -147,39 +149,59 @@ def test_build_datasets_streams_every_task_split_through_ray(ray_cluster, images
                      image_column="image", id_column="id"),
             TaskSpec("tags", train=tags, kind="multilabel", image_column="image"),
         ],
-        data=DataSpec(image_size=SIZE),
+        data=DataSpec(image_size=SIZE, skip_bad_images=skip_bad_images),
     )
     infos = {
         "color": TaskInfo("color", "multiclass", ["a", "b"], 3, 3, has_image=True, has_text=False),
         "tags": TaskInfo("tags", "multilabel", ["x", "y"], 3, 0, has_image=True, has_text=False),
     }
-    datasets = build_datasets(exp, infos)
-    assert set(datasets) == {dataset_key("color", "train"), dataset_key("color", "val"), dataset_key("tags", "train")}
-
-    rows = sorted(datasets[dataset_key("color", "train")].take_all(), key=lambda r: r["id"])
-    assert [(r["task"], r["id"], r["label"]) for r in rows] == [("color", "10", 0), ("color", "11", 1), ("color", "12", 0)]
-    assert rows[0]["view_full"].shape == (3, SIZE, SIZE)
-
-    batches = list(datasets[dataset_key("tags", "train")].drop_columns(["task"]).iter_torch_batches(batch_size=3))
-    assert len(batches) == 1 and set(batches[0]) == {"label", "view_full"}
-    assert tuple(batches[0]["view_full"].shape) == (3, 3, SIZE, SIZE)
-    assert sorted(batches[0]["label"].sum(dim=1).tolist()) == [0.0, 1.0, 2.0]
+    return build_inputs(exp, infos, cache=cache)
 
 
-def test_cached_datasets_hold_the_same_rows_decoded_once(ray_cluster, images):
-    exp = Experiment(
-        name="cache",
-        tasks=[TaskSpec("color", train=_table(images, ["a", "b", "a"]), image_column="image", id_column="id")],
-        data=DataSpec(image_size=SIZE),
-    )
-    infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 3, 0, has_image=True, has_text=False)}
-    key = dataset_key("color", "train")
-    streamed, cached = build_datasets(exp, infos)[key], build_datasets(exp, infos, cache=True)[key]
-    assert isinstance(cached, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
-    a, b = (sorted(ds.take_all(), key=lambda r: r["id"]) for ds in (streamed, cached))
-    assert [r["id"] for r in a] == [r["id"] for r in b] == ["10", "11", "12"]
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["view_full"], y["view_full"])
+PLAN = [Step("tags", np.array([2, 0])), Step("color", np.array([1, 2])), Step("tags", np.array([1])),
+        Step("color", np.array([0]))]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_tasks_of_every_shape_come_back_decoded_in_plan_order(ray_cluster, images, tmp_path, cache):
+    """One stream (or the decoded cache) serves a multiclass and a multilabel task, step by step."""
+    inputs = _two_task_inputs(images, tmp_path, cache=cache)
+    assert inputs.rows == {dataset_key("color", "train"): 3, dataset_key("color", "val"): 3,
+                           dataset_key("tags", "train"): 3}
+    assert (inputs.cached is not None) is cache
+    decoded = DecodedCache(inputs.cached) if cache else None
+    batches = list(TaskBatches(inputs, "train", PLAN, torch.device("cpu"), decoded))
+    assert [task for task, _ in batches] == ["tags", "color", "tags", "color"]
+    (_, tags0), (_, color1), (_, tags2), (_, color3) = batches
+    assert color1["label"].tolist() == [1, 0] and color3["label"].tolist() == [0]  # ids 11, 12 then 10
+    assert tags0["label"].tolist() == [[0.0, 0.0], [1.0, 0.0]] and tags2["label"].tolist() == [[1.0, 1.0]]
+    assert tuple(color1["view_full"].shape) == (2, 3, SIZE, SIZE)
+    np.testing.assert_allclose(color3["view_full"][0, :, 0, 0].numpy(), RED, rtol=1e-5)  # row 0 is the red image
+    assert "task" not in color1 and "id" not in color1  # strings stay behind
+
+
+def test_cached_and_streamed_batches_are_identical(ray_cluster, images, tmp_path):
+    streamed = list(TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, torch.device("cpu"), None))
+    inputs = _two_task_inputs(images, tmp_path, cache=True)
+    cached = list(TaskBatches(inputs, "train", PLAN, torch.device("cpu"), DecodedCache(inputs.cached)))
+    for (task_a, a), (task_b, b) in zip(streamed, cached, strict=True):
+        assert task_a == task_b and a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_a_batch_is_checked_against_the_schedule(ray_cluster, images, tmp_path):
+    data = TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, torch.device("cpu"), None)
+    with pytest.raises(RuntimeError, match="step 0 of the plan is task 'tags', the schedule says 'color'"):
+        data.next("color")
+
+
+def test_skipped_bad_images_shorten_their_batch(ray_cluster, images, tmp_path, caplog):
+    inputs = _two_task_inputs(images, tmp_path, cache=False, skip_bad_images=True, color_names=("red", "corrupt", "red"))
+    with caplog.at_level(logging.WARNING, logger="raymtl"):
+        (_, batch), = TaskBatches(inputs, "train", [Step("color", np.array([0, 1, 2]))], torch.device("cpu"), None)
+    assert batch["label"].tolist() == [0, 0]  # the corrupt row 1 (label b) is gone
+    assert "skipped 1 of 3 rows" in caplog.text and images["corrupt"] in caplog.text
 
 
 @pytest.mark.parametrize("mode, store, expected", [
@@ -200,3 +222,11 @@ def test_a_dataframe_source_is_cut_into_blocks_in_order(ray_cluster):
     assert ds.num_blocks() > 1  # one block would be one decode task
     assert [r["id"] for r in ds.take_all()] == [str(i) for i in range(40)]
     assert ds.columns() == ["id", "label"]
+
+
+def test_a_folder_of_parquet_and_csv_files_is_read_file_by_file(ray_cluster, tmp_path):
+    """Each file in the format its own name says, as inspect_tasks checks it (not all as CSV)."""
+    pd.DataFrame({"id": ["1", "2"], "label": ["a", "b"]}).to_parquet(tmp_path / "part-0.parquet")
+    pd.DataFrame({"id": ["3"], "label": ["c"]}).to_csv(tmp_path / "part-1.csv", index=False)
+    rows = read_source(str(tmp_path), ["id", "label"]).take_all()
+    assert sorted((str(r["id"]), r["label"]) for r in rows) == [("1", "a"), ("2", "b"), ("3", "c")]

@@ -12,6 +12,7 @@ def test_step_timer_splits_wait_from_compute_and_counts_first_batches_apart(monk
     # evaluation starts at 16, metrics read at 20
     clock = iter([0, 0, 5, 6, 6, 9, 10, 10, 10.5, 12.5, 12.5, 13, 15, 16, 20])
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "time", lambda: 1000.0)
     timer = StepTimer()
     for task in ["a", "b", "a", "b"]:
         timer.begin()
@@ -25,12 +26,15 @@ def test_step_timer_splits_wait_from_compute_and_counts_first_batches_apart(monk
         "perf/samples_per_s": pytest.approx(2 * 16 / 5),
         "perf/epoch_s": 20.0,
         "perf/eval_s": 4.0,
+        "perf/steps_s": 6.0,  # compute of all four steps: 1 + 1 + 2 + 2
+        "perf/first_step_unix": 1000.0,
     }
 
 
 def test_step_timer_without_steady_steps_reports_the_start_and_the_epoch(monkeypatch):
     clock = iter([0, 1, 2, 3, 4, 6, 9])
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "time", lambda: 1000.0)
     timer = StepTimer()  # the epoch starts at 0
     timer.streams_started()  # 1 s to open the streams
     timer.begin()
@@ -38,7 +42,8 @@ def test_step_timer_without_steady_steps_reports_the_start_and_the_epoch(monkeyp
     timer.done("a", samples=4)
     timer.eval_started()  # at 6, metrics read at 9
     assert timer.metrics(world_size=1) == {
-        "perf/first_batch_wait_s": 2.0, "perf/epoch_s": 9.0, "perf/eval_s": 3.0,
+        "perf/first_batch_wait_s": 2.0, "perf/epoch_s": 9.0, "perf/eval_s": 3.0, "perf/steps_s": 1.0,
+        "perf/first_step_unix": 1000.0,
     }
 
 

@@ -167,7 +167,8 @@ def _file_format(name: str) -> str | None:
     return None
 
 
-def _format(name: str) -> str:
+def file_format(name: str) -> str:
+    """'parquet' or 'csv' by the file's own name; anything else is a ConfigError."""
     fmt = _file_format(name)
     if fmt is None:
         raise ConfigError(f"unsupported file type {name!r}: expected .parquet/.pq or .csv (optionally compressed)")
@@ -177,7 +178,7 @@ def _format(name: str) -> str:
 def _file_columns(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
     """Column names from the parquet footer or the CSV header, without reading the rows."""
     with _reading(name):
-        if _format(name) == "parquet":
+        if file_format(name) == "parquet":
             return pq.read_schema(path, filesystem=fs).names
         with fs.open_input_stream(path) as stream:
             return pacsv.open_csv(stream).schema.names
@@ -185,7 +186,7 @@ def _file_columns(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
 
 def _read_file(fs: pafs.FileSystem, path: str, name: str, columns: list[str] | None) -> pd.DataFrame:
     with _reading(name):
-        if _format(name) == "parquet":
+        if file_format(name) == "parquet":
             table = pq.read_table(path, columns=columns, filesystem=fs)
         else:
             options = pacsv.ConvertOptions(include_columns=columns) if columns is not None else None

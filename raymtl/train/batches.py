@@ -1,19 +1,23 @@
-"""This rank's batches of every task: per-task shard iterators positioned for (epoch, step)."""
+"""This rank's batches, step by step: its plan (`raymtl.data.plan`) read from the task inputs.
+
+One source per epoch and split, whatever the number of tasks: the decoded-input cache when there is
+one (batches gathered in this process, no stream at all), else one Ray Data stream of the plan's
+batches decoded ahead of the loop (bounded prefetch, so memory does not grow with the task count).
+"""
 
 from __future__ import annotations
 
-import itertools
-import zlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+import logging
+from typing import Iterator
 
 import numpy as np
-import ray.train
 import torch
 
-from raymtl.config import Experiment
-from raymtl.data.datasets import dataset_key
+from raymtl.data.datasets import DecodedCache, TaskInputs, dataset_key, stream
+from raymtl.data.plan import Step
 from raymtl.data.tables import TaskInfo
+
+logger = logging.getLogger("raymtl")
 
 
 def batches_per_epoch(infos: dict[str, TaskInfo], batch_size: int, world_size: int) -> dict[str, int]:
@@ -22,76 +26,55 @@ def batches_per_epoch(infos: dict[str, TaskInfo], batch_size: int, world_size: i
 
 
 def to_model_batch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Numeric columns as tensors on the device; string columns (task tag, id) stay behind."""
-    return {k: torch.as_tensor(v).to(device) for k, v in batch.items() if v.dtype.kind in "biuf"}
+    """Numeric columns as tensors on the device; string columns (task tag, id, error) stay behind.
 
-
-def shuffle_seed(seed: int, epoch: int, task: str, epoch_pass: int) -> int:
-    return zlib.crc32(f"{seed}:{epoch}:{task}:{epoch_pass}".encode())
+    The arrays are this process's own (gathered or unpickled), so they are wrapped, not copied; on a
+    GPU they are pinned and copied without blocking the step.
+    """
+    out = {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype.kind in "biuf"}
+    if device.type == "cuda":
+        out = {k: t.pin_memory().to(device, non_blocking=True) for k, t in out.items()}
+    return out
 
 
 class TaskBatches:
-    """Per-task batch iterators over this rank's shards, positioned for (epoch, step).
+    """The batches of `steps` (one split of this rank's plan), in order, ready for the model.
 
-    A task's iterator restarts (a new "pass", reshuffled) when a sampling schedule asks for more
-    batches than one pass holds. On resume, the batches already consumed are read and skipped,
-    so the data order matches an uninterrupted run.
+    `next(task)` returns the next step's batch, which must be of `task` (the loop's schedule and
+    the plan are the same sequence), or None when bad-image rows (skipped) emptied it.
     """
 
-    def __init__(self, exp: Experiment, batches: dict[str, int], epoch: int, consumed: dict[str, int], device):
-        self.exp, self.batches, self.epoch, self.device = exp, batches, epoch, device
-        self.passes = {t: consumed.get(t, 0) // n for t, n in batches.items()}
-        self.iters: dict[str, Iterator] = started({t: self._open(t) for t in batches})
-        for task, count in consumed.items():
-            for _ in range(count % batches[task]):
-                self._next_raw(task)
-
-    def _open(self, task: str) -> Iterable:
-        shard = ray.train.get_dataset_shard(dataset_key(task, "train"))
-        buffer = self.exp.data.shuffle_buffer or None
-        return shard.iter_batches(
-            batch_size=self.exp.training.batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=shuffle_seed(self.exp.seed, self.epoch, task, self.passes[task]) if buffer else None,
-        )
-
-    def _next_raw(self, task: str) -> dict[str, np.ndarray] | None:
-        return next(self.iters[task], None)
+    def __init__(
+        self, inputs: TaskInputs, split: str, steps: list[Step], device: torch.device, cache: DecodedCache | None
+    ) -> None:
+        self.steps, self.device, self.skip = steps, device, inputs.skip_bad_images
+        self.i = 0
+        if cache is not None:
+            self.raw: Iterator[dict[str, np.ndarray]] = (
+                cache.gather(dataset_key(s.task, split), s.rows) for s in steps
+            )
+        else:
+            self.raw = stream(inputs, split, steps)
 
     def next(self, task: str) -> dict[str, torch.Tensor] | None:
-        """The task's next batch; None when its shard ran short (rows dropped as bad images)."""
-        batch = self._next_raw(task)
-        if batch is None and self.exp.training.sampler != "shuffled":
-            self.passes[task] += 1
-            self.iters[task] = iter(self._open(task))
-            batch = self._next_raw(task)
-        return None if batch is None else to_model_batch(batch, self.device)
+        step = self.steps[self.i]
+        if step.task != task:
+            raise RuntimeError(f"step {self.i} of the plan is task {step.task!r}, the schedule says {task!r}")
+        self.i += 1
+        batch = next(self.raw)
+        if "error" in batch:
+            batch = self._without_bad_rows(task, batch)
+        return to_model_batch(batch, self.device) if len(batch["task"]) else None
 
+    def __iter__(self) -> Iterator[tuple[str, dict[str, torch.Tensor] | None]]:
+        while self.i < len(self.steps):
+            task = self.steps[self.i].task
+            yield task, self.next(task)
 
-def started(streams: dict[str, Iterable]) -> dict[str, Iterator]:
-    """Iterators over `streams` whose first items were all asked for at once.
-
-    A Ray Data stream starts executing only when its first batch is requested, which takes a
-    second or more (scheduling its read and decode tasks). Requesting every task's first batch
-    together overlaps those starts instead of paying them one after another at each task's first
-    step. Every rank still consumes each stream in the same order afterwards.
-    """
-    iters = {name: iter(s) for name, s in streams.items()}
-
-    def first(it: Iterator) -> list:
-        return list(itertools.islice(it, 1))
-
-    with ThreadPoolExecutor(max_workers=max(1, len(iters)), thread_name_prefix="raymtl-start") as pool:
-        heads = dict(zip(iters, pool.map(first, iters.values())))
-    return {name: itertools.chain(heads[name], it) for name, it in iters.items()}
-
-
-def consumed_batches(steps_done: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for task in steps_done:
-        counts[task] = counts.get(task, 0) + 1
-    return counts
-
-
+    def _without_bad_rows(self, task: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = batch.pop("error")
+        bad = errors != ""
+        if bad.any():
+            logger.warning("task %r: skipped %d of %d rows with unreadable images: %s",
+                           task, bad.sum(), len(bad), "; ".join(errors[bad][:5]))
+        return {k: v[~bad] for k, v in batch.items()}

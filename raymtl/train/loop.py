@@ -24,8 +24,9 @@ import ray.train
 import ray.train.torch
 from raymtl import storage
 from raymtl.config import Experiment, StageSpec
-from raymtl.data.datasets import dataset_key
-from raymtl.train.batches import TaskBatches, batches_per_epoch, consumed_batches, started, to_model_batch
+from raymtl.data.datasets import DecodedCache, TaskInputs
+from raymtl.data.plan import train_steps, val_steps
+from raymtl.train.batches import TaskBatches, batches_per_epoch
 from raymtl.train.collectives import all_reduce_sum, gather_rng
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo
@@ -59,25 +60,17 @@ def stage_at(stages: list[StageSpec], epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], device) -> dict[str, dict]:
+def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], data: TaskBatches, device) -> dict:
     """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
     model.eval()
-    results = {}
-    streams = started({
-        name: ray.train.get_dataset_shard(dataset_key(name, "val")).iter_batches(
-            batch_size=exp.training.eval_batch_size, batch_format="numpy"
-        )
-        for name, info in infos.items()
-        if info.n_val
-    })
-    for name, stream in streams.items():
-        info, task = infos[name], exp.task(name)
-        acc = make_accumulator(info, task.threshold)
-        loss_fn = task_loss(task, info)
-        for raw in stream:
-            batch = to_model_batch(raw, device)
+    accs = {name: make_accumulator(info, exp.task(name).threshold) for name, info in infos.items() if info.n_val}
+    losses = {name: task_loss(exp.task(name), infos[name]) for name in accs}
+    for name, batch in data:
+        if batch is not None:
             logits = model(batch, name).float()
-            acc.update(logits, batch["label"], loss_fn(logits, batch["label"]).item() * len(logits))
+            accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]).item() * len(logits))
+    results = {}
+    for name, acc in sorted(accs.items()):
         acc.load_state(all_reduce_sum(acc.state.to(device)).cpu())
         results[name] = acc.compute()
     model.train()
@@ -116,6 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp: Experiment = config["experiment"]
     infos: dict[str, TaskInfo] = config["infos"]
     run_dir: str = config["run_dir"]
+    inputs: TaskInputs = config["inputs"]
     tr = exp.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -142,6 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recent = RecentRows(tr.affinity_rows)
     stages = stages_of(exp)
     batches = batches_per_epoch(infos, tr.batch_size, world)
+    n_train = {name: info.n_train for name, info in infos.items()}
+    n_val = {name: info.n_val for name, info in infos.items() if info.n_val}
+    cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
     files = RunFiles(run_dir) if rank == 0 else None
 
     if state is not None:
@@ -168,7 +165,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
         all_steps = schedule.steps()
         timer = StepTimer()
-        data = TaskBatches(exp, batches, epoch, consumed_batches(all_steps[: position.step]), device)
+        plan = train_steps(all_steps, n_train, tr.batch_size, seed=exp.seed, epoch=epoch, rank=rank, world=world,
+                           start=position.step, shuffle=exp.data.shuffle)
+        data = TaskBatches(inputs, "train", plan, device, cache)
         timer.streams_started()
         for task in all_steps[position.step :]:
             timer.begin()
@@ -203,7 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
         timer.eval_started()
-        val = evaluate(model, exp, infos, device)
+        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world), device, cache)
+        val = evaluate(model, exp, infos, val_data, device)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
         row.update(timer.metrics(world))
         lr_schedule.after_epoch(row.get("val/mean_loss"))

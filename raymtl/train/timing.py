@@ -4,7 +4,9 @@ Ray Data feeds each task's steps from its own stream; when a stream falls behind
 `StepTimer` measures that wait per step so a run reports it (`perf/data_wait_fraction`) instead of
 leaving it to guesswork. The first batch of each task in an epoch waits for its stream to start and
 is counted apart (`perf/first_batch_wait_s`), so the fraction describes the steady state.
-`perf/epoch_s` and `perf/eval_s` put the steps in proportion to the whole epoch.
+`perf/epoch_s`, `perf/steps_s` (forward, backward and update of every step) and `perf/eval_s` put
+the steps in proportion to the whole epoch; `perf/first_step_unix` (wall clock when the epoch's first
+step ended) lets a benchmark measure start-up from outside the run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ class StepTimer:
 
     def __init__(self) -> None:
         self.started: set[str] = set()
-        self.first_wait = self.wait = self.busy = 0.0
+        self.first_wait = self.wait = self.busy = self.compute = 0.0
+        self.first_step_unix: float | None = None
         self.samples = 0
         self.epoch_start = self._start = time.perf_counter()
         self._got = self._eval_start = 0.0
@@ -39,6 +42,9 @@ class StepTimer:
     def done(self, task: str, samples: int) -> None:
         end = time.perf_counter()
         wait = self._got - self._start
+        self.compute += end - self._got
+        if self.first_step_unix is None:
+            self.first_step_unix = time.time()
         if task in self.started:
             self.wait += wait
             self.busy += end - self._got
@@ -57,7 +63,10 @@ class StepTimer:
             "perf/first_batch_wait_s": self.first_wait,
             "perf/epoch_s": end - self.epoch_start,
             "perf/eval_s": end - self._eval_start,
+            "perf/steps_s": self.compute,
         }
+        if self.first_step_unix is not None:
+            out["perf/first_step_unix"] = self.first_step_unix
         total = self.wait + self.busy
         if total:
             out["perf/data_wait_fraction"] = self.wait / total

@@ -79,20 +79,14 @@ def for_workers(exp: Experiment) -> Experiment:
 
 
 def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None):
-    """A TorchTrainer for `exp` (datasets built lazily by Ray Data; nothing runs until `fit`)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    """A TorchTrainer for `exp`: task tables in the object store (decoded now with `data.cache`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import ray.data
-
-    from raymtl.data.datasets import build_datasets, decoded_nbytes, should_cache
+    from raymtl.data.datasets import build_inputs, decoded_nbytes, should_cache
 
     tr = exp.training
     storage_path = storage.normalize(exp.storage_path)
-    # Per-operator bars from a dozen concurrent task streams drown the epoch table and step lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # same data order on every run: exact resume
     nbytes = decoded_nbytes(exp, infos)
     cache = should_cache(exp, nbytes)
     if cache:
@@ -117,13 +111,12 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
             "experiment": for_workers(exp),
             "infos": infos,
             "run_dir": storage.join(storage_path, exp.name),
+            "inputs": build_inputs(exp, infos, cache=cache),
         },
         scaling_config=ScalingConfig(
             num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
-        datasets=build_datasets(exp, infos, cache=cache),
-        dataset_config=DataConfig(execution_options=ingest),
         run_config=run_config,
     )
 
