@@ -47,13 +47,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep
+    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep, sweep_failure
 
     exp, spec = load_sweep(args.config)
     exp = apply_overrides(exp, args)
     if args.max_concurrent:
         spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent)
-    print(format_summary(run_sweep(exp, spec, address=args.address)))
+    result = run_sweep(exp, spec, address=args.address)
+    print(format_summary(result))
+    failure = sweep_failure(result)
+    if failure:
+        print(f"raymtl: error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

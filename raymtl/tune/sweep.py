@@ -415,6 +415,22 @@ def format_summary(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
+def sweep_failure(result: SweepResult) -> str | None:
+    """Why the sweep failed as a job (every trial errored, or none reported the metric), else None.
+
+    Tune does not raise when trials fail, so this decides the exit status of `raymtl tune`: a failed
+    sweep must fail its Ray job (a RayJob's backoffLimit then retries it, which resumes the errored trials).
+    """
+    failed = [t for t in result.trials if t.error]
+    where = storage.join(result.sweep_dir, "summary.json")
+    if result.trials and len(failed) == len(result.trials):
+        lines = [line for line in failed[0].error.splitlines() if line.strip()] or ["?"]
+        return f"all {len(failed)} trials failed (errors in {where}); {failed[0].trial_id}: {lines[-1].strip()}"
+    if result.choice is None:
+        return f"no trial reported {result.metric} ({len(failed)} of {len(result.trials)} failed; see {where})"
+    return None
+
+
 def write_summary(result: SweepResult) -> None:
     storage.write_text(storage.join(result.sweep_dir, "summary.json"), json.dumps(result.to_dict(), indent=2))
     rows = result.rows()
