@@ -138,7 +138,10 @@ def test_models_cache_is_filled_from_the_standard_caches(tmp_path, caches):
         ({"image_backbone": "resnet18", "image_weights": "no_such_weights.pt"}, "no_such_weights.pt' does not exist"),
     ],
 )
-def test_bad_model_names_are_config_errors(tmp_path, caches, model, match):
+def test_bad_model_names_are_config_errors(tmp_path, caches, model, match, monkeypatch):
+    # Online: names are checked before anything downloads. (Offline with an empty torch cache, a
+    # weights name is reported missing before torchvision is imported to check it.)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(ConfigError, match=match):
         resolve_models(experiment(tmp_path, **model))
 
