@@ -39,8 +39,9 @@ def add_scaling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raymtl.models.hub import resolve_models  # before the trainer's heavy imports: a missing model fails fast
+    from raymtl.models.hub import resolve_models
 
+    # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
     exp = resolve_models(apply_overrides(load_experiment(args.config), args))
     from raymtl.train.trainer import fit, print_summary
 

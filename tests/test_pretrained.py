@@ -203,7 +203,7 @@ def test_octopod_recipe_parses():
 def cli(*args: str, env: dict[str, str], timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
     base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "XDG_CACHE_HOME", "RAY_ADDRESS")}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "raymtl.cli", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "raymtl.cli", *args], capture_output=True, text=True, check=False,
                           env={**base, "PYTHONPATH": str(REPO), **env}, timeout=timeout)
     return done, time.monotonic() - start
 
