@@ -39,9 +39,12 @@ def add_scaling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from raymtl.models.hub import resolve_models
+
+    # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
+    exp = resolve_models(apply_overrides(load_experiment(args.config), args))
     from raymtl.train.trainer import fit, print_summary
 
-    exp = apply_overrides(load_experiment(args.config), args)
     print_summary(fit(exp, address=args.address))
     return 0
 
@@ -92,6 +95,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from raymtl.models.hub import pull
+
+    exp = load_experiment(args.config)
+    if args.to:
+        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, models_cache=args.to))
+    print("\n".join(pull(exp)) or "the config names no model to fetch")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymtl", description="Multi-task, multi-dataset training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_scaling_flags(p)
     p.add_argument("--max-concurrent", type=int, help="override sweep.max_concurrent (trials at a time)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("pull", help="fetch every model a config names (for offline clusters)")
+    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("--to", help="models cache folder to fill (default: the config's model.models_cache, "
+                   "else the torch and Hugging Face caches)")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("demo", help="generate a synthetic catalogue and train an image+text model on it")
     p.add_argument("--out", default="demo_output", help="folder for the demo data, config and runs")

@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import yaml
@@ -23,7 +24,8 @@ SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class ConfigError(ValueError):
@@ -62,20 +64,25 @@ class TaskSpec:
 class DataSpec:
     image_size: int = 224
     views: list[ViewSpec] = field(default_factory=lambda: [ViewSpec("full")])
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    tokenizer: str | None = None  # local path of a Hugging Face tokenizer
+    mean: list[float] | None = None  # None = the named image weights' normalisation, else ImageNet's
+    std: list[float] | None = None
+    tokenizer: str | None = None  # Hugging Face Hub id, or local folder of a tokenizer
     max_length: int = 64
     skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
     shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
 
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """(mean, std) the images are normalised with."""
+        return self.mean or IMAGENET_MEAN, self.std or IMAGENET_STD
+
 
 @dataclass
 class ModelSpec:
-    image_backbone: str | None = "resnet18"  # None = no image tower
-    image_weights: str | None = None  # local state_dict file; ResNets start random otherwise
-    text_encoder: str | None = None  # local path for transformers.AutoModel
+    image_backbone: str | None = "resnet18"  # any torchvision classification model; None = no image tower
+    image_weights: str | None = None  # torchvision weights name (DEFAULT, IMAGENET1K_V2...) or state_dict file
+    image_kwargs: dict[str, Any] | None = None  # builder arguments, e.g. {image_size: 32} for a ViT
+    text_encoder: str | None = None  # Hugging Face Hub id, or local folder for transformers.AutoModel
     text_config: dict[str, Any] | None = None  # BertConfig kwargs for a small random encoder
     text_pooling: str = "mean"  # mean | cls
     hidden_dim: int = 256
@@ -84,6 +91,7 @@ class ModelSpec:
     base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
     init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from
     init_heads: bool = False  # with init_from: also take fusion + heads when their shapes match
+    models_cache: str | None = None  # folder every node sees for fetched models; None = torch/HF caches
 
 
 @dataclass
@@ -278,11 +286,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 # ---------------------------------------------------------------- structural checks
 
 
-def _choice(value: str, allowed: tuple[str, ...], path: str) -> None:
+def _choice(value: str, allowed: Sequence[str], path: str, listed: str | None = None) -> None:
+    """`value` must be one of `allowed`; `listed` replaces the list of choices in the message when long."""
     if value not in allowed:
         close = difflib.get_close_matches(value, allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}: unknown value {value!r}{hint}; choose one of {', '.join(allowed)}")
+        raise ConfigError(f"{path}: unknown value {value!r}{hint}; choose one of {listed or ', '.join(allowed)}")
 
 
 def _validate(exp: Experiment) -> None:
@@ -324,8 +333,6 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer")
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule")
     _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
-    if m.image_backbone is not None:
-        _choice(m.image_backbone, IMAGE_BACKBONES, "model.image_backbone")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     for key in ("epochs", "batch_size", "num_workers", "eval_batch_size", "affinity_rows"):

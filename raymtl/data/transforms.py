@@ -77,9 +77,9 @@ class Preprocessor:
         self.image_size = data.image_size
         self.tokenizer = data.tokenizer
         self.max_length = data.max_length
-        std = np.asarray(data.std, np.float32).reshape(3, 1, 1)
+        mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.normalization())
         self._scale = 1.0 / (255.0 * std)  # uint8 -> [0, 1] -> (x - mean) / std in one multiply-add
-        self._shift = np.asarray(data.mean, np.float32).reshape(3, 1, 1) / std
+        self._shift = mean / std
 
     @property
     def input_columns(self) -> list[str]:

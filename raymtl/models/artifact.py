@@ -6,7 +6,8 @@
     tokenizer/          the Hugging Face tokenizer, when the model reads text
 
 No training config, data or network access is needed to load it: the text encoder is rebuilt from
-its saved Hugging Face config and the weights file.
+its saved Hugging Face config, the image backbone from its torchvision name, and both take their
+trained weights from the weights file (never from a hub or the models cache).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def portable_model_spec(model: MultiTaskModel, spec: ModelSpec) -> ModelSpec:
 
     The text encoder is described by its Hugging Face config (rebuilt by AutoConfig.for_model).
     """
-    portable = dataclasses.replace(spec, text_encoder=None, image_weights=None, base=None, init_from=None)
+    portable = dataclasses.replace(spec, text_encoder=None, image_weights=None, base=None, init_from=None,
+                                   models_cache=None)
     if model.text_encoder is None:
         return portable
     return dataclasses.replace(portable, text_config=model.text_encoder.encoder.config.to_dict())

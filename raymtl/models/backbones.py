@@ -1,7 +1,8 @@
-"""Feature extractors: a multi-view ResNet image tower and a pooled transformers text tower.
+"""Feature extractors: a multi-view image tower (any torchvision classification model) and a
+pooled transformers text tower.
 
-Both load weights only from local files: jobs run on clusters without network access, and a silent
-download would make a laptop run and a cluster run start from different weights.
+Both load weights only from local files: named models are fetched once by the driver
+(`raymtl.models.hub`), so every worker, node and resumed run starts from the same files.
 """
 
 from __future__ import annotations
@@ -15,41 +16,67 @@ from torch import Tensor, nn
 from torchvision import models
 from transformers import AutoConfig, AutoModel
 
-from raymtl.config import IMAGE_BACKBONES
 
-RESNETS = {name: getattr(models, name) for name in IMAGE_BACKBONES}
+def image_trunk(arch: str, kwargs: Mapping[str, Any] | None = None) -> tuple[nn.Module, int, str]:
+    """(torchvision `arch` without its classifier, feature dim, the classifier's module name).
+
+    The classifier is the model's last Linear layer (`fc`, `classifier.3`, `heads.head`...); it
+    becomes an Identity, so the trunk returns the features that layer read.
+    """
+    net = models.get_model(arch, weights=None, **dict(kwargs or {}))
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"image backbone {arch!r} has no Linear classifier to remove")
+    head, layer = linears[-1]
+    net.set_submodule(head, nn.Identity())
+    return net, layer.in_features, head
 
 
-def load_resnet_weights(net: models.ResNet, path: str | Path) -> None:
-    """Load a local torchvision ResNet state_dict into `net`, whose `fc` is already removed.
+def load_image_weights(net: nn.Module, head: str, path: str | Path, *, assign: bool = False) -> None:
+    """Load a local state_dict into `net`, whose classifier `head` is already removed.
 
-    The file's `fc.*` entries (an ImageNet classifier) are dropped; every other key must match, so a
-    file for another architecture fails here rather than training from half-random weights.
+    The file's classifier entries (ImageNet's, or any number of classes) are dropped; every other key
+    must match, so a file for another architecture fails here rather than training from half-random
+    weights. `assign=True` loads into a model on the meta device: a check that reads no tensor data.
     """
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"image weights file {str(file)!r} does not exist")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = _read_state_dict(file)
     except Exception as e:
         raise ValueError(f"image weights file {str(file)!r} is not a readable torch state_dict: {e}") from e
     if not isinstance(state, Mapping):
         raise ValueError(f"image weights file {str(file)!r} holds a {type(state).__name__}, not a state_dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
     try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing, unexpected = net.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as e:  # shape mismatches raise even when strict=False
-        raise ValueError(f"image weights file {str(file)!r} does not fit this ResNet: {e}") from e
+        raise ValueError(f"image weights file {str(file)!r} does not fit this backbone: {e}") from e
     if missing or unexpected:
         raise ValueError(
-            f"image weights file {str(file)!r} does not match this ResNet: "
+            f"image weights file {str(file)!r} does not match this backbone: "
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
 
 
+def _read_state_dict(file: Path) -> Any:
+    try:  # memory-mapped: tensors are read as they are copied into the model
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def check_image_weights(arch: str, path: str, kwargs: Mapping[str, Any] | None = None) -> None:
+    """Fail (naming the file) unless `path` loads into `arch`; builds nothing real, reads no tensor data."""
+    with torch.device("meta"):
+        net, _, head = image_trunk(arch, kwargs)
+    load_image_weights(net, head, path, assign=True)
+
+
 class ImageBackbone(nn.Module):
-    """One ResNet shared by every view of an image; per-view features are concatenated and fused.
+    """One torchvision trunk shared by every view of an image; per-view features are concatenated and fused.
 
     The views go through the trunk as one stacked batch: one pass instead of one per view.
     """
@@ -61,19 +88,16 @@ class ImageBackbone(nn.Module):
         out_dim: int,
         weights: str | None = None,
         dropout: float = 0.0,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if arch not in RESNETS:
-            raise ValueError(f"unknown image backbone {arch!r}; choose one of {', '.join(RESNETS)}")
         if not view_names:
             raise ValueError("ImageBackbone needs at least one view name")
         self.view_names = list(view_names)
         self.out_dim = out_dim
-        self.trunk = RESNETS[arch](weights=None)
-        feat_dim = self.trunk.fc.in_features
-        self.trunk.fc = nn.Identity()
+        self.trunk, feat_dim, head = image_trunk(arch, kwargs)
         if weights is not None:
-            load_resnet_weights(self.trunk, weights)
+            load_image_weights(self.trunk, head, weights)
         self.fuse = nn.Sequential(
             nn.Linear(len(self.view_names) * feat_dim, out_dim), nn.ReLU(), nn.Dropout(dropout)
         )
@@ -86,14 +110,19 @@ class ImageBackbone(nn.Module):
 
     def _trunk(self, x: Tensor) -> Tensor:
         if not (self.training and x.shape[0] == 1):
-            return self.trunk(x)
+            return _main_output(self.trunk(x))
         # BatchNorm has no batch statistics over a single image (on 1x1 maps it raises): use the
         # running statistics for this call. Gradients still flow; only the statistics are frozen.
         self.trunk.eval()
         try:
-            return self.trunk(x)
+            return _main_output(self.trunk(x))
         finally:
             self.trunk.train()
+
+
+def _main_output(out: Any) -> Tensor:
+    """GoogLeNet and Inception return (main, aux...) tuples in training mode: the main output."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _view(batch: Mapping[str, Any], name: str) -> Tensor:
@@ -124,7 +153,8 @@ class TextEncoder(nn.Module):
         if path is not None:
             directory = Path(path).expanduser()
             if not directory.is_dir():  # from_pretrained would otherwise try the Hugging Face Hub
-                raise FileNotFoundError(f"text encoder {str(directory)!r} is not a local model directory")
+                raise FileNotFoundError(f"text encoder {str(directory)!r} is not a local model directory "
+                                        "(Hub ids are resolved to one by raymtl.models.hub.resolve_models)")
             self.encoder = AutoModel.from_pretrained(str(directory))
         else:
             kwargs = dict(config)

@@ -157,6 +157,7 @@ class MultiTaskModel(nn.Module):
                 self.spec.hidden_dim,
                 weights=self.spec.image_weights,
                 dropout=self.spec.dropout,
+                kwargs=self.spec.image_kwargs,
             )
             self.image_backbones[group] = backbone
             image_dim = backbone.out_dim

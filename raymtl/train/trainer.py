@@ -12,6 +12,7 @@ from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo, inspect_tasks
 from raymtl.models.build import base_label_maps, build_model
+from raymtl.models.hub import resolve_models
 from raymtl.train.batches import batches_per_epoch
 from raymtl.train.loop import train_loop_per_worker
 from raymtl.train.report import format_history, read_history
@@ -61,11 +62,12 @@ def with_base_labels(exp: Experiment) -> Experiment:
 
 
 def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
-    """Everything checked before Ray starts: the experiment (with the base's label maps) and its tasks.
+    """Everything checked before Ray starts: the experiment (with the base's label maps and its named
+    models resolved to local files, fetched once here) and its tasks.
 
-    Files, columns, labels, that every task fills a batch, and that `model.base` / `init_from` load.
+    Models, files, columns, labels, that every task fills a batch, and that `model.base` / `init_from` load.
     """
-    exp = with_base_labels(exp)
+    exp = with_base_labels(resolve_models(exp))
     infos = inspect_tasks(exp)
     check_schedule(exp, infos)
     if exp.model.base or exp.model.init_from:
