@@ -70,9 +70,10 @@ def open_log(run_dir: str) -> str:
     else:
         path = os.path.join(storage.normalize(run_dir), LOG_FILE)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in (_file_log.name, "py.warnings", "raymtl", "ray"):
+        # One handler per logger: Ray restyles the handlers of its own logger.
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger(name).addHandler(handler)
     _file_log.setLevel(logging.DEBUG)
     _state["log_path"] = path
