@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -44,12 +45,13 @@ _state: dict[str, Any] = {"verbose": False, "log_path": None, "bar": None}
 def configure(verbose: bool = False) -> None:
     """Quiet (default) or verbose console for this driver process; call before Ray starts.
 
-    Quiet: Python warnings go to the log file only, and Ray Data logs errors only.
+    Quiet: Python warnings go to the log file only; Ray Data's own error logs are off (the failure
+    still reaches the user, as `error_line`).
     """
     _state["verbose"] = verbose
     _file_log.setLevel(logging.DEBUG)
     if not verbose:
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")  # its errors reach the user as our line
         logging.captureWarnings(True)
         warnings_log = logging.getLogger("py.warnings")
         warnings_log.propagate = False
@@ -130,14 +132,30 @@ def _inner(error: BaseException) -> BaseException | None:
 def error_line(error: BaseException) -> str:
     """`raymtl: error: <root cause>`, on one line, with the bad-image hint and the log's path."""
     cause = root_cause(error)
-    text = " ".join(str(cause).split()) or type(cause).__name__
-    if not isinstance(cause, ConfigError):
-        text = f"{type(cause).__name__}: {text}"
+    raised = _raised_in(str(cause)) if _is_ray_wrapper(cause) else None
+    if raised:  # the original did not survive pickling (Ray keeps its traceback text only)
+        kind, text = raised
+        text = text if kind.startswith("raymtl.") else f"{kind.rsplit('.', 1)[-1]}: {text}"
+    else:
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        if not isinstance(cause, ConfigError):
+            text = f"{type(cause).__name__}: {text}"
     if "cannot read image" in text and "skip_bad_images" not in text:
         text += f" ({BAD_IMAGE_HINT})"
     if _state["log_path"]:
         text += f" [full log: {_state['log_path']}]"
     return f"raymtl: error: {text}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.M)
+
+
+def _raised_in(traceback_text: str) -> tuple[str, str] | None:
+    """(exception type, message) raised in a remote traceback: raymtl's own first, else the first."""
+    found = _RAISED.findall(_ANSI.sub("", traceback_text))
+    ours = [f for f in found if f[0].startswith("raymtl.")]
+    return (ours or found or [None])[0]
 
 
 def log_error(error: BaseException) -> None:

@@ -57,3 +57,19 @@ def test_progress_view_prints_one_line_per_epoch_off_a_terminal(capsys):
     ])
     assert view.bar is None
     assert capsys.readouterr().out == "epoch 1/2  val loss 0.9000, score 0.7500  3.0 s\n"
+
+
+def test_a_cause_lost_in_pickling_is_read_from_the_remote_traceback():
+    from ray.exceptions import UserCodeException
+
+    remote = (
+        "\x1b[36mray::MapBatches(Preprocessor)()\x1b[39m (pid=1, ip=10.0.0.1)\n"
+        '  File "transforms.py", line 223, in load_image\n'
+        "PIL.UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x7f>\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "raymtl.data.transforms.BadImageError: task 'color': cannot read image '/d/c-1.png' in column 'image'\n"
+    )
+    error = RayTaskError("MapBatches(Preprocessor)", remote, UserCodeException("UDF failed"))
+    line = console.error_line(error)
+    assert line.startswith("raymtl: error: task 'color': cannot read image '/d/c-1.png' in column 'image'")
+    assert "skip_bad_images" in line
