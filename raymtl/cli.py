@@ -1,11 +1,17 @@
-"""`raymtl <verb>`: thin argument parsing over the library."""
+"""`raymtl <verb>`: thin argument parsing over the library.
+
+Parse and check first, import heavy modules after: the config and `preflight` checks import no
+torch, Ray or transformers, so a bad input is reported in about a second, as one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import traceback
 
+from raymtl import console, preflight, storage
 from raymtl.config import ConfigError, Experiment, load_experiment
 
 
@@ -38,11 +44,18 @@ def add_scaling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
 
 
+def add_console_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and full tracebacks")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from raymtl.models.hub import resolve_models
 
+    exp = apply_overrides(load_experiment(args.config), args)
+    preflight.check(exp)
     # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
-    exp = resolve_models(apply_overrides(load_experiment(args.config), args))
+    exp = resolve_models(exp)
+    console.open_log(storage.join(storage.normalize(exp.storage_path), exp.name))
     from raymtl.train.trainer import fit, print_summary
 
     print_summary(fit(exp, address=args.address))
@@ -112,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multi-task model from a YAML experiment")
     p.add_argument("config", help="experiment YAML file")
     add_scaling_flags(p)
+    add_console_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="sweep task groupings, seeds and hyperparameters with Ray Tune")
     p.add_argument("config", help="experiment YAML with a top-level `sweep:` section")
     add_scaling_flags(p)
     p.add_argument("--max-concurrent", type=int, help="override sweep.max_concurrent (trials at a time)")
+    add_console_flags(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("pull", help="fetch every model a config names (for offline clusters)")
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--epochs", type=int)
     p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    add_console_flags(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("predict", help="predict every item of a table or image folder with a saved model (Ray Data)")
@@ -148,17 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", help="id column of the input (default: the one trained on, else the image)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    add_console_flags(p)
     p.set_defaults(func=cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb; any failure, in this process or deep inside Ray, ends as one `raymtl: error:` line.
+
+    Exit status 2 for a config or data fault found before training, 1 for a failure during it.
+    """
     args = build_parser().parse_args(argv)
+    console.configure(verbose=getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"raymtl: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("raymtl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- the one place every failure is turned into a line
+        console.log_error(e)
+        if getattr(args, "verbose", False):
+            traceback.print_exception(e, file=sys.stderr)
+        print(console.error_line(e), file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":

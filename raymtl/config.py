@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -205,7 +206,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw
@@ -318,16 +321,9 @@ def _validate(exp: Experiment) -> None:
             raise ConfigError(f"{where}: set `image_column` and/or `text_column`: the task has no input")
         if t.labels is not None and len(set(map(str, t.labels))) != len(t.labels):
             raise ConfigError(f"{where}.labels: duplicate labels in {t.labels}")
-        if t.weight <= 0:
-            raise ConfigError(f"{where}.weight: must be > 0, got {t.weight}")
-        if not 0.0 <= t.label_smoothing < 1.0:
-            raise ConfigError(f"{where}.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
     view_names = [v.name for v in exp.data.views]
     if len(set(view_names)) != len(view_names):
         raise ConfigError(f"data.views: duplicate view names {view_names}")
-    for v in exp.data.views:
-        if not 0.0 < v.crop <= 1.0:
-            raise ConfigError(f"data.views ({v.name!r}).crop: must be in (0, 1], got {v.crop}")
     tr, m = exp.training, exp.model
     _choice(tr.sampler, SAMPLERS, "training.sampler")
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer")
@@ -335,16 +331,10 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
-    for key in ("epochs", "batch_size", "num_workers", "eval_batch_size", "affinity_rows"):
-        if getattr(tr, key) < 1:
-            raise ConfigError(f"training.{key}: must be >= 1, got {getattr(tr, key)}")
-    if tr.temperature <= 0:
-        raise ConfigError(f"training.temperature: must be > 0, got {tr.temperature}")
+    _check_ranges(exp)
     for i, s in enumerate(tr.stages):
         for part in s.freeze:
             _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
-        if s.epochs < 1:
-            raise ConfigError(f"training.stages[{i}].epochs: must be >= 1, got {s.epochs}")
     if m.groups is not None:
         owner: dict[str, str] = {}
         for group, members in m.groups.items():
@@ -359,3 +349,59 @@ def _validate(exp: Experiment) -> None:
         missing = [t for t in exp.task_names if t not in owner]
         if missing:
             raise ConfigError(f"tasks {missing} are in no task group of model.groups")
+
+
+# Numeric ranges, (section, field) -> rule: a value outside fails here, not as a torch error in a worker.
+# Rules: ">0", ">=0", ">=1", "[0,1)", "(0,1)", "(0,1]"; None values (optional fields) are not checked.
+_RANGES: dict[str, dict[str, str]] = {
+    "": {"seed": ">=0"},
+    "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
+    "data.views": {"crop": "(0,1]"},
+    "data": {"image_size": ">=8", "max_length": ">=1"},
+    "model": {"hidden_dim": ">=1", "dropout": "[0,1)"},
+    "training.stages": {"epochs": ">=1", "lr": ">0"},
+    "training": {
+        "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+        "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
+        "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
+        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
+        "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
+        "collective_timeout_s": ">=1", "debug_crash_at_step": ">=1",
+    },
+}
+
+
+def _in_range(value: float, rule: str) -> bool:
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    lo, hi = rule[1:-1].split(",")
+    above = value >= float(lo) if rule[0] == "[" else value > float(lo)
+    below = value <= float(hi) if rule[-1] == "]" else value < float(hi)
+    return above and below
+
+
+def _check_ranges(exp: Experiment) -> None:
+    """Every numeric field in its range (and finite): the rule table `_RANGES`."""
+    parts: list[tuple[str, Any]] = [
+        ("", exp), ("data", exp.data), ("model", exp.model), ("training", exp.training),
+        *((f"tasks[{i}] ({t.name!r})", t) for i, t in enumerate(exp.tasks)),
+        *((f"data.views ({v.name!r})", v) for v in exp.data.views),
+        *((f"training.stages[{i}]", s) for i, s in enumerate(exp.training.stages)),
+    ]
+    for where, obj in parts:
+        section = where.split(" (")[0].split("[")[0]
+        for name, rule in _RANGES[section].items():
+            value = getattr(obj, name)
+            if value is None or isinstance(value, bool):
+                continue
+            if not math.isfinite(value) or not _in_range(value, rule):
+                shown = f"in {rule}" if rule[0] in "[(" else f"{rule.rstrip('-.0123456789')} {rule.lstrip('>=')}"
+                raise ConfigError(f"{_join(where, name)}: must be {shown}, got {value!r}")
+    for name in ("mean", "std"):
+        values = getattr(exp.data, name)
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"data.{name}: expected 3 values (R, G, B), got {values}")
+    if exp.data.std is not None and any(not v > 0 for v in exp.data.std):
+        raise ConfigError(f"data.std: every value must be > 0, got {exp.data.std}")

@@ -213,7 +213,13 @@ def cache_env(root: Path) -> dict[str, str]:
 
 
 def write_config(path: Path, tmp_path: Path, **model) -> Path:
+    """A config whose data passes every pre-flight check, so only its models can fail."""
+    from raymtl.data.synthetic import make_catalogue
+
     exp = experiment(tmp_path, **model).to_dict()
+    exp["tasks"][0]["train"] = make_catalogue(tmp_path / "data", image_size=32, sizes={"color": 24})["color"]["train"]
+    if exp["data"].get("tokenizer") is None:
+        exp["data"]["tokenizer"] = model.get("text_encoder") or default_tokenizer_path()
     path.write_text(yaml.safe_dump(exp))
     return path
 

@@ -7,6 +7,7 @@ import logging
 import tempfile
 
 from raymtl import storage
+from raymtl.console import ProgressSender
 from raymtl.train.metrics import Ewma, summary_table
 from raymtl.train.affinity import AffinityTracker, plot_heatmap
 
@@ -86,9 +87,11 @@ class RunFiles:
         local = not storage.is_uri(run_dir)
         self.tb_local = storage.resolve(self.tb_dest)[1] if local else tempfile.mkdtemp(prefix="raymtl_tb_")
         self.writer = SummaryWriter(self.tb_local)
+        self.progress = ProgressSender(run_dir)
 
     def log_step(self, epoch: int, step: int, steps: int, task: str, loss: float | None) -> None:
-        """A progress line about every tenth of an epoch."""
+        """The step to the driver's progress bar (throttled); a log line about every tenth of an epoch."""
+        self.progress.step(epoch, step, steps, task, loss)
         if step == steps or step % max(1, steps // 10) == 0:
             logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss)
 
@@ -109,3 +112,4 @@ class RunFiles:
         self.writer.flush()
         storage.upload_dir(self.tb_local, self.tb_dest)
         logger.info("\n%s", format_history(history))
+        self.progress.epoch(row)

@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from raymtl import storage
+from raymtl import console, preflight, storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
-from raymtl.data.tables import TaskInfo, inspect_tasks
+from raymtl.data.tables import TaskInfo
 from raymtl.models.build import base_label_maps, build_model
 from raymtl.models.hub import resolve_models
 from raymtl.train.batches import batches_per_epoch
@@ -35,10 +35,10 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **console.ray_logging())
     else:
         # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), **console.ray_logging())
 
 
 def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int]:
@@ -65,10 +65,11 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
     """Everything checked before Ray starts: the experiment (with the base's label maps and its named
     models resolved to local files, fetched once here) and its tasks.
 
-    Models, files, columns, labels, that every task fills a batch, and that `model.base` / `init_from` load.
+    Models, `preflight.check` (files, columns, labels, storage, a sample of images), that every task
+    fills a batch, and that `model.base` / `init_from` load.
     """
     exp = with_base_labels(resolve_models(exp))
-    infos = inspect_tasks(exp)
+    infos = preflight.check(exp)
     check_schedule(exp, infos)
     if exp.model.base or exp.model.init_from:
         build_model(exp, infos)
@@ -134,7 +135,8 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
     ensure_ray(address)
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
     try:
-        result = make_trainer(exp, infos).fit()
+        with console.progress(exp, run_dir):
+            result = make_trainer(exp, infos).fit()
     except TrainingFailedError as e:
         if raise_on_error:
             raise
@@ -157,10 +159,10 @@ def _best(result, exp: Experiment) -> str | None:
 
 
 def print_summary(result: TrainResult) -> None:
-    print(format_history(result.history))
-    print(f"\nrun folder:        {result.run_dir}")
-    print(f"latest checkpoint: {result.checkpoint}")
+    console.say(format_history(result.history))
+    console.say(f"\nrun folder:        {result.run_dir}")
+    console.say(f"latest checkpoint: {result.checkpoint}")
     if result.best_checkpoint:
-        print(f"best checkpoint:   {result.best_checkpoint}")
-    print(f"tensorboard:       tensorboard --logdir {storage.join(result.run_dir, 'tensorboard')}")
+        console.say(f"best checkpoint:   {result.best_checkpoint}")
+    console.say(f"tensorboard:       tensorboard --logdir {storage.join(result.run_dir, 'tensorboard')}")
 

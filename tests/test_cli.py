@@ -1,0 +1,154 @@
+"""`raymtl train` as a user meets it: fast one-line errors, and a quiet console around a real run.
+
+Every test runs the command in a subprocess, as a shell would. The fast ones must finish well
+before Ray could start (the documented figure is about 1-2 s; the bound here is generous).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_S = 5.0
+
+
+def raymtl(*args: str, cwd: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "raymtl.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return done, time.monotonic() - start
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The run failed with exactly one line on stderr, `raymtl: error: ...`."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0, done.stdout
+    assert len(lines) == 1 and lines[0].startswith("raymtl: error: "), done.stderr
+    return lines[0]
+
+
+def write_task(root: Path, name: str, n: int, bad: dict[int, str] | None = None) -> Path:
+    """`n` rows of 16 px images (label = image color), `bad` row -> 'corrupt' or 'missing'."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        path = root / "images" / f"{name}-{i:03d}.png"
+        label = "red" if i % 2 else "blue"
+        kind = (bad or {}).get(i)
+        if kind == "corrupt":
+            path.write_bytes(b"not a png at all")
+        elif kind != "missing":
+            Image.new("RGB", (16, 16), (200, 30, 30) if label == "red" else (30, 30, 200)).save(path)
+        rows.append({"id": f"{name}-{i}", "image": str(path), "label": label})
+    out = root / f"{name}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out
+
+
+def write_config(root: Path, table: Path, **sections) -> Path:
+    config = {
+        "name": "run",
+        "storage_path": str(root / "runs"),
+        "tasks": [{"name": "color", "train": str(table), "validation": str(table), "image_column": "image"}],
+        "data": {"image_size": 16, "views": [{"name": "full"}]},
+        "model": {"hidden_dim": 16},
+        "training": {"epochs": 2, "batch_size": 8, "cpus_per_worker": 1},
+    }
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---------------------------------------------------------------- errors in seconds
+
+
+def test_missing_file_malformed_yaml_and_missing_column_fail_fast(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: x\ntasks: [a\n")
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "1", "image": "a.png", "labl": "x"}]), table)
+    no_label = write_config(tmp_path, table)
+    cases = [
+        ("missing.yaml", "config file 'missing.yaml' does not exist"),
+        ("bad.yaml", "bad.yaml: malformed YAML at line 3, column 1"),
+        (str(no_label), "label_column 'label' not found in"),
+    ]
+    for config, expected in cases:
+        done, wall = raymtl("train", config, cwd=tmp_path)
+        assert expected in one_error_line(done)
+        assert done.returncode == 2 and done.stdout == ""
+        assert wall < FAST_S, f"{config}: {wall:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "sections, culprit",
+    [
+        ({"training": {"lr": -0.001}}, "training.lr: must be > 0, got -0.001"),
+        ({"model": {"dropout": 1.5}}, "model.dropout: must be in [0,1), got 1.5"),
+        ({"storage_path": "FILE/runs"}, "storage_path '{root}/afile/runs' is not writable"),
+    ],
+)
+def test_bad_settings_stop_before_ray_with_one_line(tmp_path, sections, culprit):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    if sections.get("storage_path"):
+        sections = {"storage_path": sections["storage_path"].replace("FILE", str(tmp_path / "afile"))}
+    config = write_config(tmp_path, write_task(tmp_path, "color", 16), **sections)
+    done, wall = raymtl("train", str(config), cwd=tmp_path)
+    assert culprit.format(root=tmp_path) in one_error_line(done)
+    assert wall < FAST_S
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "missing"])
+def test_bad_image_in_the_sample_stops_before_ray(tmp_path, kind):
+    table = write_task(tmp_path, "color", 16, bad={0: kind})
+    done, wall = raymtl("train", str(write_config(tmp_path, table)), cwd=tmp_path)
+    line = one_error_line(done)
+    assert f"task 'color': cannot read image '{tmp_path}/images/color-000.png' in column 'image'" in line
+    assert "data.skip_bad_images: true" in line
+    assert wall < FAST_S
+
+
+# ---------------------------------------------------------------- inside Ray (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bad_image_met_inside_ray_is_one_line_naming_it(tmp_path):
+    # Row 1 is outside the pre-flight sample (rows 0, 5, 10, ...): only decoding inside Ray meets it.
+    table = write_task(tmp_path, "color", 40, bad={1: "corrupt"})
+    done, _ = raymtl("train", str(write_config(tmp_path, table)), cwd=tmp_path, timeout=500)
+    line = one_error_line(done)
+    assert done.returncode == 1
+    assert f"cannot read image '{tmp_path}/images/color-001.png'" in line
+    assert "data.skip_bad_images: true" in line
+    log = re.search(r"\[full log: (.+)\]", line).group(1)
+    assert log == str(tmp_path / "runs" / "run" / "raymtl.log")
+    assert "Traceback" in Path(log).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_default_console_is_quiet_and_shows_the_epoch_table(tmp_path):
+    config = write_config(tmp_path, write_task(tmp_path, "color", 32))
+    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500)
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr
+    noisy = [line for line in shown.splitlines() if re.search(r"\b(INFO|WARNING|WARN)\b|TrainingReport", line)]
+    assert noisy == []
+    assert re.search(r"^epoch +color loss +color acc", done.stdout, re.M)
+    assert re.search(r"^epoch 2/2  val loss", done.stdout, re.M)
+    log = (tmp_path / "runs" / "run" / "raymtl.log").read_text()
+    assert "epoch 2/2  val loss" in log and "color acc" in log
