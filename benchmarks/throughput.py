@@ -359,7 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every mode `--reps` times, interleaved; the JSON report is rewritten after each run."""
-    from raymtl.train.trainer import ensure_ray
+    from raymtl.ray_runtime import ensure_ray
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
