@@ -120,6 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Ray exports OMP_NUM_THREADS = the worker's CPUs on a cluster it starts, not on every cluster;
+    # torch's intra-op threads are what the CPU step computes with, so they follow the reservation.
+    torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
     if tr.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -132,6 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(exp, infos)
         state = None
     model.train()
+    if tr.compile:
+        model.compile_features()
     torch.manual_seed(exp.seed * 1000 + rank)
     np.random.seed((exp.seed * 1000 + rank) % 2**32)
 
