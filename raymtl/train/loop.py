@@ -120,8 +120,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    # Ray exports OMP_NUM_THREADS = the worker's CPUs on a cluster it starts, not on every cluster;
-    # torch's intra-op threads are what the CPU step computes with, so they follow the reservation.
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs only when the environment has none, so an
+    # inherited value (1 in many containers) would win; the CPU step computes with these threads.
     torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
     if tr.deterministic:
         torch.use_deterministic_algorithms(True)
