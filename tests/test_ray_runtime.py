@@ -14,7 +14,8 @@ def init_calls(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     for key in (*ray_runtime.LEAN_ENV, "RAY_ADDRESS", ray_runtime.DASHBOARD_ENV):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so whatever ensure_ray sets is undone afterwards
+        monkeypatch.delenv(key)
     return calls
 
 
