@@ -32,7 +32,8 @@ import pandas as pd
 from benchmarks import data_sources
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
 from raymtl.data.synthetic import default_tokenizer_path
-from raymtl.train.trainer import TrainResult, ensure_ray, fit
+from raymtl.ray_runtime import ensure_ray
+from raymtl.train.trainer import TrainResult, fit
 from raymtl.tune.groupings import best_groupings
 from raymtl.tune.sweep import read_affinity
 

@@ -7,9 +7,9 @@ Every mode trains the same MultiTaskModel (resnet18, one view) on the same synth
 (`raymtl.data.schedule.TaskSchedule`), optimizer and losses, for one epoch of `--steps` steps:
 
   plain          one process, batches sliced from in-memory tensors preprocessed once: the limit
-  plain_raydata  the same loop fed by raymtl's Ray Data pipeline (`build_datasets`, then
-                 `streaming_split(1, equal=True)` and the loop's `iter_batches` arguments): the data
-                 path of a Ray Train worker, without Ray Train; gives the wait for the next batch
+  plain_raydata  the same loop fed by raymtl's streamed Ray Data path (`build_inputs`, the rank's
+                 plan, `TaskBatches`): the data path of a Ray Train worker, without Ray Train;
+                 gives the wait for the next batch
   raymtl_1w      `raymtl.train.trainer.fit`, 1 worker with `--threads` CPUs
   raymtl_2w      `fit`, 2 workers with `--threads // 2` CPUs each (the same cores in total)
 
@@ -51,7 +51,7 @@ from raymtl.data.synthetic import make_catalogue
 from raymtl.data.tables import TaskInfo, inspect_tasks
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.build import build_model
-from raymtl.train.batches import batches_per_epoch, shuffle_seed, to_model_batch
+from raymtl.train.batches import TaskBatches, batches_per_epoch
 from raymtl.train.losses import task_loss
 from raymtl.train.optim import build_optimizer
 
@@ -130,31 +130,15 @@ def memory_batches(exp: Experiment, infos: dict[str, TaskInfo], frames: dict[str
 
 
 def raydata_batches(exp: Experiment, infos: dict[str, TaskInfo]) -> Callable[[str], Batch]:
-    """Batches from raymtl's per-task Ray Datasets, read as a Ray Train worker reads its shard."""
-    import ray.data
+    """Batches of raymtl's streamed data path (`build_inputs`, the rank's plan, `TaskBatches`), as a worker reads them."""
+    from raymtl.data.datasets import build_inputs
+    from raymtl.data.plan import train_steps
 
-    from raymtl.data.datasets import build_datasets, dataset_key
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.execution_options.preserve_order = True  # as make_trainer's DataConfig
-    datasets = build_datasets(exp, infos, splits=("train",))
-    buffer = exp.data.shuffle_buffer or None
-    iters = {
-        task: iter(
-            datasets[dataset_key(task, "train")]
-            .streaming_split(1, equal=True)[0]
-            .iter_batches(
-                batch_size=exp.training.batch_size,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=buffer,
-                local_shuffle_seed=shuffle_seed(exp.seed, 0, task, 0) if buffer else None,
-            )
-        )
-        for task in infos
-    }
-    return lambda task: to_model_batch(next(iters[task]), torch.device("cpu"))
+    tr = exp.training
+    schedule = TaskSchedule(batches_per_epoch(infos, tr.batch_size, 1), exp.seed, 0, tr.sampler, tr.temperature).steps()
+    plan = train_steps(schedule, {t: i.n_train for t, i in infos.items()}, tr.batch_size,
+                       seed=exp.seed, epoch=0, rank=0, world=1, shuffle=exp.data.shuffle)
+    return TaskBatches(build_inputs(exp, infos), "train", plan, torch.device("cpu"), None).next
 
 
 def plain_loop(exp: Experiment, infos: dict[str, TaskInfo], next_batch: Callable[[str], Batch]) -> list[tuple[str, float, float]]:
@@ -359,7 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every mode `--reps` times, interleaved; the JSON report is rewritten after each run."""
-    from raymtl.train.trainer import ensure_ray
+    from raymtl.ray_runtime import ensure_ray
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 
 from raymtl import console, preflight, storage
 from raymtl.config import ConfigError, Experiment, load_experiment
+from raymtl.ray_runtime import DASHBOARD_ENV
 
 
 def apply_overrides(exp: Experiment, args: argparse.Namespace) -> Experiment:
@@ -41,7 +43,18 @@ def add_scaling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override training.epochs (single stage)")
     p.add_argument("--name", help="experiment name (same name = resume)")
     p.add_argument("--storage", help="storage path or URI for checkpoints and logs")
+    add_cluster_flags(p)
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local cluster")
+
+
+def use_dashboard(args: argparse.Namespace) -> None:
+    """`--dashboard` reaches `ensure_ray` through the environment, wherever the command starts Ray."""
+    if getattr(args, "dashboard", False):
+        os.environ[DASHBOARD_ENV] = "1"
 
 
 def add_console_flags(p: argparse.ArgumentParser) -> None:
@@ -145,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_output", help="folder for the demo data, config and runs")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--epochs", type=int)
-    p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_demo)
 
@@ -163,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", help="text column of the input (default: the one trained on)")
     p.add_argument("--id-column", help="id column of the input (default: the one trained on, else the image)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_predict)
     return parser
@@ -176,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     console.configure(verbose=getattr(args, "verbose", False))
+    use_dashboard(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -137,6 +137,7 @@ class TrainingSpec:
     collective_timeout_s: int = 1800
     deterministic: bool = False
     debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
+    compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
 
 
 @dataclass

@@ -167,7 +167,7 @@ def predict(
     rename them for this input. `num_gpus` is per model actor, None = 1 when the cluster has GPUs.
     """
     from raymtl.models.artifact import load
-    from raymtl.train.trainer import ensure_ray
+    from raymtl.ray_runtime import ensure_ray
 
     if batch_size < 1 or pool_size < 1 or top_k < 0:
         raise ConfigError(f"need batch_size >= 1, pool_size >= 1, top_k >= 0; got {batch_size}, {pool_size}, {top_k}")

@@ -264,3 +264,51 @@ def test_text_encoder_rebuilds_from_a_saved_hf_config():
     rebuilt.load_state_dict(source.state_dict())
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(rebuilt(ids, torch.ones_like(ids)), source(ids, torch.ones_like(ids)))
+
+
+@pytest.mark.slow
+def test_compiled_features_compile_per_unit_not_per_step_or_task():
+    """Each compiled unit (group trunk, text encoder) compiles on first use; more steps over the
+    tasks, in either mode, compile nothing new. State-dict keys and logits stay the eager ones."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    groups = {"a": ["color", "tags"], "b": ["title"]}
+    eager, model = build(groups), build(groups)
+    model.load_state_dict(eager.state_dict())
+    keys = list(model.state_dict())
+    model.compile_features(backend=counting_backend)
+    assert list(model.state_dict()) == keys
+    tasks = (COLOR, TAGS, TITLE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def steps(n):
+        model.train()
+        for i in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(model, tasks[i % len(tasks)]).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for task in tasks:
+                model(batch(task, b=6), task.name)
+
+    try:
+        with torch.no_grad():
+            eager.eval(), model.eval()
+            for task in tasks:
+                b = batch(task)
+                torch.testing.assert_close(model(b, task.name), eager(b, task.name))
+        steps(6)
+        warm = len(graphs)
+        assert 2 <= warm <= 12  # trunk and text encoder, each in train and eval mode
+        steps(12)
+        assert len(graphs) == warm
+    finally:
+        torch._dynamo.reset()

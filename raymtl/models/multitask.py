@@ -205,6 +205,20 @@ class MultiTaskModel(nn.Module):
         text = self.text_encoder(batch["input_ids"], batch["attention_mask"]) if use_text else None
         return self.fusion[group](image, text)
 
+    def compile_features(self, **options: Any) -> None:
+        """`torch.compile` each group's image trunk and the text encoder, in place.
+
+        The compiled units take plain tensors and are shared by all tasks of a group, so N steps
+        over many tasks compile each unit a bounded number of times (train/eval, a new batch size)
+        instead of once per task. The task-dispatching `forward` stays eager: compiling it would
+        specialise on the task name. In place (`nn.Module.compile`), so state_dict keys, checkpoints
+        and DDP are unchanged. `options` go to `torch.compile` (e.g. `backend`, `mode`).
+        """
+        for backbone in self.image_backbones.values():
+            backbone.trunk.compile(**options)
+        if self.text_encoder is not None:
+            self.text_encoder.compile(**options)
+
     def feature_key(self, task: str) -> tuple[str, bool, bool]:
         """(group, uses image, uses text): tasks with equal keys read equal `features` of a batch.
 

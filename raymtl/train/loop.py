@@ -114,6 +114,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs only when the environment has none, so an
+    # inherited value (1 in many containers) would win; the CPU step computes with these threads.
+    torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
     if tr.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -126,6 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(exp, infos)
         state = None
     model.train()
+    if tr.compile:
+        model.compile_features()
     torch.manual_seed(exp.seed * 1000 + rank)
     np.random.seed((exp.seed * 1000 + rank) % 2**32)
 

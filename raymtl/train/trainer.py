@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +12,7 @@ from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo
 from raymtl.models.build import base_label_maps, build_model
 from raymtl.models.hub import resolve_models
+from raymtl.ray_runtime import ensure_ray
 from raymtl.train.batches import batches_per_epoch
 from raymtl.train.loop import train_loop_per_worker
 from raymtl.train.report import format_history, read_history
@@ -26,19 +26,6 @@ class TrainResult:
     metrics: dict[str, Any]  # the last reported metrics
     history: list[dict[str, Any]]  # one row per epoch
     error: Exception | None = None
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join a running cluster (RAY_ADDRESS / `address`), else start a local one sized for data + training."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **console.ray_logging())
-    else:
-        # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), **console.ray_logging())
 
 
 def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int]:

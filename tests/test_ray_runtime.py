@@ -1,0 +1,58 @@
+"""How raymtl starts or joins Ray: a lean local cluster unless asked otherwise (ray.init stubbed)."""
+
+import logging
+import os
+
+import pytest
+import ray
+
+from raymtl import console, ray_runtime
+
+
+@pytest.fixture
+def init_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for key in (*ray_runtime.LEAN_ENV, "RAY_ADDRESS", ray_runtime.DASHBOARD_ENV):
+        monkeypatch.setenv(key, "")  # recorded, so whatever ensure_ray sets is undone afterwards
+        monkeypatch.delenv(key)
+    return calls
+
+
+def test_local_cluster_starts_without_dashboard_usage_stats_or_metrics(init_calls, monkeypatch):
+    monkeypatch.setenv("RAY_enable_metrics_collection", "1")  # the user's choice is kept
+    ray_runtime.ensure_ray()
+    (kw,) = init_calls
+    assert kw["address"] == "local" and kw["include_dashboard"] is False
+    assert kw["log_to_driver"] is False and kw["logging_level"] == logging.ERROR  # quiet console by default
+    assert kw["num_cpus"] >= 4
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert os.environ["RAY_enable_metrics_collection"] == "1"
+
+
+@pytest.mark.parametrize("env, arg, expected", [("1", None, True), ("", True, True), ("1", False, False)])
+def test_dashboard_on_request(init_calls, monkeypatch, env, arg, expected):
+    monkeypatch.setenv(ray_runtime.DASHBOARD_ENV, env)
+    ray_runtime.ensure_ray(dashboard=arg)
+    assert init_calls[0]["include_dashboard"] is expected
+
+
+def test_a_cluster_address_is_joined_as_it_is(init_calls, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    ray_runtime.ensure_ray()
+    assert init_calls == [{"address": "ray://head:10001", **console.ray_logging()}]
+
+
+def test_verbose_restores_rays_own_logs(init_calls, monkeypatch):
+    monkeypatch.setitem(console._state, "verbose", True)
+    ray_runtime.ensure_ray()
+    assert init_calls[0]["log_to_driver"] is True and init_calls[0]["logging_level"] == logging.INFO
+
+
+def test_cli_dashboard_flag_reaches_ensure_ray(init_calls):
+    from raymtl import cli
+
+    cli.use_dashboard(cli.build_parser().parse_args(["train", "exp.yaml", "--dashboard"]))
+    ray_runtime.ensure_ray()
+    assert init_calls[0]["include_dashboard"] is True
