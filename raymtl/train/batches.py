@@ -8,6 +8,7 @@ batches decoded ahead of the loop (bounded prefetch, so memory does not grow wit
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +19,25 @@ from raymtl.data.plan import Step
 from raymtl.data.tables import TaskInfo
 
 logger = logging.getLogger("raymtl")
+_FIRST_FETCH = ThreadPoolExecutor(max_workers=4, thread_name_prefix="raymtl-first-batch")
+
+
+def started(items: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """`items` whose first element is already being fetched, in a background thread.
+
+    A Ray Data stream starts executing only when its first batch is asked for (scheduling decode
+    tasks, and on a fresh cluster starting their worker processes): asking at once overlaps that
+    with whatever the loop does before it needs the batch (model set-up, the epoch's steps).
+    """
+    first = _FIRST_FETCH.submit(next, items, None)
+
+    def chained() -> Iterator[dict[str, np.ndarray]]:
+        head = first.result()
+        if head is not None:
+            yield head
+            yield from items
+
+    return chained()
 
 
 def batches_per_epoch(infos: dict[str, TaskInfo], batch_size: int, world_size: int) -> dict[str, int]:
@@ -54,7 +74,7 @@ class TaskBatches:
                 cache.gather(dataset_key(s.task, split), s.rows) for s in steps
             )
         else:
-            self.raw = stream(inputs, split, steps)
+            self.raw = started(stream(inputs, split, steps))
 
     def next(self, task: str) -> dict[str, torch.Tensor] | None:
         step = self.steps[self.i]

@@ -173,6 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         plan = train_steps(all_steps, n_train, tr.batch_size, seed=exp.seed, epoch=epoch, rank=rank, world=world,
                            start=position.step, shuffle=exp.data.shuffle)
         data = TaskBatches(inputs, "train", plan, device, cache)
+        # Validation decodes during the epoch's steps (bounded prefetch), not after them.
+        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world), device, cache)
         timer.streams_started()
         for task in all_steps[position.step :]:
             timer.begin()
@@ -207,7 +209,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
         timer.eval_started()
-        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world), device, cache)
         val = evaluate(model, exp, infos, val_data, device)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
         row.update(timer.metrics(world))
