@@ -131,6 +131,27 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from raymtl.evaluate import compare, evaluate, format_table, write_results
+
+    options = dict(split=args.split, tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
+                   pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address)
+    evaluation = evaluate(args.model, args.config, **options)
+    baselines = [evaluate(b, args.config, **options) for b in args.baseline or []]
+    comparison = compare(evaluation, baselines) if baselines else None
+    print(format_table(evaluation, comparison))
+    write_results(args.out, evaluation, baselines, comparison)
+    print(f"wrote {args.out}/evaluation.json and evaluation.csv")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from raymtl.models.ensemble import build_ensemble
+
+    print(f"ensemble of {len(args.members)} members -> {build_ensemble(args.members, args.out, args.weights)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymtl", description="Multi-task, multi-dataset training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="per-task metrics of a saved model or ensemble on labelled data (Ray Data)")
+    p.add_argument("model", help="saved model or ensemble folder or URI")
+    p.add_argument("config", help="experiment YAML whose tasks name the labelled data (validation:/test: sources)")
+    p.add_argument("--split", choices=["validation", "test"], default="validation")
+    p.add_argument("--out", default="evaluation", help="folder for evaluation.json and evaluation.csv")
+    p.add_argument("--baseline", nargs="+", help="models to compare with (per task: those that predict it)")
+    p.add_argument("--tasks", help="comma-separated tasks to evaluate (default: the model's tasks in the config)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per model call")
+    p.add_argument("--pool-size", type=int, default=1, help="model actors")
+    p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
+    add_cluster_flags(p)
+    add_console_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ensemble", help="one saved model averaging the probabilities of several saved models")
+    p.add_argument("members", nargs="+", help="saved model folders or URIs (same tasks and label maps)")
+    p.add_argument("--out", required=True, help="folder or URI for the ensemble (must not exist)")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per member (default: equal)")
+    p.set_defaults(func=cmd_ensemble)
     return parser
 
 

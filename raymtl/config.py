@@ -49,6 +49,7 @@ class TaskSpec:
     name: str
     train: Any  # parquet/CSV path or glob (local or URI); a pandas DataFrame in the Python API
     validation: Any = None
+    test: Any = None  # held out: read only by `raymtl evaluate --split test`
     kind: str = "multiclass"
     label_column: str = "label"
     image_column: str | None = None

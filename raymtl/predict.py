@@ -52,7 +52,7 @@ from raymtl.data.transforms import Preprocessor
 if TYPE_CHECKING:  # the artifact module imports torch, which the decoding actors do without
     from raymtl.models.artifact import SavedModel
 
-ID, ERROR = "id", "error"
+ID, ERROR, LABEL = "id", "error", "label"
 ROWS_PER_FILE = 100_000  # output rows are ~100 bytes: files of ~10 MB, not one tiny file per batch
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Reason -> the phrase that marks it in an error message (Preprocessor's, and `_empty_texts`').
@@ -127,6 +127,7 @@ class Plan:
     id_column: str
     strict: bool
     top_k: int
+    label_column: str | None = None  # evaluation: also encode this column as the (single) head's labels
 
     def preprocessors(self, data: DataSpec) -> list[Preprocessor]:
         """One per input; `data` is the plan's with the tokenizer folder of the node it runs on."""
@@ -136,6 +137,8 @@ class Plan:
     def required_columns(self) -> dict[str, str]:
         """Column -> what names it, for every column the run reads (the id first)."""
         columns = {self.id_column: "id_column"}
+        if self.label_column:
+            columns[self.label_column] = "label_column"
         for inp, prep in zip(self.inputs, self.preprocessors(self.data)):
             columns.update({c: f"{inp.kind}_column" for c in prep.input_columns if c not in columns})
         return columns
@@ -185,8 +188,13 @@ def predict(
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
-def predictions(items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float) -> ray.data.Dataset:
-    """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` actors."""
+def predictions(
+    items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None
+) -> ray.data.Dataset:
+    """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` actors.
+
+    `model_stage` replaces `_Predict` (same constructor) to turn model outputs into other rows.
+    """
     return items.map_batches(
         _Prepare,
         fn_constructor_args=(plan,),
@@ -195,7 +203,7 @@ def predictions(items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_prepare_actors(pool_size)),
         udf_modifying_row_count=False,
     ).map_batches(
-        _Predict,
+        model_stage or _Predict,
         fn_constructor_args=(plan, gpus > 0),
         batch_format="numpy",
         batch_size=batch_size,
@@ -256,6 +264,7 @@ def make_plan(
     id_column: str | None = None,
     strict: bool = False,
     top_k: int = 0,
+    label_column: str | None = None,
 ) -> Plan:
     """The plan of a run of the model `saved` (loaded from `model_path`); faults named before Ray runs."""
     specs = task_specs(saved.experiment, saved.infos, tasks, image_column=image_column, text_column=text_column)
@@ -268,6 +277,7 @@ def make_plan(
         id_column=_id_column(specs, id_column),
         strict=strict,
         top_k=top_k,
+        label_column=label_column,
     )
 
 
@@ -390,6 +400,7 @@ class _Prepare:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.preprocessors = plan.preprocessors(_local_tokenizer(plan.data, plan.model_path))
+        self.labels = _label_encoder(plan) if plan.label_column else None
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         plan = self.plan
@@ -400,11 +411,21 @@ class _Prepare:
             if inp.kind == "text":
                 arrays[ERROR] = _empty_texts(batch[inp.column], inp)
             out.update({f"{i}/{key}": value for key, value in arrays.items() if key != "task"})
+        if self.labels is not None:
+            out[LABEL] = self.labels(batch)[LABEL]
         out[ERROR] = _join_errors([out[f"{i}/{ERROR}"] for i in range(len(plan.inputs))])
         bad = np.flatnonzero(out[ERROR] != "")
         if plan.strict and len(bad):
             raise BadRowError(f"bad row {plan.id_column}={out[ID][bad[0]]!r}: {out[ERROR][bad[0]]}")
         return out
+
+
+def _label_encoder(plan: Plan) -> Preprocessor:
+    """The training transform reading only the label column of the plan's one task."""
+    (head,) = plan.heads
+    spec = TaskSpec(head.task, train=None, label_column=plan.label_column)
+    info = TaskInfo(head.task, head.kind, list(head.labels), 0, 0, has_image=False, has_text=False)
+    return Preprocessor(spec, info, plan.data)
 
 
 def _local_tokenizer(data: DataSpec, model_path: str) -> DataSpec:
@@ -430,7 +451,8 @@ def _join_errors(errors: list[np.ndarray]) -> np.ndarray:
 
 
 class _Predict:
-    """Model actor: loads the artifact once; per batch, one backbone pass per task group and inputs."""
+    """Model actor: loads the artifact (every member of an ensemble) once; per batch, one backbone
+    pass per member, task group and inputs."""
 
     def __init__(self, plan: Plan, use_gpu: bool) -> None:
         import torch
@@ -456,22 +478,27 @@ class _Predict:
     def _probs(self, head: Head, batch: dict[str, np.ndarray], good: np.ndarray, features: dict) -> np.ndarray:
         """Softmax (multiclass) or sigmoid (multilabel) probabilities; zeros on bad rows.
 
-        `features` caches the fused features per (feature key, good rows) within one batch.
+        An ensemble's are its members' weighted mean. `features` caches the fused features per
+        (member, feature key, good rows) within one batch.
         """
         import torch
 
+        from raymtl.models.ensemble import members_of, probabilities
+
         probs = np.zeros((len(good), len(head.labels)), np.float32)
-        if good.any():
-            key = (self.model.feature_key(head.task), good.tobytes())
-            if key not in features:
-                prefixes = tuple(f"{i}/" for i in head.inputs)
-                inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
-                          for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
-                with torch.inference_mode():
-                    features[key] = self.model.features(inputs, head.task)
-            with torch.inference_mode():
-                logits = self.model.heads[head.task](features[key]).float()
-            probs[good] = (logits.softmax(1) if head.kind == "multiclass" else logits.sigmoid()).cpu().numpy()
+        if not good.any():
+            return probs
+        prefixes = tuple(f"{i}/" for i in head.inputs)
+        inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
+                  for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
+        total = 0.0
+        with torch.inference_mode():
+            for k, (weight, member) in enumerate(members_of(self.model)):
+                key = (k, member.feature_key(head.task), good.tobytes())
+                if key not in features:
+                    features[key] = member.features(inputs, head.task)
+                total = total + weight * probabilities(member.heads[head.task](features[key]), head.kind)
+        probs[good] = total.cpu().numpy()
         return probs
 
 

@@ -309,7 +309,7 @@ def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_fac
     root = tmp_path_factory.mktemp("sweep")
     cat = make_planted(root / "data", n_clusters=1, tasks_per_cluster=2, n_per_task=40)
     exp = planted_experiment(cat, str(root / "runs"), name="tiny", training={"epochs": 1})
-    spec = SweepSpec(groupings=[{"both": ["c0_t0", "c0_t1"]}], max_concurrent=2)
+    spec = SweepSpec(groupings=[{"both": ["c0_t0", "c0_t1"]}], max_concurrent=2, ensemble=True)
     result = sweep.run_sweep(exp, spec)
 
     assert sorted(t.config["grouping"] for t in result.trials) == ["one_group", "one_per_task"]
@@ -326,6 +326,10 @@ def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_fac
     summary = json.loads((Path(result.sweep_dir) / "summary.json").read_text())
     assert summary["choice"]["trial_id"] == result.choice.trial_id
     assert (Path(result.sweep_dir) / "summary.csv").is_file()
+    ensemble = summary["ensemble"]  # the chosen grouping's one seed, evaluated on validation
+    assert ensemble["members"] == [result.choice.trial_id] and raymtl.load(ensemble["model"]).tasks == exp.task_names
+    winner = next(t for t in result.trials if t.trial_id == result.choice.trial_id)
+    assert ensemble["mean_score"] == pytest.approx(winner.best["val/mean_score"], abs=1e-6)  # one member = itself
 
     again = sweep.run_sweep(exp, spec)  # restores the finished Tune experiment: nothing retrains
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in result.trials]

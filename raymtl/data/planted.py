@@ -6,6 +6,13 @@ its items 1[a_c + noise_task > 0]: tasks of one cluster read the same feature (t
 other), tasks of different clusters read orthogonal ones, so the other clusters' features are
 nuisance variation that a narrow shared backbone must make room for (they interfere). Each task has
 its own disjoint items, as in real per-task datasets. Pure numpy: thousands of images in a second.
+
+With `latents_per_cluster=k > 1` the clusters interfere destructively: a cluster owns k latents
+and each of its tasks reads its own random direction w in them, 1[w . a_c + noise > 0]. Every
+task sees the same kind of images, but the clusters need disjoint k-dimensional features: a
+backbone whose shared representation is narrow (`model.hidden_dim` about k per cluster) cannot
+hold both clusters' features, so all-in-one loses to one backbone per cluster
+(`tests/test_interference.py` shows it with plain torch).
 """
 
 from __future__ import annotations
@@ -59,29 +66,38 @@ def planted_tasks(
     image_size: int = 16,
     label_noise: float = LABEL_NOISE,
     pixel_noise: float = PIXEL_NOISE,
+    latents_per_cluster: int = 1,
 ) -> dict[str, PlantedTask]:
     """The benchmark in memory, deterministic in `seed`; tasks in cluster order."""
     planted = resolve_clusters(clusters, n_clusters, tasks_per_cluster)
     rng = np.random.default_rng(seed)
-    patterns = _patterns(rng, len(planted), image_size)
+    k = latents_per_cluster
+    n_latents = k * len(planted)
+    patterns = _patterns(rng, n_latents, image_size)
     out = {}
     for c, cluster in enumerate(planted):
         for task in cluster:
-            latents = rng.standard_normal((n_per_task, len(planted)))
+            direction = np.ones(1) if k == 1 else _unit(rng.standard_normal(k))
+            latents = rng.standard_normal((n_per_task, n_latents))
             noise = rng.standard_normal((n_per_task, patterns.shape[1]))
-            signal = (latents @ patterns + pixel_noise * noise) / np.sqrt(len(planted) + pixel_noise**2)
+            signal = (latents @ patterns + pixel_noise * noise) / np.sqrt(n_latents + pixel_noise**2)
             pixels = 128.0 + CONTRAST * signal
             images = np.clip(pixels, 0, 255).round().astype(np.uint8)
             images = images.reshape(n_per_task, image_size, image_size, 3)
-            labels = latents[:, c] + label_noise * rng.standard_normal(n_per_task) > 0
+            read = latents[:, c * k:(c + 1) * k] @ direction
+            labels = read + label_noise * rng.standard_normal(n_per_task) > 0
             out[task] = PlantedTask(images, labels.astype(np.int64))
     return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
 
 
 def _patterns(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     """n orthogonal smooth pixel patterns [n, size*size*3], each with unit pixel std."""
     if n > min(size, _PATTERN_GRID) ** 2 * 3:
-        raise ValueError(f"{n} clusters need more distinct smooth patterns than {size}x{size} images hold")
+        raise ValueError(f"{n} latents need more distinct smooth patterns than {size}x{size} images hold")
     cells = -(-size // _PATTERN_GRID)
     coarse = rng.standard_normal((n, _PATTERN_GRID, _PATTERN_GRID, 3))
     fine = coarse.repeat(cells, axis=1).repeat(cells, axis=2)[:, :size, :size].reshape(n, -1)
@@ -99,6 +115,7 @@ def make_planted(
     n_per_task: int = 256,
     image_size: int = 16,
     val_fraction: float = 0.2,
+    latents_per_cluster: int = 1,
 ) -> dict[str, dict[str, str]]:
     """Write the benchmark as PNGs plus per-task parquet tables (columns id, image, label).
 
@@ -110,7 +127,7 @@ def make_planted(
     out = Path(out_dir).resolve()
     tasks = planted_tasks(
         seed, clusters, n_clusters=n_clusters, tasks_per_cluster=tasks_per_cluster,
-        n_per_task=n_per_task, image_size=image_size,
+        n_per_task=n_per_task, image_size=image_size, latents_per_cluster=latents_per_cluster,
     )
     catalogue = {}
     for task, data in tasks.items():

@@ -247,7 +247,8 @@ def _inspect_task(task: TaskSpec, data: DataSpec) -> TaskInfo:
         )
     train = _split_labels(task, "train", task.train, data)
     val = _split_labels(task, "validation", task.validation, data) if task.validation is not None else _Split()
-    labels = _label_names(task, train, val)
+    test = _split_labels(task, "test", task.test, data) if task.test is not None else _Split()
+    labels = _label_names(task, train, val, test)
     return TaskInfo(
         name=task.name,
         kind=task.kind,
@@ -330,21 +331,22 @@ def _cell_labels(values: pd.Series, task: TaskSpec, where: str) -> set[str]:
     return {str(v) for v in values.unique()}
 
 
-def _label_names(task: TaskSpec, train: _Split, val: _Split) -> list[str]:
+def _label_names(task: TaskSpec, train: _Split, val: _Split, test: _Split) -> list[str]:
     """The task's label map (index = class id), after checking every label can be encoded.
 
     With an explicit `labels` list that list is the map, so it alone bounds the labels (a listed
-    class may lack train rows). Otherwise the map is the train labels, so validation may not
-    bring new ones.
+    class may lack train rows). Otherwise the map is the train labels, so validation and test may
+    not bring new ones.
     """
     if task.labels is not None:
         names = [str(label) for label in task.labels]
-        for split, part in (("train", train), ("validation", val)):
+        for split, part in (("train", train), ("validation", val), ("test", test)):
             _check_known(task, split, part, set(names), f"is not in the task's `labels` {names}")
         return names
     names = sorted(train.labels(), key=_label_order)
     why = "does not occur in the train data (add it there or list the task's `labels`)"
-    _check_known(task, "validation", val, set(names), why)
+    for split, part in (("validation", val), ("test", test)):
+        _check_known(task, split, part, set(names), why)
     return names
 
 

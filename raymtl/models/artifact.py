@@ -8,6 +8,8 @@
 No training config, data or network access is needed to load it: the text encoder is rebuilt from
 its saved Hugging Face config, the image backbone from its torchvision name, and both take their
 trained weights from the weights file (never from a hub or the models cache).
+A folder written by `raymtl ensemble` loads the same way, its model an `EnsembleModel` (see
+`raymtl.models.ensemble`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from raymtl.config import DataSpec, ModelSpec, from_dict
+from raymtl.config import ConfigError, DataSpec, ModelSpec, from_dict
 from raymtl.data.tables import TaskInfo
+from raymtl.models.ensemble import ENSEMBLE_KEY, load_members
 from raymtl.models.multitask import MultiTaskModel
 
 META_FILE = "raymtl_model.json"
@@ -36,7 +39,7 @@ FORMAT_VERSION = 1
 class SavedModel:
     """A loaded model with everything prediction needs to preprocess inputs as in training."""
 
-    model: MultiTaskModel
+    model: MultiTaskModel  # or an EnsembleModel: same forward(batch, task) and infos
     data: DataSpec
     infos: dict[str, TaskInfo]
     groups: dict[str, list[str]]
@@ -100,6 +103,16 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def read_meta_at(location: str) -> dict[str, Any]:
+    """`read_meta` of a local folder or a URI, without fetching the weights."""
+    from raymtl import storage
+
+    path = storage.join(location, META_FILE)
+    if not storage.exists(path):
+        raise ConfigError(f"{location} is not a raymtl model: {META_FILE} is missing")
+    return json.loads(storage.read_text(path))
+
+
 def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedModel:
     """Rebuild a saved model (eval mode, on `map_location`) and its preprocessing spec from a model folder.
 
@@ -111,15 +124,23 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedM
     src = str(folder)
     folder = Path(storage.download_dir(src, _fresh_dir()) if storage.is_uri(src) else storage.resolve(src)[1])
     meta = read_meta(folder)
+    if ENSEMBLE_KEY in meta:
+        ensemble, data = load_members(str(folder), meta, map_location)
+        return SavedModel(ensemble, _local_tokenizer(data, folder), ensemble.infos, {}, meta["experiment"])
     infos = {name: TaskInfo(**d) for name, d in meta["tasks"].items()}
-    data = from_dict(DataSpec, meta["data"], "data")
-    if data.tokenizer == TOKENIZER_DIR:
-        data.tokenizer = str(folder / TOKENIZER_DIR)
+    data = _local_tokenizer(from_dict(DataSpec, meta["data"], "data"), folder)
     spec = from_dict(ModelSpec, meta["model"], "model")
     model = MultiTaskModel(spec, infos, [v.name for v in data.views], meta["groups"])
     load_safetensors(model, str(folder / WEIGHTS_FILE))
     model.to(map_location).eval()
     return SavedModel(model, data, model.infos, meta["groups"], meta["experiment"])
+
+
+def _local_tokenizer(data: DataSpec, folder: Path) -> DataSpec:
+    """`data` with the model folder's own tokenizer (saved as TOKENIZER_DIR) as a local path."""
+    if data.tokenizer == TOKENIZER_DIR:
+        data.tokenizer = str(folder / TOKENIZER_DIR)
+    return data
 
 
 def _fresh_dir() -> str:

@@ -32,14 +32,15 @@ def epoch_row(epoch: int, global_step: int, val: dict[str, dict], ewma: dict[str
             row[f"train/{task}/loss_ewma"] = e.value
     if val:
         row["val/mean_loss"] = sum(m["loss"] for m in val.values()) / len(val)
-        row["val/mean_score"] = sum(m[_primary(m)] for m in val.values()) / len(val)
+        row["val/mean_score"] = sum(m[primary_metric(m)] for m in val.values()) / len(val)
     train = [e.value for e in ewma.values() if e.value is not None]
     if train:
         row["train/mean_loss_ewma"] = sum(train) / len(train)
     return row
 
 
-def _primary(metrics: dict) -> str:
+def primary_metric(metrics: dict) -> str:
+    """A task's headline metric: accuracy (multiclass) or micro-F1 (multilabel)."""
     return "accuracy" if "accuracy" in metrics else "micro_f1"
 
 

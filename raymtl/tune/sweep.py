@@ -15,6 +15,7 @@ the tasks by Z, and the best few train as trials beside the two baselines. Folde
       runs/<trial>/    each trial's Train run: checkpoint_*/, metrics.jsonl, tensorboard/
       tune/            Tune's experiment: state for resume, a folder per trial with TensorBoard events
       summary.json, summary.csv, best_model/   the comparison, the choice and the chosen model
+      ensemble_model/  with `ensemble: true`: the chosen configuration's members (seeds) as one model
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class SweepSpec:
     max_concurrent: int = 2
     affinity_epochs: int = 1  # search run length
     affinity_every_steps: int = 10  # search run: measure Z every N steps
+    ensemble: bool = False  # also save the chosen configuration's members as one ensemble model
 
     def validate(self, exp: Experiment) -> "SweepSpec":
         """Every listed value is applied to `exp` and checked like a config, naming `sweep.<key>[i]`."""
@@ -326,6 +328,7 @@ class SweepResult:
     choice: Choice | None
     search_s: float = 0.0  # wall time of the affinity run (0 without search)
     best_model: str | None = None
+    ensemble: dict[str, Any] | None = None  # model, members, validation metrics, mean_score, best member's
 
     @property
     def trial_hours(self) -> float:
@@ -357,6 +360,7 @@ class SweepResult:
             "trials": self.rows(),
             "choice": dataclasses.asdict(self.choice) if self.choice else None,
             "best_model": self.best_model,
+            "ensemble": self.ensemble,
             "cost_hours": {"search": self.search_s / 3600, "trials": self.trial_hours, "total": self.total_hours},
             "errors": {t.trial_id: t.error for t in self.trials if t.error},
         }
@@ -404,6 +408,12 @@ def format_summary(result: SweepResult) -> str:
         members = f"{len(c.members)} member(s)"
         lines.append(f"chosen:      {json.dumps(c.config)}  {result.metric} {c.score:.4f} over {members}")
         lines.append(f"best model:  {result.best_model}")
+    if result.ensemble:
+        e = result.ensemble
+        lines.append(
+            f"ensemble:    val/mean_score {e['mean_score']:.4f} (best member {e['best_member_score']:.4f}), "
+            f"{len(e['members'])} member(s) -> {e['model']}"
+        )
     else:
         lines.append("chosen:      none (no trial finished an epoch)")
     lines.append(
@@ -474,12 +484,37 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
     result = SweepResult(sweep_dir, spec.metric, exp.task_names, found, trials, choice, search_s)
     if result.choice:
         result.best_model = _copy_dir(_winner(result).checkpoint, storage.join(sweep_dir, "best_model"))
+        if spec.ensemble:
+            result.ensemble = _ensemble(result, exp, storage.join(sweep_dir, "ensemble_model"))
     write_summary(result)
     return result
 
 
 def _winner(result: SweepResult) -> TrialRecord:
     return next(t for t in result.trials if t.trial_id == result.choice.trial_id)
+
+
+def _ensemble(result: SweepResult, exp: Experiment, dest: str) -> dict[str, Any]:
+    """The chosen configuration's members as one model at `dest` (replaced), and its validation metrics.
+
+    The best member's are its best epoch's, from the same validation data and metric code.
+    """
+    from raymtl.evaluate import evaluate
+    from raymtl.models.ensemble import build_ensemble
+
+    members = [t for t in result.trials if t.trial_id in result.choice.members and t.checkpoint]
+    fs, path = storage.resolve(dest)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:  # a resumed sweep rebuilds it
+        fs.delete_dir(path)
+    model = build_ensemble([t.checkpoint for t in members], dest)
+    evaluation = evaluate(model, exp, split="validation")
+    return {
+        "model": model,
+        "members": [t.trial_id for t in members],
+        "metrics": evaluation.tasks,
+        "mean_score": evaluation.mean_score,
+        "best_member_score": _winner(result).best["val/mean_score"],
+    }
 
 
 def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[list[Candidate], float]:

@@ -1,0 +1,218 @@
+"""`raymtl evaluate`: per-task metrics of a saved model (or an ensemble) on labelled per-task data.
+
+Each task of a training config is read from its `validation:` (or `test:`) source and runs through
+prediction's Ray Data stages (`raymtl.predict`: the training `Preprocessor` on CPU actors, the
+model in a pool of actors) with its labels encoded alongside; the driver feeds the probabilities
+into the training metric code (`make_accumulator`), so the numbers are the ones training reports.
+
+The loss is the negative log-likelihood of the predicted probabilities (cross-entropy or BCE,
+without label smoothing or task weight). Rows whose image cannot be read are left out and counted.
+
+With baselines, each task is compared with the baselines that predict it (several: their mean)
+and LibMTL's Δ% sums it up: the mean over tasks of the mean over the task's metrics of
+±(model - baseline) / baseline, signed so that higher is better (the loss counts negated), x 100.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from raymtl import storage
+from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
+from raymtl.predict import ERROR, LABEL, _gpus_per_actor, _Predict, make_plan, predictions, read_items
+from raymtl.train.metrics import summary_table
+from raymtl.train.report import primary_metric
+
+SPLITS = {"validation": "validation", "test": "test"}  # --split -> TaskSpec field
+LOWER_IS_BETTER = frozenset({"loss"})
+COUNTS = ("rows", "bad_rows")  # reported beside the metrics, not compared
+
+
+@dataclass
+class Evaluation:
+    """One model's metrics on one split: task -> metric -> value (plus the row counts)."""
+
+    model: str
+    split: str
+    tasks: dict[str, dict[str, float]]
+    seconds: float = 0.0
+
+    @property
+    def mean_score(self) -> float:
+        """The mean of the tasks' primary metrics, as `val/mean_score` in training."""
+        return float(np.mean([m[primary_metric(m)] for m in self.tasks.values()]))
+
+
+@dataclass
+class Comparison:
+    """Per-task metric deltas against the baselines and LibMTL's Δ% (higher is better)."""
+
+    baselines: list[str]
+    deltas: dict[str, dict[str, float]]  # task -> metric -> model - baseline
+    delta_percent: float
+    per_task_percent: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(
+    model_path: str,
+    config: str | Experiment,
+    *,
+    split: str = "validation",
+    tasks: list[str] | None = None,
+    batch_size: int = 64,
+    pool_size: int = 1,
+    num_gpus: float | None = None,
+    address: str | None = None,
+) -> Evaluation:
+    """Metrics of every task of `config` (a YAML path or an Experiment) that the model predicts.
+
+    With `tasks` only those; without, a config task the model lacks is skipped, and a model with
+    none of the config's tasks is a ConfigError, as is a task without the split's source or with a
+    label the model does not know.
+    """
+    from raymtl.models.artifact import load
+    from raymtl.train.trainer import ensure_ray
+
+    exp = config if isinstance(config, Experiment) else load_experiment(config)
+    saved = load(model_path)
+    specs = _task_specs(exp, saved.infos, split, tasks)
+    ensure_ray(address)
+    gpus = _gpus_per_actor(num_gpus)
+    start = time.perf_counter()
+    metrics = {}
+    for spec in specs:
+        plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
+                         text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
+        source = getattr(spec, SPLITS[split])
+        scored = predictions(read_items(source, plan), plan, batch_size, pool_size, gpus, model_stage=_Score)
+        metrics[spec.name] = task_metrics(saved.infos[spec.name], scored.iter_batches(batch_format="numpy"))
+    return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start)
+
+
+def _task_specs(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> list[TaskSpec]:
+    """The config's tasks to evaluate, checked against the model and the data before Ray starts."""
+    from raymtl.data.tables import inspect_tasks
+
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    for name in tasks or []:
+        exp.task(name)  # names the unknown task
+        if name not in infos:
+            raise ConfigError(f"the model has no task {name!r}; its tasks are {list(infos)}")
+    specs = [t for t in exp.tasks if (t.name in tasks if tasks else t.name in infos)]
+    if not specs:
+        raise ConfigError(f"the model predicts none of the config's tasks {exp.task_names}; its tasks are {list(infos)}")
+    for spec in specs:
+        if getattr(spec, SPLITS[split]) is None:
+            raise ConfigError(f"task {spec.name!r} has no `{SPLITS[split]}:` source to evaluate on")
+    found = inspect_tasks(Experiment(exp.name, specs, data=exp.data))  # files, columns, labels
+    for spec in specs:
+        unknown = sorted(set(found[spec.name].labels) - set(infos[spec.name].labels))
+        if unknown:
+            raise ConfigError(
+                f"task {spec.name!r}: label {unknown[0]!r} of the data is not in the model's label map "
+                f"{infos[spec.name].labels[:20]}"
+            )
+    return specs
+
+
+def _row_id(spec: TaskSpec) -> str | None:
+    """What names a row in an error: the id column, else the image path."""
+    return spec.id_column or spec.image_column
+
+
+class _Score(_Predict):
+    """Model actor of an evaluation: per row the probabilities of the plan's task, its label, badness."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (head,) = self.heads
+        bad = np.zeros(len(batch[LABEL]), dtype=bool)
+        for i in head.inputs:
+            bad |= batch[f"{i}/{ERROR}"] != ""
+        return {"probs": self._probs(head, batch, ~bad, {}), LABEL: batch[LABEL], "bad": bad}
+
+
+def task_metrics(info, batches) -> dict[str, float]:
+    """The training metrics of one task from batches of {"probs", "label", "bad"} numpy arrays."""
+    import torch
+
+    from raymtl.models.ensemble import as_logits
+    from raymtl.train.losses import task_loss
+    from raymtl.train.metrics import make_accumulator
+
+    accumulator = make_accumulator(info, info.threshold)
+    loss = task_loss(TaskSpec(info.name, train=None, kind=info.kind), info)
+    rows = bad_rows = 0
+    for batch in batches:
+        good = ~batch["bad"]
+        rows, bad_rows = rows + len(good), bad_rows + int((~good).sum())
+        if good.any():
+            logits = as_logits(torch.as_tensor(batch["probs"][good]), info.kind)
+            target = torch.as_tensor(batch[LABEL][good])
+            accumulator.update(logits, target, loss(logits, target) * int(good.sum()))
+    return {**accumulator.compute(), "rows": rows, "bad_rows": bad_rows}
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def compare(evaluation: Evaluation, baselines: list[Evaluation]) -> Comparison:
+    """Deltas and Δ% of `evaluation` against the baselines; every task needs a baseline that has it."""
+    deltas, percent = {}, {}
+    for task, metrics in evaluation.tasks.items():
+        refs = [b.tasks[task] for b in baselines if task in b.tasks]
+        if not refs:
+            raise ConfigError(f"no baseline predicts task {task!r}; baselines: {[b.model for b in baselines]}")
+        names = [m for m in metrics if m not in COUNTS]
+        reference = {m: float(np.mean([r[m] for r in refs])) for m in names}
+        deltas[task] = {m: metrics[m] - reference[m] for m in names}
+        percent[task] = float(np.mean([relative_gain(m, metrics[m], reference[m]) for m in names]))
+    return Comparison([b.model for b in baselines], deltas, 100 * float(np.mean(list(percent.values()))),
+                      {t: 100 * p for t, p in percent.items()})
+
+
+def relative_gain(metric: str, value: float, baseline: float) -> float:
+    """(value - baseline) / baseline, negated for a metric where lower is better."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    return sign * (value - baseline) / baseline if baseline else 0.0
+
+
+# ---------------------------------------------------------------- output
+
+
+def format_table(evaluation: Evaluation, comparison: Comparison | None = None) -> str:
+    """One row per task: its metrics, and with a comparison the primary metric's delta and Δ%."""
+    rows = []
+    for task, metrics in evaluation.tasks.items():
+        row = {"task": task, **metrics}
+        if comparison:
+            primary = primary_metric(metrics)
+            row[f"Δ {primary}"] = comparison.deltas[task][primary]
+            row["Δ%"] = comparison.per_task_percent[task]
+        rows.append(row)
+    lines = [summary_table(rows), "", f"mean score: {evaluation.mean_score:.4f}  ({evaluation.split})"]
+    if comparison:
+        lines.append(f"Δ% vs {', '.join(comparison.baselines)}: {comparison.delta_percent:+.2f}")
+    return "\n".join(lines)
+
+
+def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation], comparison: Comparison | None) -> None:
+    """evaluation.json (everything) and evaluation.csv (one row per model and task) in `out`."""
+    report: dict[str, Any] = {**asdict(evaluation), "mean_score": evaluation.mean_score,
+                              "baselines": [asdict(b) for b in baselines],
+                              "comparison": asdict(comparison) if comparison else None}
+    storage.write_text(storage.join(out, "evaluation.json"), json.dumps(report, indent=2))
+    rows = [{"model": e.model, "task": task, **metrics} for e in (evaluation, *baselines)
+            for task, metrics in e.tasks.items()]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(out, "evaluation.csv"), buffer.getvalue())

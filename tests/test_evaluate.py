@@ -1,0 +1,116 @@
+"""`raymtl evaluate`: metrics equal to ones computed by hand, Δ% as LibMTL defines it.
+
+The model is tiny and untrained; the in-process tests run prediction's two stages without Ray, one
+slow test runs the command on Ray Data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raymtl.cli import main
+from raymtl.config import ConfigError
+from raymtl.data.planted import make_planted, planted_experiment
+from raymtl.data.tables import TaskInfo
+from raymtl.evaluate import Evaluation, _Score, _task_specs, compare, task_metrics
+from raymtl.predict import _Prepare, make_plan
+from test_ensemble_model import TASKS, member_probs, save_tiny
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model folder, experiment whose tasks a and b read planted data with 0/1 labels)."""
+    root = tmp_path_factory.mktemp("eval")
+    model = save_tiny(root / "model", 0, {"all": list(TASKS)})
+    catalogue = make_planted(root / "data", clusters=[list(TASKS)], n_per_task=30)
+    exp = planted_experiment(catalogue, str(root / "runs"), name="eval")
+    return model, exp
+
+
+def by_hand(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 over the present classes and cross-entropy of the probabilities."""
+    pred = probs.argmax(1)
+    f1 = []
+    for c in range(probs.shape[1]):
+        tp, fp, fn = ((pred == c) & (labels == c)).sum(), ((pred == c) & (labels != c)).sum(), ((pred != c) & (labels == c)).sum()
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    loss = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    return {"accuracy": (pred == labels).mean(), "macro_f1": np.mean(f1), "loss": loss}
+
+
+def test_metrics_of_the_scoring_stage_match_metrics_by_hand(setup):
+    model, exp = setup
+    import raymtl
+
+    saved = raymtl.load(model)
+    for spec in exp.tasks:
+        items = pd.read_parquet(spec.validation)
+        plan = make_plan(model, saved, tasks=[spec.name], image_column="image", id_column="id", label_column="label")
+        scored = _Score(plan, use_gpu=False)(_Prepare(plan)(items))
+        got = task_metrics(saved.infos[spec.name], [scored, scored])  # two batches: counts add up
+        expected = by_hand(member_probs(model, items)[spec.name], items["label"].to_numpy())
+        assert got["rows"] == 2 * len(items) and got["bad_rows"] == 0
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_multilabel_metrics_threshold_the_probabilities():
+    info = TaskInfo("tags", "multilabel", ["x", "y"], 1, 1, True, False, threshold=0.5)
+    probs = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.4]], np.float32)
+    labels = np.array([[1, 0], [0, 1], [0, 1]], np.float32)
+    got = task_metrics(info, [{"probs": probs, "label": labels, "bad": np.zeros(3, bool)}])
+    # predicted: {x}, {x, y}, {}: tp 2, fp 1, fn 1
+    assert got["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert got["exact_match"] == pytest.approx(1 / 3)
+    bce = -(labels * np.log(probs) + (1 - labels) * np.log(1 - probs)).mean()
+    assert got["loss"] == pytest.approx(bce, abs=1e-5)
+
+
+def test_delta_percent_is_the_sign_corrected_mean_relative_gain():
+    model = Evaluation("m", "validation", {"a": {"accuracy": 0.9, "loss": 0.3, "rows": 10, "bad_rows": 0},
+                                            "b": {"accuracy": 0.5, "loss": 0.5, "rows": 10, "bad_rows": 0}})
+    stl_a = Evaluation("sa", "validation", {"a": {"accuracy": 0.6, "loss": 0.6, "rows": 10, "bad_rows": 0}})
+    stl_b = Evaluation("sb", "validation", {"b": {"accuracy": 0.5, "loss": 0.4, "rows": 10, "bad_rows": 0}})
+    result = compare(model, [stl_a, stl_b])
+    # a: acc +0.5, loss -(0.3-0.6)/0.6 = +0.5 -> +50 %; b: acc 0, loss -(0.1/0.4) -> -12.5 %
+    assert result.per_task_percent == pytest.approx({"a": 50.0, "b": -12.5})
+    assert result.delta_percent == pytest.approx(18.75)
+    assert result.deltas["a"]["accuracy"] == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="no baseline predicts task 'b'"):
+        compare(model, [stl_a])
+
+
+def test_faults_are_named_before_ray_starts(setup):
+    model, exp = setup
+    import raymtl
+
+    infos = raymtl.load(model).infos
+    with pytest.raises(ConfigError, match="task 'a' has no `test:` source"):
+        _task_specs(exp, infos, "test", None)
+    with pytest.raises(ConfigError, match="the model has no task 'b'"):
+        _task_specs(exp, {"a": infos["a"]}, "validation", ["b"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_evaluates_on_ray_data_with_a_baseline(ray_cluster, setup, tmp_path, capsys):
+    model, exp = setup
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(exp.to_dict()))
+    out = tmp_path / "out"
+    assert main(["evaluate", model, str(config), "--out", str(out), "--baseline", model, "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "Δ% vs" in printed and "+0.00" in printed  # the model against itself
+    report = json.loads((out / "evaluation.json").read_text())
+    for spec in exp.tasks:
+        items = pd.read_parquet(spec.validation)
+        expected = by_hand(member_probs(model, items)[spec.name], items["label"].to_numpy())
+        for key, value in expected.items():
+            assert report["tasks"][spec.name][key] == pytest.approx(value, abs=1e-5), key
+    assert (out / "evaluation.csv").read_text().count("\n") == 1 + 2 * len(exp.tasks)
