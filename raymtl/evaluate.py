@@ -78,7 +78,7 @@ def evaluate(
     label the model does not know.
     """
     from raymtl.models.artifact import load
-    from raymtl.train.trainer import ensure_ray
+    from raymtl.ray_runtime import ensure_ray
 
     exp = config if isinstance(config, Experiment) else load_experiment(config)
     saved = load(model_path)

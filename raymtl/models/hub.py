@@ -184,6 +184,14 @@ def _hf_download(repo_id: str, key: str, cache: Path, *, weights: bool) -> None:
 # ---------------------------------------------------------------- torchvision weights
 
 
+def check_image_backbone(arch: str) -> None:
+    """`arch` is a torchvision classification model, else a ConfigError with a "did you mean"."""
+    from torchvision import models
+
+    _choice(arch, models.list_models(module=models), "model.image_backbone",
+            listed="the names of torchvision.models.list_models(module=torchvision.models)")
+
+
 def _image_weights(arch: str, weights: str | None, kwargs: dict | None,
                    caches: Caches) -> tuple[str | None, tuple[list[float], list[float]] | None]:
     """(local weights file or None, the named weights' (mean, std) or None); checks the backbone name."""
@@ -192,10 +200,9 @@ def _image_weights(arch: str, weights: str | None, kwargs: dict | None,
         # The common offline miss (a fresh node), told without the seconds that importing torchvision takes.
         raise ConfigError(f"model.image_weights: {arch} {weights}: no torchvision weights in the torch cache "
                           f"{caches.torch} (HF_HUB_OFFLINE is set); {FETCH_HINT}")
+    check_image_backbone(arch)
     from torchvision import models
 
-    _choice(arch, models.list_models(module=models), "model.image_backbone",
-            listed="the names of torchvision.models.list_models(module=torchvision.models)")
     if weights is None:
         return None, None
     from raymtl.models.backbones import check_image_weights

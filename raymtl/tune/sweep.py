@@ -38,6 +38,7 @@ import torch
 from raymtl import storage
 from raymtl.config import ConfigError, Experiment, from_dict, read_config
 from raymtl.data.tables import TaskInfo
+from raymtl.models.hub import check_image_backbone
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import AFFINITY_FILE, read_history
 from raymtl.tune.groupings import Grouping, baseline_groupings, best_groupings, score_partition
@@ -129,6 +130,8 @@ class SweepSpec:
         for where, variant in self.variants(exp):
             try:
                 variant.validate()
+                if self.backbones and variant.model.image_backbone:
+                    check_image_backbone(variant.model.image_backbone)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
         return self
