@@ -35,6 +35,7 @@ SPLITS = ("train", "val")
 _TARGET_CHUNK_BYTES = 32 << 20
 _MIN_CHUNK, _MAX_CHUNK = 8, 4096
 _CACHE_SHARE = 0.25  # data.cache "auto": cache when the decoded inputs fit in this share of the object store
+_CACHE_BLOCK_ROWS = 4096  # rows decoded per Ray task when caching
 _STREAM_STEPS_PER_BLOCK = 4  # batches decoded per Ray task when streaming
 _STREAM_PREFETCH_BLOCKS = 2  # blocks decoded ahead of the loop, per rank: bounds its memory
 
@@ -121,7 +122,10 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
             for start in range(0, n, _chunk_rows(preps[task_of(key)]))
         ]
         items = [{"key": key, "seq": start, "rows": np.arange(start, stop)} for key, start, stop in chunks]
-        inputs.cached = _decoded(inputs, items, steps_per_block=1).materialize().to_arrow_refs()
+        # ~_CACHE_BLOCK_ROWS rows per decode task: small data decodes in one process (a new worker
+        # process costs seconds of imports), large data in as many parallel tasks as it fills.
+        per_block = max(1, _CACHE_BLOCK_ROWS * len(items) // max(1, sum(inputs.rows.values())))
+        inputs.cached = _decoded(inputs, items, steps_per_block=per_block).materialize().to_arrow_refs()
     return inputs
 
 
