@@ -87,10 +87,10 @@ class RunFiles:
         self.tb_local = storage.resolve(self.tb_dest)[1] if local else tempfile.mkdtemp(prefix="raymtl_tb_")
         self.writer = SummaryWriter(self.tb_local)
 
-    def log_step(self, epoch: int, step: int, steps: int, task: str, loss: float | None) -> None:
-        """A progress line about every tenth of an epoch."""
+    def log_step(self, epoch: int, step: int, steps: int, task: str, loss: Ewma) -> None:
+        """A progress line about every tenth of an epoch (the only time the EWMA is read off the device)."""
         if step == steps or step % max(1, steps // 10) == 0:
-            logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss)
+            logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss.value)
 
     def log_affinity(self, tracker: AffinityTracker) -> None:
         """affinity.json (the running mean, TAG's Z) and affinity.png (its heatmap) in the run folder."""
