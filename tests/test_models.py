@@ -264,3 +264,14 @@ def test_text_encoder_rebuilds_from_a_saved_hf_config():
     rebuilt.load_state_dict(source.state_dict())
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(rebuilt(ids, torch.ones_like(ids)), source(ids, torch.ones_like(ids)))
+
+
+def test_parameters_for_is_exactly_what_a_step_of_the_task_gives_a_gradient():
+    """What the gradient sync reduces: a task's backward pass reaches these and nothing else."""
+    model = build({"a": ["color", "tags"], "b": ["title"]})
+    for task in (COLOR, TITLE, TAGS):
+        model.zero_grad(set_to_none=True)
+        loss_of(model, task).backward()
+        used = {id(p) for p in model.parameters_for(task.name)}
+        assert {id(p) for p in model.parameters() if p.grad is not None} == used, task.name
+        assert len(used) == len(model.parameters_for(task.name))  # each once
