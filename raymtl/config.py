@@ -128,6 +128,7 @@ class TrainingSpec:
     collective_timeout_s: int = 1800
     deterministic: bool = False
     debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
 
 
 @dataclass

@@ -139,7 +139,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
             "run_dir": storage.join(storage_path, exp.name),
         },
         scaling_config=ScalingConfig(
-            num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker}
+            num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker, **tr.worker_resources}
         ),
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
         datasets=build_datasets(exp, infos, cache=cache),
