@@ -115,7 +115,7 @@ def affinity_ready(recent: RecentRows, tracker: AffinityTracker) -> bool:
     return all_reduce_sum(have).item() == world_size()
 
 
-def resume_position(saved: RunMeta | None, now: RunMeta, position: Position) -> Position:
+def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
     """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
 
     A changed schedule (another world size, batch size, seed or sampler) shards and orders the
@@ -125,7 +125,7 @@ def resume_position(saved: RunMeta | None, now: RunMeta, position: Position) -> 
     if saved is None or saved.schedule == now.schedule or position.step == 0:
         return position
     changed = [k for k in now.schedule if saved.schedule.get(k) != now.schedule[k]]
-    if ray.train.get_context().get_world_rank() == 0:
+    if rank == 0:
         logger.warning(
             "[raymtl] resuming with a changed task schedule (%s): epoch %d restarts from its first step "
             "(%d of its steps were taken before the checkpoint)",
@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     files = RunFiles(run_dir) if rank == 0 else None
 
     if state is not None:
-        position = resume_position(state["meta"], meta, state["position"])
+        position = resume_position(state["meta"], meta, state["position"], rank)
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
