@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -266,10 +267,14 @@ def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batch
 
 
 def _carried_metrics(exp: Experiment, position: Position) -> dict:
-    """A mid-epoch checkpoint carries the last epoch's metrics, so best-k ranking stays meaningful."""
+    """A mid-epoch checkpoint carries the last epoch's metrics, so best-k ranking stays meaningful.
+
+    Before the first epoch ends it scores worst: the largest finite float, since Ray Train keeps
+    scores in a JSON snapshot where infinity does not survive (a resumed run would then fail to rank).
+    """
     if position.history:
         return dict(position.history[-1], epoch=position.epoch)
-    worst = float("inf") if exp.training.checkpoint_mode == "min" else float("-inf")
+    worst = sys.float_info.max if exp.training.checkpoint_mode == "min" else -sys.float_info.max
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
 
