@@ -139,6 +139,7 @@ class TrainingSpec:
     deterministic: bool = False
     debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
 
 
 @dataclass

@@ -181,13 +181,14 @@ class ProgressSender:
         self._looked = False
         self._last = 0.0
 
-    def step(self, epoch: int, step: int, steps: int, task: str, loss: float | None) -> None:
+    def step(self, epoch: int, step: int, steps: int, task: str, loss: Any) -> None:
+        """`loss`: the task's `Ewma`, read (a device sync on a GPU) only when the step is sent."""
         now = time.monotonic()
         if step < steps and now - self._last < SEND_EVERY_S:
             return
         self._last = now
         self._push({"kind": "step", "epoch": epoch, "step": step, "steps": steps, "task": task,
-                    "loss": loss, "time": now})
+                    "loss": loss.value, "time": now})
 
     def epoch(self, row: dict) -> None:
         self._push({"kind": "epoch", "row": row})

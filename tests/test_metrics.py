@@ -107,12 +107,17 @@ def test_empty_accumulator_is_nan_and_bad_state_is_rejected():
 def test_ewma_by_hand_and_resume():
     ewma = Ewma(0.5)
     assert ewma.value is None
-    assert ewma.update(4.0) == pytest.approx(4.0)  # m=2, /(1-0.5)
-    assert ewma.update(2.0) == pytest.approx(8 / 3)  # m=2, /(1-0.25): (0.5*2 + 0.25*4) / 0.75
+    ewma.update(4.0)
+    assert ewma.value == pytest.approx(4.0)  # m=2, /(1-0.5)
+    ewma.update(torch.tensor(2.0))  # a tensor is accumulated as a tensor, read as a float
+    assert isinstance(ewma._mean, torch.Tensor)
+    assert ewma.value == pytest.approx(8 / 3)  # m=2, /(1-0.25): (0.5*2 + 0.25*4) / 0.75
     resumed = Ewma(0.5)
     resumed.load_state_dict(ewma.state_dict())
     # m = 0.5*1 + 0.5*2 = 1.5, / (1 - 0.125) = 12/7
-    assert resumed.update(torch.tensor(1.0)) == pytest.approx(12 / 7) == ewma.update(1.0)
+    resumed.update(torch.tensor(1.0))
+    ewma.update(1.0)
+    assert resumed.value == pytest.approx(12 / 7) == ewma.value
     with pytest.raises(ValueError):
         Ewma(0.0)
 

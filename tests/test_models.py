@@ -312,3 +312,14 @@ def test_compiled_features_compile_per_unit_not_per_step_or_task():
         assert len(graphs) == warm
     finally:
         torch._dynamo.reset()
+
+
+def test_parameters_for_is_exactly_what_a_step_of_the_task_gives_a_gradient():
+    """What the gradient sync reduces: a task's backward pass reaches these and nothing else."""
+    model = build({"a": ["color", "tags"], "b": ["title"]})
+    for task in (COLOR, TITLE, TAGS):
+        model.zero_grad(set_to_none=True)
+        loss_of(model, task).backward()
+        used = {id(p) for p in model.parameters_for(task.name)}
+        assert {id(p) for p in model.parameters() if p.grad is not None} == used, task.name
+        assert len(used) == len(model.parameters_for(task.name))  # each once

@@ -219,6 +219,17 @@ class MultiTaskModel(nn.Module):
         if self.text_encoder is not None:
             self.text_encoder.compile(**options)
 
+    def parameters_for(self, task: str) -> list[nn.Parameter]:
+        """The parameters a forward pass of `task` uses (see `features`), in a fixed order.
+
+        Every rank derives the same list from the task alone, whatever its batch held, which is
+        what lets ranks synchronise exactly these gradients (`raymtl.train.gradsync`).
+        """
+        group, use_image, use_text = self.feature_key(task)
+        modules = [self.image_backbones[group] if use_image else None, self.text_encoder if use_text else None,
+                   self.fusion[group], self.heads[task]]
+        return [p for m in modules if m is not None for p in m.parameters()]
+
     def feature_key(self, task: str) -> tuple[str, bool, bool]:
         """(group, uses image, uses text): tasks with equal keys read equal `features` of a batch.
 

@@ -1,20 +1,28 @@
 """Training checkpoints: a saved-model artifact plus everything needed to resume exactly.
 
-A checkpoint folder is a complete `raymtl.load`-able model (see `raymtl.models.artifact`) with one
-extra file, `train_state.pt`: optimizer, LR schedule, position in the task schedule, EWMA losses
-and every rank's RNG states, so a resumed run continues the identical sequence of tasks.
+A checkpoint folder is a complete `raymtl.load`-able model (see `raymtl.models.artifact`) with two
+extra files: `train_state.pt` (optimizer, LR schedule, position in the task schedule, EWMA losses
+and every rank's CPU and CUDA RNG states, so a resumed run continues the identical sequence of
+tasks) and `run.json` (`RunMeta`: what the run's schedule and model were built from), which the
+driver reads to refuse an incompatible resume before Ray starts.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from raymtl.config import Experiment
+from raymtl.data.tables import TaskInfo
+
 TRAIN_STATE_FILE = "train_state.pt"
+RUN_META_FILE = "run.json"
 
 
 @dataclass
@@ -27,14 +35,80 @@ class Position:
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
 
 
+@dataclass
+class RunMeta:
+    """What a checkpoint's run was: its model's identity and the inputs of its task schedule.
+
+    `model` (task names, label maps, groups, architecture) must match to resume at all; `schedule`
+    (world size, batches per task and rank, seed, sampler) must match to resume mid-epoch exactly.
+    """
+
+    model: dict[str, Any]
+    schedule: dict[str, Any]
+
+    @classmethod
+    def of(cls, exp: Experiment, infos: dict[str, TaskInfo], batches: dict[str, int], world_size: int) -> RunMeta:
+        spec = exp.model
+        return cls(
+            model={
+                "tasks": sorted(infos),
+                "labels": {name: [str(label) for label in info.labels] for name, info in sorted(infos.items())},
+                "groups": {g: sorted(ts) for g, ts in sorted(exp.task_groups().items())},
+                "views": [v.name for v in exp.data.views],
+                "architecture": {
+                    "image_backbone": spec.image_backbone,
+                    "text_encoder": spec.text_encoder,
+                    "text_config": spec.text_config,
+                    "text_pooling": spec.text_pooling,
+                    "hidden_dim": spec.hidden_dim,
+                    "base": spec.base,
+                },
+            },
+            schedule={
+                "world_size": world_size,
+                "batches": dict(sorted(batches.items())),
+                "seed": exp.seed,
+                "sampler": exp.training.sampler,
+                "temperature": exp.training.temperature,
+                "batch_size": exp.training.batch_size,
+            },
+        )
+
+    def model_change(self, other: RunMeta) -> str | None:
+        """What of the model differs from `other`'s, in words; None when nothing does."""
+        old, new = other.model, self.model
+        if old["tasks"] != new["tasks"]:
+            gone, added = sorted(set(old["tasks"]) - set(new["tasks"])), sorted(set(new["tasks"]) - set(old["tasks"]))
+            return f"tasks changed (removed {gone}, added {added})"
+        for task, labels in new["labels"].items():
+            if labels != old["labels"][task]:
+                return f"labels of task {task!r} changed ({old['labels'][task]} -> {labels})"
+        for key in ("groups", "views", "architecture"):
+            if old[key] != new[key]:
+                return f"model {key} changed ({old[key]} -> {new[key]})"
+        return None
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / RUN_META_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunMeta:
+        return cls(**json.loads(text))
+
+
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def save_train_state(
@@ -47,6 +121,7 @@ def save_train_state(
     ewma: dict[str, dict],
     affinity: dict | None,
     rng_states: list[dict],
+    meta: RunMeta,
 ) -> None:
     torch.save(
         {
@@ -60,9 +135,32 @@ def save_train_state(
         },
         Path(folder) / TRAIN_STATE_FILE,
     )
+    meta.save(folder)
 
 
 def load_train_state(folder: Path) -> dict:
+    """The train state, with `meta` (None for a checkpoint written before run.json existed)."""
     state = torch.load(Path(folder) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     state["position"] = Position(**state["position"])
+    meta = Path(folder) / RUN_META_FILE
+    state["meta"] = RunMeta.from_json(meta.read_text()) if meta.exists() else None
     return state
+
+
+def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
+    """(folder, meta) of the newest checkpoint with a `run.json` in a run folder; None when there is none.
+
+    Ray Train names checkpoint folders `checkpoint_<date>_<time.microseconds>`, so the newest sorts last.
+    """
+    import pyarrow.fs as pafs
+
+    from raymtl import storage
+
+    fs, path = storage.resolve(run_dir)
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    for name in reversed(names):
+        meta = storage.join(run_dir, name, RUN_META_FILE)
+        if storage.exists(meta):
+            return storage.join(run_dir, name), RunMeta.from_json(storage.read_text(meta))
+    return None

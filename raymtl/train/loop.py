@@ -2,24 +2,26 @@
 
 Each step trains one task: every rank derives the same `TaskSchedule` from (seed, epoch), takes
 the next batch of that task from its own shard of the task's dataset, and back-propagates only that
-task's (weighted) loss. DDP runs with `find_unused_parameters` because a step leaves the other
-tasks' heads and the other groups' backbones untouched (their gradients stay None, so the
-optimizer does not move them).
+task's (weighted) loss. `GradSync` then averages over ranks the gradients of exactly the parameters
+that task used; the other tasks' heads and the other groups' backbones keep `grad=None`, so the
+optimizer does not move them and no bytes are spent on them. Parameters start identical on every
+rank (broadcast from rank 0); BatchNorm running statistics are rank 0's, broadcast before every
+evaluation and checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
 import ray.train
 import ray.train.torch
 from raymtl import storage
@@ -27,14 +29,15 @@ from raymtl.config import Experiment, StageSpec
 from raymtl.data.datasets import DecodedCache, TaskInputs
 from raymtl.data.plan import train_steps, val_steps
 from raymtl.train.batches import TaskBatches, batches_per_epoch
-from raymtl.train.collectives import all_reduce_sum, gather_rng
+from raymtl.train.collectives import all_reduce_sum, broadcast_tensors, gather_rng, world_size
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo
 from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.train.checkpoint import Position, load_train_state, save_train_state, set_rng_state
+from raymtl.train.checkpoint import Position, RunMeta, load_train_state, save_train_state, set_rng_state
+from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma, make_accumulator
 from raymtl.train.optim import build_lr_schedule, build_optimizer
@@ -43,6 +46,7 @@ from raymtl.train.timing import StepTimer
 from raymtl.train.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
 
 CRASH_MARKER = ".debug_crash_done"
+logger = logging.getLogger("raymtl")
 
 
 def stages_of(exp: Experiment) -> list[StageSpec]:
@@ -62,31 +66,67 @@ def stage_at(stages: list[StageSpec], epoch: int) -> int:
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], data: TaskBatches, device) -> dict:
     """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
+    sync_buffers(model)
     model.eval()
-    accs = {name: make_accumulator(info, exp.task(name).threshold) for name, info in infos.items() if info.n_val}
+    accs = {name: make_accumulator(info, exp.task(name).threshold, device) for name, info in infos.items() if info.n_val}
     losses = {name: task_loss(exp.task(name), infos[name]) for name in accs}
     for name, batch in data:
         if batch is not None:
             logits = model(batch, name).float()
-            accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]).item() * len(logits))
+            accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]) * len(logits))
     results = {}
-    for name, acc in sorted(accs.items()):
-        acc.load_state(all_reduce_sum(acc.state.to(device)).cpu())
+    for name, acc in sorted(accs.items()):  # the same order on every rank: one all-reduce per task
+        acc.load_state(all_reduce_sum(acc.state))
         results[name] = acc.compute()
     model.train()
     return results
+
+
+def sync_buffers(model: MultiTaskModel) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics), as DDP's broadcast_buffers does."""
+    broadcast_tensors(list(model.buffers()))
 
 
 def measure_affinity(model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker) -> None:
     """One lookahead affinity measurement on each task's latest rows, averaged over ranks.
 
     The lookahead step is the optimizer's own update for each task's gradient at its current lr.
+    Autocast stays off: Z is made of loss ratios 1 - after/before whose differences are small, and
+    bf16's 8-bit mantissa would drown them, so the measurement runs in float32 even when training
+    uses bf16. Z is reduced in float64 on the process group's device.
     """
     lr = optimizer.param_groups[0]["lr"]
     update = optimizer_update(optimizer, model)
-    tasks, z = lookahead_affinity(model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    tracker.update(all_reduce_sum(z.float()).double() / world)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, enabled=False):
+        tasks, z = lookahead_affinity(model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update)
+    tracker.update(all_reduce_sum(z.double()) / world_size())
+
+
+def affinity_ready(recent: RecentRows, tracker: AffinityTracker) -> bool:
+    """Whether every rank holds rows of every task (all ranks then measure together, or none does)."""
+    have = torch.tensor([float(recent.has(tracker.tasks))])
+    return all_reduce_sum(have).item() == world_size()
+
+
+def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
+    """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
+
+    A changed schedule (another world size, batch size, seed or sampler) shards and orders the
+    epoch differently, so a mid-epoch position has no exact equivalent: the epoch restarts at its
+    first step, with the weights and optimizer state the checkpoint holds.
+    """
+    if saved is None or saved.schedule == now.schedule or position.step == 0:
+        return position
+    changed = [k for k in now.schedule if saved.schedule.get(k) != now.schedule[k]]
+    if rank == 0:
+        logger.warning(
+            "[raymtl] resuming with a changed task schedule (%s): epoch %d restarts from its first step "
+            "(%d of its steps were taken before the checkpoint)",
+            ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
+            position.epoch + 1, position.step,
+        )
+    return dataclasses.replace(position, step=0)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -113,12 +153,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tr = exp.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
     # Ray sets OMP_NUM_THREADS to the worker's CPUs only when the environment has none, so an
     # inherited value (1 in many containers) would win; the CPU step computes with these threads.
     torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
     if tr.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA op
         torch.use_deterministic_algorithms(True)
+    device = ray.train.torch.get_device()
 
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -128,7 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         model = build_model(exp, infos)
         state = None
-    model.train()
+    model.to(device).train()
+    broadcast_tensors([*model.parameters(), *model.buffers()])  # ranks built their weights from unseeded RNGs
     if tr.compile:
         model.compile_features()
     torch.manual_seed(exp.seed * 1000 + rank)
@@ -144,10 +186,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_train = {name: info.n_train for name, info in infos.items()}
     n_val = {name: info.n_val for name, info in infos.items() if info.n_val}
     cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
+    meta = RunMeta.of(exp, infos, batches, world)
+    grad_sync = GradSync(model)
     files = RunFiles(run_dir) if rank == 0 else None
 
     if state is not None:
-        position = state["position"]
+        position = resume_position(state["meta"], meta, state["position"], rank)
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
@@ -161,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stage_at(stages, epoch) != stage_idx:
             stage_idx = stage_at(stages, epoch)
             stage = stages[stage_idx]
-            ddp_model, optimizer, lr_schedule = _start_stage(model, exp, stage, batches)
+            optimizer, lr_schedule = _start_stage(model, exp, stage, batches)
             if state is not None and state["stage"] == stage_idx:
                 optimizer.load_state_dict(state["optimizer"])
                 lr_schedule.load_state_dict(state["lr_schedule"])
@@ -181,30 +225,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = data.next(task)
             timer.fetched()
             position.step += 1
-            if batch is None:
-                continue
-            with _autocast(device, tr.mixed_precision):
-                logits = ddp_model(batch, task=task)
-            loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
+                with _autocast(device, tr.mixed_precision):
+                    logits = model(batch, task=task)
+                loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
+                loss.backward()
+                ewma[task].update(loss)
+            if not grad_sync(task, had_batch=batch is not None):
+                continue  # no rank had a batch: every rank skips the step
             if tr.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tr.grad_clip)
             optimizer.step()
             lr_schedule.after_step()
-            ewma[task].update(loss.item())
-            timer.done(task, len(batch["label"]))
+            timer.done(task, len(batch["label"]) if batch is not None else 0)
             position.global_step += 1
             if affinity is not None:
-                recent.add(task, batch)
-                if position.global_step % tr.affinity_every_steps == 0 and recent.has(affinity.tasks):
+                if batch is not None:
+                    recent.add(task, batch)
+                if position.global_step % tr.affinity_every_steps == 0 and affinity_ready(recent, affinity):
                     measure_affinity(model, recent, losses, optimizer, affinity)
             if files is not None:
-                files.log_step(epoch, position.step, len(all_steps), task, ewma[task].value)
+                files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
             _maybe_crash(exp, run_dir, position.global_step)
             if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
                 if position.step < len(all_steps):
-                    _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, {}, files)
+                    _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
@@ -214,31 +260,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row.update(timer.metrics(world))
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
-        _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files)
+        _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
 
 
 def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
-    """Freeze this stage's parts, (re)wrap for DDP and build its optimizer and LR schedule."""
+    """Freeze this stage's parts and build its optimizer and LR schedule."""
     model.freeze(stage.freeze)
-    ddp_model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
     lr = stage.lr if stage.lr is not None else exp.training.lr
     optimizer = build_optimizer(model.parameters(), exp.training, lr)
     lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()))
-    return ddp_model, optimizer, lr_schedule
+    return optimizer, lr_schedule
 
 
 def _carried_metrics(exp: Experiment, position: Position) -> dict:
-    """A mid-epoch checkpoint carries the last epoch's metrics, so best-k ranking stays meaningful."""
+    """A mid-epoch checkpoint carries the last epoch's metrics, so best-k ranking stays meaningful.
+
+    Before the first epoch ends it scores worst: the largest finite float, since Ray Train keeps
+    scores in a JSON snapshot where infinity does not survive (a resumed run would then fail to rank).
+    """
     if position.history:
         return dict(position.history[-1], epoch=position.epoch)
-    worst = float("inf") if exp.training.checkpoint_mode == "min" else float("-inf")
+    worst = sys.float_info.max if exp.training.checkpoint_mode == "min" else -sys.float_info.max
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
 
-def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, row, files) -> None:
+def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
+    sync_buffers(model)
     rng_states = gather_rng()
     metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
     if files is None:
@@ -263,5 +311,6 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             ewma={k: v.state_dict() for k, v in ewma.items()},
             affinity=affinity.state_dict() if affinity is not None else None,
             rng_states=rng_states,
+            meta=meta,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

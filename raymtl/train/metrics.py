@@ -152,24 +152,25 @@ class Ewma:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"EWMA alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
-        self._mean = 0.0
+        self._mean: float | Tensor = 0.0
         self._steps = 0
 
-    def update(self, value: float | Tensor) -> float:
-        """Add one value; returns the smoothed value (never None after an update)."""
-        self._mean = self.alpha * float(value) + (1.0 - self.alpha) * self._mean
+    def update(self, value: float | Tensor) -> None:
+        """Add one value. A tensor stays on its device (float64): no host sync until `value` is read."""
+        if isinstance(value, Tensor):
+            value = value.detach().to(torch.float64)
+        self._mean = self.alpha * value + (1.0 - self.alpha) * self._mean
         self._steps += 1
-        return self.value
 
     @property
     def value(self) -> float | None:
         """The smoothed value; None before the first update (a task not trained yet)."""
         if not self._steps:
             return None
-        return self._mean / (1.0 - (1.0 - self.alpha) ** self._steps)
+        return float(self._mean) / (1.0 - (1.0 - self.alpha) ** self._steps)
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"mean": self._mean, "steps": self._steps}
+        return {"mean": float(self._mean), "steps": self._steps}
 
     def load_state_dict(self, state: Mapping[str, float | int]) -> None:
         self._mean = float(state["mean"])

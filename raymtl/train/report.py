@@ -90,11 +90,12 @@ class RunFiles:
         self.writer = SummaryWriter(self.tb_local)
         self.progress = ProgressSender(run_dir)
 
-    def log_step(self, epoch: int, step: int, steps: int, task: str, loss: float | None) -> None:
-        """The step to the driver's progress bar (throttled); a log line about every tenth of an epoch."""
+    def log_step(self, epoch: int, step: int, steps: int, task: str, loss: Ewma) -> None:
+        """The step to the driver's progress bar (throttled) and a log line about every tenth of an epoch:
+        the only times the EWMA is read off the device."""
         self.progress.step(epoch, step, steps, task, loss)
         if step == steps or step % max(1, steps // 10) == 0:
-            logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss)
+            logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss.value)
 
     def log_affinity(self, tracker: AffinityTracker) -> None:
         """affinity.json (the running mean, TAG's Z) and affinity.png (its heatmap) in the run folder."""

@@ -14,6 +14,7 @@ from raymtl.models.build import base_label_maps, build_model
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import ensure_ray
 from raymtl.train.batches import batches_per_epoch
+from raymtl.train.checkpoint import RunMeta, latest_run_meta
 from raymtl.train.loop import train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
@@ -35,6 +36,24 @@ def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int
     return batches
 
 
+def check_resume(exp: Experiment, infos: dict[str, TaskInfo], batches: dict[str, int]) -> None:
+    """Refuse to resume a run (same storage path and name) whose latest checkpoint holds another model.
+
+    Changed tasks, label maps, groups or architecture would load weights under the wrong class ids
+    or fail inside Ray; a changed worker count or schedule is fine (see `loop.resume_position`).
+    """
+    found = latest_run_meta(storage.join(storage.normalize(exp.storage_path), exp.name))
+    if found is None:
+        return
+    folder, saved = found
+    change = RunMeta.of(exp, infos, batches, exp.training.num_workers).model_change(saved)
+    if change:
+        raise ConfigError(
+            f"cannot resume run {exp.name!r} from {folder}: {change}; "
+            "train under a new name (model.base grows a trained model by new tasks)"
+        )
+
+
 def with_base_labels(exp: Experiment) -> Experiment:
     """Tasks that the base model already has keep its label maps (same class ids, same head)."""
     if not exp.model.base:
@@ -53,11 +72,12 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
     models resolved to local files, fetched once here) and its tasks.
 
     Models, `preflight.check` (files, columns, labels, storage, a sample of images), that every task
-    fills a batch, and that `model.base` / `init_from` load.
+    fills a batch, that `model.base` / `init_from` load, and that a run resumed under the same name
+    still has the model of its latest checkpoint.
     """
     exp = with_base_labels(resolve_models(exp))
     infos = preflight.check(exp)
-    check_schedule(exp, infos)
+    check_resume(exp, infos, check_schedule(exp, infos))
     if exp.model.base or exp.model.init_from:
         build_model(exp, infos)
     return exp, infos
@@ -104,7 +124,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
             "inputs": build_inputs(exp, infos, cache=cache),
         },
         scaling_config=ScalingConfig(
-            num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker}
+            num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker, **tr.worker_resources}
         ),
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
         run_config=run_config,

@@ -1,0 +1,172 @@
+"""Gradient bytes per step with task groups: raymtl's gradient sync against the parameters a step uses.
+
+    python -m benchmarks.comm --groups 1 2 4 --steps 48 --json comm.json
+
+For G = 1, 2, 4 task groups (one resnet18 backbone each, one image task per group, no text) it runs
+`raymtl.train.trainer.fit` with 2 workers (gloo) for one epoch of about `--steps` steps: the
+library's real loop. Inside the workers `torch.distributed.all_reduce` is hooked and counts the
+bytes of every tensor it reduces while `GradSync` runs (the per-step gradient sync); collectives
+outside it (evaluation, checkpoint) are counted apart. Next to it stands the size of the
+parameters the step's task used (`MultiTaskModel.parameters_for`), and the step time: rank 0's
+time between consecutive gradient syncs, median over the steps after the first `--warmup` fraction.
+
+Targets: all-reduced bytes / used bytes <= 1.05 at every G, step_s(G=4) <= 1.15 x step_s(G=1).
+DDP over the whole model would reduce all G backbones at every step (~G x the used bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
+from raymtl.data.synthetic import TASK_KINDS, make_catalogue
+
+TASKS = list(TASK_KINDS)  # four image tasks
+TARGET_BYTES_RATIO, TARGET_STEP_RATIO = 1.05, 1.15
+
+
+def frames(root: Path, rows: int, image_size: int, tasks: list[str]) -> dict[str, pd.DataFrame]:
+    """`rows` train rows per task (PNG paths + labels), no text column."""
+    paths = make_catalogue(root, seed=0, image_size=image_size, sizes=dict.fromkeys(tasks, math.ceil(rows / 0.9) + 2),
+                           val_fraction=0.1)
+    return {task: pd.read_parquet(p["train"]).head(rows)[["image", "label"]] for task, p in paths.items()}
+
+
+def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, storage: Path) -> Experiment:
+    return Experiment(
+        name=name,
+        tasks=[TaskSpec(name=task, kind=TASK_KINDS[task], train=df, image_column="image") for task, df in data.items()],
+        storage_path=str(storage),
+        data=DataSpec(image_size=args.image_size, views=[ViewSpec("full")]),
+        model=ModelSpec(image_backbone="resnet18", hidden_dim=128, groups={f"g{i}": [t] for i, t in enumerate(data)}),
+        training=TrainingSpec(epochs=1, batch_size=args.batch_size, num_workers=2, cpus_per_worker=args.threads // 2,
+                              keep_checkpoints=1),
+    ).validate()
+
+
+def counting_collectives(loop, out_dir: str):
+    """`loop` with all_reduce bytes counted per gradient sync (and apart from it), rank by rank."""
+
+    def run(config):
+        import json
+        import time
+        from pathlib import Path
+
+        import ray.train
+        import torch.distributed as dist
+
+        from raymtl.train.gradsync import GradSync
+
+        steps, other = [], {"bytes": 0}
+        real_reduce, real_sync = dist.all_reduce, GradSync.__call__
+
+        def all_reduce(t, *a, **k):
+            (steps[-1] if steps and steps[-1]["open"] else other)["bytes"] += t.numel() * t.element_size()
+            return real_reduce(t, *a, **k)
+
+        def sync(self, task, had_batch):
+            used = sum(p.numel() * p.element_size() for p in self.model.parameters_for(task) if p.requires_grad)
+            steps.append({"task": task, "t": time.perf_counter(), "used": used, "bytes": 0, "open": True})
+            try:
+                return real_sync(self, task, had_batch)
+            finally:
+                steps[-1]["open"] = False
+
+        dist.all_reduce, GradSync.__call__ = all_reduce, sync
+        try:
+            loop(config)
+        finally:
+            rank = ray.train.get_context().get_world_rank()
+            Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "other_bytes": other["bytes"]}))
+
+    return run
+
+
+def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
+    from raymtl.train.trainer import make_trainer, prepare
+
+    rows = math.ceil(args.steps / groups) * args.batch_size * 2  # 2 workers
+    data = frames(tmp / f"data{groups}", rows, args.image_size, TASKS[:groups])
+    exp, infos = prepare(experiment(f"comm-g{groups}-{time.time_ns()}", data, args, tmp / "runs"))
+    out = tmp / f"calls{groups}"
+    out.mkdir()
+    trainer = make_trainer(exp, infos)
+    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out))
+    trainer.fit()
+    rank0 = json.loads((out / "rank0.json").read_text())
+    steps = rank0["steps"]
+    times = [b["t"] - a["t"] for a, b in zip(steps, steps[1:])]
+    steady = times[math.ceil(args.warmup * len(times)) :]
+    result = {
+        "groups": groups,
+        "steps": len(steps),
+        "allreduce_bytes_per_step": statistics.mean(s["bytes"] for s in steps),
+        "used_param_bytes_per_step": statistics.mean(s["used"] for s in steps),
+        "step_s": statistics.median(steady),
+        "other_allreduce_bytes": rank0["other_bytes"],
+    }
+    result["bytes_ratio"] = result["allreduce_bytes_per_step"] / result["used_param_bytes_per_step"]
+    print(f"[comm] {json.dumps(result)}", flush=True)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], choices=range(1, len(TASKS) + 1))
+    parser.add_argument("--steps", type=int, default=48, help="steps of the epoch (rounded up to a multiple of G)")
+    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="CPUs of both workers together")
+    parser.add_argument("--warmup", type=float, default=0.25, help="fraction of the steps left out of step_s")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads < 2:
+        parser.error("--threads must be >= 2 (each of the 2 workers gets threads // 2)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from raymtl.train.trainer import ensure_ray
+
+    args = parse_args(argv)
+    ensure_ray()
+    with tempfile.TemporaryDirectory(prefix="raymtl_comm_") as tmp:
+        runs = [run_groups(g, args, Path(tmp)) for g in args.groups]
+    report = {
+        "settings": {**vars(args), "json": str(args.json) if args.json else None,
+                     "model": "resnet18 per group, 1 view, hidden 128, no text", "workers": 2, "backend": "gloo"},
+        "groups": [r["groups"] for r in runs],
+        "allreduce_bytes_per_step": [r["allreduce_bytes_per_step"] for r in runs],
+        "used_param_bytes_per_step": [r["used_param_bytes_per_step"] for r in runs],
+        "step_s": [r["step_s"] for r in runs],
+        "runs": runs,
+    }
+    report["targets"] = {
+        f"allreduce/used <= {TARGET_BYTES_RATIO}": {"value": max(r["bytes_ratio"] for r in runs),
+                                                    "met": all(r["bytes_ratio"] <= TARGET_BYTES_RATIO for r in runs)},
+    }
+    by_g = {r["groups"]: r["step_s"] for r in runs}
+    if 1 in by_g and 4 in by_g:
+        ratio = by_g[4] / by_g[1]
+        report["targets"][f"step_s(G=4)/step_s(G=1) <= {TARGET_STEP_RATIO}"] = {"value": ratio, "met": ratio <= TARGET_STEP_RATIO}
+    print(f"\n{'G':>2} {'all-reduced MB/step':>20} {'used MB/step':>13} {'ratio':>6} {'s/step':>7}")
+    for r in runs:
+        print(f"{r['groups']:>2} {r['allreduce_bytes_per_step'] / 2**20:>20.2f} {r['used_param_bytes_per_step'] / 2**20:>13.2f} "
+              f"{r['bytes_ratio']:>6.3f} {r['step_s']:>7.3f}")
+    for name, t in report["targets"].items():
+        print(f"{name}: {t['value']:.3f} ({'met' if t['met'] else 'NOT met'})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

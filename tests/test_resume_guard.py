@@ -1,0 +1,61 @@
+"""Resume checks without Ray: the driver's refusal of a changed model, the loop's elastic position."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from raymtl.config import ConfigError
+from raymtl.train.checkpoint import Position, RunMeta
+from raymtl.train.loop import resume_position
+from raymtl.train.trainer import check_schedule, prepare
+from test_training import catalogue, experiment
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A prepared experiment and a fake latest checkpoint of it (2 workers) in its run folder."""
+    exp, infos = prepare(experiment(catalogue(tmp_path_factory.mktemp("guard"), {"color": 160, "style": 160}), "g",
+                                    num_workers=2))
+    run_dir = Path(exp.storage_path) / exp.name
+    old, new = run_dir / "checkpoint_2026-01-01_00-00-00.000001", run_dir / "checkpoint_2026-01-02_00-00-00.000001"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+    RunMeta.of(exp, infos, check_schedule(exp, infos), 2).save(new)
+    return exp, infos
+
+
+def with_color(exp, **changes):
+    return dataclasses.replace(exp, tasks=[dataclasses.replace(t, **changes) if t.name == "color" else t for t in exp.tasks])
+
+
+def test_unchanged_or_rescaled_run_may_resume(saved_run):
+    exp, _ = saved_run
+    prepare(exp)
+    prepare(dataclasses.replace(exp, training=dataclasses.replace(exp.training, num_workers=1, batch_size=8)))
+
+
+def test_changed_labels_tasks_or_model_are_refused_naming_the_change(saved_run):
+    exp, infos = saved_run
+    reordered = sorted(infos["color"].labels, reverse=True)
+    with pytest.raises(ConfigError, match=r"cannot resume run 'g' from .*checkpoint_2026-01-02.*: labels of task 'color' changed"):
+        prepare(with_color(exp, labels=reordered))
+    with pytest.raises(ConfigError, match=r"tasks changed \(removed \['style'\], added \[\]\)"):
+        prepare(dataclasses.replace(exp, tasks=[t for t in exp.tasks if t.name == "color"]))
+    with pytest.raises(ConfigError, match=r"model architecture changed .*'hidden_dim': 64.*'hidden_dim': 32"):
+        prepare(dataclasses.replace(exp, model=dataclasses.replace(exp.model, hidden_dim=32)))
+    with pytest.raises(ConfigError, match=r"model groups changed"):
+        prepare(dataclasses.replace(exp, model=dataclasses.replace(exp.model, groups={"a": ["color"], "b": ["style"]})))
+
+
+def test_position_is_kept_for_the_same_schedule_else_the_epoch_restarts(saved_run):
+    exp, infos = saved_run
+    two = RunMeta.of(exp, infos, {"color": 4, "style": 4}, 2)
+    one = RunMeta.of(exp, infos, {"color": 8, "style": 8}, 1)
+    mid = Position(epoch=1, step=3, global_step=11)
+    assert resume_position(two, two, mid) == mid
+    assert resume_position(two, one, mid) == Position(epoch=1, step=0, global_step=11)
+    boundary = Position(epoch=1, step=0, global_step=8)
+    assert resume_position(two, one, boundary) == boundary
