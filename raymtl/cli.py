@@ -76,14 +76,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep, sweep_failure
+    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep, sweep_dir_of, sweep_failure
 
-    exp, spec = load_sweep(args.config)
+    exp, spec = load_sweep(args.config)  # light: the spec and the experiment, no torch or Ray
     exp = apply_overrides(exp, args)
     if args.max_concurrent:
         spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent)
+    preflight.check(exp)
+    console.open_log(sweep_dir_of(exp))
     result = run_sweep(exp, spec, address=args.address)
-    print(format_summary(result))
+    console.say(format_summary(result))
     failure = sweep_failure(result)
     if failure:
         print(f"raymtl: error: {failure}", file=sys.stderr)

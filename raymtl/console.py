@@ -58,9 +58,14 @@ def configure(verbose: bool = False) -> None:
             warnings_log.addHandler(handler)
 
 
+def is_verbose() -> bool:
+    """Whether the user asked for Ray's own output (`--verbose`)."""
+    return _state["verbose"]
+
+
 def ray_logging() -> dict[str, Any]:
     """`ray.init` keyword arguments for the console mode: Ray's logs and worker output only with --verbose."""
-    verbose = _state["verbose"]
+    verbose = is_verbose()
     return {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
 
 

@@ -40,16 +40,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import ray
-import ray.data
 
 from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec
-from raymtl.data.datasets import read_source
-from raymtl.data.tables import TaskInfo, check_columns
+from raymtl.data.tables import TaskInfo, check_columns, source_paths
 from raymtl.data.transforms import Preprocessor
+from raymtl.models.artifact import META_FILE
 
-if TYPE_CHECKING:  # the artifact module imports torch, which the decoding actors do without
+if TYPE_CHECKING:  # Ray and torch come with the run, after the inputs are checked (see `check_paths`)
+    import ray.data
+
     from raymtl.models.artifact import SavedModel
 
 ID, ERROR, LABEL = "id", "error", "label"
@@ -174,8 +174,7 @@ def predict(
 
     if batch_size < 1 or pool_size < 1 or top_k < 0:
         raise ConfigError(f"need batch_size >= 1, pool_size >= 1, top_k >= 0; got {batch_size}, {pool_size}, {top_k}")
-    if storage.exists(output) and not overwrite:
-        raise ConfigError(f"output {output!r} already exists; choose another path or overwrite it")
+    check_paths(model_path, input, output, overwrite)
     plan = make_plan(model_path, load(model_path), tasks=tasks, image_column=image_column, text_column=text_column,
                      id_column=id_column, strict=strict, top_k=top_k)
     ensure_ray(address)
@@ -188,6 +187,20 @@ def predict(
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
+def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> None:
+    """The model folder, the input and a free output: named in a second, before torch and Ray load."""
+    if not storage.exists(storage.join(storage.normalize(model_path), META_FILE)):
+        raise ConfigError(f"{model_path!r} is not a raymtl model folder: it has no {META_FILE}")
+    if isinstance(input, (str, os.PathLike)):
+        try:
+            source_paths(input)
+        except ConfigError:
+            if not image_files(input):
+                raise
+    if storage.exists(output) and not overwrite:
+        raise ConfigError(f"output {output!r} already exists; choose another path or overwrite it")
+
+
 def predictions(
     items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None
 ) -> ray.data.Dataset:
@@ -195,6 +208,8 @@ def predictions(
 
     `model_stage` replaces `_Predict` (same constructor) to turn model outputs into other rows.
     """
+    import ray.data
+
     return items.map_batches(
         _Prepare,
         fn_constructor_args=(plan,),
@@ -219,6 +234,8 @@ def _write(predictions: ray.data.Dataset, output: str, overwrite: bool) -> None:
     A failed run leaves no output (with `overwrite`, not the old one either) rather than a partial
     one that a downstream job could take for complete.
     """
+    import ray.data
+
     fs, path = storage.resolve(output)
     mode = ray.data.SaveMode.OVERWRITE if overwrite else ray.data.SaveMode.ERROR
     try:
@@ -343,11 +360,15 @@ def _id_column(specs: dict[str, TaskSpec], id_column: str | None) -> str:
 def _gpus_per_actor(num_gpus: float | None) -> float:
     if num_gpus is not None:
         return num_gpus
+    import ray
+
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
 def _prepare_actors(pool_size: int) -> int:
     """Most decoding actors: the CPUs left by the model actors and one for the read and write tasks."""
+    import ray
+
     return max(1, int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1)
 
 
@@ -360,6 +381,10 @@ def read_items(source: Any, plan: Plan) -> ray.data.Dataset:
     A table source (see `read_source`) is read as is; a folder without tables but with images
     becomes one row per image, its path in the id and image columns (and no text).
     """
+    import ray.data
+
+    from raymtl.data.datasets import read_source
+
     columns = plan.required_columns
     try:
         items = read_source(source)

@@ -67,7 +67,7 @@ def write_config(root: Path, table: Path, **sections) -> Path:
         "training": {"epochs": 2, "batch_size": 8, "cpus_per_worker": 1},
     }
     for key, value in sections.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -91,6 +91,41 @@ def test_missing_file_malformed_yaml_and_missing_column_fail_fast(tmp_path):
         assert expected in one_error_line(done)
         assert done.returncode == 2 and done.stdout == ""
         assert wall < FAST_S, f"{config}: {wall:.1f} s"
+
+
+def test_tune_config_and_data_errors_fail_fast(tmp_path):
+    table = write_task(tmp_path, "color", 16)
+    bad_key = write_config(tmp_path, table, sweep={"groupings": "serch"}).rename(tmp_path / "bad_key.yaml")
+    no_column = write_config(tmp_path, table, sweep={"lr": [0.001, 0.01]},
+                             tasks=[{"name": "color", "train": str(table), "image_column": "img"}])
+    cases = [
+        ("missing.yaml", "config file 'missing.yaml' does not exist"),
+        (str(bad_key), "sweep.groupings: expected a list of groupings or 'search', got 'serch'"),
+        (str(no_column), "image_column 'img' not found in"),
+    ]
+    for config, expected in cases:
+        done, wall = raymtl("tune", config, cwd=tmp_path)
+        assert expected in one_error_line(done)
+        assert done.returncode == 2 and done.stdout == ""
+        assert wall < FAST_S, f"{config}: {wall:.1f} s"
+
+
+def test_predict_path_errors_fail_fast(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "raymtl_model.json").write_text("{}")  # only its presence is checked before the model loads
+    table = write_task(tmp_path, "color", 4)
+    (tmp_path / "taken").mkdir()
+    cases = [
+        ((str(tmp_path / "nomodel"), str(table), "out"), f"'{tmp_path}/nomodel' is not a raymtl model folder"),
+        ((str(model), "missing.parquet", "out"), f"'{tmp_path}/missing.parquet' does not exist"),
+        ((str(model), str(table), str(tmp_path / "taken")), "already exists; choose another path or overwrite"),
+    ]
+    for args, expected in cases:
+        done, wall = raymtl("predict", *args, cwd=tmp_path)
+        assert expected in one_error_line(done)
+        assert done.returncode == 2 and done.stdout == ""
+        assert wall < FAST_S, f"{args}: {wall:.1f} s"
 
 
 @pytest.mark.parametrize(

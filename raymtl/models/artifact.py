@@ -18,16 +18,15 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_model as load_safetensors
-from safetensors.torch import save_model as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from raymtl.config import ConfigError, DataSpec, ModelSpec, from_dict
 from raymtl.data.tables import TaskInfo
-from raymtl.models.ensemble import ENSEMBLE_KEY, load_members
-from raymtl.models.multitask import MultiTaskModel
+
+if TYPE_CHECKING:  # torch comes with save/load: `raymtl predict` checks a model folder without it
+    import torch
+
+    from raymtl.models.multitask import MultiTaskModel
 
 META_FILE = "raymtl_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,6 +74,8 @@ def save_model(
     experiment: dict[str, Any],
 ) -> Path:
     """Write the model folder; its tasks (label maps, thresholds) are the model's own."""
+    from safetensors.torch import save_model as save_safetensors
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(model, str(folder / WEIGHTS_FILE))
@@ -119,7 +120,11 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedM
     A URI (s3://, gs://, ...) is copied into a fresh local folder of its own on every call, so
     several loaders on one node (prediction actors) never write into each other's copy.
     """
+    from safetensors.torch import load_model as load_safetensors
+
     from raymtl import storage
+    from raymtl.models.ensemble import ENSEMBLE_KEY, load_members
+    from raymtl.models.multitask import MultiTaskModel
 
     src = str(folder)
     folder = Path(storage.download_dir(src, _fresh_dir()) if storage.is_uri(src) else storage.resolve(src)[1])

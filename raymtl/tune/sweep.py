@@ -30,18 +30,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
-import torch
 
 from raymtl import storage
 from raymtl.config import ConfigError, Experiment, from_dict, read_config
-from raymtl.data.tables import TaskInfo
-from raymtl.models.hub import check_image_backbone
-from raymtl.train.metrics import summary_table
-from raymtl.train.report import AFFINITY_FILE, read_history
-from raymtl.tune.groupings import Grouping, baseline_groupings, best_groupings, score_partition
+
+if TYPE_CHECKING:  # torch comes with the functions that need it: `load_sweep` must stay light
+    import torch
+
+    from raymtl.data.tables import TaskInfo
+    from raymtl.tune.groupings import Grouping
 
 CANDIDATES_FILE = "candidates.json"
 SEARCH = "search"
@@ -131,6 +131,8 @@ class SweepSpec:
             try:
                 variant.validate()
                 if self.backbones and variant.model.image_backbone:
+                    from raymtl.models.hub import check_image_backbone  # imports torchvision: only when listed
+
                     check_image_backbone(variant.model.image_backbone)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
@@ -249,6 +251,10 @@ class Candidate:
 
 def read_affinity(run_dir: str) -> tuple[list[str], torch.Tensor]:
     """(tasks, mean Z) from a run's affinity.json (AffinityTracker.to_dict format)."""
+    import torch
+
+    from raymtl.train.report import AFFINITY_FILE
+
     path = storage.join(run_dir, AFFINITY_FILE)
     if not storage.exists(path):
         raise ConfigError(
@@ -267,6 +273,8 @@ def candidates(
     A grouping found twice keeps its first name, so the baselines are always called
     `one_group` and `one_per_task` even when the search ranks one of them first.
     """
+    from raymtl.tune.groupings import baseline_groupings, best_groupings, score_partition
+
     named: dict[str, Grouping] = dict(baseline_groupings(exp.task_names)) if spec.baselines else {}
     if spec.groupings == SEARCH:
         if affinity is None:
@@ -402,6 +410,8 @@ def choose(trials: Sequence[TrialRecord], metric: str, mode: str) -> Choice | No
 
 def format_summary(result: SweepResult) -> str:
     """The comparison table (short column names), the choice and the cost."""
+    from raymtl.train.metrics import summary_table
+
     abbreviations = (("accuracy", "acc"), ("micro_f1", "f1"))
     short = {f"val/{t}/{m}": f"{t} {abbr}" for t in result.tasks for m, abbr in abbreviations}
     table = summary_table([{short.get(k, k): v for k, v in row.items()} for row in result.rows()])
@@ -583,8 +593,12 @@ def _run_trials(
     tune_dir = storage.join(sweep_dir, "tune")
     if tune.Tuner.can_restore(tune_dir):
         return tune.Tuner.restore(tune_dir, trainable, resume_errored=True).fit()
+    from raymtl import console
+    from raymtl.tune.progress import TrialLines
+
     space = param_space(spec, list(groupings))
-    print(f"sweep: {n_trials(space, spec.num_samples)} trials, {spec.max_concurrent} at a time, in {sweep_dir}")
+    total = n_trials(space, spec.num_samples)
+    console.say(f"sweep: {total} trials, {spec.max_concurrent} at a time, in {sweep_dir}")
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -592,7 +606,9 @@ def _run_trials(
             metric=spec.metric, mode=spec.mode, scheduler=scheduler(exp, spec), num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent, trial_dirname_creator=_trial_dirname,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir),
+        # Tune's status tables only with --verbose; by default one line per finished trial.
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, callbacks=[TrialLines(spec.metric, total)],
+                                  verbose=None if console.is_verbose() else 0),
     )
     return tuner.fit()
 
@@ -612,6 +628,8 @@ def scheduler(exp: Experiment, spec: SweepSpec):
 
 def _record(result, runs_dir: str, spec: SweepSpec) -> TrialRecord:
     """A trial's record from Tune's result and its Train run folder (metrics.jsonl, checkpoints)."""
+    from raymtl.train.report import read_history
+
     trial_id = Path(result.path).name
     run_dir = storage.join(runs_dir, trial_id)
     history = read_history(run_dir)
