@@ -21,3 +21,10 @@ def ray_cluster():
         ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared Ray cluster is slow (seconds to minutes on 2 cores): `-m "not slow"` skips it."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
