@@ -21,8 +21,7 @@ the 1-minute load average read before and after each run. Per run: start-up (com
 first step), each epoch's seconds, peak summed PSS of the command's process tree (for raymtl: the
 driver and every Ray process it started), the torch threads it computed with.
 
-raymtl's marks come from its run: the first step from rank 0's progress lines in Ray Train's
-worker logs (timestamped; the step before the first logged one extrapolated at the steady rate),
+raymtl's marks come from its run: the first step from the loop's `perf/first_step_unix` (rank 0),
 epoch ends from the checkpoint folders' modification times (each written after the epoch).
 """
 
@@ -31,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.proc_tree import descendants, pss_bytes
+
 TASKS = ("color", "pattern", "season")
 MODES = ("raymtl", "bare", "plain_ray")
 MODELS = {  # name -> (backbone, views, image size)
@@ -49,7 +49,6 @@ MODELS = {  # name -> (backbone, views, image size)
 }
 DEFAULT_STEPS = {"resnet50": 9, "resnet18": 36}  # per epoch: ~13 s and ~7 s on 2 cores
 BATCH, VAL_ROWS = 32, 32
-PROGRESS = re.compile(r"epoch (\d+) step (\d+)/(\d+) ")
 TARGET_RATIO, TARGET_STARTUP_S, TARGET_PSS_MB = 1.05, 20.0, 2.5 * 1024
 
 
@@ -179,40 +178,19 @@ def evaluate(model, val, infos, losses, batch_size: int, make_accumulator) -> No
 
 
 def raymtl_child(exp) -> dict:
-    """`fit`, then its marks read back from the worker logs and the checkpoint folders."""
-    import ray
-
+    """`fit`, then its marks: the first step from the loop's own `perf/first_step_unix`, epoch ends
+    from the checkpoint folders (each written after its epoch)."""
     from raymtl.train.trainer import fit
 
     result = fit(exp)
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
-    steps = progress_marks(session / "logs" / "train", exp.name)
     ends = sorted(p.stat().st_mtime for p in Path(result.run_dir).glob("checkpoint_*") if p.is_dir())
-    # Epoch 2's logged steps give the steady rate to extrapolate epoch 1's first step from.
-    later = [m for m in steps if m[0] == 2] or [m for m in steps if m[0] == 1]
-    rate = (later[-1][2] - later[0][2]) / max(1, later[-1][1] - later[0][1])
-    first = next(m for m in steps if m[0] == 1)
     return {
-        "first_step": first[2] - (first[1] - 1) * rate,
+        "first_step": result.history[0]["perf/first_step_unix"],
         "epoch_end": ends,
         "eval_s": [row["perf/eval_s"] for row in result.history],
         "checkpoint_s": [],
         "torch_threads": worker_threads(exp.training.cpus_per_worker),
     }
-
-
-def progress_marks(log_dir: Path, run_name: str) -> list[tuple[int, int, float]]:
-    """(epoch, step, unix time) of rank 0's progress lines of `run_name`, in order."""
-    marks = []
-    for path in log_dir.glob("ray-train-app-worker-*.log"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.startswith("{") else {}
-            match = PROGRESS.match(record.get("message", ""))
-            if record.get("run_name") == run_name and match:
-                marks.append((int(match.group(1)), int(match.group(2)), record["timestamp_ns"] / 1e9))
-    if not marks:
-        raise RuntimeError(f"no progress lines of run {run_name!r} under {log_dir}")
-    return sorted(marks)
 
 
 def worker_threads(cpus: float) -> int:
@@ -243,26 +221,8 @@ def child_main(mode: str, spec: Path) -> None:
 
 
 def tree_pss_mb(root: int) -> float:
-    """Summed PSS of `root` and all its descendants (Ray's processes are children of its driver)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
+    """Summed PSS of `root` and all its descendants, in MB."""
+    return sum(pss_bytes(pid) for pid in descendants(root)) / 2**20
 
 
 def run_child(mode: str, model: str, rep: int, paths: dict, args: argparse.Namespace, work: Path) -> Run:

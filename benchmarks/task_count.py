@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from benchmarks.proc_tree import descendants, pss_bytes
 from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.train.report import read_history
 
@@ -85,32 +86,6 @@ def write_config(root: Path, tasks: list[dict], cache: str) -> Path:
     path = root / f"config-{cache}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def descendants(root: int) -> list[int]:
-    """`root` and every process below it (Ray's own processes are children of the one that started it)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += frontier
-    return found
 
 
 class Sampler(threading.Thread):
