@@ -132,31 +132,28 @@ def _describe_items(rng: np.random.Generator, items: dict[str, np.ndarray]) -> l
 def _render(rng: np.random.Generator, color: np.ndarray, pattern: np.ndarray, size: int) -> np.ndarray:
     """(n, size, size, 3) uint8 images: a noisy garment swatch on a grey background.
 
-    The pattern is bold (periods of a fifth to a third of the image, half-width bars) so that it
-    survives resizing to a small training size, and drawn in a darker or lighter shade of the
-    garment color, so the hue still names the color.
+    The pattern is drawn thin in the complementary color so the garment color still dominates.
     """
     n = len(color)
     yy, xx = np.mgrid[0:size, 0:size]
-    period = rng.integers(max(6, size // 5), max(7, size // 3) + 1, size=(n, 1, 1))
+    period = rng.integers(max(4, size // 8), max(5, size // 4) + 1, size=(n, 1, 1))
     y = (yy + rng.integers(0, period)) % period
     x = (xx + rng.integers(0, period)) % period
-    half = period / 2
-    bar_y, bar_x = y < 0.4 * period, x < 0.4 * period
+    line = np.maximum(1, period // 5)
+    rows, cols = y < line, x < line
     vertical = rng.random((n, 1, 1)) < 0.5
+    half = period / 2
     masks = np.stack(
         [
             np.zeros((n, size, size), dtype=bool),  # solid
-            np.where(vertical, bar_x, bar_y),  # striped
-            (y < half) ^ (x < half),  # checked
-            (y - half) ** 2 + (x - half) ** 2 < (0.3 * period) ** 2,  # dotted
+            np.where(vertical, cols, rows),  # striped
+            rows | cols,  # checked
+            (y - half) ** 2 + (x - half) ** 2 < (period / 4) ** 2,  # dotted
         ]
     )
     mask = masks[pattern, np.arange(n)]
     base = np.array(list(COLORS.values()), dtype=np.float32)[color] + rng.normal(0, 12, (n, 3))
-    light = base @ np.array([0.299, 0.587, 0.114], dtype=np.float32) > 110
-    ink = np.where(light[:, None], 0.45 * base, base + 0.5 * (255 - base))
-    fabric = np.where(mask[..., None], ink[:, None, None], base[:, None, None])
+    fabric = np.where(mask[..., None], 255 - base[:, None, None], base[:, None, None])
     margin = rng.integers(1, max(2, size // 6), size=(4, n, 1, 1))
     inside = (yy >= margin[0]) & (yy < size - margin[1]) & (xx >= margin[2]) & (xx < size - margin[3])
     image = np.where(inside[..., None], fabric, np.array(BACKGROUND, dtype=np.float32))
