@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -134,13 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from raymtl.train.trainer import ensure_ray
+    from raymtl.ray_runtime import ensure_ray
 
     args = parse_args(argv)
+    load_before = os.getloadavg()[0]
     ensure_ray()
     with tempfile.TemporaryDirectory(prefix="raymtl_comm_") as tmp:
         runs = [run_groups(g, args, Path(tmp)) for g in args.groups]
     report = {
+        "load": {"before": load_before, "after": os.getloadavg()[0]},
         "settings": {**vars(args), "json": str(args.json) if args.json else None,
                      "model": "resnet18 per group, 1 view, hidden 128, no text", "workers": 2, "backend": "gloo"},
         "groups": [r["groups"] for r in runs],
