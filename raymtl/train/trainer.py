@@ -100,8 +100,8 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     nbytes = decoded_nbytes(exp, infos)
     cache = should_cache(exp, nbytes)
     if cache:
-        print(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{nbytes / 2**20:.0f} MB), "
-              "kept in the object store for every epoch (data.cache)", flush=True)
+        console.say(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{nbytes / 2**20:.0f} MB), "
+                    "kept in the object store for every epoch (data.cache)")
     has_val = any(i.n_val for i in infos.values())
     score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
     run_config = RunConfig(
