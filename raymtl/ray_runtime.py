@@ -2,7 +2,8 @@
 
 A local cluster on a laptop or a small box shares its cores with training, so raymtl starts it
 lean: no dashboard (its head process and a dozen modules, ~200 MB and ~4 s of start-up), no usage
-stats, no metrics export. `--dashboard` (or RAYMTL_DASHBOARD=1) turns the dashboard back on. A
+stats, no metrics export, and none of Ray Train's cloud services (the spot-preemption watcher, an
+actor process of its own; Train's metrics callbacks). `--dashboard` (or RAYMTL_DASHBOARD=1) turns the dashboard back on. A
 cluster that is joined keeps whatever it was started with.
 """
 
@@ -18,6 +19,8 @@ DASHBOARD_ENV = "RAYMTL_DASHBOARD"
 LEAN_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage-stats reporter
     "RAY_enable_metrics_collection": "0",  # no per-process metrics recording and export
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # no Train controller/worker metrics callbacks
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-preemption watcher actor: one box is not preempted
 }
 
 

@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,14 @@ from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.train.checkpoint import Position, RunMeta, load_train_state, save_train_state, set_rng_state
+from raymtl.train.checkpoint import (
+    Position,
+    RunMeta,
+    load_train_state,
+    report_checkpoint,
+    save_train_state,
+    set_rng_state,
+)
 from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma, make_accumulator
@@ -294,16 +300,11 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
         return
     if row:
         files.log_epoch(row, position.history)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(
-            tmp,
-            model,
-            model_spec=exp.model,
-            data=exp.data,
-            experiment=exp.to_dict(),
-        )
+
+    def write(folder: Path) -> None:
+        save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
         save_train_state(
-            Path(tmp),
+            folder,
             position=position,
             stage=stage_idx,
             optimizer=optimizer,
@@ -313,4 +314,5 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             rng_states=rng_states,
             meta=meta,
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    report_checkpoint(files.run_dir, write, metrics)

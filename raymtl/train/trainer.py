@@ -10,12 +10,10 @@ from raymtl import console, preflight, storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.tables import TaskInfo
-from raymtl.models.build import base_label_maps, build_model
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import ensure_ray
 from raymtl.train.batches import batches_per_epoch
 from raymtl.train.checkpoint import RunMeta, latest_run_meta
-from raymtl.train.loop import train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
 
@@ -58,6 +56,8 @@ def with_base_labels(exp: Experiment) -> Experiment:
     """Tasks that the base model already has keep its label maps (same class ids, same head)."""
     if not exp.model.base:
         return exp
+    from raymtl.models.build import base_label_maps
+
     known = base_label_maps(exp.model.base)
     tasks = []
     for t in exp.tasks:
@@ -79,8 +79,18 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
     infos = preflight.check(exp)
     check_resume(exp, infos, check_schedule(exp, infos))
     if exp.model.base or exp.model.init_from:
+        from raymtl.models.build import build_model
+
         build_model(exp, infos)
     return exp, infos
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point, pickled by reference: the loop and its models (torchvision,
+    transformers) are imported here, in the worker, so the driver never pays for them."""
+    from raymtl.train.loop import train_loop_per_worker as loop
+
+    loop(config)
 
 
 def for_workers(exp: Experiment) -> Experiment:
