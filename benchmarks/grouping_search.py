@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from raymtl.data.planted import make_planted, planted_experiment, resolve_clusters
-from raymtl.data.tables import inspect_tasks
+from raymtl.data.inspection import inspect_tasks
 from raymtl.evaluate import Evaluation, compare
 from raymtl.train.metrics import summary_table
 from raymtl.train.trainer import check_schedule, fit

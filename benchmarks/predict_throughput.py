@@ -29,7 +29,7 @@ import torch
 import raymtl
 from raymtl.config import TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
-from raymtl.data.tables import inspect_tasks
+from raymtl.data.inspection import inspect_tasks
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model

@@ -98,7 +98,7 @@ def evaluate(
 
 def _task_specs(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> list[TaskSpec]:
     """The config's tasks to evaluate, checked against the model and the data before Ray starts."""
-    from raymtl.data.tables import inspect_tasks
+    from raymtl.data.inspection import inspect_tasks
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, StageSpec, TaskSpec, ViewSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load, save_model
 from raymtl.models.build import build_model
 from raymtl.train.optim import build_optimizer

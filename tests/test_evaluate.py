@@ -16,7 +16,7 @@ import yaml
 from raymtl.cli import main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.evaluate import Evaluation, _Score, _task_specs, compare, task_metrics
 from raymtl.predict import _Prepare, make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny

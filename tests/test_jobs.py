@@ -15,7 +15,7 @@ import yaml
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.synthetic import COLORS, PATTERNS, make_catalogue
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.tune.sweep import Candidate, Choice, SweepResult, TrialRecord, sweep_failure

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision import models
 
 from raymtl.config import ConfigError, ModelSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.backbones import ImageBackbone, TextEncoder
 from raymtl.models.multitask import MultiTaskModel
 

@@ -21,7 +21,7 @@ from torchvision import models
 
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data.synthetic import default_tokenizer_path
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
-from raymtl.data import tables
-from raymtl.data.tables import inspect_tasks, read_table, source_files
+from raymtl.data.task_info import TaskInfo
+from raymtl.data.inspection import inspect_tasks
+from raymtl.data.tables import read_table, source_files
 
 COLORS = ["red", "blue", "red", "green"]
 
@@ -35,7 +36,7 @@ def experiment(data: DataSpec | None = None, **task: Any) -> Experiment:
     return Experiment(name="t", tasks=[TaskSpec(**spec)], data=data or DataSpec()).validate()
 
 
-def inspect_one(data: DataSpec | None = None, **task: Any) -> tables.TaskInfo:
+def inspect_one(data: DataSpec | None = None, **task: Any) -> TaskInfo:
     return inspect_tasks(experiment(data, **task))["color"]
 
 
@@ -50,7 +51,7 @@ def raises(*fragments: str) -> Any:
 def test_parquet_source_describes_task(tmp_path: Path) -> None:
     info = inspect_one(train=write(frame(), tmp_path / "t.parquet"), validation=write(frame(["red"]), tmp_path / "v.parquet"),
                        weight=2.0)
-    assert info == tables.TaskInfo("color", "multiclass", ["blue", "green", "red"], 4, 1, True, False, 2.0)
+    assert info == TaskInfo("color", "multiclass", ["blue", "green", "red"], 4, 1, True, False, 2.0)
     assert info.num_labels == 3
 
 

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 logger = logging.getLogger(__name__)
 

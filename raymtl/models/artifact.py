@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raymtl.config import ConfigError, DataSpec, ModelSpec, from_dict
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 if TYPE_CHECKING:  # torch comes with save/load: `raymtl predict` checks a model folder without it
     import torch

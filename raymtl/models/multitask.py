@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from raymtl.config import ConfigError, ModelSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.backbones import ImageBackbone, TextEncoder
 
 # part name -> attribute holding its modules

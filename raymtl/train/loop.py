@@ -31,7 +31,7 @@ from raymtl.data.plan import train_steps, val_steps
 from raymtl.train.batches import TaskBatches, batches_per_epoch
 from raymtl.train.collectives import all_reduce_sum, broadcast_tensors, gather_rng, world_size
 from raymtl.data.schedule import TaskSchedule
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model

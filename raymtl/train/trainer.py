@@ -9,7 +9,7 @@ from typing import Any
 from raymtl import console, preflight, storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.build import base_label_maps, build_model
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import ensure_ray

@@ -40,7 +40,7 @@ from raymtl.config import ConfigError, Experiment, from_dict, read_config
 if TYPE_CHECKING:  # torch comes with the functions that need it: `load_sweep` must stay light
     import torch
 
-    from raymtl.data.tables import TaskInfo
+    from raymtl.data.task_info import TaskInfo
     from raymtl.tune.groupings import Grouping
 
 CANDIDATES_FILE = "candidates.json"
