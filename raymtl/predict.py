@@ -25,7 +25,6 @@ the first bad row instead. Rows come out in no particular order: join on `id`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import tempfile
@@ -42,7 +41,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from raymtl import storage
-from raymtl.config import ConfigError, DataSpec, TaskSpec
+from raymtl.config import DataSpec, TaskSpec
+from raymtl.errors import ConfigError, did_you_mean
 from raymtl.data.tables import TaskInfo, check_columns, source_paths
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import META_FILE
@@ -317,9 +317,7 @@ def task_specs(
     specs = {}
     for name in tasks or list(infos):
         if name not in infos:
-            close = difflib.get_close_matches(name, list(infos), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown task {name!r}{hint}; the model's tasks are {list(infos)}")
+            raise ConfigError(f"unknown task {name!r}{did_you_mean(name, infos)}; the model's tasks are {list(infos)}")
         info, own = infos[name], {k: v for k, v in trained.get(name, {}).items() if v is not None}
         column = {**shared, **own, **{k: v for k, v in (("image_column", image_column),
                                                            ("text_column", text_column)) if v}}

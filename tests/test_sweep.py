@@ -89,7 +89,7 @@ def test_a_config_without_sweep_section_is_refused(exp, tmp_path):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"seed": [1]}, r"unknown key 'sweep.seed'; did you mean 'seeds'\?"),
+        ({"seed": [1]}, r"unknown key 'sweep.seed' \(did you mean 'seeds'\?\)"),
         ({"groupings": "serch"}, "sweep.groupings: expected a list of groupings or 'search'"),
         ({"groupings": [{"a": TASKS[:3]}]}, r"sweep.groupings\[0\]: tasks \['c1_t1'\] are in no task group"),
         ({"groupings": [{"a": TASKS, "b": ["c0_t0"]}]}, r"groupings\[0\]: task 'c0_t0' is in two task groups"),

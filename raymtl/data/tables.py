@@ -8,7 +8,6 @@ checking a task's tables against its config is `raymtl.data.inspection`'s job.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
@@ -23,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raymtl.config import ConfigError
+from raymtl.errors import ConfigError, did_you_mean
 from raymtl.data.task_info import TaskInfo  # noqa: F401  datasets, batches and checkpoint import it from here
 
 
@@ -200,7 +199,6 @@ def check_columns(available: list[str], required: dict[str, str], where: str) ->
     """Every `required` column ({column: its role}) is in `available`, else a ConfigError naming `where`."""
     for column, role in required.items():
         if column not in available:
-            close = difflib.get_close_matches(column, [str(a) for a in available], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(column, available)
             listed = ", ".join(map(str, available))
             raise ConfigError(f"{role} {column!r} not found in {where}{hint}; available columns: {listed}")

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 
 from raymtl import storage
-from raymtl.config import ConfigError, Experiment, from_dict, read_config
+from raymtl.config import ConfigError, Experiment, read_config
+from raymtl.convert import from_dict
 
 if TYPE_CHECKING:  # torch comes with the functions that need it: `load_sweep` must stay light
     import torch
