@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import yaml
@@ -277,19 +277,24 @@ def _validate(exp: Experiment) -> None:
         for part in s.freeze:
             _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
     if m.groups is not None:
-        owner: dict[str, str] = {}
-        for group, members in m.groups.items():
-            if not members:
-                raise ConfigError(f"model.groups.{group}: a task group needs at least one task")
-            for name in members:
-                if name not in seen:
-                    raise ConfigError(f"model.groups.{group}: unknown task {name!r}; tasks are {sorted(seen)}")
-                if name in owner:
-                    raise ConfigError(f"task {name!r} is in two task groups: {owner[name]!r} and {group!r}")
-                owner[name] = group
-        missing = [t for t in exp.task_names if t not in owner]
-        if missing:
-            raise ConfigError(f"tasks {missing} are in no task group of model.groups")
+        check_groups(m.groups, exp.task_names)
+
+
+def check_groups(groups: Mapping[str, Sequence[str]], tasks: Sequence[str], where: str = "model.groups") -> None:
+    """`groups` ({group: tasks}) partitions `tasks`: no empty group, no unknown task, each task in one group."""
+    owner: dict[str, str] = {}
+    for group, members in groups.items():
+        if not members:
+            raise ConfigError(f"{where}.{group}: a task group needs at least one task (it has no tasks)")
+        for name in members:
+            if name not in tasks:
+                raise ConfigError(f"{where}.{group}: unknown task {name!r}; tasks are {list(tasks)}")
+            if name in owner:
+                raise ConfigError(f"task {name!r} is in two task groups: {owner[name]!r} and {group!r}")
+            owner[name] = group
+    missing = [t for t in tasks if t not in owner]
+    if missing:
+        raise ConfigError(f"tasks {missing} are in no task group of {where}")
 
 
 # Numeric ranges, (section, field) -> rule: a value outside fails here, not as a torch error in a worker.
