@@ -380,7 +380,9 @@ class SweepResult:
 
 def task_metric_keys(tasks: Sequence[str], row: dict[str, Any]) -> list[str]:
     """`val/<task>/accuracy`, or micro_f1 for multilabel tasks: each task's primary metric."""
-    return [f"val/{t}/accuracy" if f"val/{t}/accuracy" in row else f"val/{t}/micro_f1" for t in tasks]
+    from raymtl.train.report import primary_key
+
+    return [primary_key(row, t) for t in tasks]
 
 
 def best_row(history: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -412,9 +414,9 @@ def choose(trials: Sequence[TrialRecord], metric: str, mode: str) -> Choice | No
 def format_summary(result: SweepResult) -> str:
     """The comparison table (short column names), the choice and the cost."""
     from raymtl.train.metrics import summary_table
+    from raymtl.train.report import SHORT_NAMES
 
-    abbreviations = (("accuracy", "acc"), ("micro_f1", "f1"))
-    short = {f"val/{t}/{m}": f"{t} {abbr}" for t in result.tasks for m, abbr in abbreviations}
+    short = {f"val/{t}/{m}": f"{t} {abbr}" for t in result.tasks for m, abbr in SHORT_NAMES.items()}
     table = summary_table([{short.get(k, k): v for k, v in row.items()} for row in result.rows()])
     lines = [table, ""]
     if result.choice:
