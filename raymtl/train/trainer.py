@@ -158,11 +158,11 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
 
 
 def _best(result, exp: Experiment) -> str | None:
-    if not result.best_checkpoints:
+    """The kept checkpoint best by `training.checkpoint_metric`; None when none reported it (no validation data)."""
+    metric = exp.training.checkpoint_metric
+    if not any(metric in metrics for _, metrics in result.best_checkpoints or []):
         return None
-    sign = 1 if exp.training.checkpoint_mode == "max" else -1
-    key = exp.training.checkpoint_metric
-    return max(result.best_checkpoints, key=lambda cm: sign * cm[1].get(key, -sign * float("inf")))[0].path
+    return result.get_best_checkpoint(metric, exp.training.checkpoint_mode).path
 
 
 def print_summary(result: TrainResult) -> None:
