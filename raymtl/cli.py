@@ -76,7 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep, sweep_dir_of, sweep_failure
+    from raymtl.tune.records import format_summary, sweep_failure
+    from raymtl.tune.spec import load_sweep
+    from raymtl.tune.sweep import run_sweep, sweep_dir_of
 
     exp, spec = load_sweep(args.config)  # light: the spec and the experiment, no torch or Ray
     exp = apply_overrides(exp, args)

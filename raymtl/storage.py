@@ -69,3 +69,22 @@ def download_dir(src: str, local_dir: str) -> str:
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def remove_dir(path: str) -> None:
+    """Delete the folder `path` and everything in it, if it exists."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def copy_dir(src: str | None, dest: str) -> str | None:
+    """Replace the folder `dest` with a copy of the folder `src` (each local or a URI); returns `dest` normalized."""
+    if src is None:
+        return None
+    src_fs, src_path = resolve(src)
+    dest_fs, dest_path = resolve(dest)
+    dest_fs.delete_dir_contents(dest_path, missing_dir_ok=True)
+    dest_fs.create_dir(dest_path, recursive=True)
+    pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+    return normalize(dest)

@@ -18,7 +18,8 @@ from raymtl.data.synthetic import COLORS, PATTERNS, make_catalogue
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.tune.sweep import Candidate, Choice, SweepResult, TrialRecord, sweep_failure
+from raymtl.tune.candidates import Candidate
+from raymtl.tune.records import Choice, SweepResult, TrialRecord, sweep_failure
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,25 +16,9 @@ from raymtl.config import ConfigError, load_experiment
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.tune import sweep
 from raymtl.train.affinity import AffinityTracker
-from raymtl.tune.sweep import (
-    AshaSpec,
-    Candidate,
-    Range,
-    SweepResult,
-    SweepSpec,
-    TrialRecord,
-    apply_config,
-    best_row,
-    candidates,
-    choose,
-    format_summary,
-    load_sweep,
-    n_trials,
-    param_space,
-    read_affinity,
-    trial_experiment,
-    write_summary,
-)
+from raymtl.tune.candidates import Candidate, candidates, read_affinity
+from raymtl.tune.records import SweepResult, TrialRecord, choose, format_summary, write_summary
+from raymtl.tune.spec import AshaSpec, Range, SweepSpec, apply_config, load_sweep, n_trials, param_space, trial_experiment
 
 TASKS = ["c0_t0", "c0_t1", "c1_t0", "c1_t1"]
 
@@ -265,13 +249,6 @@ def test_choice_averages_ensemble_members_and_picks_the_best_member():
     worst = choose(result.trials, "val/mean_score", "min")
     assert worst.config == {"grouping": "one_group"} and worst.trial_id == "t0"  # equal members: the first
     assert choose([record("x", "one_group", 0, None)], "val/mean_score", "max") is None
-
-
-def test_best_row_is_the_best_epoch_not_the_last():
-    history = [{"epoch": 1, "m": 0.5}, {"epoch": 2, "m": 0.8}, {"epoch": 3, "m": 0.7}, {"epoch": 4}]
-    assert best_row(history, "m", "max")["epoch"] == 2
-    assert best_row(history, "m", "min")["epoch"] == 1
-    assert best_row([], "m", "max") is None
 
 
 def test_summary_table_json_and_csv(tmp_path):
