@@ -22,7 +22,11 @@ from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.predict import BadRowError, Head, make_plan, output_columns, predict, read_items
+from raymtl.predict import predict
+from raymtl.predict.actors import BadRowError
+from raymtl.predict.output import output_columns
+from raymtl.predict.plan import Head, make_plan
+from raymtl.predict.reading import read_items
 
 TOKENIZER = default_tokenizer_path()
 MISSING_IMAGE, EMPTY_TITLE = "color-missing-image", "color-empty-title"
