@@ -93,8 +93,10 @@ class RunFiles:
 
         self.run_dir = run_dir
         self.tb_dest = storage.join(run_dir, TENSORBOARD_DIR)
-        local = not storage.is_uri(run_dir)
-        self.tb_local = storage.resolve(self.tb_dest)[1] if local else tempfile.mkdtemp(prefix="raymtl_tb_")
+        # A URI run writes its events locally and uploads them each epoch; the temporary folder goes
+        # with this object (or the worker process).
+        self._tb_tmp = tempfile.TemporaryDirectory(prefix="raymtl_tb_") if storage.is_uri(run_dir) else None
+        self.tb_local = self._tb_tmp.name if self._tb_tmp else storage.resolve(self.tb_dest)[1]
         self.writer = SummaryWriter(self.tb_local)
         self.progress = ProgressSender(run_dir)
 
