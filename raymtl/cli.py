@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from raymtl import console, preflight, storage
+from raymtl import console, preflight, ray_runtime, storage
 from raymtl.config import ConfigError, Experiment, load_experiment
 from raymtl.ray_runtime import DASHBOARD_ENV
 
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     console.configure(verbose=getattr(args, "verbose", False))
     use_dashboard(args)
     try:
-        return args.func(args)
+        with ray_runtime.command_session():
+            return args.func(args)
     except KeyboardInterrupt:
         print("raymtl: interrupted", file=sys.stderr)
         return 130
