@@ -6,9 +6,11 @@ pyarrow filesystems, so a laptop path and shared cluster storage work the same w
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -18,11 +20,26 @@ def is_uri(path: str) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI; `~` is expanded locally."""
+    """(filesystem, path inside it) for a local path or a URI; `~` is expanded locally.
+
+    A URI's filesystem is made once per scheme and bucket/host in a process (making one, with its
+    credentials and region, is slow: an image reader resolves a URI per image); one with a query
+    string (`?region=...`) configures its own.
+    """
     path = str(path)
-    if is_uri(path):
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    parts = urlsplit(path)
+    if parts.query:
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    fs, root = _filesystem(parts.scheme, parts.netloc)
+    inner = unquote(parts.path).strip("/")
+    return fs, f"{root.rstrip('/')}/{inner}" if inner else root
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
 
 
 def normalize(path: str | os.PathLike) -> str:

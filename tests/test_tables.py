@@ -258,3 +258,15 @@ def test_list_cells_in_multiclass_task() -> None:
 def test_multilabel_label_outside_explicit_labels() -> None:
     with raises("task 'color' (train)", "label 'party' in the DataFrame is not in"):
         inspect_one(train=frame([["casual"], ["party", "casual"]]), kind="multilabel", labels=["casual", "sport"])
+
+
+def test_a_uri_resolves_like_pyarrow_with_one_filesystem_per_bucket(tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    from raymtl import storage
+
+    (tmp_path / "a b").mkdir()
+    for uri in [f"file://{tmp_path}/a%20b/c.parquet", f"file://{tmp_path}/a%20b/", "file:///"]:
+        fs, path = storage.resolve(uri)
+        assert path == pafs.FileSystem.from_uri(uri)[1]
+    assert storage.resolve(f"file://{tmp_path}/x")[0] is storage.resolve(f"file://{tmp_path}/y")[0]

@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raymtl import storage
 from raymtl.errors import ConfigError, did_you_mean
 from raymtl.data.task_info import TaskInfo  # noqa: F401  datasets, batches and checkpoint import it from here
 
@@ -80,7 +81,7 @@ def _filesystem(base: str, is_uri: bool) -> tuple[pafs.FileSystem, str]:
     if not is_uri:
         return pafs.LocalFileSystem(), base
     try:
-        return pafs.FileSystem.from_uri(base)
+        return storage.resolve(base)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ConfigError(f"cannot open {base!r}: {e}") from None
 
