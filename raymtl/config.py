@@ -133,7 +133,6 @@ class TrainingSpec:
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
     collective_timeout_s: int = 1800
     deterministic: bool = False
-    debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
 
@@ -312,7 +311,7 @@ _RANGES: dict[str, dict[str, str]] = {
         "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
         "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
-        "collective_timeout_s": ">=1", "debug_crash_at_step": ">=1",
+        "collective_timeout_s": ">=1",
     },
 }
 

@@ -46,6 +46,7 @@ from raymtl.train.timing import StepTimer
 from raymtl.train.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
 
 CRASH_MARKER = ".debug_crash_done"
+CRASH_ENV = "RAYMTL_TEST_CRASH_AT_STEP"  # tests only: rank 0's process exits once at this global step
 logger = logging.getLogger("raymtl")
 
 
@@ -135,11 +136,11 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _maybe_crash(exp: Experiment, run_dir: str, global_step: int) -> None:
-    """Test-only fault injection: kill this worker process once, at the configured step."""
-    at = exp.training.debug_crash_at_step
+def _maybe_crash(run_dir: str, global_step: int) -> None:
+    """Test-only fault injection: kill this worker process once, at the step `CRASH_ENV` names."""
+    at = os.environ.get(CRASH_ENV)
     marker = storage.join(run_dir, CRASH_MARKER)
-    if at is not None and global_step == at and ray.train.get_context().get_world_rank() == 0:
+    if at and global_step == int(at) and ray.train.get_context().get_world_rank() == 0:
         if not storage.exists(marker):
             storage.write_text(marker, f"crashed at step {global_step}\n")
             os._exit(1)
@@ -247,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     measure_affinity(model, recent, losses, optimizer, affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
-            _maybe_crash(exp, run_dir, position.global_step)
+            _maybe_crash(run_dir, position.global_step)
             if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
                 if position.step < len(all_steps):
                     _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)

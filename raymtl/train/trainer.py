@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import ensure_ray
 from raymtl.train.batches import batches_per_epoch
 from raymtl.train.checkpoint import RunMeta, latest_run_meta
-from raymtl.train.loop import train_loop_per_worker
+from raymtl.train.loop import CRASH_ENV, train_loop_per_worker
 from raymtl.train.report import format_history, read_history
 
 
@@ -104,10 +105,12 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
                     "kept in the object store for every epoch (data.cache)")
     has_val = any(i.n_val for i in infos.values())
     score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
+    env = forwarded_env()
     run_config = RunConfig(
         name=exp.name,
         storage_path=storage_path,
         failure_config=FailureConfig(max_failures=tr.max_failures),
+        worker_runtime_env={"env_vars": env} if env else None,
         checkpoint_config=CheckpointConfig(
             num_to_keep=tr.keep_checkpoints,
             checkpoint_score_attribute=score,
@@ -129,6 +132,12 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
         run_config=run_config,
     )
+
+
+def forwarded_env() -> dict[str, str]:
+    """Tests' fault injection setting (`loop.CRASH_ENV`) when set here: Ray's processes, started
+    before the test set it, get it only through a runtime env."""
+    return {CRASH_ENV: os.environ[CRASH_ENV]} if os.environ.get(CRASH_ENV) else {}
 
 
 def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True) -> TrainResult:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import posixpath
 import time
 from pathlib import Path
@@ -139,14 +140,18 @@ def _trial_dirname(trial) -> str:
 
 def _train_trial(
     config: dict[str, Any], *, exp: Experiment, spec: SweepSpec, infos: dict[str, TaskInfo],
-    groupings: dict[str, Grouping], runs_dir: str,
+    groupings: dict[str, Grouping], runs_dir: str, env: dict[str, str],
 ) -> None:
-    """A Tune trial: one TorchTrainer run; its per-epoch reports go to Tune as they come."""
+    """A Tune trial: one TorchTrainer run; its per-epoch reports go to Tune as they come.
+
+    `env`: the driver's `forwarded_env`, which this process (started before it was set) lacks.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raymtl.train.trainer import make_trainer
 
+    os.environ.update(env)
     trial = trial_experiment(exp, spec, groupings, config, tune.get_context().get_trial_id(), runs_dir)
     make_trainer(trial, infos, {"callbacks": [TuneReportCallback()]}).fit()
 
@@ -157,10 +162,12 @@ def _run_trials(
     """Tune over the trials (a restored Tuner when the sweep already exists); returns Tune's ResultGrid."""
     from ray import tune
 
+    from raymtl.train.trainer import forwarded_env
+
     groupings = {c.name: c.groups for c in found}
     runs_dir = storage.join(sweep_dir, "runs")
     trial_fn = tune.with_parameters(
-        _train_trial, exp=exp, spec=spec, infos=infos, groupings=groupings, runs_dir=runs_dir
+        _train_trial, exp=exp, spec=spec, infos=infos, groupings=groupings, runs_dir=runs_dir, env=forwarded_env()
     )
     trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_DRIVER_CPUS})
     tune_dir = storage.join(sweep_dir, "tune")
