@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raymtl.config import ConfigError
+from raymtl.train.loop import CRASH_MARKER
 from raymtl.train.report import read_history
 from raymtl.train.trainer import fit, make_trainer, prepare
 from test_training import catalogue, crash_at, experiment, weights, without_timings
@@ -119,6 +120,20 @@ def test_two_group_two_worker_run_resumes_exactly(ray_cluster, config, straight)
     assert without_timings(resumed.history) == without_timings(history)
     expected = weights(result.checkpoint.path)
     for key, value in weights(resumed.checkpoint).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_two_worker_crash_is_recovered_and_resumes_exactly(ray_cluster, config, straight):
+    """Rank 0 dies at step 11 (epoch 2, step 3); Ray Train restarts both workers from the latest
+    checkpoint (step 9) and the run ends as the uninterrupted one, bit for bit."""
+    result, history, _ = straight
+    exp = two_groups(config, "recovered2", epochs=2, affinity_every_steps=4, max_failures=1)
+    with crash_at(11):
+        recovered = fit(exp)
+    assert (Path(recovered.run_dir) / CRASH_MARKER).is_file()  # it did crash
+    assert without_timings(recovered.history) == without_timings(history)
+    expected = weights(result.checkpoint.path)
+    for key, value in weights(recovered.checkpoint).items():
         assert torch.equal(value, expected[key]), key
 
 

@@ -139,7 +139,7 @@ def test_bad_rows_come_out_with_their_error_and_null_predictions(predicted, item
     assert out.error.drop([MISSING_IMAGE, EMPTY_TITLE]).isna().all()
     if TOKENIZER is None:
         assert summary.bad_rows == 1
-        return
+        pytest.skip("no MiniLM tokenizer installed: the empty-text half needs a text task (image half passed)")
     assert missing["style"] is not None  # style reads only the title, which is fine
     empty = out.loc[EMPTY_TITLE]
     assert "empty text in column 'title'" in empty.error
