@@ -213,6 +213,7 @@ def test_task_without_encodable_input():
         build({"a": ["color"]}, tasks=(COLOR,), image_backbone=None)
 
 
+@pytest.mark.slow  # trains (~30 s on 2 cores)
 def test_optimizer_steps_reduce_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build({"all": ["color", "title", "tags"]}).train()
