@@ -133,17 +133,17 @@ def test_adding_a_task_keeps_the_old_tasks_working(learned):
     assert added.history[-1]["val/pattern/accuracy"] > CHANCE["pattern"]
 
 
-def test_two_workers_learn_with_per_task_metrics(ray_cluster, catalogue_config):
+def test_two_workers_evaluate_the_validation_set_as_one_process_would(ray_cluster, catalogue_config):
     """gloo DDP, two shards per task, collective timeout 120 s: a deadlock fails the test.
 
-    Color is learnt beyond chance in 2 epochs; multilabel style stays near its prior (see `learned`),
-    so only its metrics' presence is checked.
+    Each rank evaluates its shard and the metric states are summed: the reported accuracy is the
+    saved model's on the whole validation set, computed here in one process.
     """
-    result = fit(experiment(catalogue_config, "two-workers", num_workers=2, epochs=2, lr=3e-3, affinity_every_steps=2))
-    first, row = result.history
-    assert row["global_step"] == 2 * 2 * ((128 // 2) // 16)  # per task and epoch: (rows // workers) // batch
-    assert row["val/color/loss"] < first["val/color/loss"]
-    assert row["val/color/accuracy"] > CHANCE["color"] + 0.15, row
+    result = fit(experiment(catalogue_config, "two-workers", num_workers=2, epochs=1, affinity_every_steps=2))
+    (row,) = result.history
+    assert row["global_step"] == 2 * ((128 // 2) // 16)  # per task: (rows // workers) // batch
+    color = load_experiment(catalogue_config).task("color")
+    assert row["val/color/accuracy"] == pytest.approx(val_accuracy(load(result.checkpoint), color))
     assert {"val/color/macro_f1", "val/style/micro_f1", "val/style/exact_match"} <= row.keys()
     # inter-task affinity measured on both ranks, averaged, saved with its heatmap
     affinity = json.loads((Path(result.run_dir) / "affinity.json").read_text())
