@@ -322,7 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--steps", type=int, help="steps per epoch for every model (default: resnet50 9, resnet18 36)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per run: the first, then steady ones")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run: the first, then steady ones (their median)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of pause before every run")
     parser.add_argument("--pss-every", type=float, default=1.0, help="seconds between PSS samples")
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every run)")

@@ -38,12 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from raymtl.data.planted import make_planted, planted_experiment, resolve_clusters
-from raymtl.data.tables import inspect_tasks
+from raymtl.data.inspection import inspect_tasks
 from raymtl.evaluate import Evaluation, compare
 from raymtl.train.metrics import summary_table
 from raymtl.train.trainer import check_schedule, fit
 from raymtl.tune.groupings import score_partition
-from raymtl.tune.sweep import SweepResult, SweepSpec, format_summary, read_affinity, run_sweep, task_metric_keys
+from raymtl.tune.candidates import read_affinity
+from raymtl.tune.records import SweepResult, format_summary, task_metric_keys
+from raymtl.tune.spec import SweepSpec
+from raymtl.tune.sweep import run_sweep
 
 
 METRICS = ("accuracy", "macro_f1", "loss")

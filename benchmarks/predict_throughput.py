@@ -29,11 +29,13 @@ import torch
 import raymtl
 from raymtl.config import TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
-from raymtl.data.tables import inspect_tasks
+from raymtl.data.inspection import inspect_tasks
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
-from raymtl.predict import _Predict, _Prepare, make_plan, predict
+from raymtl.predict import predict
+from raymtl.predict.actors import Predict, Prepare
+from raymtl.predict.plan import make_plan
 
 
 def make_model(root: Path, items: int) -> tuple[str, str]:
@@ -67,7 +69,7 @@ def per_task_loop(model_dir: str, items: pd.DataFrame, batch_size: int) -> None:
 
 def stages_loop(model_dir: str, items: pd.DataFrame, batch_size: int) -> None:
     plan = make_plan(model_dir, raymtl.load(model_dir))
-    prepare, model = _Prepare(plan), _Predict(plan, use_gpu=False)
+    prepare, model = Prepare(plan), Predict(plan, use_gpu=False)
     for start in range(0, len(items), batch_size):
         model(prepare(items.iloc[start : start + batch_size]))
 

@@ -35,7 +35,7 @@ from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.ray_runtime import ensure_ray
 from raymtl.train.trainer import TrainResult, fit
 from raymtl.tune.groupings import best_groupings
-from raymtl.tune.sweep import read_affinity
+from raymtl.tune.candidates import read_affinity
 
 IMAGE_TASKS = tuple(data_sources.FASHION_TASKS)
 TEXT_TASK = "review"

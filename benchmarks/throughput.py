@@ -48,7 +48,8 @@ import torch
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.synthetic import make_catalogue
-from raymtl.data.tables import TaskInfo, inspect_tasks
+from raymtl.data.inspection import inspect_tasks
+from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.build import build_model
 from raymtl.train.batches import TaskBatches, batches_per_epoch

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from raymtl import console, preflight, storage
+from raymtl import console, preflight, ray_runtime, storage
 from raymtl.config import ConfigError, Experiment, load_experiment
 from raymtl.ray_runtime import DASHBOARD_ENV
 
@@ -76,7 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raymtl.tune.sweep import format_summary, load_sweep, run_sweep, sweep_dir_of, sweep_failure
+    from raymtl.tune.records import format_summary, sweep_failure
+    from raymtl.tune.spec import load_sweep
+    from raymtl.tune.sweep import run_sweep, sweep_dir_of
 
     exp, spec = load_sweep(args.config)  # light: the spec and the experiment, no torch or Ray
     exp = apply_overrides(exp, args)
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     console.configure(verbose=getattr(args, "verbose", False))
     use_dashboard(args)
     try:
-        return args.func(args)
+        with ray_runtime.command_session():
+            return args.func(args)
     except KeyboardInterrupt:
         print("raymtl: interrupted", file=sys.stderr)
         return 130

@@ -8,17 +8,17 @@ checks that need the data itself (files, columns, labels) live in `raymtl.data.t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import yaml
+
+from raymtl.convert import from_dict, join_path
+from raymtl.errors import ConfigError, did_you_mean
 
 TASK_KINDS = ("multiclass", "multilabel")
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
@@ -27,10 +27,6 @@ LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-class ConfigError(ValueError):
-    """A configuration or input-data fault, with a message naming what is wrong."""
 
 
 @dataclass
@@ -137,7 +133,6 @@ class TrainingSpec:
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
     collective_timeout_s: int = 1800
     deterministic: bool = False
-    debug_crash_at_step: int | None = None  # test-only: crash a worker once at this global step
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
 
@@ -232,71 +227,13 @@ def load_experiment(source: str | Path | dict[str, Any]) -> Experiment:
     return exp.validate()
 
 
-def from_dict(cls: type, raw: Any, path: str) -> Any:
-    """Build dataclass `cls` from plain data; unknown keys and bad types name their dotted path."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {_join(path, key)!r}{hint}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            kwargs[f.name] = _convert(hints[f.name], raw[f.name], _join(path, f.name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {_join(path, f.name)!r}")
-    return cls(**kwargs)
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any or tp is Callable or origin is Callable:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise errors and ConfigError(errors[0]) or ConfigError(f"{path}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return {k: _convert(args[1], v, _join(path, k)) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {tp}")
-
-
 # ---------------------------------------------------------------- structural checks
 
 
 def _choice(value: str, allowed: Sequence[str], path: str, listed: str | None = None) -> None:
     """`value` must be one of `allowed`; `listed` replaces the list of choices in the message when long."""
     if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(value, allowed)
         raise ConfigError(f"{path}: unknown value {value!r}{hint}; choose one of {listed or ', '.join(allowed)}")
 
 
@@ -339,19 +276,24 @@ def _validate(exp: Experiment) -> None:
         for part in s.freeze:
             _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
     if m.groups is not None:
-        owner: dict[str, str] = {}
-        for group, members in m.groups.items():
-            if not members:
-                raise ConfigError(f"model.groups.{group}: a task group needs at least one task")
-            for name in members:
-                if name not in seen:
-                    raise ConfigError(f"model.groups.{group}: unknown task {name!r}; tasks are {sorted(seen)}")
-                if name in owner:
-                    raise ConfigError(f"task {name!r} is in two task groups: {owner[name]!r} and {group!r}")
-                owner[name] = group
-        missing = [t for t in exp.task_names if t not in owner]
-        if missing:
-            raise ConfigError(f"tasks {missing} are in no task group of model.groups")
+        check_groups(m.groups, exp.task_names)
+
+
+def check_groups(groups: Mapping[str, Sequence[str]], tasks: Sequence[str], where: str = "model.groups") -> None:
+    """`groups` ({group: tasks}) partitions `tasks`: no empty group, no unknown task, each task in one group."""
+    owner: dict[str, str] = {}
+    for group, members in groups.items():
+        if not members:
+            raise ConfigError(f"{where}.{group}: a task group needs at least one task (it has no tasks)")
+        for name in members:
+            if name not in tasks:
+                raise ConfigError(f"{where}.{group}: unknown task {name!r}; tasks are {list(tasks)}")
+            if name in owner:
+                raise ConfigError(f"task {name!r} is in two task groups: {owner[name]!r} and {group!r}")
+            owner[name] = group
+    missing = [t for t in tasks if t not in owner]
+    if missing:
+        raise ConfigError(f"tasks {missing} are in no task group of {where}")
 
 
 # Numeric ranges, (section, field) -> rule: a value outside fails here, not as a torch error in a worker.
@@ -369,7 +311,7 @@ _RANGES: dict[str, dict[str, str]] = {
         "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
         "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
-        "collective_timeout_s": ">=1", "debug_crash_at_step": ">=1",
+        "collective_timeout_s": ">=1",
     },
 }
 
@@ -401,7 +343,7 @@ def _check_ranges(exp: Experiment) -> None:
                 continue
             if not math.isfinite(value) or not _in_range(value, rule):
                 shown = f"in {rule}" if rule[0] in "[(" else f"{rule.rstrip('-.0123456789')} {rule.lstrip('>=')}"
-                raise ConfigError(f"{_join(where, name)}: must be {shown}, got {value!r}")
+                raise ConfigError(f"{join_path(where, name)}: must be {shown}, got {value!r}")
     for name in ("mean", "std"):
         values = getattr(exp.data, name)
         if values is not None and len(values) != 3:

@@ -26,7 +26,10 @@ import numpy as np
 
 from raymtl import storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
-from raymtl.predict import ERROR, LABEL, _gpus_per_actor, _Predict, make_plan, predictions, read_items
+from raymtl.predict import gpus_per_actor, predictions
+from raymtl.predict.actors import Predict
+from raymtl.predict.plan import ERROR, LABEL, make_plan
+from raymtl.predict.reading import read_items
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import primary_metric
 
@@ -84,7 +87,7 @@ def evaluate(
     saved = load(model_path)
     specs = _task_specs(exp, saved.infos, split, tasks)
     ensure_ray(address)
-    gpus = _gpus_per_actor(num_gpus)
+    gpus = gpus_per_actor(num_gpus)
     start = time.perf_counter()
     metrics = {}
     for spec in specs:
@@ -98,7 +101,7 @@ def evaluate(
 
 def _task_specs(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> list[TaskSpec]:
     """The config's tasks to evaluate, checked against the model and the data before Ray starts."""
-    from raymtl.data.tables import inspect_tasks
+    from raymtl.data.inspection import inspect_tasks
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -128,7 +131,7 @@ def _row_id(spec: TaskSpec) -> str | None:
     return spec.id_column or spec.image_column
 
 
-class _Score(_Predict):
+class _Score(Predict):
     """Model actor of an evaluation: per row the probabilities of the plan's task, its label, badness."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,7 +16,9 @@ import pyarrow as pa
 from raymtl import storage
 from raymtl.console import BAD_IMAGE_HINT
 from raymtl.config import ConfigError, Experiment, TaskSpec
-from raymtl.data.tables import TaskInfo, inspect_tasks, read_table
+from raymtl.data.inspection import inspect_tasks
+from raymtl.data.tables import read_table
+from raymtl.data.task_info import TaskInfo
 
 IMAGE_SAMPLE = 8  # images decoded per task and image column
 

@@ -3,13 +3,17 @@
 A local cluster on a laptop or a small box shares its cores with training, so raymtl starts it
 lean: no dashboard (its head process and a dozen modules, ~200 MB and ~4 s of start-up), no usage
 stats, no metrics export, and none of Ray Train's cloud services (the spot-preemption watcher, an
-actor process of its own; Train's metrics callbacks). `--dashboard` (or RAYMTL_DASHBOARD=1) turns the dashboard back on. A
-cluster that is joined keeps whatever it was started with.
+actor process of its own; Train's metrics callbacks). `--dashboard` (or RAYMTL_DASHBOARD=1) turns
+the dashboard back on. A cluster that is joined keeps whatever it was started with. A command
+(`command_session`) shuts down the local cluster it started when it ends, and leaves a joined one
+running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from raymtl import console
 
@@ -22,6 +26,9 @@ LEAN_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",  # no Train controller/worker metrics callbacks
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-preemption watcher actor: one box is not preempted
 }
+
+
+_started_here = False  # ensure_ray started a local cluster in this process
 
 
 def dashboard_wanted() -> bool:
@@ -42,8 +49,10 @@ def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> 
     if address:
         ray.init(address=address, **console.ray_logging())
         return
+    global _started_here
     for key, value in LEAN_ENV.items():
         os.environ.setdefault(key, value)
+    _started_here = True
     ray.init(
         address="local",
         # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
@@ -51,3 +60,19 @@ def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> 
         include_dashboard=dashboard_wanted() if dashboard is None else dashboard,
         **console.ray_logging(),
     )
+
+
+@contextlib.contextmanager
+def command_session() -> Iterator[None]:
+    """A command's span: a local cluster `ensure_ray` started inside it is shut down when it ends
+    (success or failure); a joined cluster, or one started before, is left running."""
+    global _started_here
+    _started_here = False
+    try:
+        yield
+    finally:
+        if _started_here:
+            import ray
+
+            _started_here = False
+            ray.shutdown()

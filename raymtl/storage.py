@@ -6,9 +6,11 @@ pyarrow filesystems, so a laptop path and shared cluster storage work the same w
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -18,11 +20,26 @@ def is_uri(path: str) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI; `~` is expanded locally."""
+    """(filesystem, path inside it) for a local path or a URI; `~` is expanded locally.
+
+    A URI's filesystem is made once per scheme and bucket/host in a process (making one, with its
+    credentials and region, is slow: an image reader resolves a URI per image); one with a query
+    string (`?region=...`) configures its own.
+    """
     path = str(path)
-    if is_uri(path):
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    parts = urlsplit(path)
+    if parts.query:
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    fs, root = _filesystem(parts.scheme, parts.netloc)
+    inner = unquote(parts.path).strip("/")
+    return fs, f"{root.rstrip('/')}/{inner}" if inner else root
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
 
 
 def normalize(path: str | os.PathLike) -> str:
@@ -69,3 +86,22 @@ def download_dir(src: str, local_dir: str) -> str:
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def remove_dir(path: str) -> None:
+    """Delete the folder `path` and everything in it, if it exists."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def copy_dir(src: str | None, dest: str) -> str | None:
+    """Replace the folder `dest` with a copy of the folder `src` (each local or a URI); returns `dest` normalized."""
+    if src is None:
+        return None
+    src_fs, src_path = resolve(src)
+    dest_fs, dest_path = resolve(dest)
+    dest_fs.delete_dir_contents(dest_path, missing_dir_ok=True)
+    dest_fs.create_dir(dest_path, recursive=True)
+    pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+    return normalize(dest)

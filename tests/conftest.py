@@ -24,7 +24,9 @@ def ray_cluster():
 
 
 def pytest_collection_modifyitems(items):
-    """A test that uses the shared Ray cluster is slow (seconds to minutes on 2 cores): `-m "not slow"` skips it."""
+    """A test that uses the shared Ray cluster is slow (seconds to minutes on 2 cores): `-m "not slow"` skips it.
+
+    Tests that start their own Ray or train for long are marked `slow` by hand."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)

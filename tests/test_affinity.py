@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from raymtl.config import ModelSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.affinity import (
     AffinityTracker,

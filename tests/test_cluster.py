@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from raymtl.config import load_experiment
-from raymtl.tune.sweep import load_sweep
+from raymtl.tune.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "tests" / "data" / "kuberay-v1.7.0"

@@ -1,5 +1,6 @@
 """Config parsing: every fault is rejected before Ray starts, with a message that names it."""
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,13 @@ training: {lr: 1e-3, batch_size: 8, stages: [{epochs: 1, freeze: [image]}]}
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (minimal(trainig={"epochs": 1}), "unknown key 'trainig'; did you mean 'training'?"),
-        (minimal(training={"batch_sise": 4}), "unknown key 'training.batch_sise'; did you mean 'batch_size'?"),
-        (minimal(data={"views": [{"name": "full", "corp": 0.5}]}), "'data.views[0].corp'; did you mean 'crop'?"),
+        (minimal(trainig={"epochs": 1}), "unknown key 'trainig' (did you mean 'training'?)"),
+        (minimal(training={"batch_sise": 4}), "unknown key 'training.batch_sise' (did you mean 'batch_size'?)"),
+        (minimal(data={"views": [{"name": "full", "corp": 0.5}]}), "'data.views[0].corp' (did you mean 'crop'?)"),
     ],
 )
 def test_unknown_key_suggests_closest(raw: dict, expected: str) -> None:
-    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("?", r"\?")):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         load_experiment(raw)
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from raymtl.config import ConfigError
+from raymtl.train.faults import CRASH_MARKER
 from raymtl.train.report import read_history
 from raymtl.train.trainer import fit, make_trainer, prepare
-from test_training import catalogue, experiment, weights, without_timings
+from test_training import catalogue, crash_at, experiment, weights, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 GROUPS = {"colors": ["color"], "styles": ["style"]}
@@ -111,13 +112,28 @@ def test_every_collective_goes_through_the_helper_on_the_group_device(straight):
 
 def test_two_group_two_worker_run_resumes_exactly(ray_cluster, config, straight):
     result, history, _ = straight
-    exp = two_groups(config, "interrupted2", epochs=2, affinity_every_steps=4, debug_crash_at_step=11, max_failures=0)
-    failed = fit(exp, raise_on_error=False)
+    exp = two_groups(config, "interrupted2", epochs=2, affinity_every_steps=4, max_failures=0)
+    with crash_at(11):
+        failed = fit(exp, raise_on_error=False)
     assert failed.error is not None and len(failed.history) == 1
     resumed = fit(exp)  # the step-9 checkpoint (epoch 2, step 1): same world size, exact position
     assert without_timings(resumed.history) == without_timings(history)
     expected = weights(result.checkpoint.path)
     for key, value in weights(resumed.checkpoint).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_two_worker_crash_is_recovered_and_resumes_exactly(ray_cluster, config, straight):
+    """Rank 0 dies at step 11 (epoch 2, step 3); Ray Train restarts both workers from the latest
+    checkpoint (step 9) and the run ends as the uninterrupted one, bit for bit."""
+    result, history, _ = straight
+    exp = two_groups(config, "recovered2", epochs=2, affinity_every_steps=4, max_failures=1)
+    with crash_at(11):
+        recovered = fit(exp)
+    assert (Path(recovered.run_dir) / CRASH_MARKER).is_file()  # it did crash
+    assert without_timings(recovered.history) == without_timings(history)
+    expected = weights(result.checkpoint.path)
+    for key, value in weights(recovered.checkpoint).items():
         assert torch.equal(value, expected[key]), key
 
 
@@ -128,8 +144,9 @@ def shrunk(ray_cluster, config):
     Checkpoints at steps 3, 6, 8 (epoch 1's end) and 9; the crash may come before Ray Train has
     registered the step-9 one, so the resume starts from step 8 or 9.
     """
-    exp = two_groups(config, "shrink", epochs=2, debug_crash_at_step=11, max_failures=0)
-    failed = fit(exp, raise_on_error=False)
+    exp = two_groups(config, "shrink", epochs=2, max_failures=0)
+    with crash_at(11):
+        failed = fit(exp, raise_on_error=False)
     assert failed.error is not None and len(failed.history) == 1
     return exp, failed, fit(dataclasses.replace(exp, training=dataclasses.replace(exp.training, num_workers=1)))
 

@@ -8,8 +8,9 @@ import tempfile
 import pytest
 import torch
 
+from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, StageSpec, TaskSpec, ViewSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load, save_model
 from raymtl.models.build import build_model
 from raymtl.train.optim import build_optimizer
@@ -69,14 +70,20 @@ def test_save_load_predict_gives_identical_outputs(tmp_path):
         assert torch.equal(model(b, task), saved.model(b, task))
 
 
-def test_a_uri_loads_into_a_folder_of_its_own_and_map_location_moves_the_weights(tmp_path, monkeypatch):
+def test_a_uri_loads_into_a_folder_of_its_own_removed_after_and_map_location_moves_the_weights(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    copies = []
+    real_download = storage.download_dir
+    monkeypatch.setattr(storage, "download_dir", lambda src, local: copies.append(local) or real_download(src, local))
     exp = experiment(["color"])
     model = build_model(exp, {"color": info("color")}).eval()
     uri = save(model, exp, tmp_path / "m").resolve().as_uri()  # file://...: copied as s3:// would be
     first, second = load(uri), load(uri)
-    copies = sorted((tmp_path / "tmp" / "raymtl_models").iterdir())
-    assert len(copies) == 2 and all((c / "model.safetensors").is_file() for c in copies)  # no shared folder
+    assert len(set(copies)) == 2  # no shared folder
+    assert list((tmp_path / "tmp").iterdir()) == []  # both copies removed once loaded
     b = batch()
     assert torch.equal(first.model(b, "color"), model(b, "color"))
     assert torch.equal(second.model(b, "color"), model(b, "color"))

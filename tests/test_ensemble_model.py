@@ -16,12 +16,13 @@ import raymtl
 from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.planted import make_planted
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import META_FILE, save_model
 from raymtl.models.ensemble import EnsembleModel, build_ensemble
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.predict import _Predict, _Prepare, make_plan
+from raymtl.predict.actors import Predict, Prepare
+from raymtl.predict.plan import make_plan
 
 TASKS = ("a", "b")
 
@@ -79,7 +80,7 @@ def test_ensemble_forward_is_the_weighted_mean_of_member_probabilities(members, 
 def test_prediction_stage_averages_members_in_one_actor(members, items, tmp_path):
     out = build_ensemble(members, str(tmp_path / "ens"))
     plan = make_plan(out, raymtl.load(out))
-    rows = _Predict(plan, use_gpu=False)(_Prepare(plan)(items)).to_pandas()
+    rows = Predict(plan, use_gpu=False)(Prepare(plan)(items)).to_pandas()
     expected = [member_probs(m, items) for m in members]
     for task in TASKS:
         mean = (expected[0][task] + expected[1][task]) / 2

@@ -16,9 +16,10 @@ import yaml
 from raymtl.cli import main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.evaluate import Evaluation, _Score, _task_specs, compare, task_metrics
-from raymtl.predict import _Prepare, make_plan
+from raymtl.predict.actors import Prepare
+from raymtl.predict.plan import make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny
 
 
@@ -52,7 +53,7 @@ def test_metrics_of_the_scoring_stage_match_metrics_by_hand(setup):
     for spec in exp.tasks:
         items = pd.read_parquet(spec.validation)
         plan = make_plan(model, saved, tasks=[spec.name], image_column="image", id_column="id", label_column="label")
-        scored = _Score(plan, use_gpu=False)(_Prepare(plan)(items))
+        scored = _Score(plan, use_gpu=False)(Prepare(plan)(items))
         got = task_metrics(saved.infos[spec.name], [scored, scored])  # two batches: counts add up
         expected = by_hand(member_probs(model, items)[spec.name], items["label"].to_numpy())
         assert got["rows"] == 2 * len(items) and got["bad_rows"] == 0

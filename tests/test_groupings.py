@@ -39,7 +39,7 @@ def test_score_by_hand():
     # a: (0.2 + 0.3) / 2, b: (0.4 - 0.5) / 2, c: (-0.2 + 0.1) / 2
     assert score_partition({"g0": ["c", "b", "a"]}, z, tasks) == pytest.approx(0.15)
     assert score_partition([["a"], ["b"], ["c"]], z, tasks) == 0.0
-    with pytest.raises(ValueError, match="not a partition"):
+    with pytest.raises(ValueError, match=r"tasks \['c'\] are in no task group of grouping"):
         score_partition([["a", "b"]], z, tasks)
 
 

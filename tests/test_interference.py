@@ -8,6 +8,7 @@ per task, the same steps per task for both groupings.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -44,6 +45,7 @@ def accuracy(tasks: dict, groups: dict[str, list[str]], steps: int = 600, seed: 
     return float(np.mean(scores))
 
 
+@pytest.mark.slow  # trains two models (~90 s on 2 cores)
 def test_shared_backbone_is_worse_than_one_backbone_per_cluster():
     shared, separate = [], []
     for seed in (0, 1):

@@ -28,7 +28,8 @@ import pytest
 
 import raymtl
 
-pytestmark = pytest.mark.timeout(900)  # head <= 240 s, job <= SUBMIT_TIMEOUT_S + 60 s, teardown <= 30 s
+# Starts its own Ray head. Timeout: head <= 240 s, job <= SUBMIT_TIMEOUT_S + 60 s, teardown <= 30 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")

@@ -15,10 +15,12 @@ import yaml
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.synthetic import COLORS, PATTERNS, make_catalogue
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.tune.sweep import Candidate, Choice, SweepResult, TrialRecord, sweep_failure
+from raymtl.train.faults import CRASH_ENV
+from raymtl.tune.candidates import Candidate
+from raymtl.tune.records import Choice, SweepResult, TrialRecord, sweep_failure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +67,8 @@ def test_tune_job_exits_non_zero_when_every_trial_fails(ray_cluster, tmp_path, m
     past every pre-flight check."""
     catalogue = make_planted(tmp_path / "data", n_clusters=1, tasks_per_cluster=2, n_per_task=24)
     exp = planted_experiment(catalogue, str(tmp_path / "runs"), name="doomed",
-                             training={"epochs": 1, "debug_crash_at_step": 1, "max_failures": 0})
+                             training={"epochs": 1, "max_failures": 0})
+    monkeypatch.setenv(CRASH_ENV, "1")
     config = tmp_path / "sweep.yaml"
     sweep = {"seeds": [0, 1], "baselines": False, "max_concurrent": 2}
     config.write_text(yaml.safe_dump({**exp.to_dict(), "sweep": sweep}, sort_keys=False))

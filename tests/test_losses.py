@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from raymtl.config import TaskSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.train.losses import task_loss
 
 

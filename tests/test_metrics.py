@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.train.metrics import Ewma, make_accumulator, summary_table
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision import models
 
 from raymtl.config import ConfigError, ModelSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.backbones import ImageBackbone, TextEncoder
 from raymtl.models.multitask import MultiTaskModel
 
@@ -213,6 +213,7 @@ def test_task_without_encodable_input():
         build({"a": ["color"]}, tasks=(COLOR,), image_backbone=None)
 
 
+@pytest.mark.slow  # trains (~30 s on 2 cores)
 def test_optimizer_steps_reduce_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build({"all": ["color", "title", "tags"]}).train()

@@ -26,6 +26,7 @@ def main(config: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
     from raymtl.config import load_experiment
+    from raymtl.train.faults import CRASH_ENV
     from raymtl.train.trainer import fit
 
     store = 256 * 2**20
@@ -39,10 +40,12 @@ def main(config: str, out: str) -> None:
         exp = load_experiment(config)
         training = dataclasses.replace(
             exp.training, num_workers=2, epochs=2, checkpoint_every_steps=3, worker_resources={"train_slot": 1},
-            debug_crash_at_step=7, max_failures=0, collective_timeout_s=120)
+            max_failures=0, collective_timeout_s=120)
         exp = dataclasses.replace(exp, name="two-nodes", tasks=[t for t in exp.tasks if t.name == "color"],
                                   training=training)
+        os.environ[CRASH_ENV] = "7"
         failed = fit(exp, raise_on_error=False)
+        del os.environ[CRASH_ENV]
         resumed = fit(exp)
         Path(out).write_text(json.dumps({
             "slots": [n["Resources"].get("train_slot") for n in nodes],

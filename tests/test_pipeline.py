@@ -17,7 +17,7 @@ from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
 from raymtl.data.datasets import DecodedCache, build_inputs, dataset_key, decoded_nbytes, read_source, should_cache
 from raymtl.data.plan import Step
 from raymtl.train.batches import TaskBatches
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
 
 SIZE = 8

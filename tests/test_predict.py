@@ -18,11 +18,15 @@ import raymtl
 from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokenizer_path, make_catalogue
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.predict import BadRowError, Head, make_plan, output_columns, predict, read_items
+from raymtl.predict import predict
+from raymtl.predict.actors import BadRowError
+from raymtl.predict.output import output_columns
+from raymtl.predict.plan import Head, make_plan
+from raymtl.predict.reading import read_items
 
 TOKENIZER = default_tokenizer_path()
 MISSING_IMAGE, EMPTY_TITLE = "color-missing-image", "color-empty-title"
@@ -135,7 +139,7 @@ def test_bad_rows_come_out_with_their_error_and_null_predictions(predicted, item
     assert out.error.drop([MISSING_IMAGE, EMPTY_TITLE]).isna().all()
     if TOKENIZER is None:
         assert summary.bad_rows == 1
-        return
+        pytest.skip("no MiniLM tokenizer installed: the empty-text half needs a text task (image half passed)")
     assert missing["style"] is not None  # style reads only the title, which is fine
     empty = out.loc[EMPTY_TITLE]
     assert "empty text in column 'title'" in empty.error

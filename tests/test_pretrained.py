@@ -21,7 +21,7 @@ from torchvision import models
 
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data.synthetic import default_tokenizer_path
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +167,7 @@ def test_unreadable_tokenizer_folder_names_the_file(tmp_path, caches):
         resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=str(tmp_path / "tok")))
 
 
+@pytest.mark.slow  # trains (~25 s each on 2 cores)
 @pytest.mark.parametrize("arch, kwargs", [("mobilenet_v3_small", None), ("vit_b_16", {"image_size": 32})])
 def test_non_resnet_backbones_train(arch, kwargs):
     """A MobileNet and a ViT (at 32 px: 2x2 patches of 16) build without their classifier and learn a batch."""

@@ -56,3 +56,26 @@ def test_cli_dashboard_flag_reaches_ensure_ray(init_calls):
     cli.use_dashboard(cli.build_parser().parse_args(["train", "exp.yaml", "--dashboard"]))
     ray_runtime.ensure_ray()
     assert init_calls[0]["include_dashboard"] is True
+
+
+def test_a_command_shuts_down_the_local_cluster_it_started(init_calls, monkeypatch):
+    shutdowns = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    with ray_runtime.command_session():
+        ray_runtime.ensure_ray()
+        assert shutdowns == []  # running while the command runs
+    assert shutdowns == [True]
+    with ray_runtime.command_session():
+        pass  # a command that started nothing stops nothing
+    assert shutdowns == [True]
+
+
+def test_a_command_leaves_a_joined_cluster_running(init_calls, monkeypatch):
+    shutdowns = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(RuntimeError):
+        with ray_runtime.command_session():
+            ray_runtime.ensure_ray()
+            raise RuntimeError("the command failed")
+    assert len(init_calls) == 1 and shutdowns == []

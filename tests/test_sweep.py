@@ -1,11 +1,15 @@
 """Sweeps: the `sweep:` section, trial expansion, the grouping search step, the choice and summary
-(no Ray), and one small real sweep of two concurrent Tune trials on the shared Ray cluster."""
+(no Ray); on the shared Ray cluster, one small real sweep of two concurrent Tune trials and one
+where ASHA stops a trial early."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -16,25 +20,9 @@ from raymtl.config import ConfigError, load_experiment
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.tune import sweep
 from raymtl.train.affinity import AffinityTracker
-from raymtl.tune.sweep import (
-    AshaSpec,
-    Candidate,
-    Range,
-    SweepResult,
-    SweepSpec,
-    TrialRecord,
-    apply_config,
-    best_row,
-    candidates,
-    choose,
-    format_summary,
-    load_sweep,
-    n_trials,
-    param_space,
-    read_affinity,
-    trial_experiment,
-    write_summary,
-)
+from raymtl.tune.candidates import Candidate, candidates, read_affinity
+from raymtl.tune.records import SweepResult, TrialRecord, choose, format_summary, write_summary
+from raymtl.tune.spec import AshaSpec, Range, SweepSpec, apply_config, load_sweep, n_trials, param_space, trial_experiment
 
 TASKS = ["c0_t0", "c0_t1", "c1_t0", "c1_t1"]
 
@@ -89,7 +77,7 @@ def test_a_config_without_sweep_section_is_refused(exp, tmp_path):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"seed": [1]}, r"unknown key 'sweep.seed'; did you mean 'seeds'\?"),
+        ({"seed": [1]}, r"unknown key 'sweep.seed' \(did you mean 'seeds'\?\)"),
         ({"groupings": "serch"}, "sweep.groupings: expected a list of groupings or 'search'"),
         ({"groupings": [{"a": TASKS[:3]}]}, r"sweep.groupings\[0\]: tasks \['c1_t1'\] are in no task group"),
         ({"groupings": [{"a": TASKS, "b": ["c0_t0"]}]}, r"groupings\[0\]: task 'c0_t0' is in two task groups"),
@@ -158,10 +146,8 @@ def test_unlisted_axes_keep_the_experiment_values(exp):
     assert changed.training.lr == exp.training.lr
 
 
-def test_asha_stops_by_finished_epochs(exp):
+def test_without_asha_every_trial_runs_to_the_end(exp):
     assert sweep.scheduler(exp, SweepSpec()) is None
-    asha = sweep.scheduler(exp, SweepSpec(asha=AshaSpec(grace_period=1, reduction_factor=3)))
-    assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("epoch", exp.training.epochs, 3)
 
 
 # ---------------------------------------------------------------- groupings and the search step
@@ -267,13 +253,6 @@ def test_choice_averages_ensemble_members_and_picks_the_best_member():
     assert choose([record("x", "one_group", 0, None)], "val/mean_score", "max") is None
 
 
-def test_best_row_is_the_best_epoch_not_the_last():
-    history = [{"epoch": 1, "m": 0.5}, {"epoch": 2, "m": 0.8}, {"epoch": 3, "m": 0.7}, {"epoch": 4}]
-    assert best_row(history, "m", "max")["epoch"] == 2
-    assert best_row(history, "m", "min")["epoch"] == 1
-    assert best_row([], "m", "max") is None
-
-
 def test_summary_table_json_and_csv(tmp_path):
     result = fake_result()
     result.sweep_dir = str(tmp_path)
@@ -315,8 +294,10 @@ def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_fac
     assert sorted(t.config["grouping"] for t in result.trials) == ["one_group", "one_per_task"]
     for trial in result.trials:
         assert trial.error is None and trial.epochs == 1 and trial.wall_s > 0
-        for task in exp.task_names:
-            assert 0.0 <= trial.best[f"val/{task}/accuracy"] <= 1.0
+        epoch_rows = [json.loads(line) for line in (Path(result.sweep_dir) / "runs" / trial.trial_id
+                                                    / "metrics.jsonl").read_text().splitlines()]
+        for key in [f"val/{task}/accuracy" for task in exp.task_names] + ["val/mean_score", "global_step"]:
+            assert trial.best[key] == epoch_rows[0][key]  # Tune's record of the epoch is the run's own
         tune_dir = Path(result.sweep_dir) / "tune" / trial.trial_id
         assert list(tune_dir.glob("events.out.tfevents*")), tune_dir  # Tune's TensorBoard logger
         progress = (tune_dir / "progress.csv").read_text()
@@ -334,3 +315,29 @@ def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_fac
     again = sweep.run_sweep(exp, spec)  # restores the finished Tune experiment: nothing retrains
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in result.trials]
     assert [t.best for t in again.trials] == [t.best for t in result.trials]
+
+
+def entropy(labels) -> float:
+    """The loss of the best constant prediction: the label prior's entropy (nats)."""
+    p = float(np.mean(labels))
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+@pytest.mark.timeout(600)
+def test_asha_stops_the_worse_trial_early_and_the_better_one_beats_chance(ray_cluster, tmp_path_factory):
+    """Two trials, one after the other: lr 3e-3, then 1e-7 (it barely moves). At epoch 1 (the first
+    rung; halving) ASHA finds the second's validation loss worse than the first's and stops it; the
+    first runs all 3 epochs and predicts better than any constant (each task's label prior)."""
+    root = tmp_path_factory.mktemp("asha")
+    cat = make_planted(root / "data", n_clusters=1, tasks_per_cluster=2, n_per_task=160)
+    exp = planted_experiment(cat, str(root / "runs"), name="asha", training={"epochs": 3})
+    spec = SweepSpec(lr=[3e-3, 1e-7], baselines=False, max_concurrent=1, metric="val/mean_loss", mode="min",
+                     asha=AshaSpec(grace_period=1, reduction_factor=2))
+    result = sweep.run_sweep(exp, spec)
+
+    by_lr = {t.config["lr"]: t for t in result.trials}
+    assert all(t.error is None for t in result.trials)
+    assert by_lr[3e-3].epochs == 3 and by_lr[1e-7].epochs == 1, [(t.config, t.epochs) for t in result.trials]
+    for task in exp.task_names:
+        chance = entropy(pd.read_parquet(cat[task]["val"])["label"])
+        assert by_lr[3e-3].best[f"val/{task}/loss"] < chance - 0.05, (task, chance, by_lr[3e-3].best)

@@ -12,7 +12,8 @@ from PIL import Image
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data import synthetic
 from raymtl.data.synthetic import DEFAULT_SIZES, make_catalogue, write_demo_config
-from raymtl.data.tables import inspect_tasks, read_table
+from raymtl.data.inspection import inspect_tasks
+from raymtl.data.tables import read_table
 
 SMALL = {"color": 30, "pattern": 24, "season": 16, "style": 20}
 

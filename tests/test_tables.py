@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
-from raymtl.data import tables
-from raymtl.data.tables import inspect_tasks, read_table, source_files
+from raymtl.data.task_info import TaskInfo
+from raymtl.data.inspection import inspect_tasks
+from raymtl.data.tables import read_table, source_files
 
 COLORS = ["red", "blue", "red", "green"]
 
@@ -35,7 +36,7 @@ def experiment(data: DataSpec | None = None, **task: Any) -> Experiment:
     return Experiment(name="t", tasks=[TaskSpec(**spec)], data=data or DataSpec()).validate()
 
 
-def inspect_one(data: DataSpec | None = None, **task: Any) -> tables.TaskInfo:
+def inspect_one(data: DataSpec | None = None, **task: Any) -> TaskInfo:
     return inspect_tasks(experiment(data, **task))["color"]
 
 
@@ -50,7 +51,7 @@ def raises(*fragments: str) -> Any:
 def test_parquet_source_describes_task(tmp_path: Path) -> None:
     info = inspect_one(train=write(frame(), tmp_path / "t.parquet"), validation=write(frame(["red"]), tmp_path / "v.parquet"),
                        weight=2.0)
-    assert info == tables.TaskInfo("color", "multiclass", ["blue", "green", "red"], 4, 1, True, False, 2.0)
+    assert info == TaskInfo("color", "multiclass", ["blue", "green", "red"], 4, 1, True, False, 2.0)
     assert info.num_labels == 3
 
 
@@ -257,3 +258,15 @@ def test_list_cells_in_multiclass_task() -> None:
 def test_multilabel_label_outside_explicit_labels() -> None:
     with raises("task 'color' (train)", "label 'party' in the DataFrame is not in"):
         inspect_one(train=frame([["casual"], ["party", "casual"]]), kind="multilabel", labels=["casual", "sport"])
+
+
+def test_a_uri_resolves_like_pyarrow_with_one_filesystem_per_bucket(tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    from raymtl import storage
+
+    (tmp_path / "a b").mkdir()
+    for uri in [f"file://{tmp_path}/a%20b/c.parquet", f"file://{tmp_path}/a%20b/", "file:///"]:
+        fs, path = storage.resolve(uri)
+        assert path == pafs.FileSystem.from_uri(uri)[1]
+    assert storage.resolve(f"file://{tmp_path}/x")[0] is storage.resolve(f"file://{tmp_path}/y")[0]

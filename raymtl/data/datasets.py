@@ -27,7 +27,8 @@ import ray.data
 
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.plan import Step
-from raymtl.data.tables import TaskInfo, file_format, read_table, source_paths
+from raymtl.data.tables import file_format, read_table, source_paths
+from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
 SPLITS = ("train", "val")

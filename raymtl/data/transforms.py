@@ -22,15 +22,15 @@ import logging
 import math
 from collections import defaultdict
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 from PIL import Image
 
+from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 logger = logging.getLogger(__name__)
 
@@ -218,24 +218,12 @@ def load_image(uri: Any, min_side: int = 0) -> Image.Image:
     """
     if not isinstance(uri, str) or not uri:
         raise ValueError("no image path")
-    fs, path = _resolve_uri(uri) if "://" in uri else (_LOCAL_FS, uri)
+    fs, path = storage.resolve(uri) if storage.is_uri(uri) else (_LOCAL_FS, uri)
     with fs.open_input_stream(path) as f:
         image = Image.open(io.BytesIO(f.read()))
     if min_side:
         image.draft("RGB", (min_side, min_side))
     return image.convert("RGB")
-
-
-def _resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    parts = urlsplit(uri)
-    fs, root = _filesystem(parts.scheme, parts.netloc)
-    return fs, root.rstrip("/") + "/" + unquote(parts.path).lstrip("/")
-
-
-@functools.lru_cache(maxsize=32)
-def _filesystem(scheme: str, netloc: str) -> tuple[pafs.FileSystem, str]:
-    """One filesystem per scheme and bucket/host: creating one (credentials, region) is slow."""
-    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raymtl.config import ConfigError, DataSpec, ModelSpec, from_dict
-from raymtl.data.tables import TaskInfo
+from raymtl.config import ConfigError, DataSpec, ModelSpec
+from raymtl.convert import from_dict
+from raymtl.data.task_info import TaskInfo
 
 if TYPE_CHECKING:  # torch comes with save/load: `raymtl predict` checks a model folder without it
     import torch
@@ -117,17 +118,32 @@ def read_meta_at(location: str) -> dict[str, Any]:
 def load(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedModel:
     """Rebuild a saved model (eval mode, on `map_location`) and its preprocessing spec from a model folder.
 
-    A URI (s3://, gs://, ...) is copied into a fresh local folder of its own on every call, so
-    several loaders on one node (prediction actors) never write into each other's copy.
+    A URI (s3://, gs://, ...) is copied into a temporary folder of its own on every call (so several
+    loaders on one node, prediction actors, never write into each other's copy) and removed once
+    the weights and the tokenizer are loaded: `load_tokenizer` keeps the tokenizer by its path.
     """
-    from safetensors.torch import load_model as load_safetensors
+    import tempfile
 
     from raymtl import storage
+
+    src = str(folder)
+    if not storage.is_uri(src):
+        return _load_local(Path(storage.resolve(src)[1]), map_location)
+    with tempfile.TemporaryDirectory(prefix="raymtl_model_") as local:
+        saved = _load_local(Path(storage.download_dir(src, local)), map_location)
+        if saved.data.tokenizer and saved.data.tokenizer.startswith(local):  # the model's own
+            from raymtl.data.transforms import load_tokenizer
+
+            load_tokenizer(saved.data.tokenizer)
+    return saved
+
+
+def _load_local(folder: Path, map_location: str | torch.device) -> SavedModel:
+    from safetensors.torch import load_model as load_safetensors
+
     from raymtl.models.ensemble import ENSEMBLE_KEY, load_members
     from raymtl.models.multitask import MultiTaskModel
 
-    src = str(folder)
-    folder = Path(storage.download_dir(src, _fresh_dir()) if storage.is_uri(src) else storage.resolve(src)[1])
     meta = read_meta(folder)
     if ENSEMBLE_KEY in meta:
         ensemble, data = load_members(str(folder), meta, map_location)
@@ -147,10 +163,3 @@ def _local_tokenizer(data: DataSpec, folder: Path) -> DataSpec:
         data.tokenizer = str(folder / TOKENIZER_DIR)
     return data
 
-
-def _fresh_dir() -> str:
-    import tempfile
-
-    root = Path(tempfile.gettempdir()) / "raymtl_models"
-    root.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(dir=root)

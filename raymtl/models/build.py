@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from raymtl.config import ConfigError, Experiment
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load
 from raymtl.models.multitask import MultiTaskModel
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raymtl.config import ConfigError, ModelSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.config import ConfigError, ModelSpec, check_groups
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.backbones import ImageBackbone, TextEncoder
 
 # part name -> attribute holding its modules
@@ -239,20 +239,8 @@ class MultiTaskModel(nn.Module):
 
 
 def _check_groups(infos: Mapping[str, TaskInfo], groups: Mapping[str, Sequence[str]]) -> None:
-    """Every task in exactly one group, every grouped task known, no empty group."""
+    """Infos keyed by their own task names, and `groups` a partition of those tasks."""
     for name, info in infos.items():
         if info.name != name:
             raise ConfigError(f"task info keyed {name!r} is named {info.name!r}")
-    owner: dict[str, str] = {}
-    for group, tasks in groups.items():
-        if not tasks:
-            raise ConfigError(f"task group {group!r} has no tasks")
-        for task in tasks:
-            if task not in infos:
-                raise ConfigError(f"task group {group!r}: unknown task {task!r}; tasks are {list(infos)}")
-            if task in owner:
-                raise ConfigError(f"task {task!r} is in two task groups: {owner[task]!r} and {group!r}")
-            owner[task] = group
-    missing = [t for t in infos if t not in owner]
-    if missing:
-        raise ConfigError(f"tasks {missing} are in no task group")
+    check_groups(groups, list(infos), "task groups")

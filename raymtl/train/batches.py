@@ -16,7 +16,7 @@ import torch
 
 from raymtl.data.datasets import DecodedCache, TaskInputs, dataset_key, stream
 from raymtl.data.plan import Step
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 logger = logging.getLogger("raymtl")
 _FIRST_FETCH = ThreadPoolExecutor(max_workers=4, thread_name_prefix="raymtl-first-batch")

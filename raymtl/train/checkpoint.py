@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from raymtl.config import Experiment
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 TRAIN_STATE_FILE = "train_state.pt"
 RUN_META_FILE = "run.json"

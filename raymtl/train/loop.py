@@ -23,14 +23,13 @@ import numpy as np
 import torch
 import ray.train
 import ray.train.torch
-from raymtl import storage
 from raymtl.config import Experiment, StageSpec
 from raymtl.data.datasets import DecodedCache, TaskInputs
 from raymtl.data.plan import train_steps, val_steps
 from raymtl.train.batches import TaskBatches, batches_per_epoch
 from raymtl.train.collectives import all_reduce_sum, broadcast_tensors, gather_rng, world_size
 from raymtl.data.schedule import TaskSchedule
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
@@ -43,6 +42,7 @@ from raymtl.train.checkpoint import (
     save_train_state,
     set_rng_state,
 )
+from raymtl.train.faults import maybe_crash
 from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma, make_accumulator
@@ -51,7 +51,6 @@ from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
 from raymtl.train.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
 
-CRASH_MARKER = ".debug_crash_done"
 logger = logging.getLogger("raymtl")
 
 
@@ -139,16 +138,6 @@ def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _maybe_crash(exp: Experiment, run_dir: str, global_step: int) -> None:
-    """Test-only fault injection: kill this worker process once, at the configured step."""
-    at = exp.training.debug_crash_at_step
-    marker = storage.join(run_dir, CRASH_MARKER)
-    if at is not None and global_step == at and ray.train.get_context().get_world_rank() == 0:
-        if not storage.exists(marker):
-            storage.write_text(marker, f"crashed at step {global_step}\n")
-            os._exit(1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -253,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     measure_affinity(model, recent, losses, optimizer, affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
-            _maybe_crash(exp, run_dir, position.global_step)
+            maybe_crash(run_dir, position.global_step, rank)
             if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
                 if position.step < len(all_steps):
                     _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)

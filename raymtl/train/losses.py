@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raymtl.config import TaskSpec
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

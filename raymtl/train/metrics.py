@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 
 
 class Accumulator(ABC):

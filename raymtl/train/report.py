@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Collection
 
 from raymtl import storage
 from raymtl.console import ProgressSender
@@ -16,6 +17,7 @@ logger = logging.getLogger("raymtl")
 METRICS_FILE = "metrics.jsonl"
 AFFINITY_FILE = "affinity.json"
 TENSORBOARD_DIR = "tensorboard"
+SHORT_NAMES = {"accuracy": "acc", "micro_f1": "f1"}  # the primary metrics' column names in tables
 
 
 def epoch_row(epoch: int, global_step: int, val: dict[str, dict], ewma: dict[str, Ewma], lr: float) -> dict:
@@ -39,9 +41,15 @@ def epoch_row(epoch: int, global_step: int, val: dict[str, dict], ewma: dict[str
     return row
 
 
-def primary_metric(metrics: dict) -> str:
-    """A task's headline metric: accuracy (multiclass) or micro-F1 (multilabel)."""
+def primary_metric(metrics: Collection[str]) -> str:
+    """A task's headline metric, from its metric names: accuracy (multiclass) or micro-F1 (multilabel)."""
     return "accuracy" if "accuracy" in metrics else "micro_f1"
+
+
+def primary_key(row: dict, task: str) -> str:
+    """The key of `task`'s primary metric in a metrics row: `val/<task>/accuracy` or `val/<task>/micro_f1`."""
+    prefix = f"val/{task}/"
+    return prefix + primary_metric({key[len(prefix):] for key in row if key.startswith(prefix)})
 
 
 def format_history(history: list[dict]) -> str:
@@ -54,9 +62,9 @@ def _compact(row: dict) -> dict:
     tasks = dict.fromkeys(k.split("/")[1] for k in row if k.startswith(("val/", "train/")) and k.count("/") == 2)
     for task in tasks:
         if f"val/{task}/loss" in row:
-            metric = "accuracy" if f"val/{task}/accuracy" in row else "micro_f1"
+            key = primary_key(row, task)
             out[f"{task} loss"] = row[f"val/{task}/loss"]
-            out[f"{task} {'acc' if metric == 'accuracy' else 'f1'}"] = row[f"val/{task}/{metric}"]
+            out[f"{task} {SHORT_NAMES[key.rsplit('/', 1)[1]]}"] = row[key]
         else:
             out[f"{task} train loss"] = row.get(f"train/{task}/loss_ewma")
     for key, name in (("val/mean_loss", "mean loss"), ("val/mean_score", "mean score")):
@@ -85,8 +93,10 @@ class RunFiles:
 
         self.run_dir = run_dir
         self.tb_dest = storage.join(run_dir, TENSORBOARD_DIR)
-        local = not storage.is_uri(run_dir)
-        self.tb_local = storage.resolve(self.tb_dest)[1] if local else tempfile.mkdtemp(prefix="raymtl_tb_")
+        # A URI run writes its events locally and uploads them each epoch; the temporary folder goes
+        # with this object (or the worker process).
+        self._tb_tmp = tempfile.TemporaryDirectory(prefix="raymtl_tb_") if storage.is_uri(run_dir) else None
+        self.tb_local = self._tb_tmp.name if self._tb_tmp else storage.resolve(self.tb_dest)[1]
         self.writer = SummaryWriter(self.tb_local)
         self.progress = ProgressSender(run_dir)
 

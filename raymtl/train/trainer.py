@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from raymtl import console, preflight, storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.schedule import TaskSchedule
-from raymtl.data.tables import TaskInfo
+from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import ensure_ray
 from raymtl.train.batches import batches_per_epoch
 from raymtl.train.checkpoint import RunMeta, latest_run_meta
+from raymtl.train.faults import CRASH_ENV
 from raymtl.train.report import format_history, read_history
 
 
@@ -114,10 +116,12 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
                     "kept in the object store for every epoch (data.cache)")
     has_val = any(i.n_val for i in infos.values())
     score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
+    env = forwarded_env()
     run_config = RunConfig(
         name=exp.name,
         storage_path=storage_path,
         failure_config=FailureConfig(max_failures=tr.max_failures),
+        worker_runtime_env={"env_vars": env} if env else None,
         checkpoint_config=CheckpointConfig(
             num_to_keep=tr.keep_checkpoints,
             checkpoint_score_attribute=score,
@@ -139,6 +143,12 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
         run_config=run_config,
     )
+
+
+def forwarded_env() -> dict[str, str]:
+    """Tests' fault injection setting (`faults.CRASH_ENV`) when set here: Ray's processes, started
+    before the test set it, get it only through a runtime env."""
+    return {CRASH_ENV: os.environ[CRASH_ENV]} if os.environ.get(CRASH_ENV) else {}
 
 
 def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True) -> TrainResult:
@@ -168,11 +178,11 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
 
 
 def _best(result, exp: Experiment) -> str | None:
-    if not result.best_checkpoints:
+    """The kept checkpoint best by `training.checkpoint_metric`; None when none reported it (no validation data)."""
+    metric = exp.training.checkpoint_metric
+    if not any(metric in metrics for _, metrics in result.best_checkpoints or []):
         return None
-    sign = 1 if exp.training.checkpoint_mode == "max" else -1
-    key = exp.training.checkpoint_metric
-    return max(result.best_checkpoints, key=lambda cm: sign * cm[1].get(key, -sign * float("inf")))[0].path
+    return result.get_best_checkpoint(metric, exp.training.checkpoint_mode).path
 
 
 def print_summary(result: TrainResult) -> None:

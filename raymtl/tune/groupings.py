@@ -21,6 +21,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from raymtl.config import check_groups
+
 T = TypeVar("T")
 Partition = tuple[tuple[str, ...], ...]
 Grouping = dict[str, list[str]]  # group name -> tasks, as in ModelSpec.groups
@@ -50,10 +52,8 @@ def score_partition(
 ) -> float:
     """The module-level score of a grouping (groups as sequences, or a {group: tasks} dict)."""
     groups = list(partition.values()) if isinstance(partition, Mapping) else list(partition)
+    check_groups(dict(enumerate(groups)), list(tasks), "grouping")
     index = {t: k for k, t in enumerate(tasks)}
-    placed = [t for g in groups for t in g]
-    if sorted(placed) != sorted(tasks):
-        raise ValueError(f"{groups} is not a partition of the tasks {list(tasks)}")
     matrix = _matrix(z, tasks)
     return sum(_group_score([index[t] for t in g], matrix) for g in groups)
 

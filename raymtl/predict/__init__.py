@@ -1,0 +1,214 @@
+"""Batch prediction at catalogue scale: a saved model over a table (or a folder) of items, on Ray Data.
+
+    items ─► read, only the columns the model reads (parquet/CSV path, glob, URI, DataFrame,
+    │        or a folder of images: one row per image, its path as id)
+    ├──────► Prepare   CPU actors: the training `Preprocessor` (mark mode) once per image column and
+    │                  once per text column, however many tasks read it; empty texts marked as bad
+    ├──────► Predict   actor pool (a GPU per actor when the cluster has GPUs), the artifact loaded
+    │                  once per actor; per task group (and inputs) one backbone pass over the rows
+    │                  whose inputs are good, then each task's head on its features
+    └──────► parquet   one row per item:
+
+    id            string                                    the item's id (or image path)
+    <task>        string | list<string>                     multiclass: the most probable label;
+                                                            multilabel: labels over the threshold
+    <task>_prob   float | list<float>                       their probabilities
+    <task>_top_k  list<struct<label: string, score: float>> the k best labels (top_k > 0)
+    error         string                                    why the row is bad; null when it is not
+
+Bad rows are never dropped: a row whose image is missing or unreadable, or whose text is empty, is
+written with its `error` and null predictions for the tasks that read that input (a text-only task
+still predicts an item whose image is missing), so rows out == rows in. `strict` fails the run on
+the first bad row instead. Rows come out in no particular order: join on `id`.
+
+This module runs it; its parts: `plan` (what to read and predict, made on the driver), `reading`
+(the items as a Dataset), `actors` (the two stages), `output` (a task's Arrow columns).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from raymtl import storage
+from raymtl.data.tables import source_paths
+from raymtl.errors import ConfigError
+from raymtl.models.artifact import META_FILE
+from raymtl.predict.actors import BadRowError, Predict, Prepare
+from raymtl.predict.plan import ERROR, Plan, make_plan
+from raymtl.predict.reading import image_files, read_items
+
+if TYPE_CHECKING:  # Ray and torch come with the run, after the inputs are checked (see `check_paths`)
+    import ray.data
+
+ROWS_PER_FILE = 100_000  # output rows are ~100 bytes: files of ~10 MB, not one tiny file per batch
+# Reason -> the phrase that marks it in an error message (Preprocessor's, and the empty-text check's).
+REASONS = {"unreadable image": "cannot read image", "empty text": "empty text"}
+
+
+@dataclass
+class PredictSummary:
+    """What a prediction run did: rows in and out, bad rows (total and by reason), where, how fast."""
+
+    rows_in: int
+    rows_out: int
+    bad_rows: int
+    bad_by_reason: dict[str, int]  # a row with a bad image and an empty text counts under both
+    output: str
+    seconds: float
+
+    @property
+    def items_per_s(self) -> float:
+        return self.rows_out / self.seconds if self.seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.bad_by_reason.items() if n)
+        bad = f"{self.bad_rows} bad row{'s' * (self.bad_rows != 1)} ({reasons})" if self.bad_rows else "no bad rows"
+        return (
+            f"predicted {self.rows_out} of {self.rows_in} items in {self.seconds:.1f} s "
+            f"({self.items_per_s:.1f} items/s), {bad} -> {self.output}"
+        )
+
+
+
+def predict(
+    model_path: str,
+    input: Any,
+    output: str,
+    *,
+    tasks: list[str] | None = None,
+    batch_size: int = 64,
+    pool_size: int = 1,
+    num_gpus: float | None = None,
+    top_k: int = 0,
+    strict: bool = False,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    id_column: str | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+) -> PredictSummary:
+    """Predict every task (or `tasks`) of a saved model for every item of `input`; write parquet to `output`.
+
+    Columns default to the ones the model was trained with; `image_column`/`text_column`/`id_column`
+    rename them for this input. `num_gpus` is per model actor, None = 1 when the cluster has GPUs.
+    """
+    from raymtl.models.artifact import load
+    from raymtl.ray_runtime import ensure_ray
+
+    if batch_size < 1 or pool_size < 1 or top_k < 0:
+        raise ConfigError(f"need batch_size >= 1, pool_size >= 1, top_k >= 0; got {batch_size}, {pool_size}, {top_k}")
+    check_paths(model_path, input, output, overwrite)
+    plan = make_plan(model_path, load(model_path), tasks=tasks, image_column=image_column, text_column=text_column,
+                     id_column=id_column, strict=strict, top_k=top_k)
+    ensure_ray(address)
+    items = read_items(input, plan)
+    rows_in = items.count()
+    if rows_in == 0:
+        raise ConfigError(f"input {input!r} has no rows")
+    start = time.perf_counter()
+    _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus)), output, overwrite)
+    return summarise(output, rows_in, time.perf_counter() - start)
+
+
+def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> None:
+    """The model folder, the input and a free output: named in a second, before torch and Ray load."""
+    if not storage.exists(storage.join(storage.normalize(model_path), META_FILE)):
+        raise ConfigError(f"{model_path!r} is not a raymtl model folder: it has no {META_FILE}")
+    if isinstance(input, (str, os.PathLike)):
+        try:
+            source_paths(input)
+        except ConfigError:
+            if not image_files(input):
+                raise
+    if storage.exists(output) and not overwrite:
+        raise ConfigError(f"output {output!r} already exists; choose another path or overwrite it")
+
+
+def predictions(
+    items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None
+) -> ray.data.Dataset:
+    """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` actors.
+
+    `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows.
+    """
+    import ray.data
+
+    return items.map_batches(
+        Prepare,
+        fn_constructor_args=(plan,),
+        batch_format="pandas",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_prepare_actors(pool_size)),
+        udf_modifying_row_count=False,
+    ).map_batches(
+        model_stage or Predict,
+        fn_constructor_args=(plan, gpus > 0),
+        batch_format="numpy",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=pool_size),
+        num_gpus=gpus,
+        udf_modifying_row_count=False,
+    )
+
+
+def _write(predictions: ray.data.Dataset, output: str, overwrite: bool) -> None:
+    """Write parquet to `output`.
+
+    A failed run leaves no output (with `overwrite`, not the old one either) rather than a partial
+    one that a downstream job could take for complete.
+    """
+    import ray.data
+
+    fs, path = storage.resolve(output)
+    mode = ray.data.SaveMode.OVERWRITE if overwrite else ray.data.SaveMode.ERROR
+    try:
+        predictions.write_parquet(path, filesystem=fs, mode=mode, min_rows_per_file=ROWS_PER_FILE)
+    except Exception as e:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        bad_row = _bad_row(e)
+        if bad_row is None:
+            raise
+        raise bad_row from e
+
+
+def _bad_row(error: Exception) -> BadRowError | None:
+    """The BadRowError of a strict run: Ray Data hands the driver only the worker's traceback text."""
+    found = re.search(rf"{BadRowError.__name__}: (.+)", str(error))
+    return BadRowError(found.group(1)) if found else None
+
+
+def summarise(output: str, rows_in: int, seconds: float) -> PredictSummary:
+    """Count what was written: rows out, and bad rows by reason from the `error` column alone."""
+    fs, path = storage.resolve(output)
+    written = pads.dataset(path, filesystem=fs, format="parquet")
+    rows_out = written.count_rows()
+    if rows_out != rows_in:  # the contract of the whole module: never lose a row
+        raise RuntimeError(f"read {rows_in} items but wrote {rows_out} predictions to {output!r}")
+    errors = written.to_table(columns=[ERROR], filter=pc.field(ERROR).is_valid()).column(ERROR)
+    by_reason = {reason: int(pc.sum(pc.match_substring(errors, phrase)).as_py() or 0)
+                 for reason, phrase in REASONS.items()}
+    return PredictSummary(rows_in, rows_out, len(errors), by_reason, output, seconds)
+
+
+def gpus_per_actor(num_gpus: float | None) -> float:
+    if num_gpus is not None:
+        return num_gpus
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def _prepare_actors(pool_size: int) -> int:
+    """Most decoding actors: the CPUs left by the model actors and one for the read and write tasks."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1)

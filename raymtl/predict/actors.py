@@ -1,0 +1,137 @@
+"""The two Ray Data stages of a prediction run: `Prepare` (decoding, CPU actors), `Predict` (the model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from raymtl import storage
+from raymtl.config import DataSpec, TaskSpec
+from raymtl.data.task_info import TaskInfo
+from raymtl.data.transforms import Preprocessor, load_tokenizer
+from raymtl.errors import ConfigError
+from raymtl.predict.output import output_columns
+from raymtl.predict.plan import ERROR, ID, LABEL, Head, Input, Plan
+
+
+class BadRowError(ConfigError):
+    """A bad input row in a strict run; the message names the row's id and what is wrong."""
+
+
+class Prepare:
+    """Raw item rows -> every input's model arrays (keys "<input index>/<key>"), ids and errors.
+
+    A CPU actor: it fetches the model's tokenizer once when that is not on its node (the driver
+    alone downloads a URI model).
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.preprocessors = plan.preprocessors(_local_tokenizer(plan.data, plan.model_path))
+        self.labels = _label_encoder(plan) if plan.label_column else None
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        plan = self.plan
+        batch = batch.reset_index(drop=True)
+        out: dict[str, np.ndarray] = {ID: batch[plan.id_column].astype(str).to_numpy(dtype=object)}
+        for i, (inp, prep) in enumerate(zip(plan.inputs, self.preprocessors)):
+            arrays = prep(batch)
+            if inp.kind == "text":
+                arrays[ERROR] = _empty_texts(batch[inp.column], inp)
+            out.update({f"{i}/{key}": value for key, value in arrays.items() if key != "task"})
+        if self.labels is not None:
+            out[LABEL] = self.labels(batch)[LABEL]
+        out[ERROR] = _join_errors([out[f"{i}/{ERROR}"] for i in range(len(plan.inputs))])
+        bad = np.flatnonzero(out[ERROR] != "")
+        if plan.strict and len(bad):
+            raise BadRowError(f"bad row {plan.id_column}={out[ID][bad[0]]!r}: {out[ERROR][bad[0]]}")
+        return out
+
+
+def _label_encoder(plan: Plan) -> Preprocessor:
+    """The training transform reading only the label column of the plan's one task."""
+    (head,) = plan.heads
+    spec = TaskSpec(head.task, train=None, label_column=plan.label_column)
+    info = TaskInfo(head.task, head.kind, list(head.labels), 0, 0, has_image=False, has_text=False)
+    return Preprocessor(spec, info, plan.data)
+
+
+def _local_tokenizer(data: DataSpec, model_path: str) -> DataSpec:
+    """`data` with a tokenizer this process can load: when not on this node, the model folder's is
+    fetched into a temporary folder, loaded (`load_tokenizer` caches it by that path) and removed."""
+    if data.tokenizer is None or Path(data.tokenizer).is_dir():
+        return data
+    from raymtl.models.artifact import TOKENIZER_DIR
+
+    with tempfile.TemporaryDirectory(prefix="raymtl_tokenizer_") as local:
+        load_tokenizer(storage.download_dir(storage.join(model_path, TOKENIZER_DIR), local))
+    return dataclasses.replace(data, tokenizer=local)
+
+
+def _empty_texts(texts: pd.Series, inp: Input) -> np.ndarray:
+    """Per row "" or why the text is unusable: missing or only whitespace."""
+    empty = texts.fillna("").astype(str).str.strip().eq("").to_numpy()
+    message = f"task {','.join(inp.tasks)!r}: empty text in column {inp.column!r}"
+    return np.where(empty, message, "").astype(object)
+
+
+def _join_errors(errors: list[np.ndarray]) -> np.ndarray:
+    """One message per row from the per-input messages ("" for a good row)."""
+    return np.array(["; ".join(m for m in row if m) for row in zip(*errors)], dtype=object)
+
+
+class Predict:
+    """Model actor: loads the artifact (every member of an ensemble) once; per batch, one backbone
+    pass per member, task group and inputs."""
+
+    def __init__(self, plan: Plan, use_gpu: bool) -> None:
+        import torch
+
+        from raymtl.models.artifact import load
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load(plan.model_path).model.to(self.device)
+        self.heads, self.top_k = plan.heads, plan.top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        columns = {ID: pa.array(batch[ID], pa.string())}
+        features: dict[tuple, object] = {}  # tasks of one group with the same inputs share one pass
+        for head in self.heads:
+            bad = np.zeros(len(batch[ID]), dtype=bool)
+            for i in head.inputs:
+                bad |= batch[f"{i}/{ERROR}"] != ""
+            columns.update(output_columns(head, self._probs(head, batch, ~bad, features), bad, self.top_k))
+        errors = batch[ERROR]
+        columns[ERROR] = pa.array(errors, pa.string(), mask=errors == "")
+        return pa.table(columns)
+
+    def _probs(self, head: Head, batch: dict[str, np.ndarray], good: np.ndarray, features: dict) -> np.ndarray:
+        """Softmax (multiclass) or sigmoid (multilabel) probabilities; zeros on bad rows.
+
+        An ensemble's are its members' weighted mean. `features` caches the fused features per
+        (member, feature key, good rows) within one batch.
+        """
+        import torch
+
+        from raymtl.models.ensemble import members_of, probabilities
+
+        probs = np.zeros((len(good), len(head.labels)), np.float32)
+        if not good.any():
+            return probs
+        prefixes = tuple(f"{i}/" for i in head.inputs)
+        inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
+                  for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
+        total = 0.0
+        with torch.inference_mode():
+            for k, (weight, member) in enumerate(members_of(self.model)):
+                key = (k, member.feature_key(head.task), good.tobytes())
+                if key not in features:
+                    features[key] = member.features(inputs, head.task)
+                total = total + weight * probabilities(member.heads[head.task](features[key]), head.kind)
+        probs[good] = total.cpu().numpy()
+        return probs

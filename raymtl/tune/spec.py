@@ -1,0 +1,209 @@
+"""The `sweep:` section of a sweep config: what varies between trials, checked before Ray starts.
+
+Imports no torch or Ray: `raymtl tune` names a faulty sweep in a second. `param_space` is Tune's
+search space of the section; `apply_config` and `trial_experiment` turn one Tune config back into
+the experiment that trial trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raymtl.config import ConfigError, Experiment, read_config
+from raymtl.convert import from_dict
+
+if TYPE_CHECKING:
+    from raymtl.tune.groupings import Grouping
+
+SEARCH = "search"
+# Tune config key -> the SweepSpec field listing its values.
+AXES = {
+    "seed": "seeds",
+    "backbone": "backbones",
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "sampler": "sampler",
+    "temperature": "temperature",
+}
+TRAINING_KEYS = ("lr", "batch_size", "sampler", "temperature")
+
+
+@dataclass
+class Range:
+    """A continuous range for a hyperparameter: sampled per trial (log-uniform unless `log: false`)."""
+
+    min: float
+    max: float
+    log: bool = True
+
+
+@dataclass
+class AshaSpec:
+    """Early stopping (ASHA) by epoch: trials below the top 1/reduction_factor stop at each rung."""
+
+    max_t: int | None = None  # epochs; None = the experiment's epochs
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepSpec:
+    """The `sweep:` section: what varies between trials and how they are compared."""
+
+    # a list of {group: [tasks]}, "search", or None = the experiment's model.groups
+    groupings: list[dict[str, list[str]]] | str | None = None
+    max_groups: int = 2  # search: at most this many groups (backbones)
+    top: int = 2  # search: train the `top` best-scoring groupings
+    baselines: bool = True  # also train all-in-one-group and one-group-per-task
+    seeds: list[int] | None = None  # ensemble members; None = the experiment's seed
+    backbones: list[str] | None = None
+    lr: list[float] | Range | None = None
+    batch_size: list[int] | None = None
+    sampler: list[str] | None = None
+    temperature: list[float] | None = None
+    num_samples: int = 1  # repeats of the grid (draws of the ranges)
+    metric: str = "val/mean_score"
+    mode: str = "max"
+    asha: AshaSpec | None = None
+    max_concurrent: int = 2
+    affinity_epochs: int = 1  # search run length
+    affinity_every_steps: int = 10  # search run: measure Z every N steps
+    ensemble: bool = False  # also save the chosen configuration's members as one ensemble model
+
+    def validate(self, exp: Experiment) -> "SweepSpec":
+        """Every listed value is applied to `exp` and checked like a config, naming `sweep.<key>[i]`."""
+        if isinstance(self.groupings, str) and self.groupings != SEARCH:
+            raise ConfigError(
+                f"sweep.groupings: expected a list of groupings or {SEARCH!r}, got {self.groupings!r}"
+            )
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"sweep.mode: must be 'min' or 'max', got {self.mode!r}")
+        counts = ("max_groups", "top", "num_samples", "max_concurrent", "affinity_epochs", "affinity_every_steps")
+        for key in counts:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sweep.{key}: must be >= 1, got {getattr(self, key)}")
+        _check_metric(self.metric, exp)
+        if self.num_samples > 1 and not isinstance(self.lr, Range):
+            raise ConfigError(
+                "sweep.num_samples: repeats would be identical trials when nothing is sampled; "
+                "list `seeds` for ensemble members, or give `lr` a {min, max} range"
+            )
+        _check_range(self.lr)
+        _check_asha(self.asha)
+        for field_name, _, values in self._listed():
+            if not values:
+                raise ConfigError(f"sweep.{field_name}: an empty list leaves nothing to train; leave the key out")
+            if len(set(map(hashable, values))) != len(values):
+                raise ConfigError(f"sweep.{field_name}: duplicate values in {values}")
+        for where, variant in self.variants(exp):
+            try:
+                variant.validate()
+                if self.backbones and variant.model.image_backbone:
+                    from raymtl.models.hub import check_image_backbone  # imports torchvision: only when listed
+
+                    check_image_backbone(variant.model.image_backbone)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        return self
+
+    def _listed(self) -> list[tuple[str, str, list]]:
+        """(`sweep.` field, Tune config key, values) of every axis given as a list."""
+        fields = {"grouping": "groupings", **AXES}
+        return [(f, key, getattr(self, f)) for key, f in fields.items() if isinstance(getattr(self, f), list)]
+
+    def variants(self, exp: Experiment) -> Iterator[tuple[str, Experiment]]:
+        """(`sweep.<field>[i]`, exp with that one value applied) for every listed value."""
+        for field_name, key, values in self._listed():
+            for i, value in enumerate(values):
+                yield f"sweep.{field_name}[{i}]", apply_config(exp, {key: value})
+
+
+def hashable(value: Any) -> str:
+    """A value's JSON text: equal for equal configs, lists and dicts included."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _check_metric(metric: str, exp: Experiment) -> None:
+    parts = metric.split("/")
+    if len(parts) == 3 and parts[0] == "val" and parts[1] not in exp.task_names:
+        raise ConfigError(f"sweep.metric: {metric!r} names no task; tasks are {exp.task_names}")
+    if not metric.startswith("val/"):
+        raise ConfigError(f"sweep.metric: compare trials on a validation metric (val/...), got {metric!r}")
+
+
+def _check_range(lr: Any) -> None:
+    if isinstance(lr, Range) and not (0 < lr.min < lr.max if lr.log else lr.min < lr.max):
+        raise ConfigError(f"sweep.lr: need {'0 < ' if lr.log else ''}min < max, got min={lr.min} max={lr.max}")
+    if isinstance(lr, list) and any(v <= 0 for v in lr):
+        raise ConfigError(f"sweep.lr: learning rates must be > 0, got {lr}")
+
+
+def _check_asha(asha: AshaSpec | None) -> None:
+    if asha is None:
+        return
+    if asha.grace_period < 1 or (asha.max_t is not None and asha.max_t < asha.grace_period):
+        raise ConfigError(f"sweep.asha: need 1 <= grace_period <= max_t, got {asha}")
+    if asha.reduction_factor <= 1:
+        raise ConfigError(f"sweep.asha.reduction_factor: must be > 1, got {asha.reduction_factor}")
+
+
+def load_sweep(path: str | Path) -> tuple[Experiment, SweepSpec]:
+    """The experiment and its `sweep:` section from one YAML file, both checked before Ray starts."""
+    raw = read_config(path)
+    if "sweep" not in raw:
+        raise ConfigError(f"{path}: a sweep config needs a top-level `sweep:` section")
+    try:
+        exp = from_dict(Experiment, {k: v for k, v in raw.items() if k != "sweep"}, "").validate()
+        spec = from_dict(SweepSpec, raw["sweep"] or {}, "sweep").validate(exp)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return exp, spec
+
+
+def apply_config(exp: Experiment, config: dict[str, Any]) -> Experiment:
+    """`exp` with a trial's values (Tune config keys; "grouping" holds the {group: tasks} itself)."""
+    training = dataclasses.replace(exp.training, **{k: config[k] for k in TRAINING_KEYS if k in config})
+    model = exp.model
+    if "grouping" in config:
+        model = dataclasses.replace(model, groups=config["grouping"])
+    if "backbone" in config:
+        model = dataclasses.replace(model, image_backbone=config["backbone"])
+    return dataclasses.replace(exp, seed=config.get("seed", exp.seed), model=model, training=training)
+
+
+def trial_experiment(
+    exp: Experiment,
+    spec: SweepSpec,
+    groupings: dict[str, Grouping],
+    config: dict[str, Any],
+    name: str,
+    storage_path: str,
+) -> Experiment:
+    """The training a trial runs: its overrides, checkpoints kept by the sweep metric, its own run folder."""
+    trial = apply_config(exp, {**config, "grouping": groupings[config["grouping"]]})
+    training = dataclasses.replace(trial.training, checkpoint_metric=spec.metric, checkpoint_mode=spec.mode)
+    return dataclasses.replace(trial, name=name, storage_path=storage_path, training=training).validate()
+
+
+def param_space(spec: SweepSpec, grouping_names: Sequence[str]) -> dict[str, Any]:
+    """Tune's search space: a grid over every listed value, ranges sampled (num_samples per grid point)."""
+    from ray import tune
+
+    space: dict[str, Any] = {"grouping": tune.grid_search(list(grouping_names))}
+    for key, spec_field in AXES.items():
+        values = getattr(spec, spec_field)
+        if isinstance(values, Range):
+            space[key] = (tune.loguniform if values.log else tune.uniform)(values.min, values.max)
+        elif values is not None:
+            space[key] = tune.grid_search(values)
+    return space
+
+
+def n_trials(space: dict[str, Any], num_samples: int) -> int:
+    return num_samples * math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict))
