@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.proc_tree import descendants, pss_bytes
+from benchmarks.proc_tree import descendants, pss_by_title
 
 TASKS = ("color", "pattern", "season")
 MODES = ("raymtl", "bare", "plain_ray")
@@ -63,6 +63,7 @@ class Run:
     checkpoint_s: list[float] = field(default_factory=list)  # measured in the plain modes only
     wall_s: float = 0.0
     peak_pss_mb: float = 0.0
+    peak_pss_by_process: dict[str, float] = field(default_factory=dict)  # MB per process title, at the peak
     torch_threads: int = 0
     load_before: float = 0.0
     load_after: float = 0.0
@@ -220,11 +221,6 @@ def child_main(mode: str, spec: Path) -> None:
 # ---------------------------------------------------------------- the parent
 
 
-def tree_pss_mb(root: int) -> float:
-    """Summed PSS of `root` and all its descendants, in MB."""
-    return sum(pss_bytes(pid) for pid in descendants(root)) / 2**20
-
-
 def run_child(mode: str, model: str, rep: int, paths: dict, args: argparse.Namespace, work: Path) -> Run:
     out = work / f"{model}-{mode}-{rep}.json"
     spec = work / f"{model}-{mode}-{rep}.spec.json"
@@ -236,11 +232,14 @@ def run_child(mode: str, model: str, rep: int, paths: dict, args: argparse.Names
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.epoch", "--child", mode, "--spec", str(spec)],
                              env=env, stdout=subprocess.DEVNULL if not args.verbose else None,
                              stderr=subprocess.STDOUT if not args.verbose else None)
-    peak = [0.0]
+    peak: dict[str, float] = {}
 
     def poll() -> None:
+        nonlocal peak
         while child.poll() is None:
-            peak[0] = max(peak[0], tree_pss_mb(child.pid))
+            now = pss_by_title(descendants(child.pid))
+            if sum(now.values()) > sum(peak.values()):
+                peak = now
             time.sleep(args.pss_every)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -257,7 +256,7 @@ def run_child(mode: str, model: str, rep: int, paths: dict, args: argparse.Names
         startup_s=marks["first_step"] - start,
         epochs_s=[b - a for a, b in zip(ends, ends[1:])],
         eval_s=marks["eval_s"], checkpoint_s=marks["checkpoint_s"],
-        wall_s=wall, peak_pss_mb=peak[0],
+        wall_s=wall, peak_pss_mb=sum(peak.values()), peak_pss_by_process={k: round(v, 1) for k, v in peak.items()},
         torch_threads=marks["torch_threads"],
         load_before=load_before, load_after=os.getloadavg()[0],
     )

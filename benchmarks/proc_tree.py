@@ -33,3 +33,26 @@ def pss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def title(pid: int) -> str:
+    """A process's name as `ps` shows it: Ray's workers retitle themselves `ray::<Actor>`."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = args[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0]
+    rest = [a.decode(errors="replace") for a in args[1:] if a]
+    name = rest[1] if rest[:1] == ["-m"] and len(rest) > 1 else (rest[0] if rest else "")
+    return Path(first).name + (f" {Path(name).name}" if name else "")
+
+
+def pss_by_title(pids: list[int]) -> dict[str, float]:
+    """Summed PSS in MB per process title (e.g. `ray::RayTrainWorker`, `raylet`)."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        name = title(pid)
+        out[name] = out.get(name, 0.0) + pss_bytes(pid) / 2**20
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
