@@ -14,7 +14,12 @@ import argparse
 import sys
 
 from raymtl.cli import main
-from raymtl.data.synthetic import DEFAULT_SIZES, DEMO_IMAGE_SIZE, make_catalogue, write_demo_config
+from raymtl.data.synthetic import (
+    DEFAULT_SIZES,
+    DEMO_IMAGE_SIZE,
+    make_catalogue,
+    write_demo_config,
+)
 
 
 def task_rows(text: str) -> tuple[str, int]:

@@ -11,7 +11,12 @@ from PIL import Image
 
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data import synthetic
-from raymtl.data.synthetic import DEFAULT_SIZES, DEMO_IMAGE_SIZE, make_catalogue, write_demo_config
+from raymtl.data.synthetic import (
+    DEFAULT_SIZES,
+    DEMO_IMAGE_SIZE,
+    make_catalogue,
+    write_demo_config,
+)
 from raymtl.data.tables import inspect_tasks, read_table
 
 SMALL = {"color": 30, "pattern": 24, "season": 16, "style": 20}
