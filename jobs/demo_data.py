@@ -14,7 +14,12 @@ import argparse
 import sys
 
 from raymtl.cli import main
-from raymtl.data.synthetic import DEFAULT_SIZES, make_catalogue, write_demo_config
+from raymtl.data.synthetic import (
+    DEFAULT_SIZES,
+    DEMO_IMAGE_SIZE,
+    make_catalogue,
+    write_demo_config,
+)
 
 
 def task_rows(text: str) -> tuple[str, int]:
@@ -28,7 +33,7 @@ if __name__ == "__main__":
     default_sizes = " ".join(f"{task}={rows}" for task, rows in DEFAULT_SIZES.items())
     parser.add_argument("--sizes", nargs="+", type=task_rows, metavar="TASK=ROWS",
                         help=f"tasks and their rows (default: {default_sizes})")
-    parser.add_argument("--image-size", type=int, default=64, help="pixels of the images and the model input")
+    parser.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE, help="pixels of the images and the model input")
     args, rest = parser.parse_known_args()
     catalogue = make_catalogue(args.out, seed=0, image_size=args.image_size, sizes=dict(args.sizes or DEFAULT_SIZES))
     config = write_demo_config(

@@ -11,8 +11,8 @@ from PIL import Image
 
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data import synthetic
-from raymtl.data.synthetic import DEFAULT_SIZES, make_catalogue, write_demo_config
 from raymtl.data.inspection import inspect_tasks
+from raymtl.data.synthetic import DEFAULT_SIZES, DEMO_IMAGE_SIZE, make_catalogue, write_demo_config
 from raymtl.data.tables import read_table
 
 SMALL = {"color": 30, "pattern": 24, "season": 16, "style": 20}
@@ -54,7 +54,7 @@ def test_layout_and_columns(catalogue: dict[str, dict[str, str]]) -> None:
         assert list(df.columns) == ["id", "image", "title", "label"]
         image = Path(df["image"].iloc[0])
         assert image.is_absolute() and image.parent.name == "images" and image.name == f"{df['id'].iloc[0]}.png"
-        assert Image.open(image).size == (64, 64) and Image.open(image).mode == "RGB"
+        assert Image.open(image).size == (DEMO_IMAGE_SIZE,) * 2 and Image.open(image).mode == "RGB"
 
 
 def test_sizes_and_disjoint_ids(catalogue: dict[str, dict[str, str]]) -> None:
@@ -85,12 +85,31 @@ def test_labels_are_valid_and_follow_the_inputs(catalogue: dict[str, dict[str, s
         assert list(tags) == sorted(expected) and len(tags) > 0
 
 
+def centre_pixels(path: str) -> np.ndarray:
+    """The middle half of the image (always inside the swatch): float [pixels, 3]."""
+    pixels = np.asarray(Image.open(path), dtype=np.float32)
+    side = pixels.shape[0]
+    return pixels[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4].reshape(-1, 3)
+
+
 def test_images_show_the_color(catalogue: dict[str, dict[str, str]]) -> None:
     df = read_table(catalogue["color"]["train"]).head(60)
     for path, label in zip(df["image"], df["label"]):
-        centre = np.asarray(Image.open(path), dtype=np.float32)[16:48, 16:48].reshape(-1, 3)
-        close = np.abs(centre - synthetic.COLORS[label]).max(axis=1) < 60
-        assert close.mean() > 0.5, (path, label)  # the pattern is drawn thin: the garment color dominates
+        close = np.abs(centre_pixels(path) - synthetic.COLORS[label]).max(axis=1) < 60
+        assert close.mean() > 0.5, (path, label)  # the pattern covers under half: the garment color dominates
+
+
+def test_images_show_the_pattern(catalogue: dict[str, dict[str, str]]) -> None:
+    """Each pattern covers its own share of the swatch: the signal a small network learns fast."""
+    df = read_table(catalogue["pattern"]["train"]).head(120)
+    shares: dict[str, list[float]] = {p: [] for p in synthetic.PATTERNS}
+    for path, pattern in zip(df["image"], df["label"]):
+        pixels = centre_pixels(path)
+        off = np.abs(pixels - np.median(pixels, axis=0)).max(axis=1) > 60  # not the garment color
+        shares[pattern].append(off.mean())
+    mean = {p: np.mean(v) for p, v in shares.items()}
+    assert max(shares["solid"]) < 0.02, shares["solid"]
+    assert 0.05 < mean["dotted"] < mean["striped"] < mean["checked"] < 0.5, mean
 
 
 def test_tiny_sizes_keep_validation_encodable(tmp_path: Path) -> None:
@@ -116,7 +135,8 @@ def test_demo_config_loads_and_passes_inspection(tmp_path: Path, catalogue: dict
     path = write_demo_config(tmp_path, catalogue, tmp_path / "runs", training={"epochs": 1}, seed=5)
     exp = load_experiment(path)
     assert (exp.name, exp.seed, exp.storage_path) == ("demo", 5, str(tmp_path / "runs"))
-    assert (exp.training.epochs, exp.training.batch_size, exp.training.lr) == (1, 32, 1e-3)
+    assert (exp.training.epochs, exp.training.batch_size, exp.training.lr) == (1, 32, 3e-3)
+    assert exp.data.image_size == DEMO_IMAGE_SIZE
     assert [(v.name, v.crop) for v in exp.data.views] == [("full", 1.0), ("crop", 0.6)]
     assert exp.task("style").kind == "multilabel" and exp.task("color").image_column == "image"
     infos = inspect_tasks(exp)
@@ -126,6 +146,7 @@ def test_demo_config_loads_and_passes_inspection(tmp_path: Path, catalogue: dict
     assert exp.data.tokenizer == tokenizer
     if tokenizer:  # the MiniLM tokenizer with a small random BERT sized to its vocabulary
         assert exp.model.text_encoder is None and exp.model.text_config["vocab_size"] == 30522
+        assert exp.task("style").image_column is None and not infos["style"].has_image  # tags come from words
     assert all(info.has_text == (tokenizer is not None) for info in infos.values())
 
 
@@ -135,6 +156,7 @@ def test_demo_config_without_text_model_is_image_only(
     monkeypatch.setattr(synthetic, "default_tokenizer_path", lambda: None)
     exp = load_experiment(write_demo_config(tmp_path, catalogue, tmp_path / "runs"))
     assert exp.model.text_config is None and all(t.text_column is None for t in exp.tasks)
+    assert all(t.image_column == "image" for t in exp.tasks)
     assert not any(info.has_text for info in inspect_tasks(exp).values())
 
 

@@ -5,6 +5,10 @@ task labels its OWN items (disjoint ids, different sizes), as labelling teams do
 `color` (image + title), `pattern` (image; the title names it only sometimes), `season`
 (material + color: mostly text) and `style` (multilabel tags from title words). Everything is
 a pure function of the seed, so runs and tests are reproducible byte for byte.
+
+The signal is meant to be legible to a network trained from scratch in the demo's couple of
+hundred steps: patterns are bold (lines a quarter of their period, wide dots) and cover distinct
+shares of the swatch, and the harder tasks get the most rows.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ STYLE_WORDS = {  # title word -> style tags
 BRANDS = ("alvo", "brisk", "corra", "dune", "eskel")
 BACKGROUND = (128, 128, 128)
 
-DEFAULT_SIZES = {"color": 480, "pattern": 360, "season": 240, "style": 240}
+DEFAULT_SIZES = {"color": 320, "pattern": 800, "season": 400, "style": 560}
+DEMO_IMAGE_SIZE = 32  # pixels of the images and the model input: 1/4 of the compute of 64 px
 TASK_KINDS = {"color": "multiclass", "pattern": "multiclass", "season": "multiclass", "style": "multilabel"}
 
 _P_TITLE_COLOR = 0.8  # the image always shows the color; the title usually names it
@@ -132,23 +137,26 @@ def _describe_items(rng: np.random.Generator, items: dict[str, np.ndarray]) -> l
 def _render(rng: np.random.Generator, color: np.ndarray, pattern: np.ndarray, size: int) -> np.ndarray:
     """(n, size, size, 3) uint8 images: a noisy garment swatch on a grey background.
 
-    The pattern is drawn thin in the complementary color so the garment color still dominates.
+    The pattern is drawn bold in the complementary color, with a period of 1/4 to 1/3 of the
+    image so that it survives a backbone's first strided layers. Its share of the swatch differs
+    per pattern (solid 0, dotted ~15 %, striped ~25 %, checked ~44 %), so the garment color
+    still dominates.
     """
     n = len(color)
     yy, xx = np.mgrid[0:size, 0:size]
-    period = rng.integers(max(4, size // 8), max(5, size // 4) + 1, size=(n, 1, 1))
+    period = rng.integers(max(4, size // 4), max(5, size // 3) + 1, size=(n, 1, 1))
     y = (yy + rng.integers(0, period)) % period
     x = (xx + rng.integers(0, period)) % period
-    line = np.maximum(1, period // 5)
+    line = np.maximum(1, np.round(period / 4))
     rows, cols = y < line, x < line
     vertical = rng.random((n, 1, 1)) < 0.5
-    half = period / 2
+    half = (period - 1) / 2
     masks = np.stack(
         [
             np.zeros((n, size, size), dtype=bool),  # solid
             np.where(vertical, cols, rows),  # striped
             rows | cols,  # checked
-            (y - half) ** 2 + (x - half) ** 2 < (period / 4) ** 2,  # dotted
+            (y - half) ** 2 + (x - half) ** 2 < (0.22 * period) ** 2,  # dotted
         ]
     )
     mask = masks[pattern, np.arange(n)]
@@ -180,7 +188,7 @@ def _write_images(
 def make_catalogue(
     out_dir: str | Path,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int = DEMO_IMAGE_SIZE,
     sizes: dict[str, int] | None = None,
     val_fraction: float = 0.2,
 ) -> dict[str, dict[str, str]]:
@@ -263,14 +271,15 @@ def write_demo_config(
                 "train": paths["train"],
                 "validation": paths["val"],
                 "id_column": "id",
-                "image_column": "image",
+                # Style tags come from title words only: with a text model, the task reads just the title.
+                "image_column": None if text_model and task == "style" else "image",
                 "text_column": "title" if text_model else None,
                 "label_column": "label",
             }
             for task, paths in catalogue.items()
         ],
         "data": {
-            "image_size": 64,
+            "image_size": DEMO_IMAGE_SIZE,
             "views": [{"name": "full", "crop": 1.0}, {"name": "crop", "crop": 0.6}],
             "tokenizer": text_model,
             "max_length": 16,
@@ -282,7 +291,9 @@ def write_demo_config(
             "text_config": _small_bert(text_model) if text_model else None,
             "hidden_dim": 128,
         },
-        "training": {"epochs": 4, "batch_size": 32, "lr": 1e-3, "cpus_per_worker": 2},
+        # ~50 steps an epoch; a high peak rate decayed to zero lets every task learn within ~3 minutes.
+        "training": {"epochs": 8, "batch_size": 32, "lr": 3e-3, "lr_schedule": "warmup_cosine",
+                     "warmup_steps": 20, "cpus_per_worker": 2},
     }
     path = Path(out_dir) / "demo.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
