@@ -2,8 +2,8 @@
 and what does the search cost?
 
     python -m benchmarks.grouping_search --json grouping_search.json
-    python -m benchmarks.grouping_search --latents-per-cluster 2 --hidden-dim 4 --seeds 0 1 2 \
-        --json benchmarks/results/grouping_search_interfering.json     # clusters that interfere
+    python -m benchmarks.grouping_search --latents-per-cluster 2 --hidden-dim 4 --n-per-task 1280 \
+        --every 10 --seeds 0 1 2 --top 1 --json benchmarks/results/grouping_search_interfering.json
 
 One `raymtl tune`-style sweep (`groupings: search`) over `raymtl.data.planted` tasks in
 `--clusters` clusters of `--tasks-per-cluster`: an all-in-one training measures the affinity Z,
