@@ -2,8 +2,8 @@
 and what does the search cost?
 
     python -m benchmarks.grouping_search --json grouping_search.json
-    python -m benchmarks.grouping_search --latents-per-cluster 2 --hidden-dim 4 --seeds 0 1 2 \
-        --json benchmarks/results/grouping_search_interfering.json     # clusters that interfere
+    python -m benchmarks.grouping_search --latents-per-cluster 2 --hidden-dim 4 --n-per-task 1280 \
+        --every 10 --seeds 0 1 2 --top 1 --json benchmarks/results/grouping_search_interfering.json
 
 One `raymtl tune`-style sweep (`groupings: search`) over `raymtl.data.planted` tasks in
 `--clusters` clusters of `--tasks-per-cluster`: an all-in-one training measures the affinity Z,
@@ -23,7 +23,8 @@ Reported (JSON at `--json`, and printed): per grouping the per-task validation a
 trial's best epoch, averaged over seeds; the chosen grouping and whether it is the planted one;
 the search cost (the affinity run's wall time) against one all-in-one training (the `one_group`
 trials' mean wall time) and against pairwise search (the measured pair time times T(T-1)/2), also
-in gradient steps, which do not depend on the machine's load. Use a fresh `--root` for timings:
+in gradient steps, which do not depend on the machine's load; and the 1-minute load average before,
+during (sampled) and after the run. Use a fresh `--root` for timings:
 the same root resumes (restores) the finished sweep instead of training again.
 """
 
@@ -32,7 +33,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,8 +107,7 @@ def comparison(result: SweepResult) -> dict[str, Any]:
     models = {name: summary(seeds_of(grouping)) for name, grouping in
               (("all_in_one", "one_group"), ("one_per_task", "one_per_task"), ("chosen", chosen))}
     if result.ensemble:
-        models["ensemble"] = {task: {m: result.ensemble["metrics"][task][m] for m in METRICS} | {"accuracy_std": 0.0}
-                              for task in result.tasks}
+        models["ensemble"] = {task: {m: result.ensemble["metrics"][task][m] for m in METRICS} for task in result.tasks}
     baseline = Evaluation("one_per_task", "validation", strip(models["one_per_task"]))
     out: dict[str, Any] = {"chosen_grouping": chosen, "models": {}}
     for name, tasks in models.items():
@@ -122,11 +124,17 @@ def strip(tasks: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def format_comparison(report: dict[str, Any], tasks: list[str]) -> str:
     rows = []
     for name, model in report["models"].items():
-        row = {"model": name}
-        row.update({t: f"{model['tasks'][t]['accuracy']:.3f} ± {model['tasks'][t]['accuracy_std']:.3f}" for t in tasks})
+        row = {"model": f"chosen ({report['chosen_grouping']})" if name == "chosen" else name}
+        row.update({t: cell(model["tasks"][t]) for t in tasks})
         row.update({"mean acc": model["mean_accuracy"], "Δ% vs 1/task": model["delta_percent_vs_one_per_task"]})
         rows.append(row)
     return summary_table(rows)
+
+
+def cell(metrics: dict[str, float]) -> str:
+    """Accuracy, ± its std over seeds where there are seeds (the ensemble is one model)."""
+    spread = f" ± {metrics['accuracy_std']:.3f}" if "accuracy_std" in metrics else ""
+    return f"{metrics['accuracy']:.3f}{spread}"
 
 
 def targets(report: dict[str, Any], result: SweepResult, cost: dict[str, float]) -> dict[str, Any]:
@@ -167,8 +175,34 @@ def costs(result: SweepResult, pair_s: float, steps_all: int, n_tasks: int, ever
     }
 
 
+class LoadSampler:
+    """The 1-minute load average before, every `every_s` seconds during, and after the run.
+
+    Wall times are only comparable at a known load: on a small shared box other work, and the
+    run's own concurrent trials, both show up here.
+    """
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s, self.before, self.samples = every_s, os.getloadavg()[0], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        during = self.samples or [os.getloadavg()[0]]
+        return {"cpus": os.cpu_count(), "before": self.before, "after": os.getloadavg()[0],
+                "during_mean": statistics.mean(during), "during_max": max(during), "every_s": self.every_s}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    load = LoadSampler()
     root = Path(args.root).resolve()
     clusters = resolve_clusters(n_clusters=args.clusters, tasks_per_cluster=args.tasks_per_cluster)
     catalogue = make_planted(root / "data", clusters=clusters, n_per_task=args.n_per_task,
@@ -200,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                  exp.training.affinity_rows / exp.training.batch_size) | {"sweep_wall_s": sweep_s}
     compared = comparison(result)
     report = {
+        "load": load.stop(),
         "setup": vars(args) | {"tasks": exp.task_names, "planted": [list(c) for c in clusters]},
         "candidates": [dataclasses.asdict(c) for c in result.candidates],
         "per_grouping": per_grouping(result),
@@ -215,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_comparison(compared, exp.task_names))
-    print(json.dumps({k: report[k] for k in ("chosen", "chosen_is_planted", "cost", "targets")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("chosen", "chosen_is_planted", "load", "cost", "targets")}, indent=2))
     return report
 
 
