@@ -161,12 +161,14 @@ def test_bad_image_in_the_sample_stops_before_ray(tmp_path, kind):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_bad_image_met_inside_ray_is_one_line_naming_it(tmp_path):
-    # Row 1 is outside the pre-flight sample (rows 0, 5, 10, ...): only decoding inside Ray meets it.
+@pytest.mark.parametrize("cache", ["never", "always"])
+def test_bad_image_met_in_decoding_is_one_line_naming_it(tmp_path, cache):
+    # Row 1 is outside the pre-flight sample (rows 0, 5, 10, ...): only decoding meets it, inside
+    # Ray's decode tasks ("never": streamed) or in the driver (a small "always" cache).
     table = write_task(tmp_path, "color", 40, bad={1: "corrupt"})
-    done, _ = raymtl("train", str(write_config(tmp_path, table)), cwd=tmp_path, timeout=500)
+    done, _ = raymtl("train", str(write_config(tmp_path, table, data={"cache": cache})), cwd=tmp_path, timeout=500)
     line = one_error_line(done)
-    assert done.returncode == 1
+    assert done.returncode == (1 if cache == "never" else 2)  # met during training, or before it
     assert f"cannot read image '{tmp_path}/images/color-001.png'" in line
     assert "data.skip_bad_images: true" in line
     log = re.search(r"\[full log: (.+)\]", line).group(1)

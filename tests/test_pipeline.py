@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
+from raymtl.data import datasets
 from raymtl.data.datasets import DecodedCache, build_inputs, dataset_key, decoded_nbytes, read_source, should_cache
 from raymtl.data.plan import Step
 from raymtl.train.batches import TaskBatches
@@ -180,9 +181,13 @@ def test_tasks_of_every_shape_come_back_decoded_in_plan_order(ray_cluster, image
     assert "task" not in color1 and "id" not in color1  # strings stay behind
 
 
-def test_cached_and_streamed_batches_are_identical(ray_cluster, images, tmp_path):
+@pytest.mark.parametrize("block_rows", [4096, 2], ids=["decoded-in-driver", "decoded-by-ray-data"])
+def test_cached_and_streamed_batches_are_identical(ray_cluster, images, tmp_path, monkeypatch, block_rows):
+    """A cache of at most one decode task's rows is decoded in the driver; larger ones by Ray Data tasks."""
+    monkeypatch.setattr(datasets, "_CACHE_BLOCK_ROWS", block_rows)
     streamed = list(TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, torch.device("cpu"), None))
     inputs = _two_task_inputs(images, tmp_path, cache=True)
+    assert len(inputs.cached) == (1 if block_rows == 4096 else 3)  # else one decode task per task split
     cached = list(TaskBatches(inputs, "train", PLAN, torch.device("cpu"), DecodedCache(inputs.cached)))
     for (task_a, a), (task_b, b) in zip(streamed, cached, strict=True):
         assert task_a == task_b and a.keys() == b.keys()

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from raymtl.console import root_cause
 from raymtl.data.datasets import DecodedCache, TaskInputs, dataset_key, stream
 from raymtl.data.plan import Step
 from raymtl.data.task_info import TaskInfo
@@ -81,7 +82,15 @@ class TaskBatches:
         if step.task != task:
             raise RuntimeError(f"step {self.i} of the plan is task {step.task!r}, the schedule says {task!r}")
         self.i += 1
-        batch = next(self.raw)
+        try:
+            batch = next(self.raw)
+        except Exception as error:
+            # A decode task's failure (a bad image) arrives under Ray Data's wrappers, whose causes
+            # do not survive the trip to the driver: raise the cause itself, with its own message.
+            cause = root_cause(error)
+            if cause is error:
+                raise
+            raise cause from error
         if "error" in batch:
             batch = self._without_bad_rows(task, batch)
         return to_model_batch(batch, self.device) if len(batch["task"]) else None
