@@ -9,7 +9,7 @@ import pytest
 
 from raymtl.config import ConfigError
 from raymtl.train.checkpoint import Position, RunMeta
-from raymtl.train.loop import resume_position
+from raymtl.train.checkpoint import resume_position
 from raymtl.train.trainer import check_schedule, prepare
 from test_training import catalogue, experiment
 

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from raymtl.train.collectives import all_reduce_sum, world_size
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Update = Callable[[str, Tensor], Tensor]  # (parameter name, gradient) -> step direction before lr
 _EPS = 1e-12  # a zero loss before the step leaves nothing to improve: Z is then 1 - after / eps
@@ -281,3 +283,28 @@ def _diverging(x: float) -> tuple[int, int, int]:
     x = max(-1.0, min(1.0, x))
     far = (33, 102, 172) if x >= 0 else (178, 24, 43)
     return tuple(round(255 + (c - 255) * abs(x)) for c in far)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- in the training loop (all ranks)
+
+
+def measure_affinity(model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker) -> None:
+    """One lookahead affinity measurement on each task's latest rows, averaged over ranks.
+
+    The lookahead step is the optimizer's own update for each task's gradient at its current lr.
+    Autocast stays off: Z is made of loss ratios 1 - after/before whose differences are small, and
+    bf16's 8-bit mantissa would drown them, so the measurement runs in float32 even when training
+    uses bf16. Z is reduced in float64 on the process group's device.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    update = optimizer_update(optimizer, model)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, enabled=False):
+        tasks, z = lookahead_affinity(model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update)
+    tracker.update(all_reduce_sum(z.double()) / world_size())
+
+
+def affinity_ready(recent: RecentRows, tracker: AffinityTracker) -> bool:
+    """Whether every rank holds rows of every task (all ranks then measure together, or none does)."""
+    have = torch.tensor([float(recent.has(tracker.tasks))])
+    return all_reduce_sum(have).item() == world_size()

@@ -9,8 +9,10 @@ driver reads to refuse an incompatible resume before Ray starts.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import logging
 import random
 import shutil
 from collections.abc import Callable
@@ -23,6 +25,8 @@ import torch
 
 from raymtl.config import Experiment
 from raymtl.data.task_info import TaskInfo
+
+logger = logging.getLogger("raymtl")
 
 TRAIN_STATE_FILE = "train_state.pt"
 RUN_META_FILE = "run.json"
@@ -201,3 +205,23 @@ def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
         if storage.exists(meta):
             return storage.join(run_dir, name), RunMeta.from_json(storage.read_text(meta))
     return None
+
+
+def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
+    """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
+
+    A changed schedule (another world size, batch size, seed or sampler) shards and orders the
+    epoch differently, so a mid-epoch position has no exact equivalent: the epoch restarts at its
+    first step, with the weights and optimizer state the checkpoint holds.
+    """
+    if saved is None or saved.schedule == now.schedule or position.step == 0:
+        return position
+    changed = [k for k in now.schedule if saved.schedule.get(k) != now.schedule[k]]
+    if rank == 0:
+        logger.warning(
+            "[raymtl] resuming with a changed task schedule (%s): epoch %d restarts from its first step "
+            "(%d of its steps were taken before the checkpoint)",
+            ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
+            position.epoch + 1, position.step,
+        )
+    return dataclasses.replace(position, step=0)

@@ -20,36 +20,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import ray.train
 import ray.train.torch
+import torch
+
 from raymtl.config import Experiment, StageSpec
 from raymtl.data.datasets import DecodedCache, TaskInputs
 from raymtl.data.plan import train_steps, val_steps
-from raymtl.train.batches import TaskBatches, batches_per_epoch
-from raymtl.train.collectives import all_reduce_sum, broadcast_tensors, gather_rng, world_size
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load as load_artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.affinity import AffinityTracker, RecentRows, affinity_ready, measure_affinity
+from raymtl.train.batches import TaskBatches, batches_per_epoch
 from raymtl.train.checkpoint import (
     Position,
     RunMeta,
     load_train_state,
     report_checkpoint,
+    resume_position,
     save_train_state,
     set_rng_state,
 )
+from raymtl.train.collectives import broadcast_tensors, gather_rng
+from raymtl.train.evaluation import evaluate, sync_buffers
 from raymtl.train.faults import maybe_crash
 from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
-from raymtl.train.metrics import Ewma, make_accumulator
+from raymtl.train.metrics import Ewma
 from raymtl.train.optim import build_lr_schedule, build_optimizer
 from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
-from raymtl.train.affinity import AffinityTracker, RecentRows, lookahead_affinity, optimizer_update
 
 logger = logging.getLogger("raymtl")
 
@@ -66,72 +69,6 @@ def stage_at(stages: list[StageSpec], epoch: int) -> int:
         if epoch < end:
             return i
     return len(stages) - 1
-
-
-@torch.no_grad()
-def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], data: TaskBatches, device) -> dict:
-    """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
-    sync_buffers(model)
-    model.eval()
-    accs = {name: make_accumulator(info, exp.task(name).threshold, device) for name, info in infos.items() if info.n_val}
-    losses = {name: task_loss(exp.task(name), infos[name]) for name in accs}
-    for name, batch in data:
-        if batch is not None:
-            logits = model(batch, name).float()
-            accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]) * len(logits))
-    results = {}
-    for name, acc in sorted(accs.items()):  # the same order on every rank: one all-reduce per task
-        acc.load_state(all_reduce_sum(acc.state))
-        results[name] = acc.compute()
-    model.train()
-    return results
-
-
-def sync_buffers(model: MultiTaskModel) -> None:
-    """Every rank takes rank 0's buffers (BatchNorm running statistics), as DDP's broadcast_buffers does."""
-    broadcast_tensors(list(model.buffers()))
-
-
-def measure_affinity(model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker) -> None:
-    """One lookahead affinity measurement on each task's latest rows, averaged over ranks.
-
-    The lookahead step is the optimizer's own update for each task's gradient at its current lr.
-    Autocast stays off: Z is made of loss ratios 1 - after/before whose differences are small, and
-    bf16's 8-bit mantissa would drown them, so the measurement runs in float32 even when training
-    uses bf16. Z is reduced in float64 on the process group's device.
-    """
-    lr = optimizer.param_groups[0]["lr"]
-    update = optimizer_update(optimizer, model)
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, enabled=False):
-        tasks, z = lookahead_affinity(model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update)
-    tracker.update(all_reduce_sum(z.double()) / world_size())
-
-
-def affinity_ready(recent: RecentRows, tracker: AffinityTracker) -> bool:
-    """Whether every rank holds rows of every task (all ranks then measure together, or none does)."""
-    have = torch.tensor([float(recent.has(tracker.tasks))])
-    return all_reduce_sum(have).item() == world_size()
-
-
-def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
-    """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
-
-    A changed schedule (another world size, batch size, seed or sampler) shards and orders the
-    epoch differently, so a mid-epoch position has no exact equivalent: the epoch restarts at its
-    first step, with the weights and optimizer state the checkpoint holds.
-    """
-    if saved is None or saved.schedule == now.schedule or position.step == 0:
-        return position
-    changed = [k for k in now.schedule if saved.schedule.get(k) != now.schedule[k]]
-    if rank == 0:
-        logger.warning(
-            "[raymtl] resuming with a changed task schedule (%s): epoch %d restarts from its first step "
-            "(%d of its steps were taken before the checkpoint)",
-            ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
-            position.epoch + 1, position.step,
-        )
-    return dataclasses.replace(position, step=0)
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -40,7 +40,7 @@ def check_resume(exp: Experiment, infos: dict[str, TaskInfo], batches: dict[str,
     """Refuse to resume a run (same storage path and name) whose latest checkpoint holds another model.
 
     Changed tasks, label maps, groups or architecture would load weights under the wrong class ids
-    or fail inside Ray; a changed worker count or schedule is fine (see `loop.resume_position`).
+    or fail inside Ray; a changed worker count or schedule is fine (see `checkpoint.resume_position`).
     """
     found = latest_run_meta(storage.join(storage.normalize(exp.storage_path), exp.name))
     if found is None:

@@ -1,0 +1,37 @@
+"""Validation inside the loop: every task's metrics over all ranks' shards, with rank 0's BatchNorm statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from raymtl.config import Experiment
+from raymtl.data.task_info import TaskInfo
+from raymtl.models.multitask import MultiTaskModel
+from raymtl.train.batches import TaskBatches
+from raymtl.train.collectives import all_reduce_sum, broadcast_tensors
+from raymtl.train.losses import task_loss
+from raymtl.train.metrics import make_accumulator
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], data: TaskBatches, device) -> dict:
+    """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
+    sync_buffers(model)
+    model.eval()
+    accs = {name: make_accumulator(info, exp.task(name).threshold, device) for name, info in infos.items() if info.n_val}
+    losses = {name: task_loss(exp.task(name), infos[name]) for name in accs}
+    for name, batch in data:
+        if batch is not None:
+            logits = model(batch, name).float()
+            accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]) * len(logits))
+    results = {}
+    for name, acc in sorted(accs.items()):  # the same order on every rank: one all-reduce per task
+        acc.load_state(all_reduce_sum(acc.state))
+        results[name] = acc.compute()
+    model.train()
+    return results
+
+
+def sync_buffers(model: MultiTaskModel) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics), as DDP's broadcast_buffers does."""
+    broadcast_tensors(list(model.buffers()))
