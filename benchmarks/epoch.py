@@ -109,7 +109,7 @@ def plain_child(exp, with_ray: bool) -> dict:
     import torch
 
     from raymtl.data.schedule import TaskSchedule
-    from raymtl.data.tables import inspect_tasks
+    from raymtl.data.inspection import inspect_tasks
     from raymtl.data.transforms import Preprocessor
     from raymtl.models.artifact import save_model
     from raymtl.models.build import build_model

@@ -22,7 +22,7 @@ from torchvision import models
 from raymtl.config import ConfigError, load_experiment
 from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.data.task_info import TaskInfo
-from raymtl.models.hub import resolve_models
+from raymtl.models.hub import COMMON_BACKBONES, resolve_models
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM = default_tokenizer_path()
@@ -127,6 +127,11 @@ def test_models_cache_is_filled_from_the_standard_caches(tmp_path, caches):
     assert path.parent == tmp_path / "models" / "torch" / "hub" / "checkpoints" and path.is_file()
     shutil.rmtree(torch_home)
     assert resolve_models(exp).model.image_weights == str(path)
+
+
+def test_common_backbones_are_torchvision_models():
+    """Naming one skips the driver's torchvision import, so each must really be a model here."""
+    assert COMMON_BACKBONES <= set(models.list_models(module=models))
 
 
 @pytest.mark.parametrize(

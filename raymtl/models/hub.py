@@ -184,8 +184,20 @@ def _hf_download(repo_id: str, key: str, cache: Path, *, weights: bool) -> None:
 # ---------------------------------------------------------------- torchvision weights
 
 
+# Classification models every torchvision raymtl supports has (a test holds this to `list_models`):
+# naming one costs the driver no torchvision import (seconds of start-up); other names are looked up.
+COMMON_BACKBONES = frozenset({
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s",
+    "convnext_tiny", "convnext_small", "convnext_base", "mobilenet_v3_small", "mobilenet_v3_large",
+    "regnet_y_400mf", "regnet_y_800mf", "densenet121", "vit_b_16",
+})
+
+
 def check_image_backbone(arch: str) -> None:
     """`arch` is a torchvision classification model, else a ConfigError with a "did you mean"."""
+    if arch in COMMON_BACKBONES:
+        return
     from torchvision import models
 
     _choice(arch, models.list_models(module=models), "model.image_backbone",
@@ -201,10 +213,10 @@ def _image_weights(arch: str, weights: str | None, kwargs: dict | None,
         raise ConfigError(f"model.image_weights: {arch} {weights}: no torchvision weights in the torch cache "
                           f"{caches.torch} (HF_HUB_OFFLINE is set); {FETCH_HINT}")
     check_image_backbone(arch)
-    from torchvision import models
-
     if weights is None:
         return None, None
+    from torchvision import models
+
     from raymtl.models.backbones import check_image_weights
 
     local = Path(weights).expanduser()
