@@ -126,7 +126,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         total = sum(inputs.rows.values())
         if total <= _CACHE_BLOCK_ROWS:
             # One decode task's worth: decoded right here, the same `_decode`, without starting Ray
-            # Data's executor, its actors and a worker process (seconds and ~0.4 GB on a small box).
+            # Data's executor, its actors and a worker process (seconds and ~0.3 GB on a small box).
             batch = {"key": np.array([i["key"] for i in items]), "seq": np.array([i["seq"] for i in items]),
                      "rows": np.array([i["rows"] for i in items] + [None], dtype=object)[:-1]}
             decoded = _decode(batch, inputs.sources, preps)
