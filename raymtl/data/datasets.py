@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -127,10 +128,10 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         if total <= _CACHE_BLOCK_ROWS:
             # One decode task's worth: decoded right here, the same `_decode`, without starting Ray
             # Data's executor, its actors and a worker process (seconds and ~0.3 GB on a small box).
-            batch = {"key": np.array([i["key"] for i in items]), "seq": np.array([i["seq"] for i in items]),
-                     "rows": np.array([i["rows"] for i in items] + [None], dtype=object)[:-1]}
-            decoded = _decode(batch, inputs.sources, preps)
-            inputs.cached = [ray.put(pa.table({**decoded, "payload": pa.array(list(decoded["payload"]), pa.binary())}))]
+            columns = {name: [item[name] for item in items] for name in ("key", "seq", "rows")}
+            decoded = _decode(columns, inputs.sources, preps)
+            payload = pa.array(list(decoded["payload"]), pa.binary())
+            inputs.cached = [ray.put(pa.table({**decoded, "payload": payload}))]
         else:
             # ~_CACHE_BLOCK_ROWS rows per decode task: as many parallel tasks as the data fills.
             per_block = max(1, _CACHE_BLOCK_ROWS * len(items) // max(1, total))
@@ -191,7 +192,8 @@ def _decoded(inputs: TaskInputs, items: list[dict], steps_per_block: int) -> ray
     )
 
 
-def _decode(batch: dict[str, np.ndarray], sources: dict, preprocessors: dict[str, Preprocessor]) -> dict:
+def _decode(batch: dict[str, Sequence], sources: dict, preprocessors: dict[str, Preprocessor]) -> dict:
+    """`batch`'s items (key, seq, rows columns: a Ray Data numpy batch, or lists) decoded and pickled."""
     payloads = []
     for key, rows in zip(batch["key"], batch["rows"]):
         frame = _source(sources[key]).take(pa.array(np.asarray(rows, np.int64))).to_pandas()

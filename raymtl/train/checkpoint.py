@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,8 +155,6 @@ def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict
     local temporary folder that Ray Train uploads. The name follows Ray Train's own
     (`checkpoint_<date>_<time.microseconds>`), so the newest checkpoint sorts last either way.
     """
-    import tempfile
-
     import ray.train
     from ray.train import CheckpointUploadMode
 
