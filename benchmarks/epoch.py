@@ -4,10 +4,13 @@
 
 Three modes, each a fresh subprocess (a command, as a user would start one):
 
-  raymtl     `raymtl.train.trainer.fit`: its own local Ray cluster, 1 worker with all the CPUs
-  bare       a plain PyTorch loop, no Ray imported
-  plain_ray  the same plain loop with a local Ray cluster alive, started as raymtl starts one
-             (`raymtl.ray_runtime.ensure_ray`): what Ray's background processes alone cost
+  raymtl          `raymtl.train.trainer.fit`, 1 worker with all the CPUs: by default a local
+                  1-worker run trains in the command's own process (`training.in_process`)
+  raymtl_workers  the same on Ray Train's workers (`in_process: never`): its own local Ray
+                  cluster, a Train controller and one worker actor
+  bare            a plain PyTorch loop, no Ray imported
+  plain_ray       the same plain loop with a local Ray cluster alive, started as raymtl starts
+                  one (`raymtl.ray_runtime.ensure_ray`): what Ray's background processes alone cost
 
 Every mode trains the same `build_model` MultiTaskModel on the same synthetic catalogue tasks
 (color, pattern, season; images only) with the same schedule (`TaskSchedule`, shuffled), loss,
@@ -42,7 +45,8 @@ from pathlib import Path
 from benchmarks.proc_tree import descendants, pss_by_title
 
 TASKS = ("color", "pattern", "season")
-MODES = ("raymtl", "bare", "plain_ray")
+MODES = ("raymtl", "raymtl_workers", "bare", "plain_ray")
+RAYMTL_MODES = {"raymtl": "auto", "raymtl_workers": "never"}  # mode -> training.in_process
 MODELS = {  # name -> (backbone, views, image size)
     "resnet50": ("resnet50", [{"name": "full"}, {"name": "crop", "crop": 0.6}], 64),
     "resnet18": ("resnet18", [{"name": "full"}], 32),
@@ -85,7 +89,8 @@ def write_data(root: Path, model: str, steps: int) -> dict[str, dict[str, str]]:
                           val_fraction=VAL_ROWS / rows)
 
 
-def experiment(name: str, model: str, paths: dict[str, dict[str, str]], epochs: int, storage: Path):
+def experiment(name: str, model: str, paths: dict[str, dict[str, str]], epochs: int, storage: Path,
+               in_process: str = "auto"):
     from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
 
     backbone, views, size = MODELS[model]
@@ -96,7 +101,8 @@ def experiment(name: str, model: str, paths: dict[str, dict[str, str]], epochs: 
         data=DataSpec(image_size=size, views=[ViewSpec(**v) for v in views]),
         model=ModelSpec(image_backbone=backbone, hidden_dim=256),
         training=TrainingSpec(epochs=epochs, batch_size=BATCH, optimizer="adamw", num_workers=1,
-                              cpus_per_worker=float(os.cpu_count() or 1), keep_checkpoints=epochs),
+                              cpus_per_worker=float(os.cpu_count() or 1), keep_checkpoints=epochs,
+                              in_process=in_process),
     ).validate()
 
 
@@ -183,14 +189,17 @@ def raymtl_child(exp) -> dict:
     from the checkpoint folders (each written after its epoch)."""
     from raymtl.train.trainer import fit
 
+    import torch
+
     result = fit(exp)
     ends = sorted(p.stat().st_mtime for p in Path(result.run_dir).glob("checkpoint_*") if p.is_dir())
+    here = exp.training.in_process != "never"
     return {
         "first_step": result.history[0]["perf/first_step_unix"],
         "epoch_end": ends,
         "eval_s": [row["perf/eval_s"] for row in result.history],
         "checkpoint_s": [],
-        "torch_threads": worker_threads(exp.training.cpus_per_worker),
+        "torch_threads": torch.get_num_threads() if here else worker_threads(exp.training.cpus_per_worker),
     }
 
 
@@ -213,8 +222,9 @@ def worker_threads(cpus: float) -> int:
 
 def child_main(mode: str, spec: Path) -> None:
     args = json.loads(spec.read_text())
-    exp = experiment(args["name"], args["model"], args["paths"], args["epochs"], Path(args["storage"]))
-    marks = raymtl_child(exp) if mode == "raymtl" else plain_child(exp, with_ray=mode == "plain_ray")
+    exp = experiment(args["name"], args["model"], args["paths"], args["epochs"], Path(args["storage"]),
+                     RAYMTL_MODES.get(mode, "auto"))
+    marks = raymtl_child(exp) if mode in RAYMTL_MODES else plain_child(exp, with_ray=mode == "plain_ray")
     Path(args["out"]).write_text(json.dumps(marks))
 
 
@@ -280,7 +290,7 @@ def summarize(runs: list[Run]) -> dict:
         ratios = {}
         if "bare" in modes:
             bare = {r.rep: r.steady_s for r in runs if r.model == model and r.mode == "bare"}
-            for mode in ("raymtl", "plain_ray"):
+            for mode in ("raymtl", "raymtl_workers", "plain_ray"):
                 if mode in modes:
                     ratios[f"{mode}/bare"] = {
                         "of_medians": modes[mode]["steady_epoch_s"] / modes["bare"]["steady_epoch_s"],
@@ -306,10 +316,10 @@ def targets(model: str, modes: dict, ratios: dict) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'model':<9} {'mode':<10} {'steady s':>9} {'1st epoch s':>12} {'start-up s':>11} {'peak PSS MB':>12}")
+    print(f"\n{'model':<9} {'mode':<14} {'steady s':>9} {'1st epoch s':>12} {'start-up s':>11} {'peak PSS MB':>12}")
     for model, s in summary.items():
         for mode, m in s["modes"].items():
-            print(f"{model:<9} {mode:<10} {m['steady_epoch_s']:>9.2f} {m['first_epoch_s']:>12.2f} "
+            print(f"{model:<9} {mode:<14} {m['steady_epoch_s']:>9.2f} {m['first_epoch_s']:>12.2f} "
                   f"{m['startup_s']:>11.1f} {m['peak_pss_mb']:>12.0f}")
         for name, r in s["ratios"].items():
             print(f"{model:<9} {name}: {r['of_medians']:.3f} (per rep {', '.join(f'{x:.3f}' for x in r['per_rep'])})")

@@ -121,6 +121,9 @@ class TrainingSpec:
     temperature: float = 2.0
     stages: list[StageSpec] = field(default_factory=list)  # empty = one stage of `epochs`
     num_workers: int = 1
+    # One worker on a local machine trains in this process (Ray Train's local mode; no Train
+    # controller or worker processes, Ray started only for data it must stream): auto | always | never
+    in_process: str = "auto"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     checkpoint_every_steps: int | None = None
@@ -271,6 +274,9 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
+    _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
+    if tr.in_process == "always" and tr.num_workers != 1:
+        raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)
     for i, s in enumerate(tr.stages):
         for part in s.freeze:

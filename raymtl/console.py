@@ -2,9 +2,9 @@
 
 By default Ray's own INFO/WARNING output, worker logs and Python warnings stay off the terminal
 (`ray_logging`, `configure`); `--verbose` lets them through. Training progress crosses from the
-rank-0 worker to the driver through a small named actor: the worker sends its latest step at
-most every `SEND_EVERY_S` without waiting for an answer (`ProgressSender`), the driver drains
-it on a thread and draws one tqdm bar per epoch (`progress`). Everything shown also goes to
+rank-0 worker to the driver through a small named actor (or, for a run training in the driver's
+own process, a board right there): the worker sends its latest step at most every `SEND_EVERY_S`
+without waiting for an answer (`ProgressSender`), the driver drains it on a thread and draws one tqdm bar per epoch (`progress`). Everything shown also goes to
 `raymtl.log` in the run folder, with full tracebacks; a failure prints as one line naming its
 root cause (`error_line`), however deep inside Ray it was raised.
 """
@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -201,45 +201,59 @@ class ProgressSender:
     def _push(self, event: dict) -> None:
         if not self._looked:
             self._looked = True
-            import ray
-
-            try:
-                self._board = ray.get_actor(self.name, namespace=NAMESPACE)
-            except ValueError:
-                self._board = None
+            self._board = _board_push(self.name)
         if self._board is not None:
-            self._board.push.remote(event)
+            self._board(event)
+
+
+def _board_push(name: str) -> Callable[[dict], Any] | None:
+    """The `push` of the driver's board: in this process (a run training here), else its named
+    actor's (fire-and-forget); None without a board."""
+    if name in _local_boards:
+        return _local_boards[name].push
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE).push.remote
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- progress: driver side
 
 
-def _board_class():
-    import ray
+class Board:
+    """The events rank 0 pushed since the driver's last drain."""
 
-    @ray.remote(num_cpus=0)
-    class ProgressBoard:
-        """The events rank 0 pushed since the driver's last drain."""
+    def __init__(self) -> None:
+        self.events: list[dict] = []
 
-        def __init__(self) -> None:
-            self.events: list[dict] = []
+    def push(self, event: dict) -> None:
+        self.events.append(event)
 
-        def push(self, event: dict) -> None:
-            self.events.append(event)
+    def drain(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
 
-        def drain(self) -> list[dict]:
-            events, self.events = self.events, []
-            return events
 
-    return ProgressBoard
+_local_boards: dict[str, Board] = {}  # a run training in the driver's process pushes here directly
 
 
 @contextmanager
-def progress(exp: Experiment, run_dir: str) -> Iterator[None]:
-    """While the body trains `exp` (Ray already started), draw its progress on the driver."""
-    import ray
+def progress(exp: Experiment, run_dir: str, *, local: bool = False) -> Iterator[None]:
+    """While the body trains `exp`, draw its progress on the driver: from a board actor (Ray
+    already started), or with `local` (the run trains in this process) from a board right here."""
+    name = board_name(run_dir)
+    if local:
+        board = _local_boards[name] = Board()
+        drain = board.drain
+    else:
+        import ray
 
-    board = _board_class().options(name=board_name(run_dir), namespace=NAMESPACE, get_if_exists=True).remote()
+        actor = ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+        drain = lambda: ray.get(actor.drain.remote(), timeout=10)  # noqa: E731
     view = ProgressView(exp)
     stop = threading.Event()
 
@@ -247,7 +261,7 @@ def progress(exp: Experiment, run_dir: str) -> Iterator[None]:
         while True:
             stopping = stop.wait(POLL_S)
             try:
-                view.show(ray.get(board.drain.remote(), timeout=10))
+                view.show(drain())
             except Exception as e:  # noqa: BLE001 -- a lost update must never fail the training
                 _file_log.debug("progress poll: %r", e)
             if stopping:
@@ -261,7 +275,10 @@ def progress(exp: Experiment, run_dir: str) -> Iterator[None]:
         stop.set()
         thread.join(timeout=15)
         view.close()
-        ray.kill(board)
+        if local:
+            del _local_boards[name]
+        else:
+            ray.kill(actor)
 
 
 class ProgressView:

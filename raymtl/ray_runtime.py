@@ -62,6 +62,23 @@ def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> 
     )
 
 
+def started_here() -> bool:
+    """Whether the running cluster is a local one `ensure_ray` started in this command."""
+    import ray
+
+    return _started_here and ray.is_initialized()
+
+
+def release() -> None:
+    """Shut down the local cluster `ensure_ray` started in this command (a joined one stays)."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        _started_here = False
+        ray.shutdown()
+
+
 @contextlib.contextmanager
 def command_session() -> Iterator[None]:
     """A command's span: a local cluster `ensure_ray` started inside it is shut down when it ends
@@ -71,8 +88,4 @@ def command_session() -> Iterator[None]:
     try:
         yield
     finally:
-        if _started_here:
-            import ray
-
-            _started_here = False
-            ray.shutdown()
+        release()

@@ -23,8 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_S = 5.0
 
 
-def raymtl(*args: str, cwd: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def raymtl(*args: str, cwd: Path, timeout: float = 60, ray_tmp: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `python -m raymtl.cli ARGS`; `ray_tmp`: the folder a Ray cluster it starts would write its session to."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "raymtl.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -179,9 +183,17 @@ def test_bad_image_met_in_decoding_is_one_line_naming_it(tmp_path, cache):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_default_console_is_quiet_and_shows_the_epoch_table(tmp_path):
-    config = write_config(tmp_path, write_task(tmp_path, "color", 32))
-    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500)
+    """One worker, cached inputs, a local run folder: the run trains in the command's own process
+    and never starts a Ray cluster."""
+    config = write_config(tmp_path, write_task(tmp_path, "color", 32), training={"keep_checkpoints": 1})
+    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500, ray_tmp=tmp_path / "ray")
     assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "ray").exists()
+    run = tmp_path / "runs" / "run"
+    kept = sorted(p.name for p in run.glob("checkpoint_*"))
+    assert 1 <= len(kept) <= 2  # the best, and the latest when another
+    assert re.search(rf"^latest checkpoint: +{run}/{kept[-1]}$", done.stdout, re.M)
+    assert re.search(rf"^best checkpoint: +{run}/checkpoint_", done.stdout, re.M)
     shown = done.stdout + done.stderr
     noisy = [line for line in shown.splitlines() if re.search(r"\b(INFO|WARNING|WARN)\b|TrainingReport", line)]
     assert noisy == []

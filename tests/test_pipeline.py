@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +218,18 @@ def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_the_object_store(monkeypa
                      data=DataSpec(image_size=SIZE, cache=mode))
     infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 2, has_image=True, has_text=False)}
     assert decoded_nbytes(exp, infos) == 12 * (4 * 3 * SIZE * SIZE + 64)  # rows x float32 CHW view + overhead
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": store})
     assert should_cache(exp, decoded_nbytes(exp, infos)) is expected
+
+
+def test_cache_auto_without_a_cluster_sizes_the_store_ray_would_make(monkeypatch):
+    """A run in the driver's process may start no cluster: Ray's default store is 30 % of memory."""
+    exp = Experiment(name="c", tasks=[TaskSpec("color", train="x.parquet", image_column="image")])
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert should_cache(exp, int(0.3 * 0.25 * memory) - 1)
+    assert not should_cache(exp, int(0.3 * 0.25 * memory) + 4096)
 
 
 def test_a_dataframe_source_is_cut_into_blocks_in_order(ray_cluster):

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from raymtl.config import StageSpec, TaskSpec, load_experiment
+from raymtl.config import Experiment, StageSpec, TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import load
@@ -159,8 +159,12 @@ def uninterrupted(ray_cluster, catalogue_config):
     return fit(exp)
 
 
-def test_worker_crash_is_recovered_and_resumes_exactly(catalogue_config, uninterrupted):
-    exp = experiment(catalogue_config, "crash", epochs=2, deterministic=True, checkpoint_every_steps=6, max_failures=1)
+@pytest.mark.parametrize("in_process", ["always", "never"])
+def test_worker_crash_is_recovered_and_resumes_exactly(catalogue_config, uninterrupted, in_process):
+    """On Ray Train's workers the worker process dies; in the driver's process the attempt raises.
+    Either way the run resumes from its step-12 checkpoint and ends where an uninterrupted run does."""
+    exp = experiment(catalogue_config, f"crash-{in_process}", epochs=2, deterministic=True, checkpoint_every_steps=6,
+                     max_failures=1, in_process=in_process)
     with crash_at(13):
         result = fit(exp)
     assert without_timings(result.history) == without_timings(uninterrupted.history)  # same tasks and data
@@ -169,14 +173,19 @@ def test_worker_crash_is_recovered_and_resumes_exactly(catalogue_config, uninter
         assert torch.equal(value, expected[key]), key
 
 
-def test_interrupted_run_resumes_under_the_same_name(catalogue_config, uninterrupted):
-    exp = experiment(catalogue_config, "interrupted", epochs=2, deterministic=True, checkpoint_every_steps=6,
-                     max_failures=0)
+@pytest.mark.parametrize("first, then", [("always", "never"), ("never", "always")])
+def test_interrupted_run_resumes_under_the_same_name(catalogue_config, uninterrupted, first, then):
+    """Resumed from the run folder's newest checkpoint, on Ray Train's workers or in the driver's
+    process, whichever the interrupted run used."""
+    def run(in_process: str) -> Experiment:
+        return experiment(catalogue_config, f"interrupted-{first}", epochs=2, deterministic=True,
+                          checkpoint_every_steps=6, max_failures=0, in_process=in_process)
+
     with crash_at(25):
-        failed = fit(exp, raise_on_error=False)
+        failed = fit(run(first), raise_on_error=False)
     assert failed.error is not None
     assert len(failed.history) <= 1
-    resumed = fit(exp)  # same name: picks up the step-24 checkpoint
+    resumed = fit(run(then))  # same name: picks up the step-24 checkpoint
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     expected = weights(uninterrupted.checkpoint)
     for key, value in weights(resumed.checkpoint).items():

@@ -9,11 +9,17 @@ execution, and every worker gathers its batches from them without any stream at 
 
 Decoded batches travel as one uniform `payload` column (the `Preprocessor` output pickled), so
 blocks of tasks with different inputs and label shapes share a schema and never mix rows.
+
+A run trained in the driver's own process (`training.in_process`) without a Ray cluster holds the
+same tables in the process instead of object refs (`TaskInputs.in_process`): a cache small enough
+is decoded right here, so such a run never starts Ray (`needs_ray`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import pickle
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +44,7 @@ _TARGET_CHUNK_BYTES = 32 << 20
 _MIN_CHUNK, _MAX_CHUNK = 8, 4096
 _CACHE_SHARE = 0.25  # data.cache "auto": cache when the decoded inputs fit in this share of the object store
 _CACHE_BLOCK_ROWS = 4096  # rows decoded per Ray task when caching
+_DEFAULT_STORE_SHARE = 0.3  # Ray's default object store: 30 % of the machine's memory
 _STREAM_STEPS_PER_BLOCK = 4  # batches decoded per Ray task when streaming
 _STREAM_PREFETCH_BLOCKS = 2  # blocks decoded ahead of the loop, per rank: bounds its memory
 
@@ -75,14 +82,32 @@ class TaskInputs:
     """What a worker needs to read any batch of any task: picklable, holds object refs.
 
     `sources`: raw table (input columns only) of each task split, by `dataset_key`.
-    `cached`: with `data.cache`, the decoded inputs: Arrow refs of (key, start, payload) chunks.
+    `cached`: with `data.cache`, the decoded inputs: Arrow tables of (key, start, payload) chunks.
+    Both hold object refs, or the tables themselves where no Ray cluster runs (`in_process`).
     """
 
     preprocessors: dict[str, Preprocessor]
-    sources: dict[str, ray.ObjectRef]
+    sources: dict[str, ray.ObjectRef | pa.Table]
     rows: dict[str, int]
     skip_bad_images: bool
-    cached: list[ray.ObjectRef] | None = None
+    cached: list[ray.ObjectRef | pa.Table] | None = None
+
+    def in_process(self) -> TaskInputs:
+        """These inputs with every table fetched into this process: they outlive the Ray cluster."""
+        return dataclasses.replace(
+            self,
+            sources={key: _table(ref) for key, ref in self.sources.items()},
+            cached=[_table(ref) for ref in self.cached] if self.cached is not None else None,
+        )
+
+
+def _put(table: pa.Table) -> ray.ObjectRef | pa.Table:
+    """`table` in the object store when a Ray cluster runs here, else the table itself."""
+    return ray.put(table) if ray.is_initialized() else table
+
+
+def _table(ref: ray.ObjectRef | pa.Table) -> pa.Table:
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = False) -> TaskInputs:
@@ -113,7 +138,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         tables = dict(pool.map(read, wanted.items()))
     inputs = TaskInputs(
         preprocessors=preps,
-        sources={key: ray.put(table) for key, table in tables.items()},
+        sources={key: _put(table) for key, table in tables.items()},
         rows={key: table.num_rows for key, table in tables.items()},
         skip_bad_images=exp.data.skip_bad_images,
     )
@@ -125,13 +150,13 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         ]
         items = [{"key": key, "seq": start, "rows": np.arange(start, stop)} for key, start, stop in chunks]
         total = sum(inputs.rows.values())
-        if total <= _CACHE_BLOCK_ROWS:
-            # One decode task's worth: decoded right here, the same `_decode`, without starting Ray
-            # Data's executor, its actors and a worker process (seconds and ~0.3 GB on a small box).
+        if total <= _CACHE_BLOCK_ROWS or not ray.is_initialized():
+            # One decode task's worth (or no cluster): decoded right here, the same `_decode`, without
+            # starting Ray Data's executor, its actors and a worker process (seconds and ~0.3 GB on a small box).
             columns = {name: [item[name] for item in items] for name in ("key", "seq", "rows")}
             decoded = _decode(columns, inputs.sources, preps)
             payload = pa.array(list(decoded["payload"]), pa.binary())
-            inputs.cached = [ray.put(pa.table({**decoded, "payload": payload}))]
+            inputs.cached = [_put(pa.table({**decoded, "payload": payload}))]
         else:
             # ~_CACHE_BLOCK_ROWS rows per decode task: as many parallel tasks as the data fills.
             per_block = max(1, _CACHE_BLOCK_ROWS * len(items) // max(1, total))
@@ -155,12 +180,22 @@ def should_cache(exp: Experiment, nbytes: int) -> bool:
     """Whether to decode once and keep the inputs for every epoch (`data.cache`), given their size.
 
     Preprocessing is deterministic, so each epoch would decode the very same inputs again. "auto"
-    keeps them when they take at most a quarter of the cluster's object store; larger data streams.
-    `nbytes`: `decoded_nbytes`.
+    keeps them when they take at most a quarter of the cluster's object store (without a cluster:
+    of the store Ray would make here); larger data streams. `nbytes`: `decoded_nbytes`.
     """
     if exp.data.cache != "auto":
         return exp.data.cache == "always"
-    return nbytes <= _CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+    if ray.is_initialized():
+        store = ray.cluster_resources().get("object_store_memory", 0)
+    else:
+        store = _DEFAULT_STORE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return nbytes <= _CACHE_SHARE * store
+
+
+def needs_ray(cache: bool, rows: int) -> bool:
+    """Whether a run in this process needs a Ray cluster for its data: to stream it (no cache), or to
+    decode a cache of more than one decode task's rows in parallel (then fetched, see `in_process`)."""
+    return not cache or rows > _CACHE_BLOCK_ROWS
 
 
 def _chunk_rows(prep: Preprocessor) -> int:
@@ -201,8 +236,12 @@ def _decode(batch: dict[str, Sequence], sources: dict, preprocessors: dict[str, 
     return {"key": batch["key"], "seq": batch["seq"], "payload": np.array(payloads, dtype=object)}
 
 
+def _source(ref: ray.ObjectRef | pa.Table) -> pa.Table:
+    return ref if isinstance(ref, pa.Table) else _fetched(ref)
+
+
 @functools.lru_cache(maxsize=256)
-def _source(ref: ray.ObjectRef) -> pa.Table:
+def _fetched(ref: ray.ObjectRef) -> pa.Table:
     """A raw task table, fetched once per decode process (zero-copy from the object store)."""
     return ray.get(ref)
 
@@ -229,10 +268,10 @@ def stream(inputs: TaskInputs, split: str, steps: list[Step]) -> Iterator[dict[s
 class DecodedCache:
     """Every task split's decoded inputs in this process, gathered into batches by row index."""
 
-    def __init__(self, refs: list[ray.ObjectRef]) -> None:
+    def __init__(self, refs: list[ray.ObjectRef | pa.Table]) -> None:
         chunks: dict[str, list[tuple[int, dict]]] = {}
         for ref in refs:  # one block at a time: the raw bytes of all of them never coexist
-            table = ray.get(ref)
+            table = _table(ref)
             for key, start, payload in zip(*(table.column(c).to_pylist() for c in ("key", "seq", "payload"))):
                 chunks.setdefault(key, []).append((start, pickle.loads(payload)))
         self.chunks = {key: sorted(parts, key=lambda p: p[0]) for key, parts in chunks.items()}

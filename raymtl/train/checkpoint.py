@@ -1,7 +1,7 @@
 """Training checkpoints: a saved-model artifact plus everything needed to resume exactly.
 
-A checkpoint folder is a complete `raymtl.load`-able model (see `raymtl.models.artifact`) with two
-extra files: `train_state.pt` (optimizer, LR schedule, position in the task schedule, EWMA losses
+A checkpoint folder is a complete `raymtl.load`-able model (see `raymtl.models.artifact`) with three
+extra files: `metrics.json` (the metrics it was reported with, which rank it), `train_state.pt` (optimizer, LR schedule, position in the task schedule, EWMA losses
 and every rank's CPU and CUDA RNG states, so a resumed run continues the identical sequence of
 tasks) and `run.json` (`RunMeta`: what the run's schedule and model were built from), which the
 driver reads to refuse an incompatible resume before Ray starts.
@@ -31,6 +31,7 @@ logger = logging.getLogger("raymtl")
 
 TRAIN_STATE_FILE = "train_state.pt"
 RUN_META_FILE = "run.json"
+CHECKPOINT_METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -146,7 +147,7 @@ def save_train_state(
     meta.save(folder)
 
 
-def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict) -> None:
+def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict, retention: Any = None) -> None:
     """`write` a checkpoint folder and report it to Ray Train with `metrics`.
 
     In a local run folder the checkpoint is written in place, in a hidden staging folder renamed to
@@ -154,28 +155,35 @@ def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict
     copying it (a ResNet-50 with AdamW state is ~300 MB per epoch). Remote storage (URIs) gets a
     local temporary folder that Ray Train uploads. The name follows Ray Train's own
     (`checkpoint_<date>_<time.microseconds>`), so the newest checkpoint sorts last either way.
+    `retention` (`in_process.Retention`, for a run without a Train controller) prunes the folder after.
     """
     import ray.train
     from ray.train import CheckpointUploadMode
 
     from raymtl import storage
 
+    def write_all(folder: Path) -> None:
+        write(folder)
+        (folder / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
+
     if storage.is_uri(run_dir):
         with tempfile.TemporaryDirectory() as tmp:
-            write(Path(tmp))
+            write_all(Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         return
     name = f"checkpoint_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
     final, staging = Path(run_dir) / name, Path(run_dir) / f".{name}"
     try:
         staging.mkdir(parents=True)
-        write(staging)
+        write_all(staging)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)), checkpoint_dir_name=name,
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    if retention is not None:
+        retention.prune(run_dir)
 
 
 def load_train_state(folder: Path) -> dict:

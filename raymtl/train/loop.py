@@ -71,6 +71,21 @@ def stage_at(stages: list[StageSpec], epoch: int) -> int:
     return len(stages) - 1
 
 
+def _device(use_gpu: bool) -> torch.device:
+    """A run in the driver's process: the current GPU when asked for one (Ray Train's local mode
+    would take any GPU it sees), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+
+
+def resume_checkpoint(found: str | None) -> ray.train.Checkpoint | None:
+    """Where to resume: Ray Train's latest checkpoint (a restarted worker group) or `found`, the
+    run folder's newest when the driver started (a rerun, or a run with no Train controller), whichever is newer."""
+    ours = ray.train.get_checkpoint()
+    if found is None or (ours is not None and Path(ours.path).name >= Path(found).name):
+        return ours
+    return ray.train.Checkpoint(found)
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -91,9 +106,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA op
         torch.use_deterministic_algorithms(True)
-    device = ray.train.torch.get_device()
+    in_process = config.get("in_process", False)
+    device = _device(tr.use_gpu) if in_process else ray.train.torch.get_device()
 
-    resume = ray.train.get_checkpoint()
+    resume = resume_checkpoint(config.get("resume_from"))
     if resume is not None:
         with resume.as_directory() as folder:
             model = load_artifact(folder).model
@@ -120,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
     meta = RunMeta.of(exp, infos, batches, world)
     grad_sync = GradSync(model)
-    files = RunFiles(run_dir) if rank == 0 else None
+    files = RunFiles(run_dir, config.get("retention")) if rank == 0 else None
 
     if state is not None:
         position = resume_position(state["meta"], meta, state["position"], rank)
@@ -179,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     measure_affinity(model, recent, losses, optimizer, affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
-            maybe_crash(run_dir, position.global_step, rank)
+            maybe_crash(run_dir, position.global_step, rank, in_process)
             if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
                 if position.step < len(all_steps):
                     _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
@@ -241,4 +257,4 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             meta=meta,
         )
 
-    report_checkpoint(files.run_dir, write, metrics)
+    report_checkpoint(files.run_dir, write, metrics, files.retention)

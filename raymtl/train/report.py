@@ -6,6 +6,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Collection
+from typing import Any
 
 from raymtl import storage
 from raymtl.console import ProgressSender
@@ -86,12 +87,15 @@ def read_history(run_dir: str) -> list[dict]:
 
 
 class RunFiles:
-    """Rank 0's per-epoch outputs in the run folder: metrics.jsonl, TensorBoard events, the table."""
+    """Rank 0's per-epoch outputs in the run folder: metrics.jsonl, TensorBoard events, the table.
 
-    def __init__(self, run_dir: str):
+    `retention` (`in_process.Retention`): which checkpoints to keep, for a run without a Train controller.
+    """
+
+    def __init__(self, run_dir: str, retention: Any = None):
         from tensorboardX import SummaryWriter
 
-        self.run_dir = run_dir
+        self.run_dir, self.retention = run_dir, retention
         self.tb_dest = storage.join(run_dir, TENSORBOARD_DIR)
         # A URI run writes its events locally and uploads them each epoch; the temporary folder goes
         # with this object (or the worker process).

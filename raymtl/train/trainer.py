@@ -100,49 +100,90 @@ def for_workers(exp: Experiment) -> Experiment:
     return dataclasses.replace(exp, tasks=[dataclasses.replace(t, train=None, validation=None) for t in exp.tasks])
 
 
-def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None):
-    """A TorchTrainer for `exp`: task tables in the object store (decoded now with `data.cache`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def task_inputs(exp: Experiment, infos: dict[str, TaskInfo]):
+    """The tasks' inputs for the loop (`datasets.build_inputs`), decoded now with `data.cache`
+    (decided by the object store of the cluster running here, or that Ray would start)."""
     from raymtl.data.datasets import build_inputs, decoded_nbytes, should_cache
 
-    tr = exp.training
-    storage_path = storage.normalize(exp.storage_path)
     nbytes = decoded_nbytes(exp, infos)
     cache = should_cache(exp, nbytes)
     if cache:
         console.say(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{nbytes / 2**20:.0f} MB), "
-                    "kept in the object store for every epoch (data.cache)")
-    has_val = any(i.n_val for i in infos.values())
-    score = tr.checkpoint_metric if (has_val or not tr.checkpoint_metric.startswith("val/")) else None
+                    "kept for every epoch (data.cache)")
+    return build_inputs(exp, infos, cache=cache)
+
+
+def loop_config(exp: Experiment, infos: dict[str, TaskInfo], inputs, **extra) -> dict[str, Any]:
+    """`train_loop_per_worker`'s config; `resume_from`: the run folder's newest checkpoint, if any."""
+    run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
+    latest = latest_run_meta(run_dir)
+    return {"experiment": for_workers(exp), "infos": infos, "run_dir": run_dir, "inputs": inputs,
+            "resume_from": latest[0] if latest else None, **extra}
+
+
+def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
+    """The metric checkpoints are ranked by; None when it is a validation metric and no task has validation data."""
+    metric = exp.training.checkpoint_metric
+    return metric if any(i.n_val for i in infos.values()) or not metric.startswith("val/") else None
+
+
+def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None):
+    """A TorchTrainer for `exp` on Ray Train's workers: task tables in the object store (decoded
+    now with `data.cache`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tr = exp.training
     env = forwarded_env()
     run_config = RunConfig(
         name=exp.name,
-        storage_path=storage_path,
+        storage_path=storage.normalize(exp.storage_path),
         failure_config=FailureConfig(max_failures=tr.max_failures),
         worker_runtime_env={"env_vars": env} if env else None,
         checkpoint_config=CheckpointConfig(
             num_to_keep=tr.keep_checkpoints,
-            checkpoint_score_attribute=score,
+            checkpoint_score_attribute=checkpoint_score(exp, infos),
             checkpoint_score_order=tr.checkpoint_mode,
         ),
         **(run_config_overrides or {}),
     )
+    inputs = task_inputs(exp, infos)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "experiment": for_workers(exp),
-            "infos": infos,
-            "run_dir": storage.join(storage_path, exp.name),
-            "inputs": build_inputs(exp, infos, cache=cache),
-        },
+        train_loop_config=loop_config(exp, infos, inputs),
         scaling_config=ScalingConfig(
             num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker, **tr.worker_resources}
         ),
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
         run_config=run_config,
     )
+
+
+def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | None]:
+    """Train in this process (`in_process`): Ray only for data that needs it, released once a
+    cache it decoded is fetched. Returns Ray Train's `Result` and the best checkpoint."""
+    from raymtl import ray_runtime
+    from raymtl.data.datasets import decoded_nbytes, needs_ray, should_cache
+    from raymtl.train.in_process import Retention, fit_in_process
+
+    if exp.training.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("training.use_gpu: this process sees no CUDA device to train on "
+                              "(check CUDA_VISIBLE_DEVICES and the NVIDIA driver)")
+    cache = should_cache(exp, decoded_nbytes(exp, infos))
+    if needs_ray(cache, sum(i.n_train + i.n_val for i in infos.values())):
+        ensure_ray()
+    inputs = task_inputs(exp, infos)
+    if inputs.cached is not None and ray_runtime.started_here():
+        inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
+        ray_runtime.release()
+    tr = exp.training
+    retention = Retention(tr.keep_checkpoints, checkpoint_score(exp, infos), tr.checkpoint_mode)
+    config = loop_config(exp, infos, inputs, in_process=True, retention=retention)
+    result = fit_in_process(exp, config, retention)
+    return result, retention.best(config["run_dir"])
 
 
 def forwarded_env() -> dict[str, str]:
@@ -154,16 +195,26 @@ def forwarded_env() -> dict[str, str]:
 def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True) -> TrainResult:
     """Train `exp` on Ray; re-running the same experiment name resumes from its latest checkpoint.
 
-    With `raise_on_error=False` a failed run returns its error (and what it saved) instead.
+    One worker on a local machine trains in this process (`training.in_process`, see
+    `raymtl.train.in_process`); otherwise on Ray Train's workers. With `raise_on_error=False` a
+    failed run returns its error (and what it saved) instead.
     """
     from ray.train import TrainingFailedError
 
+    from raymtl.train.in_process import trains_in_process
+
     exp, infos = prepare(exp)
-    ensure_ray(address)
+    here = trains_in_process(exp, address)
+    if not here:
+        ensure_ray(address)
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
     try:
-        with console.progress(exp, run_dir):
-            result = make_trainer(exp, infos).fit()
+        with console.progress(exp, run_dir, local=here):
+            if here:
+                result, best = fit_here(exp, infos)
+            else:
+                result = make_trainer(exp, infos).fit()
+                best = _best(result, exp)
     except TrainingFailedError as e:
         if raise_on_error:
             raise
@@ -171,7 +222,7 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
     return TrainResult(
         run_dir=run_dir,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
-        best_checkpoint=_best(result, exp),
+        best_checkpoint=best,
         metrics=dict(result.metrics or {}),
         history=read_history(run_dir),
     )

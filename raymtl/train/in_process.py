@@ -1,0 +1,123 @@
+"""Training in the driver's own process: Ray Train's local mode, for one worker on a local machine.
+
+A Train run on a laptop or a small box pays for processes that one worker does not need: a Train
+controller, a worker actor importing torch again, placement groups, and a Ray cluster whose
+background processes share the cores with the model. Ray Train's local mode
+(`ScalingConfig(num_workers=0)`) runs the same training function right here instead; a Ray
+cluster starts only when the data must stream, or is decoded in parallel first
+(`datasets.needs_ray`). What the Train controller would do for the run is done here: resuming from
+the run folder's newest checkpoint, retrying a failed attempt up to `max_failures` times, keeping
+the best `keep_checkpoints` checkpoints and naming the best.
+
+`training.in_process`: "auto" trains here when the run has one worker, no cluster to join and a
+local run folder; "always" insists (a clear error when it cannot); "never" keeps Ray Train's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from raymtl import console, storage
+from raymtl.config import ConfigError, Experiment
+from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, latest_run_meta
+
+
+def trains_in_process(exp: Experiment, address: str | None) -> bool:
+    """Whether `exp` trains in this process (see the module docstring)."""
+    tr = exp.training
+    if tr.in_process == "never":
+        return False
+    joins = address or os.environ.get("RAY_ADDRESS")
+    remote = storage.is_uri(storage.normalize(exp.storage_path))
+    if tr.in_process == "always":
+        if joins:
+            raise ConfigError(f"training.in_process: always trains in this process; it cannot join cluster {joins!r}")
+        if remote:
+            raise ConfigError(f"training.in_process: always needs a local storage_path, not {exp.storage_path!r}")
+        return True
+    return tr.num_workers == 1 and not joins and not remote
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Ray Train's `CheckpointConfig` rules, applied to a run folder: keep the `keep` best by
+    `metric` (the newest when there is no metric), and always the latest."""
+
+    keep: int
+    metric: str | None
+    mode: str
+
+    def checkpoints(self, run_dir: str) -> list[tuple[Path, dict]]:
+        """(folder, reported metrics) of the run's checkpoints, oldest first."""
+        found = []
+        for folder in sorted(Path(run_dir).glob("checkpoint_*")):
+            file = folder / CHECKPOINT_METRICS_FILE
+            if file.is_file():
+                found.append((folder, json.loads(file.read_text())))
+        return found
+
+    def ranked(self, run_dir: str, *, older_first: bool = False) -> list[Path]:
+        """Checkpoint folders, best first; among equal scores the newer first, as Ray Train keeps
+        them (`older_first`: the older, where those metrics were measured: a mid-epoch checkpoint
+        carries the last epoch's)."""
+        found = self.checkpoints(run_dir)
+        if self.metric is None:
+            return [folder for folder, _ in reversed(found)]
+        sign, age = (1 if self.mode == "min" else -1), (1 if older_first else -1)
+        scored = [(sign * m[self.metric], age * i, folder) for i, (folder, m) in enumerate(found) if self.metric in m]
+        return [folder for *_, folder in sorted(scored)]
+
+    def prune(self, run_dir: str) -> None:
+        """Delete the checkpoints neither among the `keep` best nor the latest."""
+        found = self.checkpoints(run_dir)
+        if len(found) <= self.keep:
+            return
+        kept = {*self.ranked(run_dir)[: self.keep], found[-1][0]}
+        for folder, _ in found:
+            if folder not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def best(self, run_dir: str) -> str | None:
+        """The best checkpoint by `metric`; None without a metric (no validation data)."""
+        ranked = self.ranked(run_dir, older_first=True) if self.metric else []
+        return str(ranked[0]) if ranked else None
+
+
+def fit_in_process(exp: Experiment, config: dict, retention: Retention):
+    """Run the loop here (Ray Train local mode), retried from the newest checkpoint on failure.
+
+    Returns Ray Train's `Result`; a failure past `max_failures` raises `WorkerGroupError`, as a
+    failed worker group would.
+    """
+    from ray.train import ScalingConfig, WorkerGroupError
+    from ray.train.torch import TorchTrainer
+
+    from raymtl.train.trainer import train_loop_per_worker
+
+    run_dir = config["run_dir"]
+    attempts = exp.training.max_failures
+    quiet = not console.is_verbose()
+    if quiet:  # "running in local mode", "reported metrics" at every report: Ray's INFO lines
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    failures = 0
+    while True:
+        latest = latest_run_meta(run_dir)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={**config, "resume_from": latest[0] if latest else None},
+            scaling_config=ScalingConfig(num_workers=0),
+        )
+        try:
+            return trainer.fit()
+        except Exception as error:  # noqa: BLE001 -- a worker's failure, handled as Ray Train would
+            failures += 1
+            if 0 <= attempts < failures:
+                raise WorkerGroupError(f"the in-process run failed: {error!r}", {0: error}) from error
+            console.log_error(error)
+            console.say(f"[raymtl] attempt {failures} failed ({console.root_cause(error)!r}); "
+                        "resuming from the newest checkpoint")

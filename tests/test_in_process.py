@@ -1,0 +1,123 @@
+"""Where a run trains (`training.in_process`) and the checkpoint rules applied without a Train controller."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raymtl.config import ConfigError, Experiment, TaskSpec, TrainingSpec
+from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE
+from raymtl.train.in_process import Retention, trains_in_process
+
+
+def exp_with(storage_path: str = "/tmp/runs", **training) -> Experiment:
+    exp = Experiment(name="r", tasks=[TaskSpec("color", train="x.parquet", image_column="image")],
+                     storage_path=storage_path, training=TrainingSpec(**training))
+    return exp.validate()
+
+
+@pytest.mark.parametrize("training, address, env, here", [
+    ({}, None, None, True),  # one worker, nothing to join: this process
+    ({"num_workers": 2}, None, None, False),
+    ({}, "ray://head:10001", None, False),  # a cluster to join trains on its workers
+    ({}, None, "10.0.0.1:6379", False),
+    ({"in_process": "never"}, None, None, False),
+    ({"in_process": "always"}, None, None, True),
+])
+def test_one_worker_on_a_local_machine_trains_in_this_process(monkeypatch, training, address, env, here):
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert trains_in_process(exp_with(**training), address) is here
+
+
+def test_a_run_folder_in_remote_storage_trains_on_workers(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not trains_in_process(exp_with("s3://bucket/runs"), None)
+    with pytest.raises(ConfigError, match="in_process: always needs a local storage_path, not 's3://bucket/runs'"):
+        trains_in_process(exp_with("s3://bucket/runs", in_process="always"), None)
+
+
+def test_always_in_process_refuses_what_one_process_cannot_do(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="it cannot join cluster 'ray://head:10001'"):
+        trains_in_process(exp_with(in_process="always"), "ray://head:10001")
+    with pytest.raises(ConfigError, match="in_process: always trains in one process; num_workers is 2"):
+        exp_with(in_process="always", num_workers=2)
+    with pytest.raises(ConfigError, match="training.in_process"):
+        exp_with(in_process="sometimes")
+
+
+def checkpoints(run_dir: Path, scores: list[float | None]) -> list[Path]:
+    """One checkpoint folder per score, oldest first (None: reported without the metric)."""
+    folders = []
+    for i, score in enumerate(scores):
+        folder = run_dir / f"checkpoint_2026-01-01_00-00-{i:02d}.000000"
+        folder.mkdir(parents=True)
+        metrics = {"epoch": i} if score is None else {"val/mean_loss": score, "epoch": i}
+        (folder / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
+        folders.append(folder)
+    return folders
+
+
+def test_retention_keeps_the_best_and_the_latest(tmp_path):
+    folders = checkpoints(tmp_path, [0.9, 0.3, 0.5, 0.4, 0.8])
+    rule = Retention(keep=2, metric="val/mean_loss", mode="min")
+    assert rule.best(str(tmp_path)) == str(folders[1])
+    rule.prune(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [folders[1], folders[3], folders[4]]  # 0.3, 0.4 and the latest
+    maximize = Retention(keep=1, metric="val/mean_loss", mode="max")
+    assert maximize.best(str(tmp_path)) == str(folders[4])
+
+
+def test_retention_ties_keep_the_newer_and_name_the_older_best(tmp_path):
+    """A mid-epoch checkpoint carries the last epoch's metrics: the older one is where they were
+    measured (the best); Ray Train keeps the newer of equal scores, and so does the pruning."""
+    folders = checkpoints(tmp_path, [0.5, 0.2, 0.2, 0.2, 0.7])
+    rule = Retention(keep=2, metric="val/mean_loss", mode="min")
+    assert rule.best(str(tmp_path)) == str(folders[1])
+    rule.prune(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [folders[2], folders[3], folders[4]]
+
+
+def test_retention_without_a_metric_keeps_the_newest(tmp_path):
+    folders = checkpoints(tmp_path, [None, None, None])
+    rule = Retention(keep=2, metric=None, mode="min")
+    assert rule.best(str(tmp_path)) is None
+    rule.prune(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == folders[1:]
+
+
+def test_a_checkpoint_folder_is_written_whole_with_its_metrics(tmp_path, monkeypatch):
+    """In a local run folder a checkpoint appears under its final name complete, metrics included,
+    and the retention rule runs once it is reported."""
+    import ray.train
+
+    from raymtl.train.checkpoint import report_checkpoint
+
+    reported = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reported.append((metrics, kw["checkpoint"].path)))
+    rule = Retention(keep=1, metric="val/mean_loss", mode="min")
+    for loss in (0.4, 0.6, 0.5):
+        report_checkpoint(str(tmp_path), lambda folder: (folder / "model.txt").write_text("w"),
+                          {"val/mean_loss": loss}, rule)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert [Path(path).name for _, path in reported][0] == kept[0]  # the 0.4 one, the best
+    assert kept == sorted({Path(reported[0][1]).name, Path(reported[2][1]).name})  # best + latest
+    for name in kept:
+        assert (tmp_path / name / "model.txt").read_text() == "w"
+        assert "val/mean_loss" in json.loads((tmp_path / name / CHECKPOINT_METRICS_FILE).read_text())
+
+
+
+def test_a_gpu_run_in_this_process_needs_a_visible_gpu(monkeypatch):
+    import torch
+
+    from raymtl.train.trainer import fit_here
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="training.use_gpu: this process sees no CUDA device"):
+        fit_here(exp_with(use_gpu=True), {})
