@@ -23,14 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_S = 5.0
 
 
-def raymtl(*args: str, cwd: Path, timeout: float = 60, ray_tmp: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `python -m raymtl.cli ARGS`; `ray_tmp`: the folder a Ray cluster it starts would write its session to."""
+def raymtl(*args: str, cwd: Path, timeout: float = 60, ray_tmp: Path | None = None,
+           before: str = "") -> tuple[subprocess.CompletedProcess, float]:
+    """Run `raymtl ARGS` in a new Python process; `ray_tmp`: the folder a Ray cluster it starts
+    would write its session to; `before`: Python run before the command (a test's setting)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
+    code = f"import sys\n{before}\nfrom raymtl.cli import main\nsys.exit(main(sys.argv[1:]))"
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "raymtl.cli", *args], cwd=cwd, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return done, time.monotonic() - start
 
@@ -201,3 +204,17 @@ def test_default_console_is_quiet_and_shows_the_epoch_table(tmp_path):
     assert re.search(r"^epoch 2/2  val loss", done.stdout, re.M)
     log = (tmp_path / "runs" / "run" / "raymtl.log").read_text()
     assert "epoch 2/2  val loss" in log and "color acc" in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_cache_decoded_by_ray_data_outlives_the_cluster_it_was_decoded_on(tmp_path):
+    """One worker in the command's process, with a cache too large for the driver to decode alone
+    (here: over 16 rows): Ray Data decodes it on a local cluster, the process copies it and shuts
+    the cluster down, then trains from the copy."""
+    config = write_config(tmp_path, write_task(tmp_path, "color", 32))
+    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500, ray_tmp=tmp_path / "ray",
+                     before="from raymtl.data import datasets\ndatasets._CACHE_BLOCK_ROWS = 16")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ray").is_dir()  # Ray did start, for the decode
+    assert re.search(r"^epoch 2/2  val loss", done.stdout, re.M)

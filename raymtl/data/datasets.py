@@ -93,11 +93,12 @@ class TaskInputs:
     cached: list[ray.ObjectRef | pa.Table] | None = None
 
     def in_process(self) -> TaskInputs:
-        """These inputs with every table fetched into this process: they outlive the Ray cluster."""
+        """These inputs with every table copied into this process's memory: they outlive the Ray
+        cluster (a table `ray.get` returns is a view of the object store's shared memory)."""
         return dataclasses.replace(
             self,
-            sources={key: _table(ref) for key, ref in self.sources.items()},
-            cached=[_table(ref) for ref in self.cached] if self.cached is not None else None,
+            sources={key: _owned(ref) for key, ref in self.sources.items()},
+            cached=[_owned(ref) for ref in self.cached] if self.cached is not None else None,
         )
 
 
@@ -108,6 +109,15 @@ def _put(table: pa.Table) -> ray.ObjectRef | pa.Table:
 
 def _table(ref: ray.ObjectRef | pa.Table) -> pa.Table:
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _owned(ref: ray.ObjectRef | pa.Table) -> pa.Table:
+    """The table, copied into this process's memory (an Arrow IPC round trip)."""
+    table = _table(ref)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.ipc.open_stream(sink.getvalue()).read_all()
 
 
 def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = False) -> TaskInputs:
