@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,15 +185,23 @@ def test_bad_image_met_in_decoding_is_one_line_naming_it(tmp_path, cache):
     assert "Traceback" in Path(log).read_text()
 
 
+@pytest.fixture
+def ray_tmp():
+    """A short folder for a Ray session (its socket paths must stay under 108 bytes), not yet made."""
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield root / "ray"
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_default_console_is_quiet_and_shows_the_epoch_table(tmp_path):
+def test_default_console_is_quiet_and_shows_the_epoch_table(tmp_path, ray_tmp):
     """One worker, cached inputs, a local run folder: the run trains in the command's own process
     and never starts a Ray cluster."""
     config = write_config(tmp_path, write_task(tmp_path, "color", 32), training={"keep_checkpoints": 1})
-    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500, ray_tmp=tmp_path / "ray")
+    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500, ray_tmp=ray_tmp)
     assert done.returncode == 0, done.stderr
-    assert not (tmp_path / "ray").exists()
+    assert not ray_tmp.exists()
     run = tmp_path / "runs" / "run"
     kept = sorted(p.name for p in run.glob("checkpoint_*"))
     assert 1 <= len(kept) <= 2  # the best, and the latest when another
@@ -208,13 +218,13 @@ def test_default_console_is_quiet_and_shows_the_epoch_table(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_cache_decoded_by_ray_data_outlives_the_cluster_it_was_decoded_on(tmp_path):
+def test_a_cache_decoded_by_ray_data_outlives_the_cluster_it_was_decoded_on(tmp_path, ray_tmp):
     """One worker in the command's process, with a cache too large for the driver to decode alone
     (here: over 16 rows): Ray Data decodes it on a local cluster, the process copies it and shuts
     the cluster down, then trains from the copy."""
     config = write_config(tmp_path, write_task(tmp_path, "color", 32))
-    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500, ray_tmp=tmp_path / "ray",
+    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500, ray_tmp=ray_tmp,
                      before="from raymtl.data import datasets\ndatasets._CACHE_BLOCK_ROWS = 16")
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "ray").is_dir()  # Ray did start, for the decode
+    assert ray_tmp.is_dir()  # Ray did start, for the decode
     assert re.search(r"^epoch 2/2  val loss", done.stdout, re.M)
