@@ -19,19 +19,23 @@ import csv
 import io
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raymtl import storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
 from raymtl.predict import gpus_per_actor, predictions
-from raymtl.predict.actors import Predict
-from raymtl.predict.plan import ERROR, LABEL, make_plan
+from raymtl.predict.actors import Predict, Prepare
+from raymtl.predict.plan import ERROR, LABEL, Plan, make_plan
 from raymtl.predict.reading import read_items
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import primary_metric
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLITS = {"validation": "validation", "test": "test"}  # --split -> TaskSpec field
 LOWER_IS_BETTER = frozenset({"loss"})
@@ -73,12 +77,14 @@ def evaluate(
     pool_size: int = 1,
     num_gpus: float | None = None,
     address: str | None = None,
+    local: bool = False,
 ) -> Evaluation:
     """Metrics of every task of `config` (a YAML path or an Experiment) that the model predicts.
 
     With `tasks` only those; without, a config task the model lacks is skipped, and a model with
     none of the config's tasks is a ConfigError, as is a task without the split's source or with a
-    label the model does not know.
+    label the model does not know. `local`: the same two stages in this process, for sets of a few
+    thousand rows, where starting Ray Data's actors (seconds per task) costs more than the rows.
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
@@ -93,9 +99,13 @@ def evaluate(
     for spec in specs:
         plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
                          text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
-        source = getattr(spec, SPLITS[split])
-        scored = predictions(read_items(source, plan), plan, batch_size, pool_size, gpus, model_stage=_Score)
-        metrics[spec.name] = task_metrics(saved.infos[spec.name], scored.iter_batches(batch_format="numpy"))
+        items = read_items(getattr(spec, SPLITS[split]), plan)
+        if local:
+            scored = _score_here(items.to_pandas(), plan, batch_size)
+        else:
+            pipeline = predictions(items, plan, batch_size, pool_size, gpus, model_stage=_Score)
+            scored = pipeline.iter_batches(batch_format="numpy")
+        metrics[spec.name] = task_metrics(saved.infos[spec.name], scored)
     return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start)
 
 
@@ -140,6 +150,13 @@ class _Score(Predict):
         for i in head.inputs:
             bad |= batch[f"{i}/{ERROR}"] != ""
         return {"probs": self._probs(head, batch, ~bad, {}), LABEL: batch[LABEL], "bad": bad}
+
+
+def _score_here(items: pd.DataFrame, plan: Plan, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Prediction's decoding and scoring stages called batch by batch in this process."""
+    prepare, score = Prepare(plan), _Score(plan, use_gpu=False)
+    for start in range(0, len(items), batch_size):
+        yield score(prepare(items.iloc[start : start + batch_size]))
 
 
 def task_metrics(info, batches) -> dict[str, float]:

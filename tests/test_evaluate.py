@@ -17,7 +17,7 @@ from raymtl.cli import main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.task_info import TaskInfo
-from raymtl.evaluate import Evaluation, _Score, _task_specs, compare, task_metrics
+from raymtl.evaluate import Evaluation, _Score, _task_specs, compare, evaluate, task_metrics
 from raymtl.predict.actors import Prepare
 from raymtl.predict.plan import make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny
@@ -115,3 +115,6 @@ def test_cli_evaluates_on_ray_data_with_a_baseline(ray_cluster, setup, tmp_path,
         for key, value in expected.items():
             assert report["tasks"][spec.name][key] == pytest.approx(value, abs=1e-5), key
     assert (out / "evaluation.csv").read_text().count("\n") == 1 + 2 * len(exp.tasks)
+    here = evaluate(model, exp, batch_size=8, local=True)  # the same stages without Ray Data's actors
+    for task, metrics in here.tasks.items():
+        assert metrics == pytest.approx(report["tasks"][task], abs=1e-6), task

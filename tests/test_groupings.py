@@ -106,6 +106,20 @@ def test_make_planted_writes_tables_and_images(tmp_path):
     assert exp.model.image_backbone == "resnet18" and exp.data.image_size == 16
 
 
+def test_a_planted_test_split_leaves_train_and_validation_as_they_were(tmp_path):
+    plain = make_planted(tmp_path / "a", n_per_task=10, latents_per_cluster=2)
+    held = make_planted(tmp_path / "b", n_per_task=10, latents_per_cluster=2, n_test=6)
+    for task in plain:
+        for split in ("train", "val"):
+            a, b = pd.read_parquet(plain[task][split]), pd.read_parquet(held[task][split])
+            assert (a.id == b.id).all() and (a.label == b.label).all()
+        test = pd.read_parquet(held[task]["test"])
+        assert len(test) == 6 and not set(test.id) & set(pd.read_parquet(held[task]["train"]).id)
+    assert "test" not in plain["c0_t0"]
+    exp = planted_experiment(held, str(tmp_path / "runs"))
+    assert exp.tasks[0].test == held["c0_t0"]["test"] and planted_experiment(plain, str(tmp_path)).tasks[0].test is None
+
+
 def test_planted_tasks_are_deterministic():
     a, b = planted_tasks(3, n_per_task=8, image_size=8), planted_tasks(3, n_per_task=8, image_size=8)
     assert list(a) == ["c0_t0", "c0_t1", "c1_t0", "c1_t1"]

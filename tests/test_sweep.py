@@ -264,6 +264,10 @@ def test_summary_table_json_and_csv(tmp_path):
     assert result.trial_hours == pytest.approx(3.5) and result.total_hours == pytest.approx(3.75)
     text = format_summary(result)
     assert "c0_t0 acc" in text and '{"grouping": "one_per_task"}' in text and "3.750 trial-hours" in text
+    assert "chosen:      none" not in text
+    result.ensemble = {"split": "test", "mean_score": 0.9, "best_member_score": 0.8, "members": ["t4", "t5"],
+                       "model": "m"}
+    assert "ensemble:    test mean_score 0.9000 (best member 0.8000 on test), 2 member(s)" in format_summary(result)
     write_summary(result)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["choice"]["trial_id"] == "t5" and saved["errors"] == {"t6": "worker died"}
@@ -286,7 +290,7 @@ def test_cli_has_a_tune_verb(tmp_path, capsys):
 def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_factory):
     """Two groupings (a listed one equal to the all-in-one baseline is trained once), one worker each."""
     root = tmp_path_factory.mktemp("sweep")
-    cat = make_planted(root / "data", n_clusters=1, tasks_per_cluster=2, n_per_task=40)
+    cat = make_planted(root / "data", n_clusters=1, tasks_per_cluster=2, n_per_task=40, n_test=16)
     exp = planted_experiment(cat, str(root / "runs"), name="tiny", training={"epochs": 1})
     spec = SweepSpec(groupings=[{"both": ["c0_t0", "c0_t1"]}], max_concurrent=2, ensemble=True)
     result = sweep.run_sweep(exp, spec)
@@ -307,10 +311,10 @@ def test_two_concurrent_trials_report_per_task_metrics(ray_cluster, tmp_path_fac
     summary = json.loads((Path(result.sweep_dir) / "summary.json").read_text())
     assert summary["choice"]["trial_id"] == result.choice.trial_id
     assert (Path(result.sweep_dir) / "summary.csv").is_file()
-    ensemble = summary["ensemble"]  # the chosen grouping's one seed, evaluated on validation
+    ensemble = summary["ensemble"]  # the chosen grouping's one seed, beside itself on the test split
     assert ensemble["members"] == [result.choice.trial_id] and raymtl.load(ensemble["model"]).tasks == exp.task_names
-    winner = next(t for t in result.trials if t.trial_id == result.choice.trial_id)
-    assert ensemble["mean_score"] == pytest.approx(winner.best["val/mean_score"], abs=1e-6)  # one member = itself
+    assert ensemble["split"] == "test" and ensemble["metrics"]["c0_t0"]["rows"] == 16
+    assert ensemble["mean_score"] == pytest.approx(ensemble["best_member_score"], abs=1e-6)  # one member = itself
 
     again = sweep.run_sweep(exp, spec)  # restores the finished Tune experiment: nothing retrains
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in result.trials]

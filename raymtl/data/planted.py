@@ -67,27 +67,42 @@ def planted_tasks(
     label_noise: float = LABEL_NOISE,
     pixel_noise: float = PIXEL_NOISE,
     latents_per_cluster: int = 1,
+    n_test: int = 0,
 ) -> dict[str, PlantedTask]:
-    """The benchmark in memory, deterministic in `seed`; tasks in cluster order."""
+    """The benchmark in memory, deterministic in `seed`; tasks in cluster order.
+
+    Each task has `n_per_task + n_test` items. The last `n_test` are drawn after every task's first
+    `n_per_task`, so adding a test set leaves the other items as they were without it.
+    """
     planted = resolve_clusters(clusters, n_clusters, tasks_per_cluster)
     rng = np.random.default_rng(seed)
     k = latents_per_cluster
-    n_latents = k * len(planted)
-    patterns = _patterns(rng, n_latents, image_size)
-    out = {}
-    for c, cluster in enumerate(planted):
-        for task in cluster:
-            direction = np.ones(1) if k == 1 else _unit(rng.standard_normal(k))
-            latents = rng.standard_normal((n_per_task, n_latents))
-            noise = rng.standard_normal((n_per_task, patterns.shape[1]))
-            signal = (latents @ patterns + pixel_noise * noise) / np.sqrt(n_latents + pixel_noise**2)
-            pixels = 128.0 + CONTRAST * signal
-            images = np.clip(pixels, 0, 255).round().astype(np.uint8)
-            images = images.reshape(n_per_task, image_size, image_size, 3)
-            read = latents[:, c * k:(c + 1) * k] @ direction
-            labels = read + label_noise * rng.standard_normal(n_per_task) > 0
-            out[task] = PlantedTask(images, labels.astype(np.int64))
+    patterns = _patterns(rng, k * len(planted), image_size)
+    tasks = [(c, task) for c, cluster in enumerate(planted) for task in cluster]
+    directions, out = {}, {}
+    for c, task in tasks:
+        directions[task] = np.ones(1) if k == 1 else _unit(rng.standard_normal(k))
+        out[task] = _items(rng, n_per_task, patterns, c, directions[task], image_size, label_noise, pixel_noise)
+    for c, task in tasks if n_test else ():
+        test = _items(rng, n_test, patterns, c, directions[task], image_size, label_noise, pixel_noise)
+        out[task] = PlantedTask(np.concatenate([out[task].images, test.images]),
+                                np.concatenate([out[task].labels, test.labels]))
     return out
+
+
+def _items(
+    rng: np.random.Generator, n: int, patterns: np.ndarray, cluster: int, direction: np.ndarray,
+    image_size: int, label_noise: float, pixel_noise: float,
+) -> PlantedTask:
+    """n items of a task of `cluster` that reads `direction` in its cluster's latents."""
+    n_latents, k = len(patterns), len(direction)
+    latents = rng.standard_normal((n, n_latents))
+    noise = rng.standard_normal((n, patterns.shape[1]))
+    signal = (latents @ patterns + pixel_noise * noise) / np.sqrt(n_latents + pixel_noise**2)
+    images = np.clip(128.0 + CONTRAST * signal, 0, 255).round().astype(np.uint8)
+    read = latents[:, cluster * k:(cluster + 1) * k] @ direction
+    labels = read + label_noise * rng.standard_normal(n) > 0
+    return PlantedTask(images.reshape(n, image_size, image_size, 3), labels.astype(np.int64))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -116,27 +131,30 @@ def make_planted(
     image_size: int = 16,
     val_fraction: float = 0.2,
     latents_per_cluster: int = 1,
+    n_test: int = 0,
 ) -> dict[str, dict[str, str]]:
     """Write the benchmark as PNGs plus per-task parquet tables (columns id, image, label).
 
-    Returns {task: {"train": parquet path, "val": parquet path}}; the last `val_fraction` of each
-    task's items is its validation split.
+    Returns {task: {"train": parquet path, "val": parquet path}}, plus "test" when `n_test` > 0:
+    the last `val_fraction` of each task's `n_per_task` items is its validation split, and `n_test`
+    further items its test split, held out from every choice made on validation.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir).resolve()
     tasks = planted_tasks(
-        seed, clusters, n_clusters=n_clusters, tasks_per_cluster=tasks_per_cluster,
-        n_per_task=n_per_task, image_size=image_size, latents_per_cluster=latents_per_cluster,
+        seed, clusters, n_clusters=n_clusters, tasks_per_cluster=tasks_per_cluster, n_per_task=n_per_task,
+        image_size=image_size, latents_per_cluster=latents_per_cluster, n_test=n_test,
     )
+    n_val = max(1, round(n_per_task * val_fraction))
+    bounds = {"train": (0, n_per_task - n_val), "val": (n_per_task - n_val, n_per_task)}
+    if n_test:
+        bounds["test"] = (n_per_task, n_per_task + n_test)
     catalogue = {}
     for task, data in tasks.items():
         table = _write_images(out / "images" / task, task, data)
-        n_val = max(1, round(len(table) * val_fraction))
-        catalogue[task] = {
-            split: _write_table(part, out / task / f"{split}.parquet")
-            for split, part in (("train", table.iloc[:-n_val]), ("val", table.iloc[-n_val:]))
-        }
+        catalogue[task] = {split: _write_table(table.iloc[a:b], out / task / f"{split}.parquet")
+                           for split, (a, b) in bounds.items()}
     return catalogue
 
 
@@ -167,7 +185,7 @@ def planted_experiment(
         "name": "planted",
         "storage_path": storage_path,
         "tasks": [
-            {"name": task, "train": paths["train"], "validation": paths["val"],
+            {"name": task, "train": paths["train"], "validation": paths["val"], "test": paths.get("test"),
              "image_column": "image", "id_column": "id", "labels": [0, 1]}
             for task, paths in catalogue.items()
         ],

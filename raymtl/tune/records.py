@@ -50,7 +50,7 @@ class SweepResult:
     choice: Choice | None
     search_s: float = 0.0  # wall time of the affinity run (0 without search)
     best_model: str | None = None
-    ensemble: dict[str, Any] | None = None  # model, members, validation metrics, mean_score, best member's
+    ensemble: dict[str, Any] | None = None  # model, members, split, its metrics, mean_score, best member's
 
     @property
     def trial_hours(self) -> float:
@@ -131,14 +131,14 @@ def format_summary(result: SweepResult) -> str:
         members = f"{len(c.members)} member(s)"
         lines.append(f"chosen:      {json.dumps(c.config)}  {result.metric} {c.score:.4f} over {members}")
         lines.append(f"best model:  {result.best_model}")
+    else:
+        lines.append("chosen:      none (no trial finished an epoch)")
     if result.ensemble:
         e = result.ensemble
         lines.append(
-            f"ensemble:    val/mean_score {e['mean_score']:.4f} (best member {e['best_member_score']:.4f}), "
-            f"{len(e['members'])} member(s) -> {e['model']}"
+            f"ensemble:    {e['split']} mean_score {e['mean_score']:.4f} (best member {e['best_member_score']:.4f} "
+            f"on {e['split']}), {len(e['members'])} member(s) -> {e['model']}"
         )
-    else:
-        lines.append("chosen:      none (no trial finished an epoch)")
     lines.append(
         f"cost:        {result.total_hours:.3f} trial-hours "
         f"({len(result.trials)} trials {result.trial_hours:.3f} h + search {result.search_s / 3600:.3f} h)"

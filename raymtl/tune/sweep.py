@@ -84,9 +84,11 @@ def _winner(result: SweepResult) -> TrialRecord:
 
 
 def _ensemble(result: SweepResult, exp: Experiment, dest: str) -> dict[str, Any]:
-    """The chosen configuration's members as one model at `dest` (replaced), and its validation metrics.
+    """The chosen configuration's members as one model at `dest` (replaced), beside its best member.
 
-    The best member's are its best epoch's, from the same validation data and metric code.
+    Both are scored on the test split when every task has one, else on validation. The best member
+    is the one best on validation (`best_model`); on validation it also had its epoch picked there,
+    an advantage the ensemble of several members lacks, so only the test split compares them fairly.
     """
     from raymtl.evaluate import evaluate
     from raymtl.models.ensemble import build_ensemble
@@ -94,13 +96,15 @@ def _ensemble(result: SweepResult, exp: Experiment, dest: str) -> dict[str, Any]
     members = [t for t in result.trials if t.trial_id in result.choice.members and t.checkpoint]
     storage.remove_dir(dest)  # a resumed sweep rebuilds it
     model = build_ensemble([t.checkpoint for t in members], dest)
-    evaluation = evaluate(model, exp, split="validation")
+    split = "test" if all(t.test is not None for t in exp.tasks) else "validation"
+    evaluation = evaluate(model, exp, split=split)
     return {
         "model": model,
         "members": [t.trial_id for t in members],
+        "split": split,
         "metrics": evaluation.tasks,
         "mean_score": evaluation.mean_score,
-        "best_member_score": _winner(result).best["val/mean_score"],
+        "best_member_score": evaluate(_winner(result).checkpoint, exp, split=split).mean_score,
     }
 
 
