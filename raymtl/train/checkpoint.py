@@ -214,6 +214,12 @@ def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
     return None
 
 
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The folder of the run's newest checkpoint (`latest_run_meta`); None when there is none."""
+    found = latest_run_meta(run_dir)
+    return found[0] if found else None
+
+
 def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
     """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
 

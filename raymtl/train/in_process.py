@@ -24,7 +24,7 @@ from pathlib import Path
 
 from raymtl import console, storage
 from raymtl.config import ConfigError, Experiment
-from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, latest_run_meta
+from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, newest_checkpoint
 
 
 def trains_in_process(exp: Experiment, address: str | None) -> bool:
@@ -61,11 +61,10 @@ class Retention:
                 found.append((folder, json.loads(file.read_text())))
         return found
 
-    def ranked(self, run_dir: str, *, older_first: bool = False) -> list[Path]:
-        """Checkpoint folders, best first; among equal scores the newer first, as Ray Train keeps
-        them (`older_first`: the older, where those metrics were measured: a mid-epoch checkpoint
-        carries the last epoch's)."""
-        found = self.checkpoints(run_dir)
+    def ranked(self, found: list[tuple[Path, dict]], *, older_first: bool = False) -> list[Path]:
+        """The folders of `found` (`checkpoints`), best first; among equal scores the newer first,
+        as Ray Train keeps them (`older_first`: the older, where those metrics were measured: a
+        mid-epoch checkpoint carries the last epoch's)."""
         if self.metric is None:
             return [folder for folder, _ in reversed(found)]
         sign, age = (1 if self.mode == "min" else -1), (1 if older_first else -1)
@@ -77,19 +76,20 @@ class Retention:
         found = self.checkpoints(run_dir)
         if len(found) <= self.keep:
             return
-        kept = {*self.ranked(run_dir)[: self.keep], found[-1][0]}
+        kept = {*self.ranked(found)[: self.keep], found[-1][0]}
         for folder, _ in found:
             if folder not in kept:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def best(self, run_dir: str) -> str | None:
         """The best checkpoint by `metric`; None without a metric (no validation data)."""
-        ranked = self.ranked(run_dir, older_first=True) if self.metric else []
+        ranked = self.ranked(self.checkpoints(run_dir), older_first=True) if self.metric else []
         return str(ranked[0]) if ranked else None
 
 
 def fit_in_process(exp: Experiment, config: dict, retention: Retention):
-    """Run the loop here (Ray Train local mode), retried from the newest checkpoint on failure.
+    """Run the loop here (Ray Train local mode) with `config` (`trainer.loop_config`), retried from
+    the newest checkpoint on failure.
 
     Returns Ray Train's `Result`; a failure past `max_failures` raises `WorkerGroupError`, as a
     failed worker group would.
@@ -106,12 +106,8 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     failures = 0
     while True:
-        latest = latest_run_meta(run_dir)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={**config, "resume_from": latest[0] if latest else None},
-            scaling_config=ScalingConfig(num_workers=0),
-        )
+        trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config,
+                               scaling_config=ScalingConfig(num_workers=0))
         try:
             return trainer.fit()
         except Exception as error:  # noqa: BLE001 -- a worker's failure, handled as Ray Train would
@@ -121,3 +117,4 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
             console.log_error(error)
             console.say(f"[raymtl] attempt {failures} failed ({console.root_cause(error)!r}); "
                         "resuming from the newest checkpoint")
+            config = {**config, "resume_from": newest_checkpoint(run_dir)}

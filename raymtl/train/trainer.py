@@ -14,7 +14,7 @@ from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import ensure_ray
 from raymtl.train.batches import batches_per_epoch
-from raymtl.train.checkpoint import RunMeta, latest_run_meta
+from raymtl.train.checkpoint import RunMeta, latest_run_meta, newest_checkpoint
 from raymtl.train.faults import CRASH_ENV
 from raymtl.train.report import format_history, read_history
 
@@ -100,12 +100,12 @@ def for_workers(exp: Experiment) -> Experiment:
     return dataclasses.replace(exp, tasks=[dataclasses.replace(t, train=None, validation=None) for t in exp.tasks])
 
 
-def task_inputs(exp: Experiment, infos: dict[str, TaskInfo]):
+def task_inputs(exp: Experiment, infos: dict[str, TaskInfo], nbytes: int):
     """The tasks' inputs for the loop (`datasets.build_inputs`), decoded now with `data.cache`
-    (decided by the object store of the cluster running here, or that Ray would start)."""
-    from raymtl.data.datasets import build_inputs, decoded_nbytes, should_cache
+    (decided by the object store of the cluster running here, or that Ray would start).
+    `nbytes`: `datasets.decoded_nbytes`."""
+    from raymtl.data.datasets import build_inputs, should_cache
 
-    nbytes = decoded_nbytes(exp, infos)
     cache = should_cache(exp, nbytes)
     if cache:
         console.say(f"[raymtl] decoding the inputs of {len(infos)} tasks once (~{nbytes / 2**20:.0f} MB), "
@@ -116,9 +116,8 @@ def task_inputs(exp: Experiment, infos: dict[str, TaskInfo]):
 def loop_config(exp: Experiment, infos: dict[str, TaskInfo], inputs, **extra) -> dict[str, Any]:
     """`train_loop_per_worker`'s config; `resume_from`: the run folder's newest checkpoint, if any."""
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
-    latest = latest_run_meta(run_dir)
     return {"experiment": for_workers(exp), "infos": infos, "run_dir": run_dir, "inputs": inputs,
-            "resume_from": latest[0] if latest else None, **extra}
+            "resume_from": newest_checkpoint(run_dir), **extra}
 
 
 def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
@@ -147,7 +146,9 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
         ),
         **(run_config_overrides or {}),
     )
-    inputs = task_inputs(exp, infos)
+    from raymtl.data.datasets import decoded_nbytes
+
+    inputs = task_inputs(exp, infos, decoded_nbytes(exp, infos))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(exp, infos, inputs),
@@ -172,10 +173,10 @@ def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | No
         if not torch.cuda.is_available():
             raise ConfigError("training.use_gpu: this process sees no CUDA device to train on "
                               "(check CUDA_VISIBLE_DEVICES and the NVIDIA driver)")
-    cache = should_cache(exp, decoded_nbytes(exp, infos))
-    if needs_ray(cache, sum(i.n_train + i.n_val for i in infos.values())):
+    nbytes = decoded_nbytes(exp, infos)
+    if needs_ray(should_cache(exp, nbytes), sum(i.n_train + i.n_val for i in infos.values())):
         ensure_ray()
-    inputs = task_inputs(exp, infos)
+    inputs = task_inputs(exp, infos, nbytes)
     if inputs.cached is not None and ray_runtime.started_here():
         inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
         ray_runtime.release()
