@@ -40,6 +40,8 @@ class DeviceInputs:
 
     def __init__(self, data: DataSpec, device: torch.device | str) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current one, by number
+            self.device = torch.device("cuda", torch.cuda.current_device())
         mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in data.normalization())
         # uint8 -> [0, 1] -> (x - mean) / std as one multiply and one subtract (float32, any device)
         self.scale = (1.0 / (255.0 * std)).to(self.device)
