@@ -66,7 +66,10 @@ class DataSpec:
     std: list[float] | None = None
     tokenizer: str | None = None  # Hugging Face Hub id, or local folder of a tokenizer
     max_length: int = 64
-    skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
+    # Unreadable images: dropped and counted (their rows leave their batch) up to max_bad_fraction
+    # of a rank's rows per split and epoch, past it the run stops; false: the first one stops it.
+    skip_bad_images: bool = True
+    max_bad_fraction: float = 0.001
     shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
 
@@ -308,7 +311,7 @@ _RANGES: dict[str, dict[str, str]] = {
     "": {"seed": ">=0"},
     "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
     "data.views": {"crop": "(0,1]"},
-    "data": {"image_size": ">=8", "max_length": ">=1"},
+    "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]"},
     "model": {"hidden_dim": ">=1", "dropout": "[0,1)"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
     "training": {

@@ -19,6 +19,7 @@ from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokenizer_path, make_catalogue
 from raymtl.data.task_info import TaskInfo
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
@@ -104,7 +105,7 @@ def in_process(model_dir: str, items: pd.DataFrame) -> dict[str, np.ndarray]:
         spec = TaskSpec(name, train=None, image_column="image" if info.has_image else None,
                         text_column="title" if info.has_text else None)
         arrays = Preprocessor(spec, info, saved.data, with_labels=False)(items)
-        batch = {k: torch.as_tensor(v) for k, v in arrays.items() if v.dtype.kind in "if"}
+        batch = DeviceInputs(saved.data, "cpu")(arrays)
         with torch.no_grad():
             logits = saved.model(batch, name)
         probs[name] = (logits.softmax(1) if info.kind == "multiclass" else logits.sigmoid()).numpy()

@@ -92,10 +92,12 @@ class Predict:
     def __init__(self, plan: Plan, use_gpu: bool) -> None:
         import torch
 
+        from raymtl.data.device_inputs import DeviceInputs
         from raymtl.models.artifact import load
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load(plan.model_path).model.to(self.device)
+        self.device_inputs = DeviceInputs(plan.data, self.device)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -124,8 +126,8 @@ class Predict:
         if not good.any():
             return probs
         prefixes = tuple(f"{i}/" for i in head.inputs)
-        inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
-                  for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
+        inputs = self.device_inputs({k.split("/", 1)[1]: value[good] for k, value in batch.items()
+                                     if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")})
         total = 0.0
         with torch.inference_mode():
             for k, (weight, member) in enumerate(members_of(self.model)):
