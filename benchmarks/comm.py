@@ -146,10 +146,11 @@ def run_mode(groups: int, mode: str, data: dict[str, pd.DataFrame], args: argpar
 
 def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
     """Every mode at `groups` task groups, on the same data; exposed communication = step_s - step_s(off)."""
+    load_before = os.getloadavg()[0]
     rows = math.ceil(args.steps / groups) * args.batch_size * 2  # 2 workers
     data = frames(tmp / f"data{groups}", rows, args.image_size, TASKS[:groups])
     modes = {mode: run_mode(groups, mode, data, args, tmp) for mode in args.modes}
-    result = {"groups": groups, "modes": modes}
+    result = {"groups": groups, "load": {"before": load_before, "after": os.getloadavg()[0]}, "modes": modes}
     if "off" in modes:
         result["exposed_comm_s"] = {m: r["step_s"] - modes["off"]["step_s"] for m, r in modes.items() if m != "off"}
     return result
@@ -166,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPUs of both workers together")
     parser.add_argument("--warmup", type=float, default=0.25, help="fraction of the steps left out of step_s")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the --json file's runs of other G (so each G can run as its own short command)")
     args = parser.parse_args(argv)
     if args.threads < 2:
         parser.error("--threads must be >= 2 (each of the 2 workers gets threads // 2)")
@@ -177,14 +180,21 @@ def main(argv: list[str] | None = None) -> dict:
     from raymtl.ray_runtime import ensure_ray
 
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
+    if args.append and not args.json:
+        raise SystemExit("--append needs --json")
     ensure_ray()
     with tempfile.TemporaryDirectory(prefix="raymtl_comm_") as tmp:
         runs = [run_groups(g, args, Path(tmp)) for g in args.groups]
+    if args.append and args.json.exists():
+        old = json.loads(args.json.read_text())
+        same = ("modes", "steps", "batch_size", "image_size", "threads", "warmup")
+        if any(old["settings"][k] != getattr(args, k) for k in same):
+            raise SystemExit(f"--append: {args.json} was measured with other settings ({same})")
+        runs = sorted([r for r in old["runs"] if r["groups"] not in args.groups] + runs, key=lambda r: r["groups"])
     library = [r["modes"]["overlapped"] for r in runs]
     report = {
-        "load": {"before": load_before, "after": os.getloadavg()[0]},
-        "settings": {**vars(args), "json": str(args.json) if args.json else None,
+        "load": {"before_max": max(r["load"]["before"] for r in runs), "after_max": max(r["load"]["after"] for r in runs)},
+        "settings": {**vars(args), "groups": [r["groups"] for r in runs], "json": str(args.json) if args.json else None,
                      "model": "resnet18 per group, 1 view, hidden 128, no text", "workers": 2, "backend": "gloo"},
         "groups": [r["groups"] for r in runs],
         "allreduce_bytes_per_step": [r["allreduce_bytes_per_step"] for r in library],

@@ -153,7 +153,7 @@ class GradSync:
         self.had_batch = had_batch
         if world_size() == 1:
             return
-        params = [p for p in self.model.parameters_for(task) if p.requires_grad]
+        params = list(dict.fromkeys(p for p in self.model.parameters_for(task) if p.requires_grad))  # once each
         self.step = _Step(buckets(params[::-1], self.bucket_bytes), had_batch, self.wire)
         if self.overlap:
             for p in params:
