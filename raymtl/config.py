@@ -138,6 +138,7 @@ class TrainingSpec:
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
     collective_timeout_s: int = 1800
+    grad_compression: str = "none"  # none | bf16: gradient buckets all-reduced as bf16 (half the bytes)
     deterministic: bool = False
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
@@ -278,6 +279,7 @@ def _validate(exp: Experiment) -> None:
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
+    _choice(tr.grad_compression, ("none", "bf16"), "training.grad_compression")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)

@@ -2,11 +2,11 @@
 
 Each step trains one task: every rank derives the same `TaskSchedule` from (seed, epoch), takes
 the next batch of that task from its own shard of the task's dataset, and back-propagates only that
-task's (weighted) loss. `GradSync` then averages over ranks the gradients of exactly the parameters
-that task used; the other tasks' heads and the other groups' backbones keep `grad=None`, so the
-optimizer does not move them and no bytes are spent on them. Parameters start identical on every
-rank (broadcast from rank 0); BatchNorm running statistics are rank 0's, broadcast before every
-evaluation and checkpoint.
+task's (weighted) loss. `GradSync` averages over ranks, overlapped with that backward, the
+gradients of exactly the parameters that task used; the other tasks' heads and the other groups'
+backbones keep `grad=None`, so the optimizer does not move them and no bytes are spent on them.
+Parameters start identical on every rank (broadcast from rank 0); BatchNorm running statistics are
+rank 0's, broadcast before every evaluation and checkpoint.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     upcoming: dict[int, TaskBatches] = {}  # the next epoch's batches, prepared while this one evaluates
     meta = RunMeta.of(exp, infos, batches, world)
-    grad_sync = GradSync(model)
+    grad_sync = GradSync(model, compression=tr.grad_compression)
     files = RunFiles(run_dir, config.get("retention")) if rank == 0 else None
 
     if state is not None:
@@ -182,13 +182,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             timer.fetched()
             position.step += 1
             optimizer.zero_grad(set_to_none=True)
+            grad_sync.start(task, had_batch=batch is not None)  # buckets go out while backward runs
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
                 with _autocast(device, tr.mixed_precision):
                     logits = model(batch, task=task)
                 loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
                 loss.backward()
                 ewma[task].update(loss)
-            if not grad_sync(task, had_batch=batch is not None):
+            if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
             if tr.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tr.grad_clip)
