@@ -94,8 +94,12 @@ class Predict:
 
         from raymtl.models.artifact import load
 
+        from raymtl.train.precision import for_inference
+
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load(plan.model_path).model.to(self.device)
+        saved = load(plan.model_path)
+        self.model = saved.model.to(self.device)
+        self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -127,7 +131,7 @@ class Predict:
         inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
                   for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
         total = 0.0
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision.autocast():
             for k, (weight, member) in enumerate(members_of(self.model)):
                 key = (k, member.feature_key(head.task), good.tobytes())
                 if key not in features:
