@@ -24,6 +24,7 @@ TASK_KINDS = ("multiclass", "multilabel")
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # see raymtl.train.precision
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -119,7 +120,9 @@ class TrainingSpec:
     gamma: float = 0.1
     plateau_patience: int = 1
     grad_clip: float | None = None
-    mixed_precision: bool = True  # bf16 autocast, only when training on GPU
+    # auto: bf16 autocast on a GPU with bf16, fp16 + gradient scaling on one without, fp32 on the CPU
+    precision: str = "auto"
+    mixed_precision: bool = True  # the older switch: false = precision fp32 (when precision is auto)
     sampler: str = "shuffled"
     temperature: float = 2.0
     stages: list[StageSpec] = field(default_factory=list)  # empty = one stage of `epochs`
@@ -280,6 +283,7 @@ def _validate(exp: Experiment) -> None:
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
     _choice(tr.grad_compression, ("none", "bf16"), "training.grad_compression")
+    _choice(tr.precision, PRECISIONS, "training.precision")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)

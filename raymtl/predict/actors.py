@@ -95,8 +95,12 @@ class Predict:
         from raymtl.data.device_inputs import DeviceInputs
         from raymtl.models.artifact import load
 
+        from raymtl.train.precision import for_inference
+
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load(plan.model_path).model.to(self.device)
+        saved = load(plan.model_path)
+        self.model = saved.model.to(self.device)
+        self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
         self.device_inputs = DeviceInputs(plan.data, self.device)
         self.heads, self.top_k = plan.heads, plan.top_k
 
@@ -129,7 +133,7 @@ class Predict:
         inputs = self.device_inputs({k.split("/", 1)[1]: value[good] for k, value in batch.items()
                                      if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")})
         total = 0.0
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision.autocast():
             for k, (weight, member) in enumerate(members_of(self.model)):
                 key = (k, member.feature_key(head.task), good.tobytes())
                 if key not in features:

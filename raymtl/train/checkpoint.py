@@ -126,6 +126,7 @@ def save_train_state(
     position: Position,
     stage: int,
     optimizer: torch.optim.Optimizer,
+    scaler: dict | None = None,
     lr_schedule_state: dict,
     ewma: dict[str, dict],
     affinity: dict | None,
@@ -137,6 +138,7 @@ def save_train_state(
             "position": asdict(position),
             "stage": stage,
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler,  # fp16's GradScaler (scale, growth tracker); None in other formats
             "lr_schedule": lr_schedule_state,
             "ewma": ewma,
             "affinity": affinity,

@@ -11,10 +11,8 @@ rank 0's, broadcast before every evaluation and checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma
 from raymtl.train.optim import build_lr_schedule, build_optimizer
+from raymtl.train.precision import Precision, configure_kernels
 from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
 
@@ -87,12 +86,6 @@ def resume_checkpoint(found: str | None) -> ray.train.Checkpoint | None:
     return ray.train.Checkpoint(found)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp: Experiment = config["experiment"]
     infos: dict[str, TaskInfo] = config["infos"]
@@ -104,11 +97,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Ray sets OMP_NUM_THREADS to the worker's CPUs only when the environment has none, so an
     # inherited value (1 in many containers) would win; the CPU step computes with these threads.
     torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
-    if tr.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA op
-        torch.use_deterministic_algorithms(True)
     in_process = config.get("in_process", False)
     device = _device(tr.use_gpu) if in_process else ray.train.torch.get_device()
+    configure_kernels(device, tr.deterministic)
+    precision = Precision.on(device, tr.precision, tr.mixed_precision)
+    scaler = precision.scaler()  # fp16 only
 
     resume = resume_checkpoint(config.get("resume_from"))
     if resume is not None:
@@ -155,6 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if affinity is not None and state.get("affinity"):
             affinity.load_state_dict(state["affinity"])
 
@@ -173,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
         all_steps = schedule.steps()
-        timer = StepTimer()
+        timer = StepTimer(device)
         data = upcoming.pop(epoch) if position.step == 0 and epoch in upcoming else epoch_data(epoch, position.step)
         timer.streams_started()
         for task in all_steps[position.step :]:
@@ -184,16 +179,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             grad_sync.start(task, had_batch=batch is not None)  # buckets go out while backward runs
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
-                with _autocast(device, tr.mixed_precision):
+                with precision.autocast():
                     logits = model(batch, task=task)
                 loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 ewma[task].update(loss)
             if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
-            if tr.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tr.grad_clip)
-            optimizer.step()
+            _step(model, optimizer, scaler, tr.grad_clip)
             lr_schedule.after_step()
             timer.done(task, len(batch["label"]) if batch is not None else 0)
             position.global_step += 1
@@ -207,7 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             maybe_crash(run_dir, position.global_step, rank, in_process)
             if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
                 if position.step < len(all_steps):
-                    _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
+                    _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, {},
+                            files)
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
@@ -218,12 +212,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch + 1 < total_epochs:
             upcoming = {epoch + 1: epoch_data(epoch + 1, 0)}
         timer.eval_started()
-        val = evaluate(model, exp, infos, val_data, device)
+        val = evaluate(model, exp, infos, val_data, device, precision)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
         row.update(timer.metrics(world))
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
-        _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
+        _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
+
+
+def _step(model: MultiTaskModel, optimizer: torch.optim.Optimizer, scaler, grad_clip: float | None) -> None:
+    """The optimizer step on the synchronised gradients; with fp16's scaler, unscaled first (the
+    clip sees true norms) and skipped, the scale lowered, when a gradient overflowed."""
+    if grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
@@ -247,7 +255,7 @@ def _carried_metrics(exp: Experiment, position: Position) -> dict:
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
 
-def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files) -> None:
+def _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
     sync_buffers(model)
     rng_states = gather_rng()
@@ -265,6 +273,7 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             position=position,
             stage=stage_idx,
             optimizer=optimizer,
+            scaler=scaler.state_dict() if scaler is not None else None,
             lr_schedule_state=lr_schedule.state_dict(),
             ewma={k: v.state_dict() for k, v in ewma.items()},
             affinity=affinity.state_dict() if affinity is not None else None,
