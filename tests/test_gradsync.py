@@ -39,6 +39,17 @@ class Deep(nn.Module):
         return list(self.layers.parameters()) if task == "deep" else list(self.side.parameters())
 
 
+class Conv(nn.Module):
+    """One channels_last convolution: its gradient must come back in that layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+
+    def parameters_for(self, task: str) -> list[nn.Parameter]:
+        return list(self.conv.parameters())
+
+
 def _step(model: nn.Module, sync: GradSync, task: str, loss_fn, trace: dict) -> bool:
     """One step as the training loop runs it; `trace["backward"]` is True while backward runs."""
     model.zero_grad(set_to_none=True)
@@ -86,6 +97,12 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         stepped = _step(deep, deep_sync, "deep", loss, trace)
         results[name] = (stepped, list(reduced), {k: p.grad.clone() for k, p in deep.layers.named_parameters()})
     results["local"] = _local_grads(deep, inputs)
+
+    conv = Conv()
+    torch.nn.init.constant_(conv.conv.weight, 0.1)
+    image = torch.ones(1, 2, 5, 5).to(memory_format=torch.channels_last) * (rank + 1)
+    _step(conv, GradSync(conv), "conv", lambda: conv.conv(image).sum(), trace)
+    results["layout"] = (conv.conv.weight.stride(), conv.conv.weight.grad.stride(), conv.conv.weight.grad.clone())
 
     results["gather"] = collectives.all_gather_bytes(b"r" * (rank + 3))
     results["rng"] = len(collectives.gather_rng())
@@ -172,6 +189,13 @@ def test_bf16_compression_halves_the_bytes_and_averages_within_bf16_tolerance(tw
             torch.testing.assert_close(grad, expected[name], rtol=2**-7, atol=2**-7 * expected[name].abs().max().item())
             assert not torch.equal(grad, expected[name])  # it did go through bf16
         assert torch.equal(grads["0.weight"], two_ranks[0]["bf16"][2]["0.weight"])  # ranks agree
+
+
+def test_averaged_gradients_keep_the_parameter_layout(two_ranks):
+    for res in two_ranks:
+        param_stride, grad_stride, grad = res["layout"]
+        assert grad_stride == param_stride != grad.contiguous().stride()  # channels_last, not contiguous
+        assert torch.equal(grad, torch.full((3, 2, 3, 3), 9 * 1.5))  # 3x3 outputs, each reads 1 (rank 0) or 2
 
 
 def test_unknown_grad_compression_is_refused():
