@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -167,6 +166,7 @@ def child_bare(spec: dict) -> dict:
     from raymtl.train.losses import task_loss
 
     setup = Setup(**spec["setup"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as the raymtl modes' cpus_per_worker
     cuda = setup.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -291,6 +291,20 @@ def _mb(nbytes: int | float | None) -> float | None:
 # ---------------------------------------------------------------- the parent: sampling, modes, JSON
 
 
+def smi(query: str) -> list[str] | None:
+    """nvidia-smi's values of `query` (comma-separated fields) for GPU 0; None without nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        line = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in line.split(",")]
+    return values if len(values) == len(query.split(",")) else None
+
+
 class Sampler:
     """Peak summed PSS of a process tree and the GPU's used memory and utilisation, every `period_s`."""
 
@@ -304,18 +318,16 @@ class Sampler:
         self._thread.start()
 
     def _run(self) -> None:
-        smi = shutil.which("nvidia-smi")
+        has_smi = shutil.which("nvidia-smi") is not None
         while not self._stop.is_set():
             self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in descendants(self.root)))
-            if smi:
-                try:
-                    line = subprocess.run([smi, "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits",
-                                           "-i", "0"], capture_output=True, text=True, timeout=5).stdout.strip()
-                    used, util = (float(v) for v in line.split(","))
-                    self.gpu_used_mb.append(used)
-                    self.gpu_util.append(util)
-                except (OSError, ValueError, subprocess.SubprocessError):
-                    pass
+            values = smi("memory.used,utilization.gpu") if has_smi else None
+            try:
+                used, util = (float(v) for v in values or ())
+                self.gpu_used_mb.append(used)
+                self.gpu_util.append(util)
+            except ValueError:
+                pass
             self._stop.wait(self.period_s)
 
     def stop(self) -> dict:
@@ -398,16 +410,18 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def environment() -> dict:
+    """Versions, the GPU and how busy the machine is before the modes run (this process opens no
+    CUDA context: the device figures of the modes are theirs, plus whatever `gpu_used_mb_idle` shows)."""
     import torch
 
+    idle = smi("name,driver_version,memory.used,memory.total,utilization.gpu")
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0], "cuda_available": torch.cuda.is_available(),
             "unix_time": time.time()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30, gpu_count=torch.cuda.device_count(),
-                    bf16=torch.cuda.is_bf16_supported())
+    if idle:
+        info.update(gpu=idle[0], driver=idle[1], gpu_used_mb_idle=float(idle[2]), gpu_memory_mb=float(idle[3]),
+                    gpu_util_idle=float(idle[4]), gpu_count=torch.cuda.device_count())
     try:
         import ray
 
@@ -433,6 +447,8 @@ def summarise(modes: dict) -> dict:
         out[f"streamed_wait_meets_{TARGET_WAIT}"] = streamed["data_wait_fraction"] <= TARGET_WAIT
         if streamed.get("items_per_s"):
             out["streamed_items_per_s_per_cpu"] = streamed["items_per_s"] / (os.cpu_count() or 1)
+    if streamed.get("decode_items_per_s_per_core"):  # what all cores could decode, were they doing nothing else
+        out["decode_ceiling_items_per_s"] = streamed["decode_items_per_s_per_core"] * (os.cpu_count() or 1)
     return out
 
 
