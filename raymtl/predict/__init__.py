@@ -141,7 +141,9 @@ def predictions(
     """
     import ray.data
 
-    return items.map_batches(
+    # Blocks of one batch: a decode actor takes a block at a time, and a single input file read as
+    # one block would otherwise be decoded by one actor while the others idle.
+    return items.repartition(target_num_rows_per_block=batch_size).map_batches(
         Prepare,
         fn_constructor_args=(plan,),
         batch_format="pandas",
