@@ -228,3 +228,24 @@ def test_a_batch_goes_to_the_device_once_and_its_probabilities_come_back_in_one_
         assert not probs[bad].any()
         assert np.array_equal(bad, np.any([batch[f"{i}/error"] != "" for i in head.inputs], axis=0))
     assert any(bad.any() for _, bad in results)  # the batch has bad rows to zero
+
+
+def test_model_actors_on_cpu_by_default_only_without_gpus_and_said_so(monkeypatch):
+    import ray
+
+    from raymtl import predict as predict_mod
+
+    said = []
+    monkeypatch.setattr(predict_mod.console, "say", said.append)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert predict_mod.gpus_per_actor(None) == 1.0 and said == []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert predict_mod.gpus_per_actor(None) == 0.0
+    assert "no GPU now" in said[0] and "--num-gpus 1" in said[0]
+    assert predict_mod.gpus_per_actor(1.0) == 1.0  # asked for: GPU actors, which an autoscaler starts nodes for
+    assert len(said) == 1
+
+
+def test_a_model_pool_that_cannot_grow_to_its_size_is_refused(model_dir, items_file, tmp_path):
+    with pytest.raises(ConfigError, match="pool_size <= max_pool_size"):
+        predict(model_dir, items_file, str(tmp_path / "out"), pool_size=2, max_pool_size=1)
