@@ -67,7 +67,10 @@ class DataSpec:
     std: list[float] | None = None
     tokenizer: str | None = None  # Hugging Face Hub id, or local folder of a tokenizer
     max_length: int = 64
-    skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
+    # Unreadable images: dropped and counted (their rows leave their batch) up to max_bad_fraction
+    # of a rank's rows per split and epoch, past it the run stops; false: the first one stops it.
+    skip_bad_images: bool = True
+    max_bad_fraction: float = 0.001
     shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
 
@@ -138,6 +141,7 @@ class TrainingSpec:
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
     collective_timeout_s: int = 1800
+    grad_compression: str = "none"  # none | bf16: gradient buckets all-reduced as bf16 (half the bytes)
     deterministic: bool = False
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
@@ -278,6 +282,7 @@ def _validate(exp: Experiment) -> None:
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
+    _choice(tr.grad_compression, ("none", "bf16"), "training.grad_compression")
     _choice(tr.precision, PRECISIONS, "training.precision")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
@@ -312,7 +317,7 @@ _RANGES: dict[str, dict[str, str]] = {
     "": {"seed": ">=0"},
     "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
     "data.views": {"crop": "(0,1]"},
-    "data": {"image_size": ">=8", "max_length": ">=1"},
+    "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]"},
     "model": {"hidden_dim": ">=1", "dropout": "[0,1)"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
     "training": {

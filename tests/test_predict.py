@@ -17,8 +17,10 @@ import torch
 import raymtl
 from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
+from raymtl.data import device_inputs
 from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokenizer_path, make_catalogue
 from raymtl.data.task_info import TaskInfo
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
@@ -104,7 +106,7 @@ def in_process(model_dir: str, items: pd.DataFrame) -> dict[str, np.ndarray]:
         spec = TaskSpec(name, train=None, image_column="image" if info.has_image else None,
                         text_column="title" if info.has_text else None)
         arrays = Preprocessor(spec, info, saved.data, with_labels=False)(items)
-        batch = {k: torch.as_tensor(v) for k, v in arrays.items() if v.dtype.kind in "if"}
+        batch = DeviceInputs(saved.data, "cpu")(arrays)
         with torch.no_grad():
             logits = saved.model(batch, name)
         probs[name] = (logits.softmax(1) if info.kind == "multiclass" else logits.sigmoid()).numpy()
@@ -203,18 +205,17 @@ def test_a_batch_goes_to_the_device_once_and_its_probabilities_come_back_in_one_
     inputs = sorted(k for k in batch if k.split("/", 1)[0].isdigit() and not k.endswith("/error"))
     assert sum(0 in h.inputs for h in plan.heads) >= 2  # color and pattern read the same image input
     converted, copied_back = [], []
-    as_tensor, cpu = torch.as_tensor, torch.Tensor.cpu
+    host_tensor, cpu = device_inputs.host_tensor, torch.Tensor.cpu
 
-    def counting_as_tensor(value, *args, **kwargs):
-        if isinstance(value, np.ndarray):  # the batch's array itself, or a selection of its rows
-            converted.append(next((key for key, array in batch.items() if value is array), "a copy"))
-        return as_tensor(value, *args, **kwargs)
+    def counting_host_tensor(value, *args, **kwargs):  # every array bound for the device passes here
+        converted.append(next((key for key, array in batch.items() if value is array), "a copy"))
+        return host_tensor(value, *args, **kwargs)
 
     def counting_cpu(self, *args, **kwargs):
         copied_back.append(self.shape)
         return cpu(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "as_tensor", counting_as_tensor)
+    monkeypatch.setattr(device_inputs, "host_tensor", counting_host_tensor)
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
     results = predictor.probabilities(batch)
     assert sorted(converted) == inputs  # each input once per batch, whatever reads it

@@ -93,13 +93,15 @@ class Predict:
     def __init__(self, plan: Plan, use_gpu: bool) -> None:
         import torch
 
+        from raymtl.data.device_inputs import DeviceInputs
         from raymtl.models.artifact import load
         from raymtl.train.precision import for_inference
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         saved = load(plan.model_path)
         self.model = saved.model.to(self.device)
-        self.precision = for_inference(self.device, saved.experiment)
+        self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
+        self.device_inputs = DeviceInputs(plan.data, self.device)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -148,13 +150,14 @@ class Predict:
         return out
 
     def _on_device(self, batch: dict[str, np.ndarray]) -> dict:
-        """Every input array ("<input>/<key>") as a tensor on the model's device: one copy each per batch
-        (pinned first on a GPU, so the copy runs asynchronously)."""
-        import torch
+        """Every input array ("<input>/<key>") on the model's device as the model takes it
+        (`DeviceInputs`): one copy each per batch, from pinned memory on a GPU (asynchronous)."""
+        from raymtl.data.device_inputs import host_tensor, is_numeric
 
         out = {}
         for key, value in batch.items():
-            if key.split("/", 1)[0].isdigit() and not key.endswith(f"/{ERROR}"):
-                tensor = torch.as_tensor(value)
-                out[key] = tensor.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else tensor
+            index, _, name = key.partition("/")
+            if index.isdigit() and name != ERROR and is_numeric(value):
+                tensor = host_tensor(value, pin=self.device.type == "cuda")
+                out[key] = self.device_inputs.finish(name, tensor.to(self.device, non_blocking=True))
         return out

@@ -97,6 +97,7 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
     from ray.train import ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
+    from raymtl.train.failures import is_data_error
     from raymtl.train.trainer import train_loop_per_worker
 
     run_dir = config["run_dir"]
@@ -112,7 +113,7 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
             return trainer.fit()
         except Exception as error:  # noqa: BLE001 -- a worker's failure, handled as Ray Train would
             failures += 1
-            if 0 <= attempts < failures:
+            if 0 <= attempts < failures or is_data_error(error):  # the same data fails the same way
                 raise WorkerGroupError(f"the in-process run failed: {error!r}", {0: error}) from error
             console.log_error(error)
             console.say(f"[raymtl] attempt {failures} failed ({console.root_cause(error)!r}); "

@@ -2,11 +2,11 @@
 
 Each step trains one task: every rank derives the same `TaskSchedule` from (seed, epoch), takes
 the next batch of that task from its own shard of the task's dataset, and back-propagates only that
-task's (weighted) loss. `GradSync` then averages over ranks the gradients of exactly the parameters
-that task used; the other tasks' heads and the other groups' backbones keep `grad=None`, so the
-optimizer does not move them and no bytes are spent on them. Parameters start identical on every
-rank (broadcast from rank 0); BatchNorm running statistics are rank 0's, broadcast before every
-evaluation and checkpoint.
+task's (weighted) loss. `GradSync` averages over ranks, overlapped with that backward, the
+gradients of exactly the parameters that task used; the other tasks' heads and the other groups'
+backbones keep `grad=None`, so the optimizer does not move them and no bytes are spent on them.
+Parameters start identical on every rank (broadcast from rank 0); BatchNorm running statistics are
+rank 0's, broadcast before every evaluation and checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import ray.train.torch
 import torch
 
 from raymtl.config import Experiment, StageSpec
-from raymtl.data.datasets import DecodedCache, TaskInputs
+from raymtl.data.datasets import DecodedCache, TaskInputs, decode_slots
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.plan import train_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
@@ -127,8 +128,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_train = {name: info.n_train for name, info in infos.items()}
     n_val = {name: info.n_val for name, info in infos.items() if info.n_val}
     cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
+    device_inputs = DeviceInputs(exp.data, device)
+    slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0
+
+    def epoch_data(epoch: int, start: int) -> TaskBatches:
+        """This rank's training batches of `epoch` from step `start`, preparing from now on."""
+        steps = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature).steps()
+        plan = train_steps(steps, n_train, tr.batch_size, seed=exp.seed, epoch=epoch, rank=rank, world=world,
+                           start=start, shuffle=exp.data.shuffle)
+        return TaskBatches(inputs, "train", plan, device_inputs, cache, slots=slots)
+
+    upcoming: dict[int, TaskBatches] = {}  # the next epoch's batches, prepared while this one evaluates
     meta = RunMeta.of(exp, infos, batches, world)
-    grad_sync = GradSync(model)
+    grad_sync = GradSync(model, compression=tr.grad_compression)
     files = RunFiles(run_dir, config.get("retention")) if rank == 0 else None
 
     if state is not None:
@@ -157,11 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
         all_steps = schedule.steps()
         timer = StepTimer(device)
-        plan = train_steps(all_steps, n_train, tr.batch_size, seed=exp.seed, epoch=epoch, rank=rank, world=world,
-                           start=position.step, shuffle=exp.data.shuffle)
-        data = TaskBatches(inputs, "train", plan, device, cache)
-        # Validation decodes during the epoch's steps (bounded prefetch), not after them.
-        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world), device, cache)
+        data = upcoming.pop(epoch) if position.step == 0 and epoch in upcoming else epoch_data(epoch, position.step)
         timer.streams_started()
         for task in all_steps[position.step :]:
             timer.begin()
@@ -169,13 +177,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             timer.fetched()
             position.step += 1
             optimizer.zero_grad(set_to_none=True)
+            grad_sync.start(task, had_batch=batch is not None)  # buckets go out while backward runs
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
                 with precision.autocast():
                     logits = model(batch, task=task)
                 loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
                 (loss if scaler is None else scaler.scale(loss)).backward()
                 ewma[task].update(loss)
-            if not grad_sync(task, had_batch=batch is not None):
+            if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
             _step(model, optimizer, scaler, tr.grad_clip)
             lr_schedule.after_step()
@@ -196,6 +205,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
+        # Validation decodes from here, not during the training steps; the next epoch's first
+        # batches are prepared while this one evaluates and checkpoints.
+        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world),
+                               device_inputs, cache, slots=slots)
+        if epoch + 1 < total_epochs:
+            upcoming = {epoch + 1: epoch_data(epoch + 1, 0)}
         timer.eval_started()
         val = evaluate(model, exp, infos, val_data, device, precision)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])

@@ -130,7 +130,9 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     """A TorchTrainer for `exp` on Ray Train's workers: task tables in the object store (decoded
     now with `data.cache`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from raymtl.train.failures import Trainer
 
     tr = exp.training
     env = forwarded_env()
@@ -149,7 +151,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     from raymtl.data.datasets import decoded_nbytes
 
     inputs = task_inputs(exp, infos, decoded_nbytes(exp, infos))
-    return TorchTrainer(
+    return Trainer(  # TorchTrainer; a data error spends no `max_failures` retry
         train_loop_per_worker,
         train_loop_config=loop_config(exp, infos, inputs),
         scaling_config=ScalingConfig(
