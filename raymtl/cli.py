@@ -112,6 +112,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tasks=args.tasks.split(",") if args.tasks else None,
         batch_size=args.batch_size,
         pool_size=args.pool_size,
+        max_pool_size=args.max_pool_size,
         num_gpus=args.num_gpus,
         top_k=args.top_k,
         strict=args.strict,
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="parquet output folder or URI")
     p.add_argument("--tasks", help="comma-separated tasks to predict (default: all)")
     p.add_argument("--batch-size", type=int, default=64, help="items per model call")
-    p.add_argument("--pool-size", type=int, default=1, help="model actors")
+    p.add_argument("--pool-size", type=int, default=1, help="model actors at the start")
+    p.add_argument("--max-pool-size", type=int, help="model actors at most, added while items queue (default: --pool-size)")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--top-k", type=int, default=0, help="also write the K best labels and scores per task")
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of marking it")

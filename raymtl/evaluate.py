@@ -29,7 +29,7 @@ from raymtl import storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
 from raymtl.predict import gpus_per_actor, predictions
 from raymtl.predict.actors import Predict, Prepare
-from raymtl.predict.plan import ERROR, LABEL, Plan, make_plan
+from raymtl.predict.plan import LABEL, Plan, make_plan
 from raymtl.predict.reading import read_items
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import primary_metric
@@ -145,11 +145,8 @@ class _Score(Predict):
     """Model actor of an evaluation: per row the probabilities of the plan's task, its label, badness."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (head,) = self.heads
-        bad = np.zeros(len(batch[LABEL]), dtype=bool)
-        for i in head.inputs:
-            bad |= batch[f"{i}/{ERROR}"] != ""
-        return {"probs": self._probs(head, batch, ~bad, {}), LABEL: batch[LABEL], "bad": bad}
+        ((probs, bad),) = self.probabilities(batch)
+        return {"probs": probs, LABEL: batch[LABEL], "bad": bad}
 
 
 def _score_here(items: pd.DataFrame, plan: Plan, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -13,9 +13,10 @@ state (its scale and growth tracker) is part of the checkpoint.
 `configure_kernels` sets the process-wide switches once per run: cuDNN's autotuner
 (`cudnn.benchmark`) unless the run is deterministic, TF32 for the fp32 matrix products
 (`set_float32_matmul_precision("high")`; cuDNN convolutions allow TF32 by default), and
-deterministic algorithms. On a GPU those come with `warn_only`: some CUDA backward kernels have no
-deterministic version (`AdaptiveAvgPool2d`, which every torchvision classifier ends with;
-`index_add_`/`scatter_add_`, which embedding backward may use) and warn instead of failing the run.
+deterministic algorithms. On a GPU those come with `warn_only`: some CUDA kernels have no
+deterministic version (`AdaptiveAvgPool2d`'s backward, which every torchvision classifier ends
+with; the others PyTorch lists under `torch.use_deterministic_algorithms`) and warn instead of
+failing the run.
 """
 
 from __future__ import annotations
