@@ -296,6 +296,16 @@ def test_decode_results_come_back_in_plan_order_whatever_order_they_finish_in():
     assert max(live) <= 4
 
 
+@pytest.mark.parametrize("cpus, world, per_rank, slots", [
+    (16 + 16 + 32, 4, 2.0, 14),  # two GPU nodes of 16 CPUs and a CPU-only node of 32: (64 - 4 x 2) / 4
+    (4, 1, 1.0, 3),  # this box's local cluster, one rank in the driver's process
+    (8, 8, 1.0, 1),  # every CPU reserved: still one decode task per rank
+])
+def test_decode_concurrency_is_the_cpus_training_does_not_reserve(monkeypatch, cpus, world, per_rank, slots):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
+    assert datasets.decode_slots(world, per_rank) == slots
+
+
 def test_a_failure_in_the_background_thread_reaches_the_training_thread_as_raised():
     def items():
         yield {"x": torch.zeros(1)}
