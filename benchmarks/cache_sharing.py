@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import ray
+import ray.cloudpickle
 
 from raymtl.data.datasets import Decoded, DecodedCache
 
+# Ray's workers get this module's code by value: they need not import the benchmarks folder.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VIEW = (224, 224, 3)
 CHUNK_ROWS = 128
 
@@ -47,7 +51,18 @@ class Rank:
         return {k: now[k] - before[k] for k in now}
 
 
+def make_chunks(rows: int, shapes: dict[str, tuple[int, ...]], chunk_rows: int = CHUNK_ROWS) -> tuple[list, int]:
+    """A decoded cache of `rows` random uint8 rows per column shape, in the object store; and its bytes."""
+    rng = np.random.default_rng(0)
+    chunks = [("t.train", start, ray.put(Decoded({
+        **{name: rng.integers(0, 256, (chunk_rows, *shape), dtype=np.uint8) for name, shape in shapes.items()},
+        "label": np.zeros(chunk_rows, np.int64)})))
+        for start in range(0, rows, chunk_rows)]
+    return chunks, len(chunks) * chunk_rows * (sum(int(np.prod(s)) for s in shapes.values()) + 8)
+
+
 def run(chunks: list, ranks: int, copy: bool) -> list[dict[str, int]]:
+    """Each rank's memory growth once all `ranks` have read the cache (zero-copy, or `copy`)."""
     actors = [Rank.remote() for _ in range(ranks)]
     befores = [ray.get(a.read.remote(chunks, copy)) for a in actors]  # one after another, as ranks start
     grown = ray.get([a.grown.remote(b) for a, b in zip(actors, befores)])  # all of them still holding it
@@ -64,14 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    rng = np.random.default_rng(0)
-    chunks = [("t.train", start, ray.put(Decoded({
-        "view_full": rng.integers(0, 256, (CHUNK_ROWS, *VIEW), dtype=np.uint8),
-        "view_crop": rng.integers(0, 256, (CHUNK_ROWS, *VIEW), dtype=np.uint8),
-        "label": np.zeros(CHUNK_ROWS, np.int64)})))
-        for start in range(0, args.rows, CHUNK_ROWS)]
-    per_item = 2 * int(np.prod(VIEW)) + 8
-    cache_mb = args.rows * per_item / 2**20
+    chunks, nbytes = make_chunks(args.rows, {"view_full": VIEW, "view_crop": VIEW})
+    per_item = nbytes // args.rows
+    cache_mb = nbytes / 2**20
     results = []
     for copy in (False, True):
         for ranks in args.ranks:
