@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _batches(device: str, steps: list[Step], cache: DecodedCache) -> list[dict[str, torch.Tensor]]:
-    inputs = TaskInputs(preprocessors={}, sources={}, rows={}, skip_bad_images=True, max_bad_fraction=0.0)
+    inputs = TaskInputs(preprocessors={}, sources={}, rows={}, max_bad_fraction=0.0)
     data = TaskBatches(inputs, "train", steps, DeviceInputs(DataSpec(), device), cache)
     out = []
     for _, batch in data:

@@ -296,6 +296,16 @@ def test_decode_results_come_back_in_plan_order_whatever_order_they_finish_in():
     assert max(live) <= 4
 
 
+@pytest.mark.parametrize("cpus, world, per_rank, slots", [
+    (16 + 16 + 32, 4, 2.0, 14),  # two GPU nodes of 16 CPUs and a CPU-only node of 32: (64 - 4 x 2) / 4
+    (4, 1, 1.0, 3),  # this box's local cluster, one rank in the driver's process
+    (8, 8, 1.0, 1),  # every CPU reserved: still one decode task per rank
+])
+def test_decode_concurrency_is_the_cpus_training_does_not_reserve(monkeypatch, cpus, world, per_rank, slots):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
+    assert datasets.decode_slots(world, per_rank) == slots
+
+
 def test_a_failure_in_the_background_thread_reaches_the_training_thread_as_raised():
     def items():
         yield {"x": torch.zeros(1)}
@@ -360,39 +370,12 @@ def test_a_folder_of_parquet_and_csv_files_is_read_file_by_file(ray_cluster, tmp
     assert sorted((str(r["id"]), r["label"]) for r in rows) == [("1", "a"), ("2", "b"), ("3", "c")]
 
 
-def _private_bytes() -> int:
-    """This process's unique set size (USS): pages no other process maps."""
-    fields = dict(line.split(":") for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
-    return sum(int(fields[k].split()[0]) * 1024 for k in ("Private_Clean", "Private_Dirty"))
-
-
-@ray.remote(num_cpus=0)
-class _Rank:
-    """Reads a decoded cache as a training rank does, then says how much private memory that took."""
-
-    def read(self, chunks: list, copy: bool = False) -> int:
-        before = _private_bytes()
-        self.cache = DecodedCache(chunks)
-        parts = [d.owned() if copy else d for ds in self.cache.parts.values() for d in ds]
-        self.held = parts
-        for d in parts:  # touch every page, as epochs of gathered batches do
-            self.total = sum(int(a.sum()) for a in d.arrays.values())
-        batch = self.cache.gather("color.train", np.arange(0, 4096, 7))
-        assert batch.arrays["view_full"].flags.writeable  # a batch is this rank's own
-        return _private_bytes() - before
-
-
 def test_ranks_of_a_node_share_the_cached_blocks(ray_cluster):
-    """Two ranks on one node read a 64 MB cache: the second holds no private copy of it (a copy would)."""
-    rng = np.random.default_rng(0)
-    chunks = [("color.train", start, ray.put(datasets.Decoded({
-        "view_full": rng.integers(0, 256, (1024, 64, 64, 4), dtype=np.uint8),  # 16 MB per chunk
-        "label": np.zeros(1024, np.int64)})))
-        for start in range(0, 4096, 1024)]
-    nbytes = 4 * (1024 * 64 * 64 * 4 + 8 * 1024)
-    first, second, copier = (_Rank.remote() for _ in range(3))
-    ray.get(first.read.remote(chunks))
-    grown = ray.get(second.read.remote(chunks))
-    assert grown < 0.1 * nbytes, f"the second rank's private memory grew by {grown / nbytes:.0%} of the cache"
-    copied = ray.get(copier.read.remote(chunks, copy=True))  # what a private copy per rank costs
-    assert copied > 0.9 * nbytes
+    """Two ranks on one node read a 64 MB cache: neither holds a private copy of it (a copy would)."""
+    from benchmarks.cache_sharing import make_chunks, run
+
+    chunks, nbytes = make_chunks(4096, {"view_full": (64, 64, 4)}, chunk_rows=1024)
+    shared = run(chunks, 2, copy=False)
+    assert all(g["uss"] < 0.1 * nbytes for g in shared), f"private growth {[g['uss'] for g in shared]} of {nbytes}"
+    copied = run(chunks, 2, copy=True)  # what a private copy per rank costs: the measurement sees it
+    assert all(g["uss"] > 0.9 * nbytes for g in copied)

@@ -119,13 +119,12 @@ class TaskInputs:
     `cached`: with `data.cache`, the decoded inputs as chunks of rows (`Chunk`).
     Both hold object refs, or the data itself where no Ray cluster runs (`in_process`).
     `max_bad_fraction`: the share of a rank's rows per split and epoch that may be dropped as
-    unreadable (`data.max_bad_fraction`) when `skip_bad_images`.
+    unreadable (`data.max_bad_fraction`; the preprocessors mark them only with `skip_bad_images`).
     """
 
     preprocessors: dict[str, Preprocessor]
     sources: dict[str, ray.ObjectRef | pa.Table]
     rows: dict[str, int]
-    skip_bad_images: bool
     cached: list[Chunk] | None = None
     max_bad_fraction: float = 0.0
 
@@ -194,7 +193,6 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         preprocessors=preps,
         sources={key: _put(table) for key, table in tables.items()},
         rows={key: table.num_rows for key, table in tables.items()},
-        skip_bad_images=exp.data.skip_bad_images,
         max_bad_fraction=exp.data.max_bad_fraction,
     )
     if cache:
