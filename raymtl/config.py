@@ -24,6 +24,8 @@ TASK_KINDS = ("multiclass", "multilabel")
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
+FUSION_NORMS = ("layernorm", "none")
+MODEL_PARTS = ("image", "text", "fusion", "heads")  # what stages freeze and lr_multipliers scale
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -85,6 +87,8 @@ class ModelSpec:
     text_pooling: str = "mean"  # mean | cls
     hidden_dim: int = 256
     dropout: float = 0.1
+    fusion_norm: str = "layernorm"  # per-modality LayerNorm + equal-share scale before fusion | none (plain concat)
+    modality_dropout: float = 0.0  # training: drop one modality of a row with both, with this probability
     groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
     base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
     init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from
@@ -116,6 +120,7 @@ class TrainingSpec:
     gamma: float = 0.1
     plateau_patience: int = 1
     grad_clip: float | None = None
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # model part -> factor on the lr, e.g. {text: 0.1}
     mixed_precision: bool = True  # bf16 autocast, only when training on GPU
     sampler: str = "shuffled"
     temperature: float = 2.0
@@ -273,6 +278,11 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule")
     _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
+    _choice(m.fusion_norm, FUSION_NORMS, "model.fusion_norm")
+    for part, factor in tr.lr_multipliers.items():
+        _choice(part, MODEL_PARTS, "training.lr_multipliers")
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"training.lr_multipliers.{part}: must be > 0, got {factor!r}")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
     if tr.in_process == "always" and tr.num_workers != 1:
@@ -280,7 +290,7 @@ def _validate(exp: Experiment) -> None:
     _check_ranges(exp)
     for i, s in enumerate(tr.stages):
         for part in s.freeze:
-            _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
+            _choice(part, MODEL_PARTS, f"training.stages[{i}].freeze")
     if m.groups is not None:
         check_groups(m.groups, exp.task_names)
 
@@ -309,7 +319,7 @@ _RANGES: dict[str, dict[str, str]] = {
     "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
     "data.views": {"crop": "(0,1]"},
     "data": {"image_size": ">=8", "max_length": ">=1"},
-    "model": {"hidden_dim": ">=1", "dropout": "[0,1)"},
+    "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
     "training": {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",

@@ -94,8 +94,12 @@ class Predict:
 
         from raymtl.models.artifact import load
 
+        from raymtl.models.ensemble import members_of
+
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load(plan.model_path).model.to(self.device)
+        for _, member in members_of(self.model):
+            member.mask(plan.masked)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
