@@ -69,9 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
     exp = resolve_models(exp)
     console.open_log(storage.join(storage.normalize(exp.storage_path), exp.name))
+    from raymtl.train.recipes import fit_recipe
     from raymtl.train.trainer import fit, print_summary
 
-    print_summary(fit(exp, address=args.address))
+    print_summary(fit_recipe(exp, lambda e: fit(e, address=args.address)))
     return 0
 
 

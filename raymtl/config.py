@@ -25,6 +25,7 @@ SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
 FUSION_NORMS = ("layernorm", "none")
+RECIPES = ("joint", "staged")
 MODEL_PARTS = ("image", "text", "fusion", "heads")  # what stages freeze and lr_multipliers scale
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
@@ -125,6 +126,10 @@ class TrainingSpec:
     sampler: str = "shuffled"
     temperature: float = 2.0
     stages: list[StageSpec] = field(default_factory=list)  # empty = one stage of `epochs`
+    # joint: one image + text model from the start; staged: an image model and a text model first
+    # (each trained as this section says), then composed and trained in `fusion_stages` (raymtl.train.recipes)
+    recipe: str = "joint"
+    fusion_stages: list[StageSpec] = field(default_factory=list)  # staged; empty = `epochs` with image, text frozen
     num_workers: int = 1
     # One worker on a local machine trains in this process (Ray Train's local mode; no Train
     # controller or worker processes, Ray started only for data it must stream): auto | always | never
@@ -285,12 +290,14 @@ def _validate(exp: Experiment) -> None:
             raise ConfigError(f"training.lr_multipliers.{part}: must be > 0, got {factor!r}")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
+    _choice(tr.recipe, RECIPES, "training.recipe")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)
-    for i, s in enumerate(tr.stages):
-        for part in s.freeze:
-            _choice(part, MODEL_PARTS, f"training.stages[{i}].freeze")
+    for key in ("stages", "fusion_stages"):
+        for i, s in enumerate(getattr(tr, key)):
+            for part in s.freeze:
+                _choice(part, MODEL_PARTS, f"training.{key}[{i}].freeze")
     if m.groups is not None:
         check_groups(m.groups, exp.task_names)
 
@@ -321,6 +328,7 @@ _RANGES: dict[str, dict[str, str]] = {
     "data": {"image_size": ">=8", "max_length": ">=1"},
     "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
+    "training.fusion_stages": {"epochs": ">=1", "lr": ">0"},
     "training": {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
         "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
@@ -350,6 +358,7 @@ def _check_ranges(exp: Experiment) -> None:
         *((f"tasks[{i}] ({t.name!r})", t) for i, t in enumerate(exp.tasks)),
         *((f"data.views ({v.name!r})", v) for v in exp.data.views),
         *((f"training.stages[{i}]", s) for i, s in enumerate(exp.training.stages)),
+        *((f"training.fusion_stages[{i}]", s) for i, s in enumerate(exp.training.fusion_stages)),
     ]
     for where, obj in parts:
         section = where.split(" (")[0].split("[")[0]
