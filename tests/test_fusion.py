@@ -7,13 +7,16 @@ and what a masked modality feeds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from raymtl.config import ConfigError, DataSpec, TrainingSpec, ViewSpec, load_experiment
+from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.models.artifact import META_FILE, WEIGHTS_FILE, load, save_model
 from raymtl.models.multitask import Fusion
 from raymtl.train.optim import build_lr_schedule, build_optimizer
@@ -185,3 +188,49 @@ def test_fusion_norm_is_checked():
            "model": {"fusion_norm": "batchnorm"}}
     with pytest.raises(ConfigError, match="model.fusion_norm"):
         load_experiment(raw)
+
+
+# ---------------------------------------------------------------- evaluate --modality
+
+
+@pytest.mark.skipif(default_tokenizer_path() is None, reason="the MiniLM tokenizer is not installed")
+def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
+    """The scoring stage of `raymtl evaluate --modality image` (text masked) gives the same numbers
+    whatever the titles say, `--modality text` whatever the images show; both differ from `both`."""
+    import pandas as pd
+
+    from raymtl.config import Experiment, ModelSpec, TaskSpec
+    from raymtl.data.synthetic import make_catalogue
+    from raymtl.data.task_info import TaskInfo
+    from raymtl.evaluate import MASKED, _Score
+    from raymtl.models.multitask import MultiTaskModel
+    from raymtl.predict.actors import Prepare
+    from raymtl.predict.plan import make_plan
+
+    paths = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 12})["color"]
+    items = pd.read_parquet(paths["train"])
+    labels = sorted(items["label"].unique())
+    data = DataSpec(image_size=16, views=[ViewSpec("full")], tokenizer=default_tokenizer_path(), max_length=12)
+    spec = ModelSpec(image_backbone="resnet18", hidden_dim=8, dropout=0.0,
+                     text_config={"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16})
+    exp = Experiment("m", [TaskSpec("color", train="x", image_column="image", text_column="title", id_column="id")],
+                     data=data, model=spec)
+    torch.manual_seed(0)
+    model = MultiTaskModel(spec, {"color": TaskInfo("color", "multiclass", labels, 10, 0, True, True)}, ["full"],
+                           {"all": ["color"]})
+    save_model(tmp_path / "model", model, model_spec=spec, data=data, experiment=exp.to_dict())
+    saved = load(tmp_path / "model")
+    other_titles = items.assign(title=items["title"].to_numpy()[::-1])
+    other_images = items.assign(image=items["image"].to_numpy()[::-1])
+
+    def probs(modality, rows):
+        plan = make_plan(str(tmp_path / "model"), saved, tasks=["color"], label_column="label")
+        plan = dataclasses.replace(plan, masked=MASKED[modality])
+        return _Score(plan, use_gpu=False)(Prepare(plan)(rows))["probs"]
+
+    both = probs("both", items)
+    assert np.array_equal(probs("image", items), probs("image", other_titles))
+    assert np.array_equal(probs("text", items), probs("text", other_images))
+    assert not np.allclose(probs("image", items), both) and not np.allclose(probs("text", items), both)
+    assert not np.allclose(probs("both", other_titles), both)  # unmasked, the titles do count
