@@ -234,3 +234,17 @@ def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
     assert np.array_equal(probs("text", items), probs("text", other_images))
     assert not np.allclose(probs("image", items), both) and not np.allclose(probs("text", items), both)
     assert not np.allclose(probs("both", other_titles), both)  # unmasked, the titles do count
+
+
+def test_modality_report_lists_each_tasks_primary_metric_per_modality():
+    from raymtl.evaluate import Evaluation, modality_table
+
+    def ev(modality, color, season):
+        return Evaluation("m", "validation", {"color": {"accuracy": color, "loss": 1.0},
+                                              "season": {"accuracy": season, "loss": 1.0}}, modality=modality)
+
+    table = modality_table({"both": ev("both", 0.9, 0.8), "image": ev("image", 0.9, 0.3),
+                            "text": ev("text", 0.5, 0.8)}).splitlines()
+    assert table[0].split() == ["task", "metric", "both", "image", "text"]
+    assert table[2].split() == ["color", "accuracy", "0.9000", "0.9000", "0.5000"]
+    assert table[4].split() == ["mean", "score", "0.8500", "0.6000", "0.6500"]
