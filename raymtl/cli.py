@@ -69,9 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
     exp = resolve_models(exp)
     console.open_log(storage.join(storage.normalize(exp.storage_path), exp.name))
+    from raymtl.train.recipes import fit_recipe
     from raymtl.train.trainer import fit, print_summary
 
-    print_summary(fit(exp, address=args.address))
+    print_summary(fit_recipe(exp, lambda e: fit(e, address=args.address)))
     return 0
 
 
@@ -137,15 +138,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from raymtl.evaluate import compare, evaluate, format_table, write_results
+    from raymtl.evaluate import compare, evaluate, format_table, modality_table, write_results
 
     options = dict(split=args.split, tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
                    pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address)
-    evaluation = evaluate(args.model, args.config, **options)
-    baselines = [evaluate(b, args.config, **options) for b in args.baseline or []]
+    modalities = ["both", "image", "text"] if args.modality == "all" else [args.modality]
+    by_modality = {m: evaluate(args.model, args.config, modality=m, **options) for m in modalities}
+    evaluation = by_modality[modalities[0]]
+    baselines = [evaluate(b, args.config, modality=modalities[0], **options) for b in args.baseline or []]
     comparison = compare(evaluation, baselines) if baselines else None
     print(format_table(evaluation, comparison))
-    write_results(args.out, evaluation, baselines, comparison)
+    if len(by_modality) > 1:
+        print(f"\nprimary metric by modality (image: text masked; text: image masked)\n{modality_table(by_modality)}")
+    write_results(args.out, evaluation, baselines, comparison, by_modality if len(by_modality) > 1 else None)
     print(f"wrote {args.out}/evaluation.json and evaluation.csv")
     return 0
 
@@ -214,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evaluation", help="folder for evaluation.json and evaluation.csv")
     p.add_argument("--baseline", nargs="+", help="models to compare with (per task: those that predict it)")
     p.add_argument("--tasks", help="comma-separated tasks to evaluate (default: the model's tasks in the config)")
+    p.add_argument("--modality", choices=["both", "image", "text", "all"], default="both",
+                   help="inputs the model sees: image (text masked), text (image masked), both, or a report of all "
+                        "three; a masked modality feeds zeros into its fusion slot")
     p.add_argument("--batch-size", type=int, default=64, help="items per model call")
     p.add_argument("--pool-size", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")

@@ -25,6 +25,9 @@ SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # see raymtl.train.precision
+FUSION_NORMS = ("layernorm", "none")
+RECIPES = ("joint", "staged")
+MODEL_PARTS = ("image", "text", "fusion", "heads")  # what stages freeze and lr_multipliers scale
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -89,6 +92,8 @@ class ModelSpec:
     text_pooling: str = "mean"  # mean | cls
     hidden_dim: int = 256
     dropout: float = 0.1
+    fusion_norm: str = "layernorm"  # per-modality LayerNorm + equal-share scale before fusion | none (plain concat)
+    modality_dropout: float = 0.0  # training: drop one modality of a row with both, with this probability
     groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
     base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
     init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from
@@ -123,9 +128,14 @@ class TrainingSpec:
     # auto: bf16 autocast on a GPU with bf16, fp16 + gradient scaling on one without, fp32 on the CPU
     precision: str = "auto"
     mixed_precision: bool = True  # the older switch: false = precision fp32 (when precision is auto)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # model part -> factor on the lr, e.g. {text: 0.1}
     sampler: str = "shuffled"
     temperature: float = 2.0
     stages: list[StageSpec] = field(default_factory=list)  # empty = one stage of `epochs`
+    # joint: one image + text model from the start; staged: an image model and a text model first
+    # (each trained as this section says), then composed and trained in `fusion_stages` (raymtl.train.recipes)
+    recipe: str = "joint"
+    fusion_stages: list[StageSpec] = field(default_factory=list)  # staged; empty = `epochs` with image, text frozen
     num_workers: int = 1
     # One worker on a local machine trains in this process (Ray Train's local mode; no Train
     # controller or worker processes, Ray started only for data it must stream): auto | always | never
@@ -280,16 +290,23 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule")
     _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
+    _choice(m.fusion_norm, FUSION_NORMS, "model.fusion_norm")
+    for part, factor in tr.lr_multipliers.items():
+        _choice(part, MODEL_PARTS, "training.lr_multipliers")
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"training.lr_multipliers.{part}: must be > 0, got {factor!r}")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
     _choice(tr.grad_compression, ("none", "bf16"), "training.grad_compression")
     _choice(tr.precision, PRECISIONS, "training.precision")
+    _choice(tr.recipe, RECIPES, "training.recipe")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)
-    for i, s in enumerate(tr.stages):
-        for part in s.freeze:
-            _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
+    for key in ("stages", "fusion_stages"):
+        for i, s in enumerate(getattr(tr, key)):
+            for part in s.freeze:
+                _choice(part, MODEL_PARTS, f"training.{key}[{i}].freeze")
     if m.groups is not None:
         check_groups(m.groups, exp.task_names)
 
@@ -318,8 +335,9 @@ _RANGES: dict[str, dict[str, str]] = {
     "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
     "data.views": {"crop": "(0,1]"},
     "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]"},
-    "model": {"hidden_dim": ">=1", "dropout": "[0,1)"},
+    "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
+    "training.fusion_stages": {"epochs": ">=1", "lr": ">0"},
     "training": {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
         "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
@@ -349,6 +367,7 @@ def _check_ranges(exp: Experiment) -> None:
         *((f"tasks[{i}] ({t.name!r})", t) for i, t in enumerate(exp.tasks)),
         *((f"data.views ({v.name!r})", v) for v in exp.data.views),
         *((f"training.stages[{i}]", s) for i, s in enumerate(exp.training.stages)),
+        *((f"training.fusion_stages[{i}]", s) for i, s in enumerate(exp.training.fusion_stages)),
     ]
     for where, obj in parts:
         section = where.split(" (")[0].split("[")[0]

@@ -95,6 +95,7 @@ class Predict:
 
         from raymtl.data.device_inputs import DeviceInputs
         from raymtl.models.artifact import load
+        from raymtl.models.ensemble import members_of
         from raymtl.train.precision import for_inference
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -102,6 +103,8 @@ class Predict:
         self.model = saved.model.to(self.device)
         self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
         self.device_inputs = DeviceInputs(plan.data, self.device)
+        for _, member in members_of(self.model):
+            member.mask(plan.masked)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

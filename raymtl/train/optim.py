@@ -10,13 +10,24 @@ import torch
 from raymtl.config import TrainingSpec
 
 
-def build_optimizer(params, training: TrainingSpec, lr: float) -> torch.optim.Optimizer:
-    """AdamW is fused on a GPU (one kernel for the whole update instead of a few per parameter)."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(parts: dict[str, list[torch.nn.Parameter]], training: TrainingSpec,
+                    lr: float) -> torch.optim.Optimizer:
+    """One parameter group per model part (`MultiTaskModel.parts()`) with trainable parameters, at
+    lr x `training.lr_multipliers[part]` (default 1), each group tagged with its "part".
+
+    Parts at the base lr come first, so `param_groups[0]["lr"]` (the lr a run logs) is the base
+    lr whenever a part trains at it. The groups are a function of the config and the frozen parts
+    alone, so a resumed stage rebuilds the same groups and `load_state_dict` restores their lrs.
+    AdamW is fused on a GPU.
+    """
+    multipliers = training.lr_multipliers
+    order = sorted(parts, key=lambda part: multipliers.get(part, 1.0) != 1.0)  # stable: parts' order otherwise
+    groups = [{"params": params, "lr": lr * multipliers.get(part, 1.0), "part": part}
+              for part in order if (params := [p for p in parts[part] if p.requires_grad])]
     if training.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay, fused=fused or None)
+        return torch.optim.SGD(groups, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
+    fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])  # one kernel for the whole update
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=training.weight_decay, fused=fused or None)
 
 
 @dataclass

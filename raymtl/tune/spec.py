@@ -30,8 +30,9 @@ AXES = {
     "batch_size": "batch_size",
     "sampler": "sampler",
     "temperature": "temperature",
+    "recipe": "recipes",
 }
-TRAINING_KEYS = ("lr", "batch_size", "sampler", "temperature")
+TRAINING_KEYS = ("lr", "batch_size", "sampler", "temperature", "recipe")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class SweepSpec:
     batch_size: list[int] | None = None
     sampler: list[str] | None = None
     temperature: list[float] | None = None
+    recipes: list[str] | None = None  # training.recipe per trial: [joint, staged] compares the two
     num_samples: int = 1  # repeats of the grid (draws of the ranges)
     metric: str = "val/mean_score"
     mode: str = "max"

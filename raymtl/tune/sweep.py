@@ -153,10 +153,13 @@ def _train_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raymtl.train.trainer import make_trainer
+    from raymtl.train.recipes import train_parts
+    from raymtl.train.trainer import fit, make_trainer
 
     os.environ.update(env)
     trial = trial_experiment(exp, spec, groupings, config, tune.get_context().get_trial_id(), runs_dir)
+    if trial.training.recipe == "staged":  # the part models train first, reporting nothing to Tune
+        trial = train_parts(trial, fit)
     make_trainer(trial, infos, {"callbacks": [TuneReportCallback()]}).fit()
 
 
