@@ -25,8 +25,13 @@ def locked() -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    """name -> version of every distribution in this venv; a local label (torch's +cu130) is PyPI's same release."""
-    return {canonical(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()}
+    """name -> version of every distribution in this venv; a local label (torch's +cu130) is PyPI's same release.
+
+    Ray's own copies of a few packages (`ray/thirdparty_files`, on the path once ray is imported) are part of
+    the ray wheel, not installs of their own.
+    """
+    return {canonical(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()
+            if "thirdparty_files" not in Path(str(d.locate_file(""))).parts}
 
 
 def test_the_lock_is_exact_pins_of_canonical_names():
