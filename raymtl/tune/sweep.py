@@ -33,7 +33,7 @@ from raymtl import storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.tune.candidates import CANDIDATES_FILE, Candidate, candidates, read_affinity
 from raymtl.tune.records import SweepResult, TrialRecord, choose, write_summary
-from raymtl.tune.spec import SEARCH, SweepSpec, n_trials, param_space, trial_experiment
+from raymtl.tune.spec import SEARCH, SweepSpec, affinity_interval, n_trials, param_space, trial_experiment
 
 if TYPE_CHECKING:
     from raymtl.data.task_info import TaskInfo
@@ -129,9 +129,11 @@ def _affinity_run(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> str:
     """Train the experiment as configured, all tasks in one group, measuring Z; returns its run folder."""
     from raymtl.train.trainer import fit
 
-    training = dataclasses.replace(
-        exp.training, epochs=spec.affinity_epochs, stages=[], affinity_every_steps=spec.affinity_every_steps
+    tr = exp.training
+    every = spec.affinity_every_steps or affinity_interval(
+        len(exp.tasks), tr.affinity_rows, tr.affinity_lookahead_rows, tr.batch_size, spec.affinity_share
     )
+    training = dataclasses.replace(tr, epochs=spec.affinity_epochs, stages=[], affinity_every_steps=every)
     model = dataclasses.replace(exp.model, groups=None)
     search = dataclasses.replace(exp, name="affinity", storage_path=sweep_dir, model=model, training=training)
     return fit(search.validate()).run_dir
