@@ -249,7 +249,7 @@ def reference_affinity(model, grad_batches, eval_batches, losses, lr, update):
     return z
 
 
-def mixed_model_and_data(rows=6):
+def mixed_model_and_data(rows=8):
     """Image-only, text-only and image+text tasks in one group, resnet18 (BatchNorm in train mode)."""
     kinds = {"img": (True, False), "txt": (False, True), "both": (True, True), "both2": (True, True)}
     infos = {t: TaskInfo(t, "multiclass", ["0", "1", "2"], 8, 4, i, x) for t, (i, x) in kinds.items()}
@@ -261,7 +261,7 @@ def mixed_model_and_data(rows=6):
     for t, (image, text) in kinds.items():
         b = {"label": torch.randint(0, 3, (rows,), generator=g)}
         if image:
-            b["view_full"] = torch.randn(rows, 3, 16, 16, generator=g)
+            b["view_full"] = torch.randn(rows, 3, 32, 32, generator=g)
         if text:
             b["input_ids"] = torch.randint(1, 60, (rows, 5), generator=g)
             b["attention_mask"] = torch.ones(rows, 5, dtype=torch.long)
@@ -277,7 +277,7 @@ def adam_after_one_step(model, data, losses):
     return optimizer_update(opt, model)
 
 
-@pytest.mark.parametrize("lookahead_rows", [None, 24, 1000])
+@pytest.mark.parametrize("lookahead_rows", [None, 32, 1000])
 def test_batched_lookahead_equals_the_formula_pair_by_pair(lookahead_rows):
     """One reused step buffer and one batched pass per source give the per-pair Z (BatchNorm per task)."""
     model, data, losses = mixed_model_and_data()
@@ -292,11 +292,11 @@ def test_batched_lookahead_equals_the_formula_pair_by_pair(lookahead_rows):
 
 
 def test_capped_lookahead_rows_evaluate_each_targets_latest_rows():
-    """lookahead_rows=12 over 4 tasks: each step is judged on each target's latest 3 rows, before and after."""
+    """lookahead_rows=16 over 4 tasks: each step is judged on each target's latest 4 rows, before and after."""
     model, data, losses = mixed_model_and_data()
     update = adam_after_one_step(model, data, losses)
-    _, z = lookahead_affinity(model, data, losses, 1e-3, update=update, lookahead_rows=12)
-    latest = {t: {k: v[-3:] for k, v in b.items()} for t, b in data.items()}
+    _, z = lookahead_affinity(model, data, losses, 1e-3, update=update, lookahead_rows=16)
+    latest = {t: {k: v[-4:] for k, v in b.items()} for t, b in data.items()}
     torch.testing.assert_close(z, reference_affinity(model, data, latest, losses, 1e-3, update), rtol=1e-4, atol=1e-6)
     full = reference_affinity(model, data, data, losses, 1e-3, update)
     assert not torch.allclose(z, full, rtol=1e-4, atol=1e-6)  # the rows do matter: the cap is in effect
