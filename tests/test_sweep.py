@@ -197,7 +197,7 @@ def test_listed_groupings_equal_to_a_baseline_are_trained_once(exp):
 def test_search_step_reads_the_affinity_run_once_and_keeps_its_choice(exp, tmp_path, monkeypatch):
     runs = []
 
-    def fake_affinity_run(exp, spec, sweep_dir):
+    def fake_affinity_run(exp, spec, sweep_dir, address=None):
         run_dir = Path(sweep_dir) / "affinity"
         write_affinity(run_dir, planted_z())
         runs.append(run_dir)
@@ -345,3 +345,37 @@ def test_asha_stops_the_worse_trial_early_and_the_better_one_beats_chance(ray_cl
     for task in exp.task_names:
         chance = entropy(pd.read_parquet(cat[task]["val"])["label"])
         assert by_lr[3e-3].best[f"val/{task}/loss"] < chance - 0.05, (task, chance, by_lr[3e-3].best)
+
+
+# ---------------------------------------------------------------- the cluster a sweep runs on
+
+
+def test_tune_address_sends_the_search_run_to_the_cluster(exp, tmp_path, monkeypatch):
+    from raymtl import cli, ray_runtime
+    from raymtl.train import trainer
+
+    seen = []
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda address=None, **_: seen.append(("sweep", address)))
+
+    def fit(search, *, address=None, raise_on_error=True):
+        seen.append((search.name, address))
+        raise RuntimeError("stop after the search run's start")
+
+    monkeypatch.setattr(trainer, "fit", fit)
+    path = write_config(tmp_path, exp, {"groupings": "search", "top": 1})
+    assert cli.main(["tune", str(path), "--address", "ray://head:10001"]) == 1
+    assert seen == [("sweep", "ray://head:10001"), ("affinity", "ray://head:10001")]
+
+
+def test_a_sweeps_in_process_decode_leaves_the_sweeps_cluster_running(ray_cluster, catalogue, tmp_path, monkeypatch):
+    """The search run trains in the driver beside the local cluster the sweep started (here: the
+    session's, marked as started by this command) and decodes its cache there; the cluster stays."""
+    from raymtl import ray_runtime
+    from raymtl.train.trainer import fit
+
+    monkeypatch.setattr(ray_runtime, "_started_here", True)
+    exp = planted_experiment(catalogue, str(tmp_path / "runs"), name="search", data={"cache": "always"},
+                             training={"epochs": 1})
+    result = fit(exp)
+    assert result.checkpoint and ray_cluster.is_initialized()
+    assert ray_cluster.get(ray_cluster.put(1)) == 1

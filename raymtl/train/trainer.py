@@ -162,7 +162,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
 
 def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | None]:
     """Train in this process (`in_process`): Ray only for data that needs it, released once a
-    cache it decoded is fetched. Returns Ray Train's `Result` and the best checkpoint."""
+    cache it decoded is fetched (only a cluster started for this run: a sweep's stays up). Returns Ray Train's `Result` and the best checkpoint."""
     from raymtl import ray_runtime
     from raymtl.data.datasets import decoded_nbytes, needs_ray, should_cache
     from raymtl.train.in_process import Retention, fit_in_process
@@ -174,10 +174,11 @@ def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | No
             raise ConfigError("training.use_gpu: this process sees no CUDA device to train on "
                               "(check CUDA_VISIBLE_DEVICES and the NVIDIA driver)")
     nbytes = decoded_nbytes(exp, infos)
+    was_up = ray_runtime.started_here()  # a cluster this command runs on already (a sweep's) stays up
     if needs_ray(should_cache(exp, nbytes), sum(i.n_train + i.n_val for i in infos.values())):
         ensure_ray()
     inputs = task_inputs(exp, infos, nbytes)
-    if inputs.cached is not None and ray_runtime.started_here():
+    if inputs.cached is not None and ray_runtime.started_here() and not was_up:
         inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
         ray_runtime.release()
     tr = exp.training

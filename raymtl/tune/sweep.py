@@ -66,7 +66,7 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
             raise ConfigError(f"{where}: {e}") from None
     ensure_ray(address)
     sweep_dir = sweep_dir_of(exp)
-    found, search_s = _load_or_search(exp, spec, sweep_dir)
+    found, search_s = _load_or_search(exp, spec, sweep_dir, address)
     grid = _run_trials(exp, spec, infos, found, sweep_dir)
     trials = _records(grid, storage.join(sweep_dir, "runs"), spec)
     choice = choose(trials, spec.metric, spec.mode)
@@ -108,7 +108,9 @@ def _ensemble(result: SweepResult, exp: Experiment, dest: str) -> dict[str, Any]
     }
 
 
-def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[list[Candidate], float]:
+def _load_or_search(
+    exp: Experiment, spec: SweepSpec, sweep_dir: str, address: str | None = None
+) -> tuple[list[Candidate], float]:
     """The candidates (and the search's wall time), from candidates.json when a run already chose them."""
     path = storage.join(sweep_dir, CANDIDATES_FILE)
     if storage.exists(path):
@@ -117,7 +119,7 @@ def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[l
     affinity, search_s = None, 0.0
     if spec.groupings == SEARCH:
         start = time.monotonic()
-        affinity = read_affinity(_affinity_run(exp, spec, sweep_dir))
+        affinity = read_affinity(_affinity_run(exp, spec, sweep_dir, address))
         search_s = time.monotonic() - start
     found = candidates(exp, spec, affinity)
     saved = {"candidates": [dataclasses.asdict(c) for c in found], "search_s": search_s}
@@ -125,8 +127,11 @@ def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[l
     return found, search_s
 
 
-def _affinity_run(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> str:
-    """Train the experiment as configured, all tasks in one group, measuring Z; returns its run folder."""
+def _affinity_run(exp: Experiment, spec: SweepSpec, sweep_dir: str, address: str | None = None) -> str:
+    """Train the experiment as configured, all tasks in one group, measuring Z; returns its run folder.
+
+    It runs where the sweep runs: on the cluster of `address` (or RAY_ADDRESS, or the one this
+    process joined), in this process only beside a local cluster the sweep started."""
     from raymtl.train.trainer import fit
 
     tr = exp.training
@@ -136,7 +141,7 @@ def _affinity_run(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> str:
     training = dataclasses.replace(tr, epochs=spec.affinity_epochs, stages=[], affinity_every_steps=every)
     model = dataclasses.replace(exp.model, groups=None)
     search = dataclasses.replace(exp, name="affinity", storage_path=sweep_dir, model=model, training=training)
-    return fit(search.validate()).run_dir
+    return fit(search.validate(), address=address).run_dir
 
 
 def _trial_dirname(trial) -> str:
