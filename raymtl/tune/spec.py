@@ -71,7 +71,8 @@ class SweepSpec:
     metric: str = "val/mean_score"
     mode: str = "max"
     asha: AshaSpec | None = None
-    max_concurrent: int = 2
+    max_concurrent: int | None = None  # None = as many as the cluster holds (`raymtl.tune.resources.concurrency`)
+    gpus_per_trial: float | None = None  # GPUs per trial, fractions allowed (0.25: four trials share a GPU)
     affinity_epochs: int = 1  # search run length
     affinity_every_steps: int | None = None  # search run: measure Z every N steps; None = `affinity_interval`
     affinity_share: float = 0.1  # ... the default N keeps the measurements' compute at most this share of the run
@@ -89,6 +90,8 @@ class SweepSpec:
         for key in counts:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"sweep.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_trial is not None and self.gpus_per_trial <= 0:
+            raise ConfigError(f"sweep.gpus_per_trial: must be > 0, got {self.gpus_per_trial}")
         if not 0 < self.affinity_share <= 1:
             raise ConfigError(f"sweep.affinity_share: must be in (0, 1], got {self.affinity_share}")
         _check_metric(self.metric, exp)
