@@ -63,8 +63,8 @@ def lookahead_affinity(
     Pass the bare model, not its DDP wrapper: the measurement is local to one rank; it is left
     bit-identical.
 
-    Scales with T: the source tasks step one at a time into one reused buffer (peak memory about
-    twice the shared parameters' bytes, the gradient and the moved copy, whatever T is), and each
+    Scales with T: the source tasks step one at a time, each step written over its own gradient
+    (peak memory about the shared parameters' bytes once, plus activations, whatever T is), and each
     step is evaluated on every target task's rows in one batched pass through the shared trunk
     (`_evaluate`). `lookahead_rows` caps the rows of that pass (all targets together; each target
     keeps its latest `lookahead_rows // T` rows, at least one): T forward+backward passes plus T
@@ -80,7 +80,6 @@ def lookahead_affinity(
     keep = None if lookahead_rows is None else max(1, lookahead_rows // len(tasks))
     targets = {t: _latest(batches[t], keep) for t in tasks}
     subset = any(len(targets[t]["label"]) < len(batches[t]["label"]) for t in tasks)
-    moved = {n: torch.empty_like(p) for n, p in theta.items()}  # the one reused lookahead buffer
     after = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
     before = torch.zeros(len(tasks), dtype=torch.float64)
     with _deterministic(model):
@@ -89,13 +88,18 @@ def lookahead_affinity(
             grads = list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
             before[i] = loss.detach().double()
             with torch.no_grad():
-                for k, n in enumerate(names):
-                    g, grads[k] = grads[k], None  # each gradient freed once it is in the buffer
+                moved = {}  # theta - lr * step, written over the gradient: no second copy of the parameters
+                for n, g in zip(names, grads):
                     if g is None:
-                        moved[n].copy_(theta[n])
-                    else:
-                        torch.mul(update(n, g) if update else g, -lr, out=moved[n]).add_(theta[n])
+                        moved[n] = theta[n]
+                        continue
+                    step = update(n, g) if update else g
+                    # Over the gradient when it owns its memory (not a broadcast view, say).
+                    out = g if g.is_contiguous() and g._base is None else torch.empty_like(theta[n])
+                    moved[n] = torch.mul(step, -lr, out=out).add_(theta[n])
+                del grads
                 after[i] = _evaluate(model, moved, targets, losses)
+                del moved
         if subset:  # the targets' losses before any step, on the same rows as after it
             with torch.no_grad():
                 before = _evaluate(model, theta, targets, losses)
