@@ -4,6 +4,7 @@ where ASHA stops a trial early."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -379,3 +380,38 @@ def test_a_sweeps_in_process_decode_leaves_the_sweeps_cluster_running(ray_cluste
     result = fit(exp)
     assert result.checkpoint and ray_cluster.is_initialized()
     assert ray_cluster.get(ray_cluster.put(1)) == 1
+
+
+# ---------------------------------------------------------------- one data plane per sweep
+
+
+def test_a_sweep_reads_and_decodes_its_inputs_once_for_all_trials(exp, monkeypatch):
+    """The driver builds the inputs once (cached: decoded once) and every trial trains on that object."""
+    from ray import tune
+
+    from raymtl import ray_runtime
+    from raymtl.data import datasets
+    from raymtl.train import trainer
+
+    built, handed = [], []
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda address=None, **_: None)
+    monkeypatch.setattr(datasets, "build_inputs", lambda e, infos, *, cache=False: built.append(cache) or object())
+
+    class Stop(Exception):
+        pass
+
+    def trials(exp, spec, infos, found, sweep_dir, inputs=None):
+        for i, candidate in enumerate(found):  # each trial as Tune would run it, here in turn
+            monkeypatch.setattr(tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: f"t{i}"})())
+            sweep._train_trial({"grouping": candidate.name}, exp=exp, spec=spec, infos=infos,
+                               groupings={c.name: c.groups for c in found}, runs_dir=sweep_dir, env={}, inputs=inputs)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "fit_here", lambda trial, infos, inputs=None: handed.append((trial.name, inputs)))
+    monkeypatch.setattr(sweep, "_run_trials", trials)
+    cached = dataclasses.replace(exp, data=dataclasses.replace(exp.data, cache="always"))
+    with pytest.raises(Stop):
+        sweep.run_sweep(cached, SweepSpec(seeds=[0]))
+    assert built == [True]  # read once, decoded once
+    assert [name for name, _ in handed] == ["t0", "t1"]  # one_group, one_per_task: both in their trial's process
+    assert handed[0][1] is handed[1][1] is not None  # the same inputs object
