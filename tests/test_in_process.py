@@ -39,17 +39,16 @@ def test_a_process_connected_to_a_cluster_trains_on_its_workers(monkeypatch):
     import sys
     import types
 
-    from raymtl import ray_runtime
-
     context = types.SimpleNamespace(gcs_address="10.0.0.1:6379")
-    fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
+    node = types.SimpleNamespace(head=False)  # ray.init(address=...): connected to a running cluster
+    fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context,
+                                 _private=types.SimpleNamespace(worker=types.SimpleNamespace(_global_node=node)))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setattr(ray_runtime, "_started_here", False)
     assert not trains_in_process(exp_with(), None)
     with pytest.raises(ConfigError, match="it cannot join cluster '10.0.0.1:6379'"):
         trains_in_process(exp_with(in_process="always"), None)
-    monkeypatch.setattr(ray_runtime, "_started_here", True)  # a local cluster this command started
+    node.head = True  # ray.init() here started a local cluster: training here is fine
     assert trains_in_process(exp_with(), None)
 
 

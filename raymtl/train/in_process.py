@@ -44,16 +44,18 @@ def trains_in_process(exp: Experiment, address: str | None) -> bool:
 
 
 def joined_cluster() -> str | None:
-    """The address of the Ray cluster this process is connected to, unless `ensure_ray` started it
-    here: a notebook that joined a cluster (or a sweep running on one) trains on its workers."""
+    """The address of the Ray cluster this process joined, None when it is not connected or started
+    the cluster itself (`ray.init()` here, `ensure_ray`'s local one): a notebook that joined a
+    cluster (or a sweep running on one) trains on its workers."""
     import sys
 
     ray = sys.modules.get("ray")  # not imported: not connected to anything
     if ray is None or not ray.is_initialized():
         return None
-    from raymtl import ray_runtime
-
-    return None if ray_runtime.started_here() else ray.get_runtime_context().gcs_address
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.head:  # this process started the cluster's head: a local one
+        return None
+    return ray.get_runtime_context().gcs_address
 
 
 @dataclass(frozen=True)
