@@ -156,23 +156,29 @@ def shared_inputs(exp: Experiment, infos: dict[str, TaskInfo]):
 
 
 @contextlib.contextmanager
-def _reports_to_tune() -> Iterator[None]:
-    """A run in Ray Train's local mode keeps its reports to itself; in a trial they also go to Tune
-    (as `TuneReportCallback` sends a Train run's), so schedulers and the trial table see each one."""
+def _train_in_trial() -> Iterator[None]:
+    """Ray Train's local mode inside a Tune trial, its reports also sent to Tune.
+
+    Ray Train refuses its own API (`ray.train.get_context`, `report`) in a function Tune runs:
+    that guard is for code moved from Train into Tune. A local-mode run here is a Train run, so
+    the guard is lifted for it; its reports go to Tune too, as `TuneReportCallback` sends a Train
+    run's, so schedulers and the trial table see each one.
+    """
     import ray.train
     from ray import tune
+    from ray.tune.trainable import trainable_fn_utils
 
-    report = ray.train.report
+    report, in_tune = ray.train.report, trainable_fn_utils._in_tune_session
 
     def both(metrics: dict, *args: Any, **kwargs: Any) -> None:
         report(metrics, *args, **kwargs)
         tune.report(dict(metrics))
 
-    ray.train.report = both
+    ray.train.report, trainable_fn_utils._in_tune_session = both, lambda: False
     try:
         yield
     finally:
-        ray.train.report = report
+        ray.train.report, trainable_fn_utils._in_tune_session = report, in_tune
 
 
 def _trial_dirname(trial) -> str:
@@ -196,7 +202,7 @@ def _train_trial(
     os.environ.update(env)
     trial = trial_experiment(exp, spec, groupings, config, tune.get_context().get_trial_id(), runs_dir)
     if trains_in_trial(trial):
-        with _reports_to_tune():
+        with _train_in_trial():
             fit_here(trial, infos, inputs)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
