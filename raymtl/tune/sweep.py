@@ -1,9 +1,11 @@
 """Sweeps with Ray Tune: task groupings, ensemble members (seeds) and hyperparameters, concurrently.
 
 A sweep is the experiment's YAML plus a top-level `sweep:` section (`SweepSpec`). Every Tune trial
-is one ordinary raymtl training (a `TorchTrainer` run, its own checkpoints and metrics.jsonl)
-of the experiment with that trial's overrides; its per-epoch metrics reach Tune through
-`TuneReportCallback`, so Tune schedulers, the progress table and TensorBoard see them.
+is one ordinary raymtl training of the experiment with that trial's overrides (its own checkpoints
+and metrics.jsonl): a one-worker trial trains in the trial's own process, reserving just its worker
+(`raymtl.tune.resources`), a larger one runs a `TorchTrainer`. The inputs are read (and cached)
+once for all trials. Per-epoch metrics reach Tune as they come, so Tune schedulers, the progress
+table and TensorBoard see them.
 
 With `groupings: search` the groupings come from data (TAG): one all-in-one training measures the
 inter-task affinity Z (`training.affinity_every_steps`), `best_groupings` ranks the partitions of
@@ -35,7 +37,9 @@ from raymtl import storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.tune.candidates import CANDIDATES_FILE, Candidate, candidates, read_affinity
 from raymtl.tune.records import SweepResult, TrialRecord, choose, write_summary
-from raymtl.tune.resources import show, cluster_nodes, concurrency, trains_in_trial, trial_bundles, tune_resources, with_trial_gpus
+from raymtl.tune.resources import (
+    cluster_nodes, concurrency, show, trains_in_trial, trial_bundles, tune_resources, with_trial_gpus,
+)
 from raymtl.tune.spec import SEARCH, SweepSpec, affinity_interval, n_trials, param_space, trial_experiment
 
 if TYPE_CHECKING:
