@@ -89,6 +89,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     console.open_log(sweep_dir_of(exp))
     result = run_sweep(exp, spec, address=args.address)
     console.say(format_summary(result))
+    console.say(f"tensorboard: tensorboard --logdir {storage.join(result.sweep_dir, 'tune')}  "
+                "(every trial's per-task curves, one run per trial id)")
     failure = sweep_failure(result)
     if failure:
         print(f"raymtl: error: {failure}", file=sys.stderr)

@@ -150,6 +150,7 @@ class TrainingSpec:
     ewma_alpha: float = 0.1
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
+    affinity_lookahead_rows: int | None = 512  # ... each lookahead step on at most this many rows of all tasks together
     collective_timeout_s: int = 1800
     grad_compression: str = "none"  # none | bf16: gradient buckets all-reduced as bf16 (half the bytes)
     deterministic: bool = False
@@ -344,6 +345,7 @@ _RANGES: dict[str, dict[str, str]] = {
         "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
         "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
+        "affinity_lookahead_rows": ">=1",
         "collective_timeout_s": ">=1",
     },
 }

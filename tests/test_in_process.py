@@ -34,6 +34,24 @@ def test_one_worker_on_a_local_machine_trains_in_this_process(monkeypatch, train
     assert trains_in_process(exp_with(**training), address) is here
 
 
+def test_a_process_connected_to_a_cluster_trains_on_its_workers(monkeypatch):
+    """A notebook that ran ray.init(address=...) (or a sweep on a cluster) never trains in the driver."""
+    import sys
+    import types
+
+    context = types.SimpleNamespace(gcs_address="10.0.0.1:6379")
+    node = types.SimpleNamespace(head=False)  # ray.init(address=...): connected to a running cluster
+    fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context,
+                                 _private=types.SimpleNamespace(worker=types.SimpleNamespace(_global_node=node)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert not trains_in_process(exp_with(), None)
+    with pytest.raises(ConfigError, match="it cannot join cluster '10.0.0.1:6379'"):
+        trains_in_process(exp_with(in_process="always"), None)
+    node.head = True  # ray.init() here started a local cluster: training here is fine
+    assert trains_in_process(exp_with(), None)
+
+
 def test_a_run_folder_in_remote_storage_trains_on_workers(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not trains_in_process(exp_with("s3://bucket/runs"), None)

@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if batch is not None:
                     recent.add(task, batch)
                 if position.global_step % tr.affinity_every_steps == 0 and affinity_ready(recent, affinity):
-                    measure_affinity(model, recent, losses, optimizer, affinity)
+                    measure_affinity(model, recent, losses, optimizer, affinity, tr.affinity_lookahead_rows)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
             maybe_crash(run_dir, position.global_step, rank, in_process)

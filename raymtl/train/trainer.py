@@ -126,9 +126,10 @@ def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
     return metric if any(i.n_val for i in infos.values()) or not metric.startswith("val/") else None
 
 
-def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None):
+def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None,
+                 inputs=None):
     """A TorchTrainer for `exp` on Ray Train's workers: task tables in the object store (decoded
-    now with `data.cache`)."""
+    now with `data.cache`), or `inputs` built before (a sweep's, shared by its trials)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -150,7 +151,8 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     )
     from raymtl.data.datasets import decoded_nbytes
 
-    inputs = task_inputs(exp, infos, decoded_nbytes(exp, infos))
+    if inputs is None:
+        inputs = task_inputs(exp, infos, decoded_nbytes(exp, infos))
     return Trainer(  # TorchTrainer; a data error spends no `max_failures` retry
         train_loop_per_worker,
         train_loop_config=loop_config(exp, infos, inputs),
@@ -162,9 +164,10 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     )
 
 
-def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | None]:
+def fit_here(exp: Experiment, infos: dict[str, TaskInfo], inputs=None) -> tuple[Any, str | None]:
     """Train in this process (`in_process`): Ray only for data that needs it, released once a
-    cache it decoded is fetched. Returns Ray Train's `Result` and the best checkpoint."""
+    cache it decoded is fetched (only a cluster started for this run: a sweep's stays up).
+    `inputs`: built before (a sweep's, shared by its trials). Returns Ray Train's `Result` and the best checkpoint."""
     from raymtl import ray_runtime
     from raymtl.data.datasets import decoded_nbytes, needs_ray, should_cache
     from raymtl.train.in_process import Retention, fit_in_process
@@ -175,13 +178,15 @@ def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | No
         if not torch.cuda.is_available():
             raise ConfigError("training.use_gpu: this process sees no CUDA device to train on "
                               "(check CUDA_VISIBLE_DEVICES and the NVIDIA driver)")
-    nbytes = decoded_nbytes(exp, infos)
-    if needs_ray(should_cache(exp, nbytes), sum(i.n_train + i.n_val for i in infos.values())):
-        ensure_ray()
-    inputs = task_inputs(exp, infos, nbytes)
-    if inputs.cached is not None and ray_runtime.started_here():
-        inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
-        ray_runtime.release()
+    if inputs is None:
+        nbytes = decoded_nbytes(exp, infos)
+        was_up = ray_runtime.started_here()  # a cluster this command runs on already (a sweep's) stays up
+        if needs_ray(should_cache(exp, nbytes), sum(i.n_train + i.n_val for i in infos.values())):
+            ensure_ray()
+        inputs = task_inputs(exp, infos, nbytes)
+        if inputs.cached is not None and ray_runtime.started_here() and not was_up:
+            inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
+            ray_runtime.release()
     tr = exp.training
     retention = Retention(tr.keep_checkpoints, checkpoint_score(exp, infos), tr.checkpoint_mode)
     config = loop_config(exp, infos, inputs, in_process=True, retention=retention)
