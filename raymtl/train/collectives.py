@@ -2,9 +2,10 @@
 
 NCCL reduces CUDA tensors only and gloo CPU tensors only; a tensor on the wrong device fails (or,
 for gloo with CUDA tensors, silently stages through the host). So nothing in raymtl calls
-`torch.distributed` directly: `collective(op, tensor)` moves the tensor to `group_device()`, runs
-the op there and copies the result back into the caller's tensor. With world size 1 (or no
-process group) every function here is a no-op that returns its input.
+`torch.distributed` directly: `collective(op, tensor)` moves the tensor to `group_device()`,
+issues the op there (synchronous, or asynchronous for the gradient buckets) and, on `wait()`,
+copies the result back into the caller's tensor. With world size 1 (or no process group) every
+function here is a no-op that returns its input.
 """
 
 from __future__ import annotations
