@@ -139,7 +139,7 @@ def plain_child(exp, with_ray: bool) -> dict:
     train = {t.name: decode(t, "train") for t in exp.tasks}
     val = {t.name: decode(t, "validation") for t in exp.tasks}
     model = build_model(exp, infos).train()
-    optimizer = build_optimizer(model.parts(), tr, tr.lr)
+    optimizer = build_optimizer(model, tr, tr.lr)
     losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
     batches = batches_per_epoch(infos, tr.batch_size, 1)
     rng = torch.Generator().manual_seed(exp.seed)

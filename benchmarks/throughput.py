@@ -147,7 +147,7 @@ def plain_loop(exp: Experiment, infos: dict[str, TaskInfo], next_batch: Callable
     """One epoch of the random-batch loop as raymtl's worker runs it; (task, wait_s, step_s) per step."""
     tr = exp.training
     model = build_model(exp, infos).train()
-    optimizer = build_optimizer(model.parts(), tr, tr.lr)
+    optimizer = build_optimizer(model, tr, tr.lr)
     losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
     timings = []
     for task in TaskSchedule(batches_per_epoch(infos, tr.batch_size, 1), exp.seed, 0, tr.sampler, tr.temperature).steps():

@@ -127,13 +127,16 @@ def test_lr_multipliers_become_one_parameter_group_per_part():
     model = build({"all": ["color", "title", "tags"]})
     model.freeze(["heads"])
     training = TrainingSpec(lr_multipliers={"text": 0.1, "image": 0.5})
-    opt = build_optimizer(model.parts(), training, lr=2e-3)
+    opt = build_optimizer(model, training, lr=2e-3)
     lrs = {g["part"]: g["lr"] for g in opt.param_groups}
     assert lrs == pytest.approx({"fusion": 2e-3, "image": 1e-3, "text": 2e-4})
     assert opt.param_groups[0]["part"] == "fusion"  # the base lr first: the one a run logs
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     trainable = [id(p) for name in ("image", "text", "fusion") for p in model.parts()[name]]
     assert sorted(grouped) == sorted(trainable)  # every trainable parameter once; frozen heads in none
+    # Without multipliers: one group in the model's own order, as checkpoints written before them hold.
+    (group,) = build_optimizer(model, TrainingSpec(lr_multipliers={"text": 1.0}), lr=2e-3).param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters() if p.requires_grad]
 
 
 def test_lr_multipliers_survive_a_resume_bit_exactly():
@@ -144,7 +147,7 @@ def test_lr_multipliers_survive_a_resume_bit_exactly():
     def fresh():
         torch.manual_seed(0)
         model = build({"all": ["color", "title", "tags"]}, dropout=0.0)
-        opt = build_optimizer(model.parts(), training, lr=1e-3)
+        opt = build_optimizer(model, training, lr=1e-3)
         return model, opt, build_lr_schedule(opt, training, total_steps=10)
 
     def step(model, opt, schedule, task, b=None):

@@ -175,5 +175,5 @@ def test_adamw_is_fused_only_on_a_gpu():
     from raymtl.config import TrainingSpec
     from raymtl.train.optim import build_optimizer
 
-    optimizer = build_optimizer({"heads": list(torch.nn.Linear(2, 2).parameters())}, TrainingSpec(), 1e-3)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), TrainingSpec(), 1e-3)
     assert not optimizer.defaults["fused"]

@@ -238,7 +238,7 @@ def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batch
     """Freeze this stage's parts and build its optimizer and LR schedule."""
     model.freeze(stage.freeze)
     lr = stage.lr if stage.lr is not None else exp.training.lr
-    optimizer = build_optimizer(model.parts(), exp.training, lr)
+    optimizer = build_optimizer(model, exp.training, lr)
     lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()))
     return optimizer, lr_schedule
 

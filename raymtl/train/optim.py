@@ -10,20 +10,26 @@ import torch
 from raymtl.config import TrainingSpec
 
 
-def build_optimizer(parts: dict[str, list[torch.nn.Parameter]], training: TrainingSpec,
-                    lr: float) -> torch.optim.Optimizer:
-    """One parameter group per model part (`MultiTaskModel.parts()`) with trainable parameters, at
-    lr x `training.lr_multipliers[part]` (default 1), each group tagged with its "part".
+def build_optimizer(model, training: TrainingSpec, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of `model`'s trainable parameters at `lr`.
 
-    Parts at the base lr come first, so `param_groups[0]["lr"]` (the lr a run logs) is the base
-    lr whenever a part trains at it. The groups are a function of the config and the frozen parts
-    alone, so a resumed stage rebuilds the same groups and `load_state_dict` restores their lrs.
+    With `training.lr_multipliers`, one parameter group per model part (`MultiTaskModel.parts()`)
+    with trainable parameters, at lr x its multiplier (default 1), tagged with its "part"; parts at
+    the base lr come first, so `param_groups[0]["lr"]` (the lr a run logs) is the base lr whenever a
+    part trains at it. Without, one group in `model.parameters()` order: the layout of checkpoints
+    written before multipliers existed, which a resumed run must load. Either way the groups are a
+    function of the config and the frozen parts alone, so a resumed stage rebuilds the same groups
+    and `load_state_dict` restores their lrs.
     AdamW is fused on a GPU.
     """
     multipliers = training.lr_multipliers
-    order = sorted(parts, key=lambda part: multipliers.get(part, 1.0) != 1.0)  # stable: parts' order otherwise
-    groups = [{"params": params, "lr": lr * multipliers.get(part, 1.0), "part": part}
-              for part in order if (params := [p for p in parts[part] if p.requires_grad])]
+    if any(factor != 1.0 for factor in multipliers.values()):
+        parts = model.parts()
+        order = sorted(parts, key=lambda part: multipliers.get(part, 1.0) != 1.0)  # stable: parts' order otherwise
+        groups = [{"params": params, "lr": lr * multipliers.get(part, 1.0), "part": part}
+                  for part in order if (params := [p for p in parts[part] if p.requires_grad])]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
     fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])  # one kernel for the whole update
