@@ -131,6 +131,9 @@ class TrainingSpec:
     checkpoint_metric: str = "val/mean_loss"
     checkpoint_mode: str = "min"
     max_failures: int = 0
+    # Ask Ray Train every N steps whether a node of the run is about to be preempted, and checkpoint
+    # at once when it is (0: never ask; the question is a barrier of all workers)
+    preemption_check_steps: int = 20
     ewma_alpha: float = 0.1
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
@@ -315,7 +318,7 @@ _RANGES: dict[str, dict[str, str]] = {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
         "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
         "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
-        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
+        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1", "preemption_check_steps": ">=0",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
         "collective_timeout_s": ">=1",
     },

@@ -62,7 +62,8 @@ class TaskBatches:
     """The batches of `steps` (one split of this rank's plan), in order, ready for the model.
 
     `next(task)` returns the next step's batch, which must be of `task` (the loop's schedule and
-    the plan are the same sequence), or None when bad-image rows (skipped) emptied it.
+    the plan are the same sequence), or None when the step has no rows for this rank (the short
+    last step of a resized epoch) or bad-image rows (skipped) emptied it.
     """
 
     def __init__(
@@ -70,18 +71,19 @@ class TaskBatches:
     ) -> None:
         self.steps, self.device, self.skip = steps, device, inputs.skip_bad_images
         self.i = 0
+        read = [s for s in steps if len(s.rows)]
         if cache is not None:
-            self.raw: Iterator[dict[str, np.ndarray]] = (
-                cache.gather(dataset_key(s.task, split), s.rows) for s in steps
-            )
+            self.raw: Iterator[dict[str, np.ndarray]] = (cache.gather(dataset_key(s.task, split), s.rows) for s in read)
         else:
-            self.raw = started(stream(inputs, split, steps))
+            self.raw = started(stream(inputs, split, read))
 
     def next(self, task: str) -> dict[str, torch.Tensor] | None:
         step = self.steps[self.i]
         if step.task != task:
             raise RuntimeError(f"step {self.i} of the plan is task {step.task!r}, the schedule says {task!r}")
         self.i += 1
+        if not len(step.rows):
+            return None
         try:
             batch = next(self.raw)
         except Exception as error:

@@ -36,12 +36,24 @@ CHECKPOINT_METRICS_FILE = "metrics.json"
 
 @dataclass
 class Position:
-    """Where training is: `step` batches of epoch `epoch` are done (global_step counts all)."""
+    """Where training is: `step` steps of epoch `epoch`'s plan are done (global_step counts all).
+
+    `worlds` is how the epoch's plan came to be (`plan.epoch_plan`): `[world, batch_size, from_step]`
+    for the world it started on and each resize since; `consumed` the rows each task read in the
+    epoch (all ranks), `samples` the global samples of the run. `resizes`/`recoveries` count the
+    run's changes of world size and restarts from a checkpoint (`events`: a row for each).
+    """
 
     epoch: int = 0
     step: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    samples: int = 0
+    worlds: list[list[int]] = field(default_factory=list)
+    consumed: dict[str, int] = field(default_factory=dict)
+    resizes: int = 0
+    recoveries: int = 0
+    events: list[dict] = field(default_factory=list)  # the metrics rows of the resizes and recoveries
 
 
 @dataclass
@@ -221,20 +233,28 @@ def newest_checkpoint(run_dir: str) -> str | None:
 
 
 def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
-    """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
+    """Where a resumed run continues: the checkpoint's position, on the plan of its epoch.
 
-    A changed schedule (another world size, batch size, seed or sampler) shards and orders the
-    epoch differently, so a mid-epoch position has no exact equivalent: the epoch restarts at its
-    first step, with the weights and optimizer state the checkpoint holds.
+    Another world size or batch size continues mid-epoch exactly: the checkpoint's epoch plan is
+    re-cut for the new world from its step on (a `worlds` entry, see `plan.epoch_plan`), so every
+    row of the epoch is still read once. A changed order (seed, sampler, temperature) has no
+    equivalent mid-epoch: the epoch restarts at its first step, with the checkpoint's weights and
+    optimizer state (one warning line).
     """
-    if saved is None or saved.schedule == now.schedule or position.step == 0:
-        return position
-    changed = [k for k in now.schedule if saved.schedule.get(k) != now.schedule[k]]
-    if rank == 0:
-        logger.warning(
-            "[raymtl] resuming with a changed task schedule (%s): epoch %d restarts from its first step "
-            "(%d of its steps were taken before the checkpoint)",
-            ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
-            position.epoch + 1, position.step,
-        )
-    return dataclasses.replace(position, step=0)
+    if saved is None or position.step == 0:
+        return dataclasses.replace(position, worlds=[])  # a new epoch: planned for the world it runs on
+    world, batch_size = now.schedule["world_size"], now.schedule["batch_size"]
+    worlds = position.worlds or [[saved.schedule["world_size"], saved.schedule["batch_size"], 0]]
+    changed = [k for k in ("seed", "sampler", "temperature") if saved.schedule.get(k) != now.schedule[k]]
+    if changed:
+        if rank == 0:
+            logger.warning(
+                "[raymtl] resuming with a changed task order (%s): epoch %d restarts from its first step "
+                "(%d of its steps were taken before the checkpoint)",
+                ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
+                position.epoch + 1, position.step,
+            )
+        return dataclasses.replace(position, step=0, worlds=[], consumed={})
+    if worlds[-1][:2] != [world, batch_size]:
+        worlds = [*worlds, [world, batch_size, position.step]]
+    return dataclasses.replace(position, worlds=worlds)

@@ -26,7 +26,7 @@ import torch
 
 from raymtl.config import Experiment, StageSpec
 from raymtl.data.datasets import DecodedCache, TaskInputs
-from raymtl.data.plan import train_steps, val_steps
+from raymtl.data.plan import epoch_plan, rank_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load as load_artifact
@@ -42,8 +42,8 @@ from raymtl.train.checkpoint import (
     report_checkpoint,
     resume_position,
     save_train_state,
-    set_rng_state,
 )
+from raymtl.train import elastic
 from raymtl.train.collectives import broadcast_tensors, gather_rng
 from raymtl.train.evaluation import evaluate, sync_buffers
 from raymtl.train.faults import maybe_crash
@@ -139,40 +139,59 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     files = RunFiles(run_dir, config.get("retention")) if rank == 0 else None
 
     if state is not None:
+        old_world = state["meta"].schedule["world_size"] if state["meta"] else world
         position = resume_position(state["meta"], meta, state["position"], rank)
+        if old_world != world:
+            position.resizes += 1
+        else:
+            position.recoveries += 1
+        event = elastic.resumed_event(position, old_world, world)
+        position.events.append(event)
+        if files is not None:
+            logger.warning(elastic.describe(event))
+            files.log_events(position.history, position.events)
+        elastic.log_resume(position.global_step)
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
-        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        elastic.restore_rng(state["rng"], seed=exp.seed, epoch=position.epoch, rank=rank, world=world)
         if affinity is not None and state.get("affinity"):
             affinity.load_state_dict(state["affinity"])
 
     total_epochs = sum(s.epochs for s in stages)
     stage_idx = None
+    preempting = False  # a preemption notice was seen (and checkpointed) by this worker group
     while position.epoch < total_epochs:
         epoch = position.epoch
         if stage_at(stages, epoch) != stage_idx:
             stage_idx = stage_at(stages, epoch)
             stage = stages[stage_idx]
-            optimizer, lr_schedule = _start_stage(model, exp, stage, batches)
+            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, world)
             if state is not None and state["stage"] == stage_idx:
                 optimizer.load_state_dict(state["optimizer"])
                 lr_schedule.load_state_dict(state["lr_schedule"])
             state = None
 
-        schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
-        all_steps = schedule.steps()
+        if not position.worlds:  # the epoch's plan: for the world it starts on, re-cut at each resize
+            position.worlds = [[world, tr.batch_size, 0]]
+        first_world, first_batch, _ = position.worlds[0]
+        schedule = TaskSchedule(batches_per_epoch(infos, first_batch, first_world), exp.seed, epoch, tr.sampler,
+                                tr.temperature)
+        all_steps = epoch_plan(schedule.steps(), n_train, position.worlds)
         timer = StepTimer()
-        plan = train_steps(all_steps, n_train, tr.batch_size, seed=exp.seed, epoch=epoch, rank=rank, world=world,
-                           start=position.step, shuffle=exp.data.shuffle)
+        plan = rank_steps(all_steps[position.step :], n_train, seed=exp.seed, epoch=epoch, rank=rank, world=world,
+                          shuffle=exp.data.shuffle)
         data = TaskBatches(inputs, "train", plan, device, cache)
         # Validation decodes during the epoch's steps (bounded prefetch), not after them.
         val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world), device, cache)
         timer.streams_started()
-        for task in all_steps[position.step :]:
+        for planned, mine in zip(all_steps[position.step :], plan):
+            task, at = planned.task, position.samples
             timer.begin()
             batch = data.next(task)
             timer.fetched()
             position.step += 1
+            position.samples += planned.size
+            position.consumed[task] = position.consumed.get(task, 0) + planned.size
             optimizer.zero_grad(set_to_none=True)
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
                 with _autocast(device, tr.mixed_precision):
@@ -184,8 +203,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # no rank had a batch: every rank skips the step
             if tr.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tr.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            lr_schedule.after_step()
+            lr_schedule.after_step(planned.size)
             timer.done(task, len(batch["label"]) if batch is not None else 0)
             position.global_step += 1
             if affinity is not None:
@@ -195,10 +215,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     measure_affinity(model, recent, losses, optimizer, affinity)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
+            elastic.log_rows(epoch, position, at, rank, world, task, mine.rows, lr)
             maybe_crash(run_dir, position.global_step, rank, in_process)
-            if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
-                if position.step < len(all_steps):
-                    _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
+            periodic = tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0
+            notice = not in_process and elastic.preemption_notice(tr.preemption_check_steps, position.global_step,
+                                                                  preempting)
+            if (periodic or notice != preempting) and position.step < len(all_steps):
+                if notice != preempting and files is not None:
+                    logger.warning("[raymtl] a node of the run is about to be preempted: checkpoint at epoch %d "
+                                   "step %d (global step %d)", epoch + 1, position.step, position.global_step)
+                _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
+            preempting = notice
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
@@ -206,17 +233,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = evaluate(model, exp, infos, val_data, device)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
         row.update(timer.metrics(world))
+        row["samples"] = position.samples
         lr_schedule.after_epoch(row.get("val/mean_loss"))
-        position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
+        position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row], worlds=[],
+                                       consumed={})
         _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
 
 
-def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
-    """Freeze this stage's parts and build its optimizer and LR schedule."""
+def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], world: int):
+    """Freeze this stage's parts and build its optimizer and LR schedule (in global samples, for the
+    world the stage starts on; a resumed stage keeps its saved schedule)."""
     model.freeze(stage.freeze)
     lr = stage.lr if stage.lr is not None else exp.training.lr
     optimizer = build_optimizer(model.parameters(), exp.training, lr)
-    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()))
+    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()),
+                                    step_samples=exp.training.batch_size * world)
     return optimizer, lr_schedule
 
 
@@ -241,7 +272,7 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
         ray.train.report(metrics, checkpoint=None)
         return
     if row:
-        files.log_epoch(row, position.history)
+        files.log_epoch(row, position.history, position.events)
 
     def write(folder: Path) -> None:
         save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
