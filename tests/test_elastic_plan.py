@@ -35,7 +35,7 @@ def read(worlds: list[list[int]], sampler: str = "shuffled") -> list[tuple[str, 
 
 def test_the_first_steps_of_all_ranks_are_the_head_of_each_task_order():
     """All ranks' first k steps of a task are its order's first k * B * W rows: consumed is a prefix."""
-    steps = global_steps(schedule_for(2), N, B, 2)
+    steps = global_steps(schedule_for(2), N, 2 * B)
     per_rank = [rank_steps(steps, N, seed=3, epoch=0, rank=r, world=2) for r in range(2)]
     order = global_order(N["color"], 3, 0, "color", 0)
     for k in range(1, 9):
@@ -43,7 +43,7 @@ def test_the_first_steps_of_all_ranks_are_the_head_of_each_task_order():
         np.testing.assert_array_equal(np.sort(np.concatenate(mine)), np.sort(order[: k * B * 2]))
 
 
-@pytest.mark.parametrize("worlds", [[[2, B, 0], [1, B, 5], [2, B, 12]], [[2, B, 0], [3, B, 4]], [[1, B, 0], [2, B, 3]]])
+@pytest.mark.parametrize("worlds", [[[2, 2 * B, 0], [1, B, 5], [2, 2 * B, 12]], [[2, 2 * B, 0], [3, 3 * B, 4]], [[1, B, 0], [2, 2 * B, 3]]])
 def test_a_resized_epoch_reads_every_row_exactly_once_in_each_task_order(worlds):
     steps = read(worlds)
     for task, n in N.items():
@@ -59,14 +59,14 @@ def test_a_resized_epoch_reads_every_row_exactly_once_in_each_task_order(worlds)
 
 def test_halving_the_world_keeps_the_schedule_of_global_samples():
     """W = 2 -> 1 at step 5: each later step of 8 rows becomes two consecutive steps of 4, same rows."""
-    whole, resized = read([[2, B, 0]]), read([[2, B, 0], [1, B, 5]])
+    whole, resized = read([[2, 2 * B, 0]]), read([[2, 2 * B, 0], [1, B, 5]])
     assert resized[:5] == whole[:5]
     halves = [(t, sorted(a + b)) for (t, a), (u, b) in zip(resized[5::2], resized[6::2]) if t == u]
     assert halves == whole[5:]
 
 
 def test_sampling_schedules_keep_passes_apart_when_resized():
-    steps = epoch_plan(schedule_for(2, "uniform"), N, [[2, B, 0], [1, B, 7]])
+    steps = epoch_plan(schedule_for(2, "uniform"), N, [[2, 2 * B, 0], [1, B, 7]])
     assert {s.size for s in steps[:7]} == {8} and {s.size for s in steps[7:]} == {4}
     for s in steps:
         assert 0 <= s.start < s.stop <= N[s.task]
@@ -75,9 +75,9 @@ def test_sampling_schedules_keep_passes_apart_when_resized():
 
 
 def test_rechunk_at_the_same_size_is_the_identity_and_a_short_tail_gives_a_rank_nothing():
-    steps = global_steps(schedule_for(2), N, B, 2)
+    steps = global_steps(schedule_for(2), N, 2 * B)
     assert rechunk(steps[3:], 2 * B) == steps[3:]
-    tail = rechunk(global_steps(["color"] * 7, {"color": 60}, 4, 2)[6:], 12)  # 8 rows left: one short step
+    tail = rechunk(global_steps(["color"] * 7, {"color": 60}, 8)[6:], 12)  # 8 rows left: one short step
     assert [(s.start, s.stop) for s in tail] == [(48, 56)]
     assert rank_steps(rechunk(tail, 7), {"color": 60}, seed=0, epoch=0, rank=6, world=7)[1].rows.size == 0
 

@@ -54,11 +54,11 @@ def test_position_is_kept_and_a_resize_re_plans_the_rest_of_the_epoch(saved_run,
     exp, infos = saved_run
     two = RunMeta.of(exp, infos, {"color": 4, "style": 4}, 2)
     one = RunMeta.of(exp, infos, {"color": 8, "style": 8}, 1)
-    mid = Position(epoch=1, step=3, global_step=11, worlds=[[2, 16, 0]])
+    mid = Position(epoch=1, step=3, global_step=11, worlds=[[2, 32, 0]])
     assert resume_position(two, two, mid) == mid
-    assert resume_position(two, one, mid) == dataclasses.replace(mid, worlds=[[2, 16, 0], [1, 16, 3]])
-    assert resume_position(two, one, dataclasses.replace(mid, worlds=[])).worlds == [[2, 16, 0], [1, 16, 3]]
-    boundary = Position(epoch=1, step=0, global_step=8, worlds=[[2, 16, 0]])
+    assert resume_position(two, one, mid) == dataclasses.replace(mid, worlds=[[2, 32, 0], [1, 16, 3]])
+    assert resume_position(two, one, dataclasses.replace(mid, worlds=[])).worlds == [[2, 32, 0], [1, 16, 3]]
+    boundary = Position(epoch=1, step=0, global_step=8, worlds=[[2, 32, 0]])
     assert resume_position(two, one, boundary) == dataclasses.replace(boundary, worlds=[])
     reseeded = RunMeta(two.model, dict(two.schedule, seed=7))
     assert resume_position(two, reseeded, mid) == dataclasses.replace(mid, step=0, worlds=[])

@@ -60,17 +60,17 @@ def global_order(n: int, seed: int, epoch: int, task: str, epoch_pass: int, shuf
     return np.random.default_rng(shuffle_seed(seed, epoch, task, epoch_pass)).permutation(n)
 
 
-def global_steps(schedule: list[str], n_rows: dict[str, int], batch_size: int, world: int) -> list[GlobalStep]:
-    """The epoch's steps for the task `schedule` (one task name per step), every rank's `batch_size`
-    rows together. A task's k-th step is batch `k % per_pass` of pass `k // per_pass`, where
-    `per_pass = (n // world) // batch_size`: the cursor rule gives exactly that."""
-    size = batch_size * world
+def global_steps(schedule: list[str], n_rows: dict[str, int], size: int) -> list[GlobalStep]:
+    """The epoch's steps for the task `schedule` (one task name per step), `size` rows each (all
+    ranks together). A task's k-th step is batch `k % per_pass` of pass `k // per_pass`, where
+    `per_pass = n // size` (= `(n // world) // batch_size` for a per-worker batch): the cursor rule
+    gives exactly that."""
     cursor: dict[str, tuple[int, int]] = {}
     steps = []
     for task in schedule:
         n = n_rows[task]
-        if (n // world) // batch_size < 1:
-            raise ValueError(f"task {task!r}: {n} rows fill no batch of {batch_size} on {world} workers")
+        if n < size:
+            raise ValueError(f"task {task!r}: {n} rows fill no step of {size} rows")
         epoch_pass, start = cursor.get(task, (0, 0))
         if start + size > n:
             epoch_pass, start = epoch_pass + 1, 0
@@ -110,15 +110,15 @@ def rechunk(steps: list[GlobalStep], size: int) -> list[GlobalStep]:
 
 
 def epoch_plan(schedule: list[str], n_rows: dict[str, int], worlds: list[tuple[int, int, int]]) -> list[GlobalStep]:
-    """An epoch's global plan through its resizes: `worlds` = [(world, batch_size, from_step), ...].
+    """An epoch's global plan through its resizes: `worlds` = [(world, step size, from_step), ...].
 
     The first entry (from step 0) plans the epoch's `schedule`; each later one re-cuts the steps
-    from `from_step` on for its world and batch size (`rechunk`).
+    from `from_step` on to its step size (`rechunk`: the global batch of its world).
     """
-    (world, batch_size, _), *resizes = worlds
-    steps = global_steps(schedule, n_rows, batch_size, world)
-    for world, batch_size, at in resizes:
-        steps = steps[:at] + rechunk(steps[at:], batch_size * world)
+    (_, size, _), *resizes = worlds
+    steps = global_steps(schedule, n_rows, size)
+    for _, size, at in resizes:
+        steps = steps[:at] + rechunk(steps[at:], size)
     return steps
 
 
@@ -126,7 +126,7 @@ def rank_steps(
     steps: list[GlobalStep], n_rows: dict[str, int], *, seed: int, epoch: int, rank: int, world: int, shuffle: bool = True
 ) -> list[Step]:
     """This rank's batches of `steps`: every `world`-th row of each step's slice, from position `rank`
-    (a short step gives some ranks one row fewer, or none)."""
+    (a step that `world` does not divide, short or of a global batch, gives some ranks a row fewer)."""
     orders: dict[tuple[str, int], np.ndarray] = {}
     out = []
     for s in steps:
@@ -152,7 +152,7 @@ def train_steps(
     """This rank's batches for the epoch's `schedule` (one task name per step), from step `start`,
     on a world that has not changed during the epoch. Sampling schedules that ask for more batches
     than a pass holds start a new, reshuffled pass."""
-    steps = global_steps(schedule, n_rows, batch_size, world)[start:]
+    steps = global_steps(schedule, n_rows, batch_size * world)[start:]
     return rank_steps(steps, n_rows, seed=seed, epoch=epoch, rank=rank, world=world, shuffle=shuffle)
 
 

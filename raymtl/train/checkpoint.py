@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raymtl.config import Experiment
+from raymtl.config import Experiment, global_batch
 from raymtl.data.task_info import TaskInfo
 
 logger = logging.getLogger("raymtl")
@@ -38,7 +38,7 @@ CHECKPOINT_METRICS_FILE = "metrics.json"
 class Position:
     """Where training is: `step` steps of epoch `epoch`'s plan are done (global_step counts all).
 
-    `worlds` is how the epoch's plan came to be (`plan.epoch_plan`): `[world, batch_size, from_step]`
+    `worlds` is how the epoch's plan came to be (`plan.epoch_plan`): `[world, global batch, from_step]`
     for the world it started on and each resize since; `consumed` the rows each task read in the
     epoch (all ranks), `samples` the global samples of the run. `resizes`/`recoveries` count the
     run's changes of world size and restarts from a checkpoint (`events`: a row for each).
@@ -92,6 +92,7 @@ class RunMeta:
                 "sampler": exp.training.sampler,
                 "temperature": exp.training.temperature,
                 "batch_size": exp.training.batch_size,
+                "global_batch": global_batch(exp.training, world_size),
             },
         )
 
@@ -235,7 +236,7 @@ def newest_checkpoint(run_dir: str) -> str | None:
 def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
     """Where a resumed run continues: the checkpoint's position, on the plan of its epoch.
 
-    Another world size or batch size continues mid-epoch exactly: the checkpoint's epoch plan is
+    Another world size or global batch continues mid-epoch exactly: the checkpoint's epoch plan is
     re-cut for the new world from its step on (a `worlds` entry, see `plan.epoch_plan`), so every
     row of the epoch is still read once. A changed order (seed, sampler, temperature) has no
     equivalent mid-epoch: the epoch restarts at its first step, with the checkpoint's weights and
@@ -243,8 +244,9 @@ def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, ran
     """
     if saved is None or position.step == 0:
         return dataclasses.replace(position, worlds=[])  # a new epoch: planned for the world it runs on
-    world, batch_size = now.schedule["world_size"], now.schedule["batch_size"]
-    worlds = position.worlds or [[saved.schedule["world_size"], saved.schedule["batch_size"], 0]]
+    world, size = now.schedule["world_size"], now.schedule["global_batch"]
+    old = saved.schedule
+    worlds = position.worlds or [[old["world_size"], old.get("global_batch", old["batch_size"] * old["world_size"]), 0]]
     changed = [k for k in ("seed", "sampler", "temperature") if saved.schedule.get(k) != now.schedule[k]]
     if changed:
         if rank == 0:
@@ -255,6 +257,6 @@ def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, ran
                 position.epoch + 1, position.step,
             )
         return dataclasses.replace(position, step=0, worlds=[], consumed={})
-    if worlds[-1][:2] != [world, batch_size]:
-        worlds = [*worlds, [world, batch_size, position.step]]
+    if worlds[-1][:2] != [world, size]:
+        worlds = [*worlds, [world, size, position.step]]
     return dataclasses.replace(position, worlds=worlds)

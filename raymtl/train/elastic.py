@@ -49,7 +49,23 @@ def describe(event: dict) -> str:
     where = f"epoch {event['epoch'] + 1} step {event['step']} (global step {event['global_step']})"
     if event["event"] == "resize":
         return f"[raymtl] resized {event['old_world']} -> {event['world']} workers: continuing {where}"
+    if event["event"] == "preemption":
+        return f"[raymtl] a node of the run is about to be preempted: checkpoint at {where}"
     return f"[raymtl] recovered on {event['world']} workers from the checkpoint at {where}"
+
+
+def record(position: Position, event: dict, files) -> None:
+    """`event` in the position (so checkpoints keep it), on the console and in metrics.jsonl (rank 0's `files`)."""
+    position.events.append(event)
+    if files is not None:
+        logger.warning(describe(event))
+        files.log_events(position.history, position.events)
+
+
+def noticed(position: Position, world: int, files) -> None:
+    """A preemption notice: recorded before the checkpoint it triggers."""
+    record(position, {"event": "preemption", "world": world, "epoch": position.epoch, "step": position.step,
+                      "global_step": position.global_step, "samples": position.samples, "time": time.time()}, files)
 
 
 def preemption_notice(every: int, global_step: int, noticed: bool) -> bool:
@@ -82,9 +98,3 @@ def log_resume(global_step: int) -> None:
     if folder:
         with open(os.path.join(folder, f"rows-{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps({"t": time.time_ns(), "resume": global_step}) + "\n")
-
-
-def events_of(rows: list[dict]) -> list[dict]:
-    """The resize and recovery rows of a run's metrics.jsonl."""
-    return [r for r in rows if "event" in r]
-

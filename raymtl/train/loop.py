@@ -24,7 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raymtl.config import Experiment, StageSpec
+from raymtl.config import Experiment, StageSpec, global_batch
 from raymtl.data.datasets import DecodedCache, TaskInputs
 from raymtl.data.plan import epoch_plan, rank_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
@@ -34,7 +34,7 @@ from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.affinity import AffinityTracker, RecentRows, affinity_ready, measure_affinity
-from raymtl.train.batches import TaskBatches, batches_per_epoch
+from raymtl.train.batches import TaskBatches
 from raymtl.train.checkpoint import (
     Position,
     RunMeta,
@@ -130,7 +130,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     affinity = AffinityTracker(sorted(infos)) if tr.affinity_every_steps else None
     recent = RecentRows(tr.affinity_rows)
     stages = stages_of(exp)
-    batches = batches_per_epoch(infos, tr.batch_size, world)
+    size = global_batch(tr, world)  # rows of one step, all ranks together
+    batches = {name: info.n_train // size for name, info in infos.items()}
     n_train = {name: info.n_train for name, info in infos.items()}
     n_val = {name: info.n_val for name, info in infos.items() if info.n_val}
     cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
@@ -145,11 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position.resizes += 1
         else:
             position.recoveries += 1
-        event = elastic.resumed_event(position, old_world, world)
-        position.events.append(event)
-        if files is not None:
-            logger.warning(elastic.describe(event))
-            files.log_events(position.history, position.events)
+        elastic.record(position, elastic.resumed_event(position, old_world, world), files)
         elastic.log_resume(position.global_step)
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
@@ -165,17 +162,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stage_at(stages, epoch) != stage_idx:
             stage_idx = stage_at(stages, epoch)
             stage = stages[stage_idx]
-            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, world)
+            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, size)
             if state is not None and state["stage"] == stage_idx:
                 optimizer.load_state_dict(state["optimizer"])
                 lr_schedule.load_state_dict(state["lr_schedule"])
             state = None
 
         if not position.worlds:  # the epoch's plan: for the world it starts on, re-cut at each resize
-            position.worlds = [[world, tr.batch_size, 0]]
-        first_world, first_batch, _ = position.worlds[0]
-        schedule = TaskSchedule(batches_per_epoch(infos, first_batch, first_world), exp.seed, epoch, tr.sampler,
-                                tr.temperature)
+            position.worlds = [[world, size, 0]]
+        first = position.worlds[0][1]
+        schedule = TaskSchedule({name: info.n_train // first for name, info in infos.items()}, exp.seed, epoch,
+                                tr.sampler, tr.temperature)
         all_steps = epoch_plan(schedule.steps(), n_train, position.worlds)
         timer = StepTimer()
         plan = rank_steps(all_steps[position.step :], n_train, seed=exp.seed, epoch=epoch, rank=rank, world=world,
@@ -220,10 +217,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             periodic = tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0
             notice = not in_process and elastic.preemption_notice(tr.preemption_check_steps, position.global_step,
                                                                   preempting)
-            if (periodic or notice != preempting) and position.step < len(all_steps):
-                if notice != preempting and files is not None:
-                    logger.warning("[raymtl] a node of the run is about to be preempted: checkpoint at epoch %d "
-                                   "step %d (global step %d)", epoch + 1, position.step, position.global_step)
+            if notice != preempting:  # checkpoint now, even at the epoch's last step (its end evaluates first)
+                elastic.noticed(position, world, files)
+            if periodic and position.step < len(all_steps) or notice != preempting:
                 _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
             preempting = notice
 
@@ -240,14 +236,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
 
 
-def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], world: int):
+def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], size: int):
     """Freeze this stage's parts and build its optimizer and LR schedule (in global samples, for the
     world the stage starts on; a resumed stage keeps its saved schedule)."""
     model.freeze(stage.freeze)
     lr = stage.lr if stage.lr is not None else exp.training.lr
     optimizer = build_optimizer(model.parameters(), exp.training, lr)
     lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()),
-                                    step_samples=exp.training.batch_size * world)
+                                    step_samples=size)
     return optimizer, lr_schedule
 
 
