@@ -160,13 +160,17 @@ def save_train_state(
     meta.save(folder)
 
 
-def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict, retention: Any = None) -> None:
+def report_checkpoint(
+    run_dir: str, write: Callable[[Path], None], metrics: dict, retention: Any = None, background: bool = True
+) -> None:
     """`write` a checkpoint folder and report it to Ray Train with `metrics`.
 
     In a local run folder the checkpoint is written in place, in a hidden staging folder renamed to
     its final name once complete, and reported with `NO_UPLOAD`: Ray Train registers it without
     copying it (a ResNet-50 with AdamW state is ~300 MB per epoch). Remote storage (URIs) gets a
-    local temporary folder that Ray Train uploads. The name follows Ray Train's own
+    local temporary folder that Ray Train uploads in the background (`CheckpointUploadMode.ASYNC`,
+    the folder deleted once uploaded) while training goes on; `background=False` waits for the
+    upload (a checkpoint before a preemption must be stored before the node goes). The name follows Ray Train's own
     (`checkpoint_<date>_<time.microseconds>`), so the newest checkpoint sorts last either way.
     `retention` (`in_process.Retention`, for a run without a Train controller) prunes the folder after.
     """
@@ -180,9 +184,15 @@ def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict
         (folder / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
 
     if storage.is_uri(run_dir):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_all(Path(tmp))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        tmp = Path(tempfile.mkdtemp(prefix="raymtl_checkpoint_"))
+        try:
+            write_all(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        mode = CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
         return
     name = f"checkpoint_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
     final, staging = Path(run_dir) / name, Path(run_dir) / f".{name}"

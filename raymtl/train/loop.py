@@ -220,7 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if notice != preempting:  # checkpoint now, even at the epoch's last step (its end evaluates first)
                 elastic.noticed(position, world, files)
             if periodic and position.step < len(all_steps) or notice != preempting:
-                _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
+                _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files,
+                        background=notice == preempting)
             preempting = notice
 
         if files is not None and affinity is not None and affinity.count:
@@ -259,8 +260,10 @@ def _carried_metrics(exp: Experiment, position: Position) -> dict:
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
 
-def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files) -> None:
-    """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
+def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files,
+            background: bool = True) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder (`background`:
+    see `checkpoint.report_checkpoint`)."""
     sync_buffers(model)
     rng_states = gather_rng()
     metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
@@ -284,4 +287,4 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             meta=meta,
         )
 
-    report_checkpoint(files.run_dir, write, metrics, files.retention)
+    report_checkpoint(files.run_dir, write, metrics, files.retention, background)
