@@ -70,7 +70,8 @@ def noticed(position: Position, world: int, files) -> None:
 
 def preemption_notice(every: int, global_step: int, noticed: bool) -> bool:
     """Whether Ray Train reports an imminent preemption of one of the run's nodes, asked every
-    `every` steps (the question is a barrier of all ranks, so every rank asks at the same steps).
+    `every` steps (the question is a barrier of all ranks, so every rank asks at the same steps;
+    the loop asks only when the driver saw Ray Train's watcher on, `trainer.watches_preemption`).
     Once noticed, the answer stays yes until the worker group is restarted."""
     if noticed or not every or global_step % every:
         return noticed

@@ -157,6 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_epochs = sum(s.epochs for s in stages)
     stage_idx = None
     preempting = False  # a preemption notice was seen (and checkpointed) by this worker group
+    watch = bool(config.get("watch_preemption")) and not in_process
     while position.epoch < total_epochs:
         epoch = position.epoch
         if stage_at(stages, epoch) != stage_idx:
@@ -215,8 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elastic.log_rows(epoch, position, at, rank, world, task, mine.rows, lr)
             maybe_crash(run_dir, position.global_step, rank, in_process)
             periodic = tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0
-            notice = not in_process and elastic.preemption_notice(tr.preemption_check_steps, position.global_step,
-                                                                  preempting)
+            notice = watch and elastic.preemption_notice(tr.preemption_check_steps, position.global_step, preempting)
             if notice != preempting:  # checkpoint now, even at the epoch's last step (its end evaluates first)
                 elastic.noticed(position, world, files)
             if periodic and position.step < len(all_steps) or notice != preempting:

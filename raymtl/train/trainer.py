@@ -12,7 +12,7 @@ from raymtl.config import ConfigError, Experiment, global_batch, worker_range
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
-from raymtl.ray_runtime import ensure_ray
+from raymtl.ray_runtime import PREEMPTION_WATCHER_ENV, ensure_ray
 from raymtl.train.checkpoint import RunMeta, latest_run_meta, newest_checkpoint
 from raymtl.train.elastic import ROWS_ENV
 from raymtl.train.faults import CRASH_ENV
@@ -120,7 +120,13 @@ def loop_config(exp: Experiment, infos: dict[str, TaskInfo], inputs, **extra) ->
     """`train_loop_per_worker`'s config; `resume_from`: the run folder's newest checkpoint, if any."""
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
     return {"experiment": for_workers(exp), "infos": infos, "run_dir": run_dir, "inputs": inputs,
-            "resume_from": newest_checkpoint(run_dir), **extra}
+            "resume_from": newest_checkpoint(run_dir), "watch_preemption": watches_preemption(), **extra}
+
+
+def watches_preemption() -> bool:
+    """Whether Ray Train's preemption watcher runs (off on the lean local cluster `ensure_ray`
+    starts): decided here once, as asking it is a barrier every rank must take alike."""
+    return os.environ.get(PREEMPTION_WATCHER_ENV, "1") != "0"
 
 
 def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
