@@ -93,9 +93,9 @@ def straight(ray_cluster, config, tmp_path_factory):
     """Uninterrupted 2 epochs, affinity measured, with every collective recorded."""
     out = tmp_path_factory.mktemp("calls")
     exp, infos = prepare(two_groups(config, "straight2", epochs=2, affinity_every_steps=4))
-    trainer = make_trainer(exp, infos)
-    trainer.train_loop_per_worker = recording_collectives(trainer.train_loop_per_worker, str(out))
     with logging_rows(tmp_path_factory.mktemp("straight_rows")) as rows:
+        trainer = make_trainer(exp, infos)  # its workers' runtime env carries the row log's folder
+        trainer.train_loop_per_worker = recording_collectives(trainer.train_loop_per_worker, str(out))
         result = trainer.fit()
     calls = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return result, read_history(str(Path(exp.storage_path).expanduser() / exp.name)), calls, kept_steps(rows)
