@@ -123,7 +123,7 @@ def test_a_global_batch_keeps_the_steps_across_a_resize_and_splits_them_among_th
     sizes = [len(s.rows) for r in range(3) for s in rank_steps(steps[5:6], N, seed=3, epoch=0, rank=r, world=3)]
     assert sizes == [3, 3, 2]
     with pytest.raises(ConfigError, match="a global batch of 2 leaves some of 4 workers no row"):
-        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet")],
+        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet", image_column="image")],
                    training=TrainingSpec(batch_size=2, batch_scope="global", num_workers=[1, 4])).validate()
     with pytest.raises(ConfigError, match=r"expected N >= 1 or \[min, max\] with 1 <= min <= max, got \[3, 2\]"):
-        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet")], training=TrainingSpec(num_workers=[3, 2])).validate()
+        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet", image_column="image")], training=TrainingSpec(num_workers=[3, 2])).validate()
