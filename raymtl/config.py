@@ -151,6 +151,7 @@ class TrainingSpec:
     checkpoint_mode: str = "min"
     max_failures: int = 0
     max_preemptions: int = -1  # restarts after a node's preemption, counted apart from max_failures (-1: any)
+    preemption_grace_s: float = 0.0  # the other workers may run this long past a preemption's deadline
     # Ask Ray Train every N steps whether a node of the run is about to be preempted, and checkpoint
     # at once when it is (0: never ask; the question is a barrier of all workers)
     preemption_check_steps: int = 20
@@ -344,7 +345,7 @@ _RANGES: dict[str, dict[str, str]] = {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
         "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
         "grad_clip": ">0", "temperature": ">0", "cpus_per_worker": ">0", "elastic_resize_interval_s": ">=0",
-        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1", "max_preemptions": ">=-1",
+        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1", "max_preemptions": ">=-1", "preemption_grace_s": ">=0",
         "preemption_check_steps": ">=0",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
         "collective_timeout_s": ">=1",

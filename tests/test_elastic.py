@@ -65,16 +65,17 @@ def main(config: str, rows: str, out: str) -> None:
     timeline: list[str] = []
 
     def spot_node() -> None:
-        """The second node: reclaim notice (10 s ahead) at global step 5, gone 3 s later, back after 4
-        steps on 1 worker. Ray Train restarts the group once its ranks have stopped (or at the
-        notice's deadline), counting a preemption, not a failure."""
+        """The second node: reclaim notice (4 s ahead) at global step 5, gone just after the deadline,
+        back after 4 steps on 1 worker. Ray Train (given a grace past the deadline) restarts the
+        group once its ranks have stopped, counting a preemption, not a failure: Ray marks a
+        drained node that dies after its deadline as preempted."""
         wait_for(lambda: any(s["g"] >= 5 for s in logged_steps(Path(rows))))
         gcs = ray._raylet.GcsClient(address=cluster.address)
         accepted, _ = gcs.drain_node(second.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                     "spot reclaim (test)", int(time.time() * 1000) + 10_000)
+                                     "spot reclaim (test)", int(time.time() * 1000) + 4_000)
         timeline.append(f"drain accepted={accepted}")
-        time.sleep(3)
-        cluster.remove_node(second, allow_graceful=False)  # gone, as a reclaimed spot node goes
+        time.sleep(4.5)
+        cluster.remove_node(second, allow_graceful=False)  # gone after its deadline, as a reclaimed spot node goes
         timeline.append("removed")
         wait_for(lambda: sum(s["world"] == 1 for s in logged_steps(Path(rows))) >= 4)
         cluster.add_node(num_cpus=2, resources=SLOT, object_store_memory=store)
@@ -84,7 +85,8 @@ def main(config: str, rows: str, out: str) -> None:
         exp = load_experiment(config)
         training = dataclasses.replace(
             exp.training, num_workers=[1, 2], epochs=4, checkpoint_every_steps=4, worker_resources=SLOT,
-            max_failures=0, collective_timeout_s=60, preemption_check_steps=1, elastic_resize_interval_s=1.0)
+            max_failures=0, collective_timeout_s=60, preemption_check_steps=1, elastic_resize_interval_s=1.0,
+            preemption_grace_s=20.0)
         exp = dataclasses.replace(exp, name="elastic", training=training)
         node = threading.Thread(target=spot_node, daemon=True)
         node.start()

@@ -146,7 +146,8 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     run_config = RunConfig(
         name=exp.name,
         storage_path=storage.normalize(exp.storage_path),
-        failure_config=FailureConfig(max_failures=tr.max_failures, max_preemption_failures=tr.max_preemptions),
+        failure_config=FailureConfig(max_failures=tr.max_failures, max_preemption_failures=tr.max_preemptions,
+                                     preemption_grace_s=tr.preemption_grace_s),
         worker_runtime_env={"env_vars": env} if env else None,
         checkpoint_config=CheckpointConfig(
             num_to_keep=tr.keep_checkpoints,
