@@ -30,8 +30,14 @@ SLOT = {"train_slot": 1}
 
 
 def logged_steps(folder: Path) -> list[dict]:
-    lines = [json.loads(line) for f in folder.glob("rows-*.jsonl") for line in f.read_text().splitlines() if line]
-    return [line for line in lines if "rows" in line]
+    """The steps logged so far (a line being written is left for the next look)."""
+    steps = []
+    for line in (line for f in folder.glob("rows-*.jsonl") for line in f.read_text().splitlines()):
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [step for step in steps if "rows" in step]
 
 
 def wait_for(what, timeout: float = 240) -> None:
@@ -65,6 +71,12 @@ def main(config: str, rows: str, out: str) -> None:
     timeline: list[str] = []
 
     def spot_node() -> None:
+        try:
+            reclaim_and_return()
+        except Exception as error:  # the assertion on the timeline shows it
+            timeline.append(repr(error))
+
+    def reclaim_and_return() -> None:
         """The second node: reclaim notice (4 s ahead) at global step 5, gone just after the deadline,
         back after 4 steps on 1 worker. Ray Train (given a grace past the deadline) restarts the
         group once its ranks have stopped, counting a preemption, not a failure: Ray marks a
