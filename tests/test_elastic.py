@@ -100,10 +100,13 @@ def main(config: str, rows: str, out: str) -> None:
             max_failures=0, collective_timeout_s=60, preemption_check_steps=1, elastic_resize_interval_s=1.0,
             preemption_grace_s=20.0)
         exp = dataclasses.replace(exp, name="elastic", training=training)
-        node = threading.Thread(target=spot_node, daemon=True)
-        node.start()
-        result = fit(exp)
-        node.join(timeout=1)
+        # Ray starts a node from the main thread only: the run trains in another one.
+        outcome: dict = {}
+        run = threading.Thread(target=lambda: outcome.update(result=fit(exp)), daemon=True)
+        run.start()
+        spot_node()
+        run.join()
+        result = outcome["result"]
         Path(out).write_text(json.dumps({"timeline": timeline, "history": result.history, "events": result.events}))
     finally:
         ray.shutdown()
