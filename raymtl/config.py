@@ -110,10 +110,24 @@ class StageSpec:
     freeze: list[str] = field(default_factory=list)  # image | text | fusion | heads
 
 
+def worker_range(tr: TrainingSpec) -> tuple[int, int]:
+    """(min, max) workers: equal for a fixed worker count."""
+    if isinstance(tr.num_workers, int):
+        return tr.num_workers, tr.num_workers
+    if len(tr.num_workers) != 2:
+        raise ConfigError(f"training.num_workers: expected N or [min, max], got {tr.num_workers}")
+    return tr.num_workers[0], tr.num_workers[1]
+
+
+def global_batch(tr: TrainingSpec, world: int) -> int:
+    """Rows of one step, all workers together, on `world` workers (`batch_scope`)."""
+    return tr.batch_size if tr.batch_scope == "global" else tr.batch_size * world
+
+
 @dataclass
 class TrainingSpec:
     epochs: int = 3
-    batch_size: int = 32  # per worker
+    batch_size: int = 32  # per worker (batch_scope: worker) or for all workers together (global)
     eval_batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -136,7 +150,12 @@ class TrainingSpec:
     # (each trained as this section says), then composed and trained in `fusion_stages` (raymtl.train.recipes)
     recipe: str = "joint"
     fusion_stages: list[StageSpec] = field(default_factory=list)  # staged; empty = `epochs` with image, text frozen
-    num_workers: int = 1
+    # Workers: N, or [min, max] for an elastic run (Ray Train starts with what the cluster has, at
+    # least min, and shrinks or grows between them as nodes go and come back)
+    num_workers: int | list[int] = 1
+    elastic_resize_interval_s: float = 60.0  # an elastic run looks for a changed cluster this often
+    # batch_size is per worker (the global batch grows with the workers) or global (split among them)
+    batch_scope: str = "worker"
     # One worker on a local machine trains in this process (Ray Train's local mode; no Train
     # controller or worker processes, Ray started only for data it must stream): auto | always | never
     in_process: str = "auto"
@@ -147,6 +166,11 @@ class TrainingSpec:
     checkpoint_metric: str = "val/mean_loss"
     checkpoint_mode: str = "min"
     max_failures: int = 0
+    max_preemptions: int = -1  # restarts after a node's preemption, counted apart from max_failures (-1: any)
+    preemption_grace_s: float = 0.0  # the other workers may run this long past a preemption's deadline
+    # Ask Ray Train every N steps whether a node of the run is about to be preempted, and checkpoint
+    # at once when it is (0: never ask; the question is a barrier of all workers)
+    preemption_check_steps: int = 20
     ewma_alpha: float = 0.1
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
@@ -301,6 +325,12 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.grad_compression, ("none", "bf16"), "training.grad_compression")
     _choice(tr.precision, PRECISIONS, "training.precision")
     _choice(tr.recipe, RECIPES, "training.recipe")
+    _choice(tr.batch_scope, ("worker", "global"), "training.batch_scope")
+    lo, hi = worker_range(tr)
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"training.num_workers: expected N >= 1 or [min, max] with 1 <= min <= max, got {tr.num_workers}")
+    if tr.batch_scope == "global" and tr.batch_size < hi:
+        raise ConfigError(f"training.batch_size: a global batch of {tr.batch_size} leaves some of {hi} workers no row")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)
@@ -342,8 +372,9 @@ _RANGES: dict[str, dict[str, str]] = {
     "training": {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
         "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
-        "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
-        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
+        "grad_clip": ">0", "temperature": ">0", "cpus_per_worker": ">0", "elastic_resize_interval_s": ">=0",
+        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1", "max_preemptions": ">=-1", "preemption_grace_s": ">=0",
+        "preemption_check_steps": ">=0",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
         "affinity_lookahead_rows": ">=1",
         "collective_timeout_s": ">=1",

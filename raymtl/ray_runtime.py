@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from raymtl import console
 
 DASHBOARD_ENV = "RAYMTL_DASHBOARD"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 # Set for a local cluster unless the user set them: read by the processes Ray spawns.
 LEAN_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage-stats reporter
     "RAY_enable_metrics_collection": "0",  # no per-process metrics recording and export
     "RAY_TRAIN_METRICS_ENABLED": "0",  # no Train controller/worker metrics callbacks
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-preemption watcher actor: one box is not preempted
+    PREEMPTION_WATCHER_ENV: "0",  # no spot-preemption watcher actor: one box is not preempted
 }
 
 

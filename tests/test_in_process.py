@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,27 @@ def test_a_checkpoint_folder_is_written_whole_with_its_metrics(tmp_path, monkeyp
         assert (tmp_path / name / "model.txt").read_text() == "w"
         assert "val/mean_loss" in json.loads((tmp_path / name / CHECKPOINT_METRICS_FILE).read_text())
 
+
+
+def test_a_uri_run_folder_uploads_checkpoints_in_the_background_but_a_preemption_one_at_once(tmp_path, monkeypatch):
+    """To remote storage Ray Train uploads a written checkpoint folder while training goes on (and
+    deletes it after); the checkpoint of a preemption notice is uploaded before the step returns."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from raymtl.train.checkpoint import report_checkpoint
+
+    reported = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reported.append(kw))
+    for background in (True, False):
+        report_checkpoint(f"file://{tmp_path}/run", lambda folder: (folder / "model.txt").write_text("w"),
+                          {"val/mean_loss": 0.4}, background=background)
+    assert [kw["checkpoint_upload_mode"] for kw in reported] == [CheckpointUploadMode.ASYNC, CheckpointUploadMode.SYNC]
+    for kw in reported:
+        folder = Path(kw["checkpoint"].path)
+        assert kw["delete_local_checkpoint_after_upload"] and (folder / "model.txt").read_text() == "w"
+        assert json.loads((folder / CHECKPOINT_METRICS_FILE).read_text()) == {"val/mean_loss": 0.4}
+        shutil.rmtree(folder)  # what Ray Train does once uploaded
 
 
 def test_a_gpu_run_in_this_process_needs_a_visible_gpu(monkeypatch):

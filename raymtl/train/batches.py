@@ -132,9 +132,10 @@ class TaskBatches:
     """The batches of `steps` (one split of this rank's plan), in order, ready for the model.
 
     `next(task)` returns the next step's batch, which must be of `task` (the loop's schedule and
-    the plan are the same sequence), or None when bad-image rows (skipped) emptied it. Preparing
-    starts at once, in the background. `slots`: decode tasks kept running when streaming
-    (default: `datasets.decode_slots` for one rank on one CPU).
+    the plan are the same sequence), or None when the step has no rows for this rank (the short
+    last step of a resized epoch) or bad-image rows (skipped) emptied it. Preparing starts at once,
+    in the background. `slots`: decode tasks kept running when streaming (default:
+    `datasets.decode_slots` for one rank on one CPU).
     """
 
     def __init__(
@@ -150,12 +151,13 @@ class TaskBatches:
         self.steps, self.device_inputs = steps, device_inputs
         self.i = 0
         self.bad = BadRows(split, sum(len(s.rows) for s in steps), inputs.max_bad_fraction)
+        read = [s for s in steps if len(s.rows)]  # a resized epoch's short last step may leave a rank none
         if cache is not None:
-            raw: Iterator[Decoded] = (cache.gather(dataset_key(s.task, split), s.rows) for s in steps)
+            raw: Iterator[Decoded] = (cache.gather(dataset_key(s.task, split), s.rows) for s in read)
         else:
-            raw = stream(inputs, split, steps, slots if slots is not None else decode_slots(1, 1.0))
+            raw = stream(inputs, split, read, slots if slots is not None else decode_slots(1, 1.0))
         # the thread holds what it reads, not `self`: an abandoned epoch's thread is stopped
-        prepared = (_prepare(self.bad, device_inputs, step, decoded) for step, decoded in zip(steps, raw))
+        prepared = (_prepare(self.bad, device_inputs, step, decoded) for step, decoded in zip(read, raw))
         self.prefetch = Prefetcher(prepared, device_inputs.device)
         weakref.finalize(self, self.prefetch.stop)
 
@@ -164,6 +166,8 @@ class TaskBatches:
         if step.task != task:
             raise RuntimeError(f"step {self.i} of the plan is task {step.task!r}, the schedule says {task!r}")
         self.i += 1
+        if not len(step.rows):
+            return None
         try:
             return self.prefetch.get()
         except Exception as error:

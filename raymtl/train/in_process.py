@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymtl import console, storage
-from raymtl.config import ConfigError, Experiment
+from raymtl.config import ConfigError, Experiment, worker_range
 from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, newest_checkpoint
 
 
@@ -40,7 +40,7 @@ def trains_in_process(exp: Experiment, address: str | None) -> bool:
         if remote:
             raise ConfigError(f"training.in_process: always needs a local storage_path, not {exp.storage_path!r}")
         return True
-    return tr.num_workers == 1 and not joins and not remote
+    return worker_range(tr) == (1, 1) and not joins and not remote
 
 
 def joined_cluster() -> str | None:

@@ -1,4 +1,9 @@
-"""Optimizers and learning-rate schedules built from `TrainingSpec`."""
+"""Optimizers and learning-rate schedules built from `TrainingSpec`.
+
+A per-batch schedule is a function of the global samples trained on (all ranks together), not of
+a rank's step count: a run whose world size changes mid-stage keeps the same learning rate at the
+same point of its data.
+"""
 
 from __future__ import annotations
 
@@ -43,8 +48,10 @@ class LrSchedule:
     scheduler: object | None
     per_step: bool
 
-    def after_step(self) -> None:
+    def after_step(self, samples: int) -> None:
+        """After an optimizer step that trained on `samples` global samples."""
         if self.scheduler is not None and self.per_step:
+            self.scheduler.last_epoch += samples - 1  # LambdaLR's "epoch" counts samples; step() adds the last one
             self.scheduler.step()
 
     def after_epoch(self, val_loss: float | None) -> None:
@@ -64,18 +71,32 @@ class LrSchedule:
             self.scheduler.load_state_dict(state)
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, total_steps: int) -> LrSchedule:
-    """`warmup_cosine` steps per batch over `total_steps`; `step` and `plateau` step per epoch."""
+@dataclass
+class WarmupCosine:
+    """The LR factor after `samples` global samples: linear warmup over `warmup` samples, then a
+    cosine to zero at `total`. `step` is one step's samples when the stage started (the warmup's
+    first factor is step / warmup). An object, not a closure: LambdaLR's state_dict saves its
+    fields, so a run resumed on another world size keeps the stage's schedule."""
+
+    warmup: int
+    total: int
+    step: int
+
+    def __call__(self, samples: int) -> float:
+        if samples < self.warmup:
+            return (samples + self.step) / self.warmup
+        progress = (samples - self.warmup) / max(self.step, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, training: TrainingSpec, total_steps: int, step_samples: int = 1
+) -> LrSchedule:
+    """`warmup_cosine` steps per batch over `total_steps` steps of `step_samples` global samples
+    each (counted in samples, see `WarmupCosine`); `step` and `plateau` step per epoch."""
     kind = training.lr_schedule
     if kind == "warmup_cosine":
-        warmup = max(0, training.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+        factor = WarmupCosine(max(0, training.warmup_steps) * step_samples, total_steps * step_samples, step_samples)
         return LrSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
     if kind == "step":
         sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=training.step_size, gamma=training.gamma)

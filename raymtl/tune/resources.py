@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from raymtl import storage
-from raymtl.config import ConfigError, Experiment
+from raymtl.config import ConfigError, Experiment, worker_range
 
 # A Train-run trial's own process only waits on its Train run, whose workers reserve their own CPUs.
 TRIAL_DRIVER_CPUS = 0.25
@@ -29,7 +29,7 @@ Bundle = dict[str, float]
 def trains_in_trial(exp: Experiment) -> bool:
     """Whether a trial of `exp` trains in the trial's own process (see the module doc)."""
     tr = exp.training
-    return tr.num_workers == 1 and tr.in_process != "never" and not storage.is_uri(storage.normalize(exp.storage_path))
+    return worker_range(tr) == (1, 1) and tr.in_process != "never" and not storage.is_uri(storage.normalize(exp.storage_path))
 
 
 def with_trial_gpus(exp: Experiment, gpus_per_trial: float | None) -> Experiment:
@@ -37,7 +37,7 @@ def with_trial_gpus(exp: Experiment, gpus_per_trial: float | None) -> Experiment
     if not gpus_per_trial:
         return exp
     tr = exp.training
-    share = {"GPU": gpus_per_trial / tr.num_workers}
+    share = {"GPU": gpus_per_trial / worker_range(tr)[1]}
     return dataclasses.replace(exp, training=dataclasses.replace(tr, use_gpu=True, worker_resources={**tr.worker_resources, **share}))
 
 
@@ -47,7 +47,7 @@ def trial_bundles(exp: Experiment) -> list[Bundle]:
     worker: Bundle = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {}), **tr.worker_resources}
     if trains_in_trial(exp):
         return [worker]
-    return [{"CPU": TRIAL_DRIVER_CPUS}] + [worker] * tr.num_workers
+    return [{"CPU": TRIAL_DRIVER_CPUS}] + [worker] * worker_range(tr)[1]  # an elastic run: its most
 
 
 def tune_resources(exp: Experiment) -> Bundle:
