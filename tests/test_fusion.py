@@ -148,7 +148,7 @@ def test_lr_multipliers_survive_a_resume_bit_exactly():
         torch.manual_seed(0)
         model = build({"all": ["color", "title", "tags"]}, dropout=0.0)
         opt = build_optimizer(model, training, lr=1e-3)
-        return model, opt, build_lr_schedule(opt, training, total_steps=10)
+        return model, opt, build_lr_schedule(opt, training, total_steps=10, step_samples=4)
 
     def step(model, opt, schedule, task, b=None):
         opt.zero_grad(set_to_none=True)
@@ -158,7 +158,7 @@ def test_lr_multipliers_survive_a_resume_bit_exactly():
             torch.nn.functional.binary_cross_entropy_with_logits(logits, b["label"])
         loss.backward()
         opt.step()
-        schedule.after_step()
+        schedule.after_step(4)
 
     model, opt, schedule = fresh()
     for task in (TAGS, TITLE):
