@@ -307,3 +307,16 @@ def test_affinity_interval_keeps_the_measurement_a_tenth_of_training():
     assert every[4] == math.ceil((3 * 4 * 64 + 4 * 4 * 64) / 4.8)  # keep all 64 rows: T passes
     assert every[32] == math.ceil((3 * 32 * 64 + 33 * 32 * 16) / 4.8)
     assert every[4] < every[8] < every[32] < 5 * every[8]  # linear in T once the cap holds (T=32: T+1 passes)
+
+
+def test_lookahead_step_keeps_the_lr_ratio_of_groups_during_a_warmup_at_lr_zero():
+    """A warm-up's first step has lr 0 in every group: the step is still the groups' ratio, not 0/0."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                                   {"params": model[1].parameters(), "lr": 1e-4}])
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / 10)  # lr 0 now
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    update = optimizer_update(optimizer, model)
+    grad = torch.ones(3, 3)
+    first, second = update("0.weight", grad), update("1.weight", torch.ones(2, 3))
+    assert torch.isfinite(first).all() and torch.allclose(second[0, 0] / first[0, 0], torch.tensor(0.1))

@@ -119,7 +119,12 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         return None
     by_param = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     params = {n: p for n, p in model.named_parameters() if id(p) in by_param}
-    base_lr = optimizer.param_groups[0]["lr"]  # the lookahead's lr; other groups' lr as a ratio to it
+    # The lookahead's lr is the first group's; other groups' as a ratio to it, taken from the lrs the
+    # schedule scales (`initial_lr`: a warm-up's first step has lr 0 in every group, the ratio still holds).
+    def lr_of(group: dict) -> float:
+        return group.get("initial_lr", group["lr"])
+
+    base_lr = lr_of(optimizer.param_groups[0])
 
     def update(name: str, grad: Tensor) -> Tensor:
         p = params.get(name)
@@ -130,7 +135,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         t = float(state["step"]) if "step" in state else 0.0
         v = state.get("exp_avg_sq")
         v = (1 - beta2) * grad.square() if v is None else beta2 * v + (1 - beta2) * grad.square()
-        share = (1 - beta1) / (1 - beta1 ** (t + 1)) * group["lr"] / base_lr
+        share = (1 - beta1) / (1 - beta1 ** (t + 1)) * lr_of(group) / base_lr
         return share * grad / ((v / (1 - beta2 ** (t + 1))).sqrt() + group["eps"])
 
     return update

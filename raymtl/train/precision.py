@@ -87,9 +87,9 @@ def for_inference(device: torch.device, experiment: dict | None) -> Precision:
 def configure_kernels(device: torch.device, deterministic: bool) -> None:
     """The process-wide switches for a run on `device` (see the module docstring)."""
     cuda = device.type == "cuda"
+    torch.use_deterministic_algorithms(deterministic, warn_only=cuda)  # also undoes an earlier run's, in this process
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA op
-        torch.use_deterministic_algorithms(True, warn_only=cuda)
         torch.backends.cudnn.benchmark = False
     elif cuda:
         torch.backends.cudnn.benchmark = True
