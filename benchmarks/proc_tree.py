@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -56,3 +60,45 @@ def pss_by_title(pids: list[int]) -> dict[str, float]:
         name = title(pid)
         out[name] = out.get(name, 0.0) + pss_bytes(pid) / 2**20
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+class Sampler(threading.Thread):
+    """Peak count and summed PSS of a process and all its descendants."""
+
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.root, self.every_s = pid, every_s
+        self.peak_processes = self.peak_pss = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            procs = descendants(self.root)
+            self.peak_processes = max(self.peak_processes, len(procs))
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in procs))
+            self.stop.wait(self.every_s)
+
+
+@dataclass
+class SampledRun:
+    output: str  # stdout and stderr together
+    returncode: int
+    start_unix: float
+    wall_s: float
+    load_before: float
+    peak_pss: int
+    peak_processes: int
+
+
+def run_sampled(args: list[str], **popen: object) -> SampledRun:
+    """Run a command to its end while sampling its process tree's peak memory."""
+    load_before = os.getloadavg()[0]
+    start = time.time()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    output, _ = proc.communicate()
+    wall = time.time() - start
+    sampler.stop.set()
+    sampler.join()
+    return SampledRun(output, proc.returncode, start, wall, load_before, sampler.peak_pss, sampler.peak_processes)

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.proc_tree import run_sampled
+
 COUNT_ENV = "SWEEP_SCALE_COUNTS"
 BASELINE = "f4309f1"
 
@@ -99,8 +101,6 @@ def write_sweep(root: Path, seeds: int) -> Path:
 
 
 def run(code: Path, config: Path, work: Path, label: str) -> dict:
-    from benchmarks.task_count import Sampler
-
     counts, out = work / f"{label}-counts.jsonl", work / f"{label}-out.json"
     sweep_root = work / f"{label}-runs"
     raw = yaml.safe_load(config.read_text())
@@ -108,18 +108,10 @@ def run(code: Path, config: Path, work: Path, label: str) -> dict:
     own = work / f"{label}.yaml"
     own.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(code), COUNT_ENV: str(counts)}
-    load_before = os.getloadavg()[0]
-    start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.sweep_scale", "--child", str(own), "--out", str(out)],
-                            cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = Sampler(proc.pid)
-    sampler.start()
-    output, _ = proc.communicate()
-    wall = time.time() - start
-    sampler.stop.set()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"{label} failed:\n{output[-4000:]}")
+    done = run_sampled([sys.executable, "-m", "benchmarks.sweep_scale", "--child", str(own), "--out", str(out)],
+                       cwd=code, env=env)
+    if done.returncode:
+        raise SystemExit(f"{label} failed:\n{done.output[-4000:]}")
     calls = [json.loads(line) for line in counts.read_text().splitlines()] if counts.exists() else []
     measured = json.loads(out.read_text())
     starts = measured["trial_start_s"]
@@ -127,8 +119,8 @@ def run(code: Path, config: Path, work: Path, label: str) -> dict:
         "code": label, "reads": len(calls), "decodes": sum(c["cache"] for c in calls),
         "reading_processes": len({c["pid"] for c in calls}),
         "trial_start_s": starts, "median_trial_start_s": statistics.median(starts.values()),
-        "wall_s": wall, "peak_pss_gb": sampler.peak_pss / 2**30, "peak_processes": sampler.peak_processes,
-        "errors": measured["errors"], "load_before": load_before, "load_after": os.getloadavg()[0],
+        "wall_s": done.wall_s, "peak_pss_gb": done.peak_pss / 2**30, "peak_processes": done.peak_processes,
+        "errors": measured["errors"], "load_before": done.load_before, "load_after": os.getloadavg()[0],
     }
 
 

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from benchmarks.proc_tree import descendants, pss_bytes
+from benchmarks.proc_tree import run_sampled
 from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.train.report import read_history
 
@@ -88,54 +86,28 @@ def write_config(root: Path, tasks: list[dict], cache: str) -> Path:
     return path
 
 
-class Sampler(threading.Thread):
-    """Peak count and summed PSS of a process and all its descendants."""
-
-    def __init__(self, pid: int, every_s: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.root, self.every_s = pid, every_s
-        self.peak_processes = self.peak_pss = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            procs = descendants(self.root)
-            self.peak_processes = max(self.peak_processes, len(procs))
-            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in procs))
-            self.stop.wait(self.every_s)
-
-
 def run_once(count: int, cache: str, workdir: Path) -> dict:
     root = workdir / f"T{count}-{cache}"
     config = write_config(root, write_tasks(root, count, np.random.default_rng(count)), cache)
-    load_before = os.getloadavg()[0]
-    start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "raymtl.cli", "train", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = Sampler(proc.pid)
-    sampler.start()
-    output, _ = proc.communicate()
-    wall = time.time() - start
-    sampler.stop.set()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"T={count} cache={cache} failed:\n{output[-4000:]}")
+    done = run_sampled([sys.executable, "-m", "raymtl.cli", "train", str(config)])
+    if done.returncode:
+        raise SystemExit(f"T={count} cache={cache} failed:\n{done.output[-4000:]}")
     history = read_history(str(root / "runs" / "tasks"))
     epochs = [row["perf/epoch_s"] for row in history]
     steps = [row["perf/steps_s"] for row in history]
     return {
         "tasks": count,
         "cache": cache,
-        "first_step_s": history[0]["perf/first_step_unix"] - start,
+        "first_step_s": history[0]["perf/first_step_unix"] - done.start_unix,
         "epoch_s": epochs,
         "steps_s": steps,
         "overhead_share": [(e - s) / e for e, s in zip(epochs, steps)],
         "first_batch_wait_s": [row["perf/first_batch_wait_s"] for row in history],
         "eval_s": [row["perf/eval_s"] for row in history],
-        "wall_s": wall,
-        "peak_processes": sampler.peak_processes,
-        "peak_pss_gb": sampler.peak_pss / 2**30,
-        "load_before": load_before,
+        "wall_s": done.wall_s,
+        "peak_processes": done.peak_processes,
+        "peak_pss_gb": done.peak_pss / 2**30,
+        "load_before": done.load_before,
         "load_after": os.getloadavg()[0],
     }
 
