@@ -34,7 +34,8 @@ import ray.data
 
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.plan import Step
-from raymtl.data.tables import file_format, read_table, source_paths
+from raymtl.data.source_blocks import SourceBlocks
+from raymtl.data.tables import file_format, is_small, read_table, source_paths
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
@@ -81,7 +82,8 @@ def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Datas
 class TaskInputs:
     """What a worker needs to read any batch of any task: picklable, holds object refs.
 
-    `sources`: raw table (input columns only) of each task split, by `dataset_key`.
+    `sources`: raw table (input columns only) of each task split, by `dataset_key`; a large split's
+    blocks as the cluster read them (`SourceBlocks`).
     `cached`: with `data.cache`, the decoded inputs: Arrow tables of (key, start, payload) chunks.
     Both hold object refs, or the tables themselves where no Ray cluster runs (`in_process`).
     """
@@ -97,7 +99,8 @@ class TaskInputs:
         cluster (a table `ray.get` returns is a view of the object store's shared memory)."""
         return dataclasses.replace(
             self,
-            sources={key: _owned(ref) for key, ref in self.sources.items()},
+            sources={key: ref.owned(_owned) if isinstance(ref, SourceBlocks) else _owned(ref)
+                     for key, ref in self.sources.items()},
             cached=[_owned(ref) for ref in self.cached] if self.cached is not None else None,
         )
 
@@ -135,9 +138,13 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         if source is not None
     }
 
-    def read(item: tuple[str, tuple[str, Any]]) -> tuple[str, pa.Table]:
+    def read(item: tuple[str, tuple[str, Any]]) -> tuple[str, pa.Table | SourceBlocks]:
         key, (task, source) = item
-        table = pa.Table.from_pandas(read_table(source, preps[task].input_columns), preserve_index=False)
+        columns = preps[task].input_columns
+        if ray.is_initialized() and not is_small(source):
+            table = SourceBlocks.read(read_source(source, columns))  # by the cluster, never in this process
+        else:  # read by inspection already (`tables.read_parts` keeps small files): not opened again
+            table = pa.Table.from_pandas(read_table(source, columns), preserve_index=False)
         expected = infos[task].n_train if key.endswith(".train") else infos[task].n_val
         if table.num_rows != expected:
             raise ConfigError(f"task {task!r}: {key.rsplit('.', 1)[1]} source has {table.num_rows} rows now, "
@@ -148,7 +155,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         tables = dict(pool.map(read, wanted.items()))
     inputs = TaskInputs(
         preprocessors=preps,
-        sources={key: _put(table) for key, table in tables.items()},
+        sources={key: table if isinstance(table, SourceBlocks) else _put(table) for key, table in tables.items()},
         rows={key: table.num_rows for key, table in tables.items()},
         skip_bad_images=exp.data.skip_bad_images,
     )
@@ -246,8 +253,8 @@ def _decode(batch: dict[str, Sequence], sources: dict, preprocessors: dict[str, 
     return {"key": batch["key"], "seq": batch["seq"], "payload": np.array(payloads, dtype=object)}
 
 
-def _source(ref: ray.ObjectRef | pa.Table) -> pa.Table:
-    return ref if isinstance(ref, pa.Table) else _fetched(ref)
+def _source(ref: ray.ObjectRef | pa.Table | SourceBlocks) -> pa.Table | SourceBlocks:
+    return ref if isinstance(ref, (pa.Table, SourceBlocks)) else _fetched(ref)
 
 
 @functools.lru_cache(maxsize=256)
