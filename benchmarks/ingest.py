@@ -367,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=30.0, help="added to every request of stream_remote")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other modes of the --json file (same --items) and run only --modes: one run in parts")
     p.add_argument("--note", default="", help="a note kept in the JSON (e.g. a small check)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -407,6 +409,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         finally:
             server.terminate()
             server.wait()
+    if args.update and args.json and args.json.exists():
+        earlier = json.loads(args.json.read_text())
+        if earlier["items"] != args.items:
+            raise SystemExit(f"--update: {args.json} has {earlier['items']} items, not {args.items}")
+        report["modes"] = {**earlier["modes"], **report["modes"]}
+        report["modes"] = {m: report["modes"][m] for m in MODES if m in report["modes"]}
     report["ratios"] = ratios(report["modes"])
     print_table(report)
     if args.json:
