@@ -49,16 +49,14 @@ class _Handler(BaseHTTPRequestHandler):
             s.in_flight += 1
             s.requests += 1
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
-        try:
-            time.sleep(0.05)  # a remote store's round trip: lets concurrent requests overlap
-            body = s.bodies.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-        finally:
-            with s.lock:
-                s.in_flight -= 1
+        time.sleep(0.05)  # a remote store's round trip: lets concurrent requests overlap
+        with s.lock:  # before the reply: a client's next request cannot overlap its last one
+            s.in_flight -= 1
+        body = s.bodies.get(self.path)
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
 
     def log_message(self, *args) -> None:
         pass

@@ -3,6 +3,7 @@ inputs share that one read; a large source is not read whole by the driver at al
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -94,3 +95,11 @@ def test_a_large_source_is_read_by_the_cluster_in_blocks(ray_cluster, catalogue,
     assert sorted(blocks.take(rows).column_names) == ["id", "image", "label"]
     local = inputs.in_process().sources["color.train"]
     assert local.take(rows).column("id").to_pylist() == [f"i{i}" for i in rows]
+    # a decode task takes its rows from the blocks: the same batch as from the driver's table
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 256 << 20)
+    small = datasets.build_inputs(exp, preflight.check(exp))
+    items = {"key": ["color.train"], "seq": [0], "rows": [rows]}
+    decoded = [pickle.loads(datasets._decode(items, i.sources, i.preprocessors)["payload"][0]) for i in (inputs, small)]
+    assert list(decoded[0]["id"]) == [f"i{i}" for i in rows]
+    for name in decoded[1]:
+        np.testing.assert_array_equal(decoded[0][name], decoded[1][name])
