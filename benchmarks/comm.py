@@ -1,16 +1,28 @@
-"""Gradient bytes per step with task groups: raymtl's gradient sync against the parameters a step uses.
+"""Gradient communication per step with task groups: bytes against the parameters a step uses, and the
+communication left exposed by the overlapped sync against the sequential one.
 
     python -m benchmarks.comm --groups 1 2 4 --steps 48 --json comm.json
 
 For G = 1, 2, 4 task groups (one resnet18 backbone each, one image task per group, no text) it runs
 `raymtl.train.trainer.fit` with 2 workers (gloo) for one epoch of about `--steps` steps: the
-library's real loop. Inside the workers `torch.distributed.all_reduce` is hooked and counts the
-bytes of every tensor it reduces while `GradSync` runs (the per-step gradient sync); collectives
-outside it (evaluation, checkpoint) are counted apart. Next to it stands the size of the
-parameters the step's task used (`MultiTaskModel.parameters_for`), and the step time: rank 0's
-time between consecutive gradient syncs, median over the steps after the first `--warmup` fraction.
+library's real loop, once per `--modes` entry:
 
-Targets: all-reduced bytes / used bytes <= 1.05 at every G, step_s(G=4) <= 1.15 x step_s(G=1).
+- `off`: no gradient communication (the workers' `GradSync` behaves as on one process): the step
+  without sync;
+- `sequential`: `GradSync(overlap=False)`, every bucket sent after backward, one after another (the
+  sync before overlap);
+- `overlapped`: the library's sync, buckets launched from gradient hooks while backward runs;
+- `bf16`: the overlapped sync with `training.grad_compression: bf16`.
+
+Inside the workers `torch.distributed.all_reduce` is hooked and counts the bytes of every tensor it
+reduces between `GradSync.start` and `GradSync.finish` (the step's gradient sync); collectives
+outside it (evaluation, checkpoint) are counted apart. Next to it stands the size of the parameters
+the step's task used (`MultiTaskModel.parameters_for`), and the step time: rank 0's time between
+consecutive ends of the gradient sync, median over the steps after the first `--warmup` fraction.
+The exposed communication of a mode is its step time minus the `off` step time.
+
+Targets: all-reduced bytes / used bytes <= 1.05 at every G (overlapped), step_s(G=4) <= 1.15 x
+step_s(G=1), and at G = 1 the overlapped sync's exposed communication <= 0.6 x the sequential one's.
 DDP over the whole model would reduce all G backbones at every step (~G x the used bytes).
 """
 
@@ -31,7 +43,8 @@ from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpe
 from raymtl.data.synthetic import TASK_KINDS, make_catalogue
 
 TASKS = list(TASK_KINDS)  # four image tasks
-TARGET_BYTES_RATIO, TARGET_STEP_RATIO = 1.05, 1.15
+TARGET_BYTES_RATIO, TARGET_STEP_RATIO, TARGET_EXPOSED_RATIO = 1.05, 1.15, 0.6
+MODES = ("off", "sequential", "overlapped", "bf16")
 
 
 def frames(root: Path, rows: int, image_size: int, tasks: list[str]) -> dict[str, pd.DataFrame]:
@@ -41,7 +54,8 @@ def frames(root: Path, rows: int, image_size: int, tasks: list[str]) -> dict[str
     return {task: pd.read_parquet(p["train"]).head(rows)[["image", "label"]] for task, p in paths.items()}
 
 
-def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, storage: Path) -> Experiment:
+def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, storage: Path,
+               compression: str = "none") -> Experiment:
     return Experiment(
         name=name,
         tasks=[TaskSpec(name=task, kind=TASK_KINDS[task], train=df, image_column="image") for task, df in data.items()],
@@ -49,12 +63,13 @@ def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespac
         data=DataSpec(image_size=args.image_size, views=[ViewSpec("full")]),
         model=ModelSpec(image_backbone="resnet18", hidden_dim=128, groups={f"g{i}": [t] for i, t in enumerate(data)}),
         training=TrainingSpec(epochs=1, batch_size=args.batch_size, num_workers=2, cpus_per_worker=args.threads // 2,
-                              keep_checkpoints=1),
+                              keep_checkpoints=1, grad_compression=compression),
     ).validate()
 
 
-def counting_collectives(loop, out_dir: str):
-    """`loop` with all_reduce bytes counted per gradient sync (and apart from it), rank by rank."""
+def counting_collectives(loop, out_dir: str, mode: str):
+    """`loop` with all_reduce bytes counted per gradient sync (and apart from it), rank by rank, and
+    the sync switched off (`off`) or sequential (`sequential`)."""
 
     def run(config):
         import json
@@ -64,24 +79,34 @@ def counting_collectives(loop, out_dir: str):
         import ray.train
         import torch.distributed as dist
 
-        from raymtl.train.gradsync import GradSync
+        from raymtl.train import gradsync
 
         steps, other = [], {"bytes": 0}
-        real_reduce, real_sync = dist.all_reduce, GradSync.__call__
+        real_reduce, real_init = dist.all_reduce, gradsync.GradSync.__init__
+        real_start, real_finish = gradsync.GradSync.start, gradsync.GradSync.finish
 
         def all_reduce(t, *a, **k):
             (steps[-1] if steps and steps[-1]["open"] else other)["bytes"] += t.numel() * t.element_size()
             return real_reduce(t, *a, **k)
 
-        def sync(self, task, had_batch):
-            used = sum(p.numel() * p.element_size() for p in self.model.parameters_for(task) if p.requires_grad)
-            steps.append({"task": task, "t": time.perf_counter(), "used": used, "bytes": 0, "open": True})
-            try:
-                return real_sync(self, task, had_batch)
-            finally:
-                steps[-1]["open"] = False
+        def init(self, model, **kwargs):
+            real_init(self, model, **kwargs, overlap=mode != "sequential")
 
-        dist.all_reduce, GradSync.__call__ = all_reduce, sync
+        def start(self, task, had_batch):
+            used = sum(p.numel() * p.element_size() for p in self.model.parameters_for(task) if p.requires_grad)
+            steps.append({"task": task, "used": used, "bytes": 0, "open": True})
+            return real_start(self, task, had_batch)
+
+        def finish(self):
+            try:
+                return real_finish(self)
+            finally:
+                steps[-1].update(open=False, t=time.perf_counter())
+
+        dist.all_reduce = all_reduce
+        gradsync.GradSync.__init__, gradsync.GradSync.start, gradsync.GradSync.finish = init, start, finish
+        if mode == "off":
+            gradsync.world_size = lambda: 1  # each rank keeps its own gradients: the step without the sync
         try:
             loop(config)
         finally:
@@ -91,16 +116,15 @@ def counting_collectives(loop, out_dir: str):
     return run
 
 
-def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
+def run_mode(groups: int, mode: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, tmp: Path) -> dict:
     from raymtl.train.trainer import make_trainer, prepare
 
-    rows = math.ceil(args.steps / groups) * args.batch_size * 2  # 2 workers
-    data = frames(tmp / f"data{groups}", rows, args.image_size, TASKS[:groups])
-    exp, infos = prepare(experiment(f"comm-g{groups}-{time.time_ns()}", data, args, tmp / "runs"))
-    out = tmp / f"calls{groups}"
+    exp, infos = prepare(experiment(f"comm-g{groups}-{mode}-{time.time_ns()}", data, args, tmp / "runs",
+                                    compression="bf16" if mode == "bf16" else "none"))
+    out = tmp / f"calls{groups}-{mode}"
     out.mkdir()
     trainer = make_trainer(exp, infos)
-    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out))
+    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out), mode)
     trainer.fit()
     rank0 = json.loads((out / "rank0.json").read_text())
     steps = rank0["steps"]
@@ -108,6 +132,7 @@ def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
     steady = times[math.ceil(args.warmup * len(times)) :]
     result = {
         "groups": groups,
+        "mode": mode,
         "steps": len(steps),
         "allreduce_bytes_per_step": statistics.mean(s["bytes"] for s in steps),
         "used_param_bytes_per_step": statistics.mean(s["used"] for s in steps),
@@ -119,18 +144,35 @@ def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
     return result
 
 
+def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """Every mode at `groups` task groups, on the same data; exposed communication = step_s - step_s(off)."""
+    load_before = os.getloadavg()[0]
+    rows = math.ceil(args.steps / groups) * args.batch_size * 2  # 2 workers
+    data = frames(tmp / f"data{groups}", rows, args.image_size, TASKS[:groups])
+    modes = {mode: run_mode(groups, mode, data, args, tmp) for mode in args.modes}
+    result = {"groups": groups, "load": {"before": load_before, "after": os.getloadavg()[0]}, "modes": modes}
+    if "off" in modes:
+        result["exposed_comm_s"] = {m: r["step_s"] - modes["off"]["step_s"] for m, r in modes.items() if m != "off"}
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], choices=range(1, len(TASKS) + 1))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="gradient sync modes to run at every G (overlapped is always among them)")
     parser.add_argument("--steps", type=int, default=48, help="steps of the epoch (rounded up to a multiple of G)")
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="CPUs of both workers together")
     parser.add_argument("--warmup", type=float, default=0.25, help="fraction of the steps left out of step_s")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the --json file's runs of other G (so each G can run as its own short command)")
     args = parser.parse_args(argv)
     if args.threads < 2:
         parser.error("--threads must be >= 2 (each of the 2 workers gets threads // 2)")
+    args.modes = [m for m in MODES if m in {*args.modes, "overlapped"}]
     return args
 
 
@@ -138,32 +180,52 @@ def main(argv: list[str] | None = None) -> dict:
     from raymtl.ray_runtime import ensure_ray
 
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
+    if args.append and not args.json:
+        raise SystemExit("--append needs --json")
     ensure_ray()
     with tempfile.TemporaryDirectory(prefix="raymtl_comm_") as tmp:
         runs = [run_groups(g, args, Path(tmp)) for g in args.groups]
+    if args.append and args.json.exists():
+        old = json.loads(args.json.read_text())
+        same = ("modes", "steps", "batch_size", "image_size", "threads", "warmup")
+        if any(old["settings"][k] != getattr(args, k) for k in same):
+            raise SystemExit(f"--append: {args.json} was measured with other settings ({same})")
+        runs = sorted([r for r in old["runs"] if r["groups"] not in args.groups] + runs, key=lambda r: r["groups"])
+    library = [r["modes"]["overlapped"] for r in runs]
     report = {
-        "load": {"before": load_before, "after": os.getloadavg()[0]},
-        "settings": {**vars(args), "json": str(args.json) if args.json else None,
+        "load": {"before_max": max(r["load"]["before"] for r in runs), "after_max": max(r["load"]["after"] for r in runs)},
+        "settings": {**vars(args), "groups": [r["groups"] for r in runs], "json": str(args.json) if args.json else None,
                      "model": "resnet18 per group, 1 view, hidden 128, no text", "workers": 2, "backend": "gloo"},
         "groups": [r["groups"] for r in runs],
-        "allreduce_bytes_per_step": [r["allreduce_bytes_per_step"] for r in runs],
-        "used_param_bytes_per_step": [r["used_param_bytes_per_step"] for r in runs],
-        "step_s": [r["step_s"] for r in runs],
+        "allreduce_bytes_per_step": [r["allreduce_bytes_per_step"] for r in library],
+        "used_param_bytes_per_step": [r["used_param_bytes_per_step"] for r in library],
+        "step_s": [r["step_s"] for r in library],
+        "step_s_by_mode": {m: [r["modes"][m]["step_s"] for r in runs] for m in args.modes},
         "runs": runs,
     }
+    exact = [r["modes"][m] for r in runs for m in ("sequential", "overlapped") if m in r["modes"]]
     report["targets"] = {
-        f"allreduce/used <= {TARGET_BYTES_RATIO}": {"value": max(r["bytes_ratio"] for r in runs),
-                                                    "met": all(r["bytes_ratio"] <= TARGET_BYTES_RATIO for r in runs)},
+        f"allreduce/used <= {TARGET_BYTES_RATIO}": {"value": max(r["bytes_ratio"] for r in exact),
+                                                    "met": all(r["bytes_ratio"] <= TARGET_BYTES_RATIO for r in exact)},
     }
-    by_g = {r["groups"]: r["step_s"] for r in runs}
+    by_g = {r["groups"]: r["step_s"] for r in library}
     if 1 in by_g and 4 in by_g:
         ratio = by_g[4] / by_g[1]
         report["targets"][f"step_s(G=4)/step_s(G=1) <= {TARGET_STEP_RATIO}"] = {"value": ratio, "met": ratio <= TARGET_STEP_RATIO}
-    print(f"\n{'G':>2} {'all-reduced MB/step':>20} {'used MB/step':>13} {'ratio':>6} {'s/step':>7}")
+    if "off" in args.modes:
+        report["exposed_comm_s"] = {m: [r["exposed_comm_s"][m] for r in runs] for m in args.modes if m != "off"}
+        g1 = next((r for r in runs if r["groups"] == 1), None)
+        if g1 is not None and "sequential" in args.modes:
+            ratio = g1["exposed_comm_s"]["overlapped"] / g1["exposed_comm_s"]["sequential"]
+            report["targets"][f"exposed(overlapped)/exposed(sequential) at G=1 <= {TARGET_EXPOSED_RATIO}"] = {
+                "value": ratio, "met": ratio <= TARGET_EXPOSED_RATIO}
+    print(f"\n{'G':>2} {'mode':>10} {'all-reduced MB/step':>20} {'used MB/step':>13} {'ratio':>6} {'s/step':>7} {'exposed s':>9}")
     for r in runs:
-        print(f"{r['groups']:>2} {r['allreduce_bytes_per_step'] / 2**20:>20.2f} {r['used_param_bytes_per_step'] / 2**20:>13.2f} "
-              f"{r['bytes_ratio']:>6.3f} {r['step_s']:>7.3f}")
+        for mode, m in r["modes"].items():
+            exposed = r.get("exposed_comm_s", {}).get(mode)
+            print(f"{r['groups']:>2} {mode:>10} {m['allreduce_bytes_per_step'] / 2**20:>20.2f} "
+                  f"{m['used_param_bytes_per_step'] / 2**20:>13.2f} {m['bytes_ratio']:>6.3f} {m['step_s']:>7.3f} "
+                  f"{'' if exposed is None else f'{exposed:.3f}':>9}")
     for name, t in report["targets"].items():
         print(f"{name}: {t['value']:.3f} ({'met' if t['met'] else 'NOT met'})")
     if args.json:

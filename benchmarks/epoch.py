@@ -116,6 +116,7 @@ def plain_child(exp, with_ray: bool) -> dict:
 
     from raymtl.data.schedule import TaskSchedule
     from raymtl.data.inspection import inspect_tasks
+    from raymtl.data.device_inputs import DeviceInputs
     from raymtl.data.transforms import Preprocessor
     from raymtl.models.artifact import save_model
     from raymtl.models.build import build_model
@@ -133,12 +134,12 @@ def plain_child(exp, with_ray: bool) -> dict:
 
     def decode(task, split: str) -> dict[str, torch.Tensor]:
         out = Preprocessor(task, infos[task.name], exp.data)(pd.read_parquet(getattr(task, split)))
-        return {k: torch.as_tensor(v) for k, v in out.items() if v.dtype.kind in "biuf"}
+        return DeviceInputs(exp.data, "cpu")(out)
 
     train = {t.name: decode(t, "train") for t in exp.tasks}
     val = {t.name: decode(t, "validation") for t in exp.tasks}
     model = build_model(exp, infos).train()
-    optimizer = build_optimizer(model.parameters(), tr, tr.lr)
+    optimizer = build_optimizer(model, tr, tr.lr)
     losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
     batches = batches_per_epoch(infos, tr.batch_size, 1)
     rng = torch.Generator().manual_seed(exp.seed)

@@ -179,6 +179,8 @@ def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
 
     from raymtl.data.plan import train_steps
     from raymtl.data.schedule import TaskSchedule
+    from raymtl.data.datasets import decode_slots
+    from raymtl.data.device_inputs import DeviceInputs
     from raymtl.train.batches import TaskBatches, batches_per_epoch
 
     tr = exp.training
@@ -187,15 +189,19 @@ def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
                        seed=exp.seed, epoch=0, rank=rank, world=world, shuffle=exp.data.shuffle)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     done = 0
-    for _task, batch in TaskBatches(inputs, "train", plan, device, cache):
+    slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0  # as the training loop
+    batches = TaskBatches(inputs, "train", plan, DeviceInputs(exp.data, device), cache, slots=slots)
+    for _task, batch in batches:
         done += len(batch["label"]) if batch is not None else 0
+    batches.close()
     return done
 
 
 def cached_bytes(inputs) -> int:
-    import ray
+    """Bytes of every cached chunk's arrays (read zero-copy: nothing is copied to count them)."""
+    from raymtl.data.datasets import DecodedCache
 
-    return sum((ray.get(r) if isinstance(r, ray.ObjectRef) else r).nbytes for r in inputs.cached)
+    return sum(a.nbytes for parts in DecodedCache(inputs.cached).parts.values() for d in parts for a in d.arrays.values())
 
 
 def run_stream(tables: dict[str, str]) -> dict:

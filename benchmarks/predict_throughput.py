@@ -30,6 +30,7 @@ import raymtl
 from raymtl.config import TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
 from raymtl.data.inspection import inspect_tasks
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
@@ -62,7 +63,7 @@ def per_task_loop(model_dir: str, items: pd.DataFrame, batch_size: int) -> None:
         for start in range(0, len(items), batch_size):
             chunk = items.iloc[start : start + batch_size]
             for name, prep in preps.items():
-                batch = {k: torch.as_tensor(v) for k, v in prep(chunk).items() if v.dtype.kind in "if"}
+                batch = DeviceInputs(saved.data, "cpu")(prep(chunk))
                 logits = saved.model(batch, name)
                 (logits.softmax(1) if saved.infos[name].kind == "multiclass" else logits.sigmoid()).argmax(1)
 

@@ -52,6 +52,7 @@ from raymtl.data.inspection import inspect_tasks
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.build import build_model
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.train.batches import TaskBatches, batches_per_epoch
 from raymtl.train.losses import task_loss
 from raymtl.train.optim import build_optimizer
@@ -114,7 +115,7 @@ def memory_batches(exp: Experiment, infos: dict[str, TaskInfo], frames: dict[str
     tensors = {}
     for task in exp.tasks:
         out = Preprocessor(task, infos[task.name], exp.data)(frames[task.name])
-        tensors[task.name] = {k: torch.as_tensor(v) for k, v in out.items() if v.dtype.kind in "biuf"}
+        tensors[task.name] = DeviceInputs(exp.data, "cpu")(out)
     rng = np.random.default_rng(0)
     order: dict[str, list[torch.Tensor]] = {}
     size = exp.training.batch_size
@@ -139,14 +140,14 @@ def raydata_batches(exp: Experiment, infos: dict[str, TaskInfo]) -> Callable[[st
     schedule = TaskSchedule(batches_per_epoch(infos, tr.batch_size, 1), exp.seed, 0, tr.sampler, tr.temperature).steps()
     plan = train_steps(schedule, {t: i.n_train for t, i in infos.items()}, tr.batch_size,
                        seed=exp.seed, epoch=0, rank=0, world=1, shuffle=exp.data.shuffle)
-    return TaskBatches(build_inputs(exp, infos), "train", plan, torch.device("cpu"), None).next
+    return TaskBatches(build_inputs(exp, infos), "train", plan, DeviceInputs(exp.data, "cpu"), None).next
 
 
 def plain_loop(exp: Experiment, infos: dict[str, TaskInfo], next_batch: Callable[[str], Batch]) -> list[tuple[str, float, float]]:
     """One epoch of the random-batch loop as raymtl's worker runs it; (task, wait_s, step_s) per step."""
     tr = exp.training
     model = build_model(exp, infos).train()
-    optimizer = build_optimizer(model.parameters(), tr, tr.lr)
+    optimizer = build_optimizer(model, tr, tr.lr)
     losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
     timings = []
     for task in TaskSchedule(batches_per_epoch(infos, tr.batch_size, 1), exp.seed, 0, tr.sampler, tr.temperature).steps():

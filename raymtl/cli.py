@@ -69,9 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
     exp = resolve_models(exp)
     console.open_log(storage.join(storage.normalize(exp.storage_path), exp.name))
+    from raymtl.train.recipes import fit_recipe
     from raymtl.train.trainer import fit, print_summary
 
-    print_summary(fit(exp, address=args.address))
+    print_summary(fit_recipe(exp, lambda e: fit(e, address=args.address)))
     return 0
 
 
@@ -88,6 +89,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     console.open_log(sweep_dir_of(exp))
     result = run_sweep(exp, spec, address=args.address)
     console.say(format_summary(result))
+    console.say(f"tensorboard: tensorboard --logdir {storage.join(result.sweep_dir, 'tune')}  "
+                "(every trial's per-task curves, one run per trial id)")
     failure = sweep_failure(result)
     if failure:
         print(f"raymtl: error: {failure}", file=sys.stderr)
@@ -112,6 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tasks=args.tasks.split(",") if args.tasks else None,
         batch_size=args.batch_size,
         pool_size=args.pool_size,
+        max_pool_size=args.max_pool_size,
         num_gpus=args.num_gpus,
         top_k=args.top_k,
         strict=args.strict,
@@ -136,15 +140,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from raymtl.evaluate import compare, evaluate, format_table, write_results
+    from raymtl.evaluate import compare, evaluate, format_table, modality_table, write_results
 
     options = dict(split=args.split, tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
                    pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address)
-    evaluation = evaluate(args.model, args.config, **options)
-    baselines = [evaluate(b, args.config, **options) for b in args.baseline or []]
+    modalities = ["both", "image", "text"] if args.modality == "all" else [args.modality]
+    by_modality = {m: evaluate(args.model, args.config, modality=m, **options) for m in modalities}
+    evaluation = by_modality[modalities[0]]
+    baselines = [evaluate(b, args.config, modality=modalities[0], **options) for b in args.baseline or []]
     comparison = compare(evaluation, baselines) if baselines else None
     print(format_table(evaluation, comparison))
-    write_results(args.out, evaluation, baselines, comparison)
+    if len(by_modality) > 1:
+        print(f"\nprimary metric by modality (image: text masked; text: image masked)\n{modality_table(by_modality)}")
+    write_results(args.out, evaluation, baselines, comparison, by_modality if len(by_modality) > 1 else None)
     print(f"wrote {args.out}/evaluation.json and evaluation.csv")
     return 0
 
@@ -193,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="parquet output folder or URI")
     p.add_argument("--tasks", help="comma-separated tasks to predict (default: all)")
     p.add_argument("--batch-size", type=int, default=64, help="items per model call")
-    p.add_argument("--pool-size", type=int, default=1, help="model actors")
+    p.add_argument("--pool-size", type=int, default=1, help="model actors at the start")
+    p.add_argument("--max-pool-size", type=int, help="model actors at most, added while items queue (default: --pool-size)")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--top-k", type=int, default=0, help="also write the K best labels and scores per task")
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of marking it")
@@ -212,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evaluation", help="folder for evaluation.json and evaluation.csv")
     p.add_argument("--baseline", nargs="+", help="models to compare with (per task: those that predict it)")
     p.add_argument("--tasks", help="comma-separated tasks to evaluate (default: the model's tasks in the config)")
+    p.add_argument("--modality", choices=["both", "image", "text", "all"], default="both",
+                   help="inputs the model sees: image (text masked), text (image masked), both, or a report of all "
+                        "three; a masked modality feeds zeros into its fusion slot")
     p.add_argument("--batch-size", type=int, default=64, help="items per model call")
     p.add_argument("--pool-size", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")

@@ -24,6 +24,10 @@ TASK_KINDS = ("multiclass", "multilabel")
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # see raymtl.train.precision
+FUSION_NORMS = ("layernorm", "none")
+RECIPES = ("joint", "staged")
+MODEL_PARTS = ("image", "text", "fusion", "heads")  # what stages freeze and lr_multipliers scale
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -66,7 +70,10 @@ class DataSpec:
     std: list[float] | None = None
     tokenizer: str | None = None  # Hugging Face Hub id, or local folder of a tokenizer
     max_length: int = 64
-    skip_bad_images: bool = False  # drop (and count) rows whose image cannot be read
+    # Unreadable images: dropped and counted (their rows leave their batch) up to max_bad_fraction
+    # of a rank's rows per split and epoch, past it the run stops; false: the first one stops it.
+    skip_bad_images: bool = True
+    max_bad_fraction: float = 0.001
     shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
     read_concurrency: int = 32  # image reads in flight per decode task (URIs: one round trip each)
@@ -86,6 +93,8 @@ class ModelSpec:
     text_pooling: str = "mean"  # mean | cls
     hidden_dim: int = 256
     dropout: float = 0.1
+    fusion_norm: str = "layernorm"  # per-modality LayerNorm + equal-share scale before fusion | none (plain concat)
+    modality_dropout: float = 0.0  # training: drop one modality of a row with both, with this probability
     groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
     base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
     init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from
@@ -102,10 +111,24 @@ class StageSpec:
     freeze: list[str] = field(default_factory=list)  # image | text | fusion | heads
 
 
+def worker_range(tr: TrainingSpec) -> tuple[int, int]:
+    """(min, max) workers: equal for a fixed worker count."""
+    if isinstance(tr.num_workers, int):
+        return tr.num_workers, tr.num_workers
+    if len(tr.num_workers) != 2:
+        raise ConfigError(f"training.num_workers: expected N or [min, max], got {tr.num_workers}")
+    return tr.num_workers[0], tr.num_workers[1]
+
+
+def global_batch(tr: TrainingSpec, world: int) -> int:
+    """Rows of one step, all workers together, on `world` workers (`batch_scope`)."""
+    return tr.batch_size if tr.batch_scope == "global" else tr.batch_size * world
+
+
 @dataclass
 class TrainingSpec:
     epochs: int = 3
-    batch_size: int = 32  # per worker
+    batch_size: int = 32  # per worker (batch_scope: worker) or for all workers together (global)
     eval_batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -117,11 +140,23 @@ class TrainingSpec:
     gamma: float = 0.1
     plateau_patience: int = 1
     grad_clip: float | None = None
-    mixed_precision: bool = True  # bf16 autocast, only when training on GPU
+    # auto: bf16 autocast on a GPU with bf16, fp16 + gradient scaling on one without, fp32 on the CPU
+    precision: str = "auto"
+    mixed_precision: bool = True  # the older switch: false = precision fp32 (when precision is auto)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # model part -> factor on the lr, e.g. {text: 0.1}
     sampler: str = "shuffled"
     temperature: float = 2.0
     stages: list[StageSpec] = field(default_factory=list)  # empty = one stage of `epochs`
-    num_workers: int = 1
+    # joint: one image + text model from the start; staged: an image model and a text model first
+    # (each trained as this section says), then composed and trained in `fusion_stages` (raymtl.train.recipes)
+    recipe: str = "joint"
+    fusion_stages: list[StageSpec] = field(default_factory=list)  # staged; empty = `epochs` with image, text frozen
+    # Workers: N, or [min, max] for an elastic run (Ray Train starts with what the cluster has, at
+    # least min, and shrinks or grows between them as nodes go and come back)
+    num_workers: int | list[int] = 1
+    elastic_resize_interval_s: float = 60.0  # an elastic run looks for a changed cluster this often
+    # batch_size is per worker (the global batch grows with the workers) or global (split among them)
+    batch_scope: str = "worker"
     # One worker on a local machine trains in this process (Ray Train's local mode; no Train
     # controller or worker processes, Ray started only for data it must stream): auto | always | never
     in_process: str = "auto"
@@ -132,10 +167,17 @@ class TrainingSpec:
     checkpoint_metric: str = "val/mean_loss"
     checkpoint_mode: str = "min"
     max_failures: int = 0
+    max_preemptions: int = -1  # restarts after a node's preemption, counted apart from max_failures (-1: any)
+    preemption_grace_s: float = 0.0  # the other workers may run this long past a preemption's deadline
+    # Ask Ray Train every N steps whether a node of the run is about to be preempted, and checkpoint
+    # at once when it is (0: never ask; the question is a barrier of all workers)
+    preemption_check_steps: int = 20
     ewma_alpha: float = 0.1
     affinity_every_steps: int | None = None  # measure inter-task affinity (TAG) every N steps
     affinity_rows: int = 64  # ... on each task's latest rows (its last few batches)
+    affinity_lookahead_rows: int | None = 512  # ... each lookahead step on at most this many rows of all tasks together
     collective_timeout_s: int = 1800
+    grad_compression: str = "none"  # none | bf16: gradient buckets all-reduced as bf16 (half the bytes)
     deterministic: bool = False
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
@@ -274,14 +316,29 @@ def _validate(exp: Experiment) -> None:
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule")
     _choice(tr.checkpoint_mode, ("min", "max"), "training.checkpoint_mode")
     _choice(m.text_pooling, ("mean", "cls"), "model.text_pooling")
+    _choice(m.fusion_norm, FUSION_NORMS, "model.fusion_norm")
+    for part, factor in tr.lr_multipliers.items():
+        _choice(part, MODEL_PARTS, "training.lr_multipliers")
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"training.lr_multipliers.{part}: must be > 0, got {factor!r}")
     _choice(exp.data.cache, ("auto", "always", "never"), "data.cache")
     _choice(tr.in_process, ("auto", "always", "never"), "training.in_process")
+    _choice(tr.grad_compression, ("none", "bf16"), "training.grad_compression")
+    _choice(tr.precision, PRECISIONS, "training.precision")
+    _choice(tr.recipe, RECIPES, "training.recipe")
+    _choice(tr.batch_scope, ("worker", "global"), "training.batch_scope")
+    lo, hi = worker_range(tr)
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"training.num_workers: expected N >= 1 or [min, max] with 1 <= min <= max, got {tr.num_workers}")
+    if tr.batch_scope == "global" and tr.batch_size < hi:
+        raise ConfigError(f"training.batch_size: a global batch of {tr.batch_size} leaves some of {hi} workers no row")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
     _check_ranges(exp)
-    for i, s in enumerate(tr.stages):
-        for part in s.freeze:
-            _choice(part, ("image", "text", "fusion", "heads"), f"training.stages[{i}].freeze")
+    for key in ("stages", "fusion_stages"):
+        for i, s in enumerate(getattr(tr, key)):
+            for part in s.freeze:
+                _choice(part, MODEL_PARTS, f"training.{key}[{i}].freeze")
     if m.groups is not None:
         check_groups(m.groups, exp.task_names)
 
@@ -309,15 +366,19 @@ _RANGES: dict[str, dict[str, str]] = {
     "": {"seed": ">=0"},
     "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
     "data.views": {"crop": "(0,1]"},
-    "data": {"image_size": ">=8", "max_length": ">=1", "read_concurrency": ">=1"},
-    "model": {"hidden_dim": ">=1", "dropout": "[0,1)"},
+    "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]",
+             "read_concurrency": ">=1"},
+    "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
+    "training.fusion_stages": {"epochs": ">=1", "lr": ">0"},
     "training": {
         "epochs": ">=1", "batch_size": ">=1", "eval_batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
         "momentum": "[0,1)", "warmup_steps": ">=0", "step_size": ">=1", "gamma": ">0", "plateau_patience": ">=0",
-        "grad_clip": ">0", "temperature": ">0", "num_workers": ">=1", "cpus_per_worker": ">0",
-        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1",
+        "grad_clip": ">0", "temperature": ">0", "cpus_per_worker": ">0", "elastic_resize_interval_s": ">=0",
+        "checkpoint_every_steps": ">=1", "keep_checkpoints": ">=1", "max_failures": ">=-1", "max_preemptions": ">=-1", "preemption_grace_s": ">=0",
+        "preemption_check_steps": ">=0",
         "ewma_alpha": "(0,1]", "affinity_every_steps": ">=1", "affinity_rows": ">=1",
+        "affinity_lookahead_rows": ">=1",
         "collective_timeout_s": ">=1",
     },
 }
@@ -341,6 +402,7 @@ def _check_ranges(exp: Experiment) -> None:
         *((f"tasks[{i}] ({t.name!r})", t) for i, t in enumerate(exp.tasks)),
         *((f"data.views ({v.name!r})", v) for v in exp.data.views),
         *((f"training.stages[{i}]", s) for i, s in enumerate(exp.training.stages)),
+        *((f"training.fusion_stages[{i}]", s) for i, s in enumerate(exp.training.fusion_stages)),
     ]
     for where, obj in parts:
         section = where.split(" (")[0].split("[")[0]

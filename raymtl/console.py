@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from raymtl import storage
-from raymtl.config import ConfigError, Experiment
+from raymtl.config import ConfigError, Experiment, global_batch, worker_range
 
 LOG_FILE = "raymtl.log"
 NAMESPACE = "raymtl"
@@ -287,7 +287,7 @@ class ProgressView:
     def __init__(self, exp: Experiment, out: Any = None):
         tr = exp.training
         self.epochs = sum(s.epochs for s in tr.stages) if tr.stages else tr.epochs
-        self.samples_per_step = tr.batch_size * tr.num_workers
+        self.samples_per_step = global_batch(tr, worker_range(tr)[1])  # an elastic run's at its most workers
         self.out = out or sys.stderr
         self.bar: Any = None
         self.epoch = -1

@@ -10,6 +10,14 @@ class ConfigError(ValueError):
     """A configuration or input-data fault, with a message naming what is wrong."""
 
 
+class DataError(ConfigError):
+    """A fault of the data itself (an unreadable image in a strict run, too many of them).
+
+    The data order is deterministic, so a retry would meet it at the same step: runs fail on it
+    at once instead of spending `training.max_failures` (`raymtl.train.failures`).
+    """
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the choice closest to a misspelt `name`, "" when none is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)

@@ -8,6 +8,11 @@ into the training metric code (`make_accumulator`), so the numbers are the ones 
 The loss is the negative log-likelihood of the predicted probabilities (cross-entropy or BCE,
 without label smoothing or task weight). Rows whose image cannot be read are left out and counted.
 
+`modality`: "image" (image only: the text masked), "text" (text only: the image masked) or "both".
+A masked modality is not computed and feeds zeros into its fusion slot (after the per-modality
+normalisation), exactly what a task without that modality feeds, and what modality dropout trains
+the model on; a task whose only modality is masked then predicts from zeros: its prior.
+
 With baselines, each task is compared with the baselines that predict it (several: their mean)
 and LibMTL's Δ% sums it up: the mean over tasks of the mean over the task's metrics of
 ±(model - baseline) / baseline, signed so that higher is better (the loss counts negated), x 100.
@@ -16,6 +21,7 @@ and LibMTL's Δ% sums it up: the mean over tasks of the mean over the task's met
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -29,7 +35,7 @@ from raymtl import storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
 from raymtl.predict import gpus_per_actor, predictions
 from raymtl.predict.actors import Predict, Prepare
-from raymtl.predict.plan import ERROR, LABEL, Plan, make_plan
+from raymtl.predict.plan import LABEL, Plan, make_plan
 from raymtl.predict.reading import read_items
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import primary_metric
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 SPLITS = {"validation": "validation", "test": "test"}  # --split -> TaskSpec field
 LOWER_IS_BETTER = frozenset({"loss"})
 COUNTS = ("rows", "bad_rows")  # reported beside the metrics, not compared
+MASKED = {"both": None, "image": "text", "text": "image"}  # modality evaluated -> modality masked
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Evaluation:
     split: str
     tasks: dict[str, dict[str, float]]
     seconds: float = 0.0
+    modality: str = "both"  # both | image (text masked) | text (image masked)
 
     @property
     def mean_score(self) -> float:
@@ -78,6 +86,7 @@ def evaluate(
     num_gpus: float | None = None,
     address: str | None = None,
     local: bool = False,
+    modality: str = "both",
 ) -> Evaluation:
     """Metrics of every task of `config` (a YAML path or an Experiment) that the model predicts.
 
@@ -89,6 +98,8 @@ def evaluate(
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
 
+    if modality not in MASKED:
+        raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(MASKED)}")
     exp = config if isinstance(config, Experiment) else load_experiment(config)
     saved = load(model_path)
     specs = _task_specs(exp, saved.infos, split, tasks)
@@ -99,6 +110,7 @@ def evaluate(
     for spec in specs:
         plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
                          text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
+        plan = dataclasses.replace(plan, masked=MASKED[modality])
         items = read_items(getattr(spec, SPLITS[split]), plan)
         if local:
             scored = _score_here(items.to_pandas(), plan, batch_size)
@@ -106,7 +118,7 @@ def evaluate(
             pipeline = predictions(items, plan, batch_size, pool_size, gpus, model_stage=_Score)
             scored = pipeline.iter_batches(batch_format="numpy")
         metrics[spec.name] = task_metrics(saved.infos[spec.name], scored)
-    return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start)
+    return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start, modality)
 
 
 def _task_specs(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> list[TaskSpec]:
@@ -145,11 +157,8 @@ class _Score(Predict):
     """Model actor of an evaluation: per row the probabilities of the plan's task, its label, badness."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (head,) = self.heads
-        bad = np.zeros(len(batch[LABEL]), dtype=bool)
-        for i in head.inputs:
-            bad |= batch[f"{i}/{ERROR}"] != ""
-        return {"probs": self._probs(head, batch, ~bad, {}), LABEL: batch[LABEL], "bad": bad}
+        ((probs, bad),) = self.probabilities(batch)
+        return {"probs": probs, LABEL: batch[LABEL], "bad": bad}
 
 
 def _score_here(items: pd.DataFrame, plan: Plan, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -223,11 +232,26 @@ def format_table(evaluation: Evaluation, comparison: Comparison | None = None) -
     return "\n".join(lines)
 
 
-def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation], comparison: Comparison | None) -> None:
+def modality_table(by_modality: dict[str, Evaluation]) -> str:
+    """One row per task: its primary metric with both modalities, image only and text only."""
+    first = next(iter(by_modality.values()))
+    rows = []
+    for task, metrics in first.tasks.items():
+        primary = primary_metric(metrics)
+        rows.append({"task": task, "metric": primary,
+                     **{m: e.tasks[task][primary] for m, e in by_modality.items()}})
+    rows.append({"task": "mean", "metric": "score", **{m: e.mean_score for m, e in by_modality.items()}})
+    return summary_table(rows)
+
+
+def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation], comparison: Comparison | None,
+                  by_modality: dict[str, Evaluation] | None = None) -> None:
     """evaluation.json (everything) and evaluation.csv (one row per model and task) in `out`."""
     report: dict[str, Any] = {**asdict(evaluation), "mean_score": evaluation.mean_score,
                               "baselines": [asdict(b) for b in baselines],
                               "comparison": asdict(comparison) if comparison else None}
+    if by_modality:
+        report["by_modality"] = {m: {**asdict(e), "mean_score": e.mean_score} for m, e in by_modality.items()}
     storage.write_text(storage.join(out, "evaluation.json"), json.dumps(report, indent=2))
     rows = [{"model": e.model, "task": task, **metrics} for e in (evaluation, *baselines)
             for task, metrics in e.tasks.items()]

@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from raymtl import console
 
 DASHBOARD_ENV = "RAYMTL_DASHBOARD"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 # Set for a local cluster unless the user set them: read by the processes Ray spawns.
 LEAN_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage-stats reporter
     "RAY_enable_metrics_collection": "0",  # no per-process metrics recording and export
     "RAY_TRAIN_METRICS_ENABLED": "0",  # no Train controller/worker metrics callbacks
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-preemption watcher actor: one box is not preempted
+    PREEMPTION_WATCHER_ENV: "0",  # no spot-preemption watcher actor: one box is not preempted
 }
 
 
@@ -46,20 +47,23 @@ def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    dashboard = dashboard_wanted() if dashboard is None else dashboard
     if address:
-        ray.init(address=address, **console.ray_logging())
-        return
-    global _started_here
-    for key, value in LEAN_ENV.items():
-        os.environ.setdefault(key, value)
-    _started_here = True
-    ray.init(
-        address="local",
-        # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
-        num_cpus=max(4, 2 * (os.cpu_count() or 1)),
-        include_dashboard=dashboard_wanted() if dashboard is None else dashboard,
-        **console.ray_logging(),
-    )
+        context = ray.init(address=address, **console.ray_logging())
+    else:
+        global _started_here
+        for key, value in LEAN_ENV.items():
+            os.environ.setdefault(key, value)
+        _started_here = True
+        context = ray.init(
+            address="local",
+            # Ray Data needs CPU slots beside the training workers; on a small box give it logical ones.
+            num_cpus=max(4, 2 * (os.cpu_count() or 1)),
+            include_dashboard=dashboard,
+            **console.ray_logging(),
+        )
+    if dashboard and getattr(context, "dashboard_url", None):
+        console.say(f"[raymtl] Ray dashboard: http://{context.dashboard_url}")
 
 
 def started_here() -> bool:

@@ -1,6 +1,7 @@
 """Lookahead affinity: the formula by hand, no side effects on the model, tracker and heatmap."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from raymtl.config import ModelSpec
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.multitask import MultiTaskModel
+from raymtl.tune.spec import affinity_interval
 from raymtl.train.affinity import (
     AffinityTracker,
     CELL,
@@ -209,3 +211,99 @@ def test_heatmap_png(tmp_path):
         colours = {c for _, c in image.getcolors(w * h)}
     # +-0.5 are the largest |Z| off the diagonal: they get the full blue and red
     assert (33, 102, 172) in colours and (178, 24, 43) in colours
+
+
+TINY_BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=16)
+
+
+def reference_affinity(model, grad_batches, eval_batches, losses, lr, update):
+    """Z by the formula, one step tensor per task and one forward pass per (source, target) pair."""
+    tasks = list(grad_batches)
+    names = shared_parameter_names(model)
+    theta = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in names}
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+
+    def loss(params, task, batch):
+        buffers = {n: b.clone() for n, b in frozen.items()}
+        logits = torch.func.functional_call(model, {**buffers, **params}, args=(batch,), kwargs={"task": task})
+        return losses[task](logits, batch["label"])
+
+    modes = {m: m.training for m in model.modules()}
+    for m in model.modules():  # dropout off, BatchNorm as it was (what _deterministic does)
+        if not any(isinstance(s, torch.nn.modules.batchnorm._BatchNorm) for s in m.modules()):
+            m.training = False
+    steps = {}
+    for t in tasks:
+        grads = torch.autograd.grad(loss(theta, t, grad_batches[t]), list(theta.values()), allow_unused=True)
+        steps[t] = {n: update(n, g) for n, g in zip(names, grads) if g is not None}
+    z = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    with torch.no_grad():
+        before = {t: loss(theta, t, eval_batches[t]).double() for t in tasks}
+        for i, s in enumerate(tasks):
+            moved = {n: p - lr * steps[s][n] if n in steps[s] else p for n, p in theta.items()}
+            for j, t in enumerate(tasks):
+                z[i, j] = 1 - loss(moved, t, eval_batches[t]).double() / before[t]
+    for m, mode in modes.items():
+        m.training = mode
+    return z
+
+
+def mixed_model_and_data(rows=8):
+    """Image-only, text-only and image+text tasks in one group, resnet18 (BatchNorm in train mode)."""
+    kinds = {"img": (True, False), "txt": (False, True), "both": (True, True), "both2": (True, True)}
+    infos = {t: TaskInfo(t, "multiclass", ["0", "1", "2"], 8, 4, i, x) for t, (i, x) in kinds.items()}
+    spec = ModelSpec(image_backbone="resnet18", text_config=TINY_BERT, hidden_dim=8, dropout=0.1)
+    torch.manual_seed(0)
+    model = MultiTaskModel(spec, infos, ["full"], {"all": list(infos)}).train()
+    g = torch.Generator().manual_seed(1)
+    data = {}
+    for t, (image, text) in kinds.items():
+        b = {"label": torch.randint(0, 3, (rows,), generator=g)}
+        if image:
+            b["view_full"] = torch.randn(rows, 3, 32, 32, generator=g)
+        if text:
+            b["input_ids"] = torch.randint(1, 60, (rows, 5), generator=g)
+            b["attention_mask"] = torch.ones(rows, 5, dtype=torch.long)
+        data[t] = b
+    return model, data, {t: F.cross_entropy for t in infos}
+
+
+def adam_after_one_step(model, data, losses):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses["img"](model(data["img"], task="img"), data["img"]["label"]).backward()
+    opt.step()
+    opt.zero_grad()
+    return optimizer_update(opt, model)
+
+
+@pytest.mark.parametrize("lookahead_rows", [None, 32, 1000])
+def test_batched_lookahead_equals_the_formula_pair_by_pair(lookahead_rows):
+    """One reused step buffer and one batched pass per source give the per-pair Z (BatchNorm per task)."""
+    model, data, losses = mixed_model_and_data()
+    update = adam_after_one_step(model, data, losses)
+    before = snapshot(model)
+    tasks, z = lookahead_affinity(model, data, losses, 1e-3, update=update, lookahead_rows=lookahead_rows)
+    expected = reference_affinity(model, data, data, losses, 1e-3, update)
+    assert tasks == list(data)
+    torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-6)
+    assert_unchanged(model, before)
+    assert model.training
+
+
+def test_capped_lookahead_rows_evaluate_each_targets_latest_rows():
+    """lookahead_rows=16 over 4 tasks: each step is judged on each target's latest 4 rows, before and after."""
+    model, data, losses = mixed_model_and_data()
+    update = adam_after_one_step(model, data, losses)
+    _, z = lookahead_affinity(model, data, losses, 1e-3, update=update, lookahead_rows=16)
+    latest = {t: {k: v[-4:] for k, v in b.items()} for t, b in data.items()}
+    torch.testing.assert_close(z, reference_affinity(model, data, latest, losses, 1e-3, update), rtol=1e-4, atol=1e-6)
+    full = reference_affinity(model, data, data, losses, 1e-3, update)
+    assert not torch.allclose(z, full, rtol=1e-4, atol=1e-6)  # the rows do matter: the cap is in effect
+
+
+def test_affinity_interval_keeps_the_measurement_a_tenth_of_training():
+    every = {t: affinity_interval(t, rows=64, lookahead_rows=512, batch_size=16) for t in (4, 8, 32)}
+    assert every[4] == math.ceil((3 * 4 * 64 + 4 * 4 * 64) / 4.8)  # keep all 64 rows: T passes
+    assert every[32] == math.ceil((3 * 32 * 64 + 33 * 32 * 16) / 4.8)
+    assert every[4] < every[8] < every[32] < 5 * every[8]  # linear in T once the cap holds (T=32: T+1 passes)

@@ -158,7 +158,8 @@ def test_bad_settings_stop_before_ray_with_one_line(tmp_path, sections, culprit)
 @pytest.mark.parametrize("kind", ["corrupt", "missing"])
 def test_bad_image_in_the_sample_stops_before_ray(tmp_path, kind):
     table = write_task(tmp_path, "color", 16, bad={0: kind})
-    done, wall = raymtl("train", str(write_config(tmp_path, table)), cwd=tmp_path)
+    strict = write_config(tmp_path, table, data={"skip_bad_images": False})
+    done, wall = raymtl("train", str(strict), cwd=tmp_path)
     line = one_error_line(done)
     assert f"task 'color': cannot read image '{tmp_path}/images/color-000.png' in column 'image'" in line
     assert "data.skip_bad_images: true" in line
@@ -175,7 +176,8 @@ def test_bad_image_met_in_decoding_is_one_line_naming_it(tmp_path, cache):
     # Row 1 is outside the pre-flight sample (rows 0, 5, 10, ...): only decoding meets it, inside
     # Ray's decode tasks ("never": streamed) or in the driver (a small "always" cache).
     table = write_task(tmp_path, "color", 40, bad={1: "corrupt"})
-    done, _ = raymtl("train", str(write_config(tmp_path, table, data={"cache": cache})), cwd=tmp_path, timeout=500)
+    config = write_config(tmp_path, table, data={"cache": cache, "skip_bad_images": False})
+    done, _ = raymtl("train", str(config), cwd=tmp_path, timeout=500)
     line = one_error_line(done)
     assert done.returncode == (1 if cache == "never" else 2)  # met during training, or before it
     assert f"cannot read image '{tmp_path}/images/color-001.png'" in line

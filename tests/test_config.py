@@ -114,6 +114,11 @@ def test_unknown_kind_suggests_closest() -> None:
         load_experiment(raw)
 
 
+def test_unknown_grad_compression() -> None:
+    with pytest.raises(ConfigError, match=r"training.grad_compression: unknown value 'fp8'; choose one of none, bf16"):
+        load_experiment(minimal(training={"grad_compression": "fp8"}))
+
+
 def test_task_without_input_column() -> None:
     with pytest.raises(ConfigError, match=r"tasks\[0\] \('a'\): set `image_column` and/or `text_column`"):
         load_experiment({"name": "exp", "tasks": [{"name": "a", "train": "a.csv"}]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ import torch
 
 from raymtl.config import ConfigError
 from raymtl.train.faults import CRASH_MARKER
-from raymtl.train.report import read_history
+from raymtl.train.report import read_history, read_rows
 from raymtl.train.trainer import fit, make_trainer, prepare
+from rows import kept_steps, logging_rows, lr_at, rows_read
 from test_training import catalogue, crash_at, experiment, weights, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -24,7 +26,8 @@ GROUPS = {"colors": ["color"], "styles": ["style"]}
 
 
 def two_groups(config, name: str, **training):
-    exp = experiment(config, name, num_workers=2, deterministic=True, checkpoint_every_steps=3, **training)
+    exp = experiment(config, name, num_workers=2, deterministic=True, checkpoint_every_steps=3,
+                     lr_schedule="warmup_cosine", warmup_steps=3, **training)
     return dataclasses.replace(exp, model=dataclasses.replace(exp.model, groups=GROUPS))
 
 
@@ -90,16 +93,17 @@ def straight(ray_cluster, config, tmp_path_factory):
     """Uninterrupted 2 epochs, affinity measured, with every collective recorded."""
     out = tmp_path_factory.mktemp("calls")
     exp, infos = prepare(two_groups(config, "straight2", epochs=2, affinity_every_steps=4))
-    trainer = make_trainer(exp, infos)
-    trainer.train_loop_per_worker = recording_collectives(trainer.train_loop_per_worker, str(out))
-    result = trainer.fit()
+    with logging_rows(tmp_path_factory.mktemp("straight_rows")) as rows:
+        trainer = make_trainer(exp, infos)  # its workers' runtime env carries the row log's folder
+        trainer.train_loop_per_worker = recording_collectives(trainer.train_loop_per_worker, str(out))
+        result = trainer.fit()
     calls = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return result, read_history(str(Path(exp.storage_path).expanduser() / exp.name)), calls
+    return result, read_history(str(Path(exp.storage_path).expanduser() / exp.name)), calls, kept_steps(rows)
 
 
 def test_every_collective_goes_through_the_helper_on_the_group_device(straight):
     """Gradient sync, buffer broadcast, metric states, affinity and RNG gather, on both ranks."""
-    _, history, calls = straight
+    _, history, calls, _ = straight
     assert [row["epoch"] for row in history] == [1, 2]
     for rank_calls in calls:
         ops = {c["op"] for c in rank_calls}
@@ -111,7 +115,7 @@ def test_every_collective_goes_through_the_helper_on_the_group_device(straight):
 
 
 def test_two_group_two_worker_run_resumes_exactly(ray_cluster, config, straight):
-    result, history, _ = straight
+    result, history, _, _ = straight
     exp = two_groups(config, "interrupted2", epochs=2, affinity_every_steps=4, max_failures=0)
     with crash_at(11):
         failed = fit(exp, raise_on_error=False)
@@ -126,7 +130,7 @@ def test_two_group_two_worker_run_resumes_exactly(ray_cluster, config, straight)
 def test_two_worker_crash_is_recovered_and_resumes_exactly(ray_cluster, config, straight):
     """Rank 0 dies at step 11 (epoch 2, step 3); Ray Train restarts both workers from the latest
     checkpoint (step 9) and the run ends as the uninterrupted one, bit for bit."""
-    result, history, _ = straight
+    result, history, _, _ = straight
     exp = two_groups(config, "recovered2", epochs=2, affinity_every_steps=4, max_failures=1)
     with crash_at(11):
         recovered = fit(exp)
@@ -138,32 +142,44 @@ def test_two_worker_crash_is_recovered_and_resumes_exactly(ray_cluster, config, 
 
 
 @pytest.fixture(scope="module")
-def shrunk(ray_cluster, config):
-    """2 workers crash at step 11 (epoch 2, step 3); resumed with 1 worker.
+def shrunk(ray_cluster, config, tmp_path_factory):
+    """2 workers crash at step 11 (epoch 2, step 3); resumed with 1 worker, every step's rows logged.
 
     Checkpoints at steps 3, 6, 8 (epoch 1's end) and 9; the crash may come before Ray Train has
     registered the step-9 one, so the resume starts from step 8 or 9.
     """
     exp = two_groups(config, "shrink", epochs=2, max_failures=0)
-    with crash_at(11):
-        failed = fit(exp, raise_on_error=False)
-    assert failed.error is not None and len(failed.history) == 1
-    return exp, failed, fit(dataclasses.replace(exp, training=dataclasses.replace(exp.training, num_workers=1)))
+    with logging_rows(tmp_path_factory.mktemp("shrink_rows")) as rows:
+        with crash_at(11):
+            failed = fit(exp, raise_on_error=False)
+        assert failed.error is not None and len(failed.history) == 1
+        resumed = fit(dataclasses.replace(exp, training=dataclasses.replace(exp.training, num_workers=1)))
+    return exp, failed, resumed, kept_steps(rows)
 
 
-def test_resume_with_fewer_workers_continues_the_metrics_and_finishes(shrunk):
-    _, failed, result = shrunk
+def test_resume_with_fewer_workers_reads_the_rest_of_the_epoch_exactly_at_the_same_lr(shrunk, straight):
+    _, failed, result, steps = shrunk
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.history[0] == failed.history[0]  # the 2-worker epoch is kept as it was
     assert failed.history[0]["global_step"] == 8
-    # Epoch 2 runs whole with 1 worker (8 batches per task), after the steps already taken: from
-    # the epoch boundary (step 8) exactly, or from step 9 restarting the epoch at its first step.
-    assert result.history[1]["global_step"] in (8 + 16, 9 + 16)
-    assert 0.0 <= result.history[1]["val/color/accuracy"] <= 1.0
+    # Epoch 2 continues where the checkpoint was: from its boundary (step 8: 16 steps of 1 worker),
+    # or from its step 1 (9): the 7 steps of 2 x 16 rows left become 14 steps of 16.
+    assert result.history[1]["global_step"] in (8 + 16, 9 + 14)
+    resize = [row for row in read_rows(result.run_dir) if row.get("event") == "resize"]
+    assert [(r["old_world"], r["world"]) for r in resize] == [(2, 1)] and resize[0]["global_step"] in (8, 9)
+    # Every row of each task (128 training rows), once in each epoch, the resize's included.
+    read = rows_read(steps)
+    assert sorted(read) == [(e, t) for e in (0, 1) for t in ("color", "style")]
+    assert all(counts == Counter(range(128)) for counts in read.values())
+    assert any(step["world"] == 1 for step in steps if step["epoch"] == 1)
+    # The learning rate is the uninterrupted 2-worker run's at every sample count both reach.
+    ours, theirs = lr_at(steps), lr_at(straight[3])
+    assert len(set(ours) & set(theirs)) >= 16
+    assert all(ours[at] == theirs[at] for at in set(ours) & set(theirs))
 
 
 def test_resume_with_changed_labels_is_refused_before_ray(shrunk):
-    exp, _, _ = shrunk
+    exp, _, _, _ = shrunk
     color = exp.task("color")
     labels = sorted(load_labels(exp, "color"), reverse=True)
     changed = dataclasses.replace(exp, tasks=[dataclasses.replace(color, labels=labels) if t is color else t for t in exp.tasks])

@@ -139,7 +139,7 @@ def test_frozen_parts_stay_bit_identical_through_training_steps():
     model.freeze(stage.freeze)
     frozen = {"image": state(model.image_backbones), "text": state(model.text_encoder)}  # BN stats too
     heads = state(model.heads)
-    opt = build_optimizer(model.parameters(), exp.training, lr=0.1)
+    opt = build_optimizer(model, exp.training, lr=0.1)
     for step in range(4):
         task = ("color", "season")[step % 2]
         b = batch(seed=step)

@@ -17,6 +17,7 @@ from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.planted import make_planted
 from raymtl.data.task_info import TaskInfo
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import META_FILE, save_model
 from raymtl.models.ensemble import EnsembleModel, build_ensemble
@@ -59,7 +60,7 @@ def member_probs(folder: str, items: pd.DataFrame) -> dict[str, np.ndarray]:
     for task, info in saved.infos.items():
         arrays = Preprocessor(TaskSpec(task, train=None, image_column="image"), info, saved.data, with_labels=False)(items)
         with torch.no_grad():
-            probs[task] = saved.model({"view_full": torch.as_tensor(arrays["view_full"])}, task).softmax(1).numpy()
+            probs[task] = saved.model(DeviceInputs(saved.data, "cpu")({"view_full": arrays["view_full"]}), task).softmax(1).numpy()
     return probs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,24 @@ def test_one_worker_on_a_local_machine_trains_in_this_process(monkeypatch, train
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert trains_in_process(exp_with(**training), address) is here
+
+
+def test_a_process_connected_to_a_cluster_trains_on_its_workers(monkeypatch):
+    """A notebook that ran ray.init(address=...) (or a sweep on a cluster) never trains in the driver."""
+    import sys
+    import types
+
+    context = types.SimpleNamespace(gcs_address="10.0.0.1:6379")
+    node = types.SimpleNamespace(head=False)  # ray.init(address=...): connected to a running cluster
+    fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context,
+                                 _private=types.SimpleNamespace(worker=types.SimpleNamespace(_global_node=node)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert not trains_in_process(exp_with(), None)
+    with pytest.raises(ConfigError, match="it cannot join cluster '10.0.0.1:6379'"):
+        trains_in_process(exp_with(in_process="always"), None)
+    node.head = True  # ray.init() here started a local cluster: training here is fine
+    assert trains_in_process(exp_with(), None)
 
 
 def test_a_run_folder_in_remote_storage_trains_on_workers(monkeypatch):
@@ -111,6 +130,27 @@ def test_a_checkpoint_folder_is_written_whole_with_its_metrics(tmp_path, monkeyp
         assert (tmp_path / name / "model.txt").read_text() == "w"
         assert "val/mean_loss" in json.loads((tmp_path / name / CHECKPOINT_METRICS_FILE).read_text())
 
+
+
+def test_a_uri_run_folder_uploads_checkpoints_in_the_background_but_a_preemption_one_at_once(tmp_path, monkeypatch):
+    """To remote storage Ray Train uploads a written checkpoint folder while training goes on (and
+    deletes it after); the checkpoint of a preemption notice is uploaded before the step returns."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from raymtl.train.checkpoint import report_checkpoint
+
+    reported = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reported.append(kw))
+    for background in (True, False):
+        report_checkpoint(f"file://{tmp_path}/run", lambda folder: (folder / "model.txt").write_text("w"),
+                          {"val/mean_loss": 0.4}, background=background)
+    assert [kw["checkpoint_upload_mode"] for kw in reported] == [CheckpointUploadMode.ASYNC, CheckpointUploadMode.SYNC]
+    for kw in reported:
+        folder = Path(kw["checkpoint"].path)
+        assert kw["delete_local_checkpoint_after_upload"] and (folder / "model.txt").read_text() == "w"
+        assert json.loads((folder / CHECKPOINT_METRICS_FILE).read_text()) == {"val/mean_loss": 0.4}
+        shutil.rmtree(folder)  # what Ray Train does once uploaded
 
 
 def test_a_gpu_run_in_this_process_needs_a_visible_gpu(monkeypatch):

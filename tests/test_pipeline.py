@@ -16,15 +16,19 @@ from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
 from raymtl.data import datasets
-from raymtl.data.datasets import DecodedCache, build_inputs, dataset_key, decoded_nbytes, read_source, should_cache
+from raymtl.data.datasets import (DecodedCache, build_inputs, dataset_key, decoded_nbytes, in_order, read_source,
+                                  should_cache)
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.plan import Step
-from raymtl.train.batches import TaskBatches
+from raymtl.errors import DataError
+from raymtl.train.batches import Prefetcher, TaskBatches
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
 
 SIZE = 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 RED = (np.array([1.0, 0.0, 0.0]) - MEAN) / STD  # a solid-red pixel after normalisation
+CPU = DeviceInputs(DataSpec(), "cpu")
 
 
 def _tokenizer_path() -> str | None:
@@ -68,15 +72,37 @@ def _prep(kind="multiclass", labels=("a", "b", "c"), text=False, views=None, **k
     return Preprocessor(task, info, data, **kwargs)
 
 
-def test_multiclass_rows_are_tagged_encoded_and_normalised(images):
+def test_multiclass_rows_are_tagged_encoded_and_kept_uint8(images):
     out = _prep()(_table(images, ["c", "a", "c"]))
     assert set(out) == {"task", "label", "view_full", "id"}
     assert list(out["task"]) == ["color"] * 3
     assert out["label"].dtype == np.int64 and list(out["label"]) == [2, 0, 2]
     assert list(out["id"]) == ["10", "11", "12"]
     view = out["view_full"]
-    assert view.dtype == np.float32 and view.shape == (3, 3, SIZE, SIZE)
-    np.testing.assert_allclose(view[0], np.broadcast_to(RED[:, None, None], (3, SIZE, SIZE)), atol=1e-5)
+    assert view.dtype == np.uint8 and view.shape == (3, SIZE, SIZE, 3)  # NHWC, as decoded
+    assert (view[0] == [255, 0, 0]).all()
+    normalised = CPU({"view_full": view})["view_full"]  # on the model's device
+    assert normalised.dtype == torch.float32 and tuple(normalised.shape) == (3, 3, SIZE, SIZE)
+    np.testing.assert_allclose(normalised[0].numpy(), np.broadcast_to(RED[:, None, None], (3, SIZE, SIZE)), atol=1e-5)
+
+
+def test_device_normalisation_equals_the_cpu_normalisation_of_float32_inputs(images):
+    """What saved models were trained on: (x / 255 - mean) / std in float32, NCHW; same numbers, same logits."""
+    from raymtl.config import ModelSpec
+    from raymtl.models.multitask import MultiTaskModel
+
+    data = DataSpec(image_size=32, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.normalization())
+    on_cpu = (pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std
+    on_device = DeviceInputs(data, "cpu")({"view_full": pixels, "label": np.zeros(4, np.int64)})
+    np.testing.assert_allclose(on_device["view_full"].numpy(), on_cpu, rtol=1e-6, atol=1e-6)
+    assert on_device["view_full"].is_contiguous() and on_device["label"].dtype == torch.int64
+    info = TaskInfo("color", "multiclass", ["a", "b"], 4, 0, has_image=True, has_text=False)
+    model = MultiTaskModel(ModelSpec(image_backbone="resnet18", hidden_dim=8), {"color": info}, ["full"], {"all": ["color"]}).eval()
+    with torch.no_grad():
+        expected = model({"view_full": torch.from_numpy(on_cpu)}, "color")
+        np.testing.assert_allclose(model(on_device, "color").numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_multilabel_lists_become_multi_hot(images):
@@ -95,8 +121,8 @@ def test_centre_crop_crops_the_shorter_side(images):
     views = [ViewSpec("full"), ViewSpec("centre", crop=0.5)]
     out = _prep(views=views)(_table(images, ["a"], names=["framed"]))
     centre, full = out["view_centre"][0], out["view_full"][0]
-    np.testing.assert_allclose(centre, np.broadcast_to(RED[:, None, None], centre.shape), atol=1e-5)
-    assert full[2].max() > RED[2] + 1  # the full view still sees the blue frame
+    assert (centre == [255, 0, 0]).all()
+    assert full[..., 2].max() == 255  # the full view still sees the blue frame
 
 
 @needs_tokenizer
@@ -108,9 +134,11 @@ def test_token_ids_equal_the_tokenizers_own(images):
         ["red shirt", "", "a much longer product title about a dress"],
         padding="max_length", truncation=True, max_length=12,
     )
+    assert out["input_ids"].dtype == np.int32 and out["attention_mask"].dtype == np.uint8
     for key in ("input_ids", "attention_mask"):
-        assert out[key].dtype == np.int64 and out[key].shape == (3, 12)
+        assert out[key].shape == (3, 12)
         np.testing.assert_array_equal(out[key], expected[key])
+        assert CPU({key: out[key]})[key].dtype == torch.int64  # what embeddings and masks take
 
 
 @pytest.mark.parametrize("bad", ["missing", "corrupt"])
@@ -139,7 +167,8 @@ def test_mark_keeps_bad_rows_with_zero_images_and_the_error(images):
     assert not out["view_full"][1].any() and out["view_full"][0].any()
 
 
-def _two_task_inputs(images, tmp_path, *, cache: bool, skip_bad_images: bool = False, color_names=("red", "framed", "red")):
+def _two_task_inputs(images, tmp_path, *, cache: bool, skip_bad_images: bool = False, color_names=("red", "framed", "red"),
+                     max_bad_fraction: float = 0.001):
     color = _table(images, ["a", "b", "a"], names=color_names)
     color.iloc[:2].to_parquet(tmp_path / "color-0.parquet")
     color.iloc[2:].to_parquet(tmp_path / "color-1.parquet")
@@ -151,7 +180,7 @@ def _two_task_inputs(images, tmp_path, *, cache: bool, skip_bad_images: bool = F
                      image_column="image", id_column="id"),
             TaskSpec("tags", train=tags, kind="multilabel", image_column="image"),
         ],
-        data=DataSpec(image_size=SIZE, skip_bad_images=skip_bad_images),
+        data=DataSpec(image_size=SIZE, skip_bad_images=skip_bad_images, max_bad_fraction=max_bad_fraction),
     )
     infos = {
         "color": TaskInfo("color", "multiclass", ["a", "b"], 3, 3, has_image=True, has_text=False),
@@ -172,7 +201,7 @@ def test_tasks_of_every_shape_come_back_decoded_in_plan_order(ray_cluster, image
                            dataset_key("tags", "train"): 3}
     assert (inputs.cached is not None) is cache
     decoded = DecodedCache(inputs.cached) if cache else None
-    batches = list(TaskBatches(inputs, "train", PLAN, torch.device("cpu"), decoded))
+    batches = list(TaskBatches(inputs, "train", PLAN, CPU, decoded))
     assert [task for task, _ in batches] == ["tags", "color", "tags", "color"]
     (_, tags0), (_, color1), (_, tags2), (_, color3) = batches
     assert color1["label"].tolist() == [1, 0] and color3["label"].tolist() == [0]  # ids 11, 12 then 10
@@ -182,14 +211,20 @@ def test_tasks_of_every_shape_come_back_decoded_in_plan_order(ray_cluster, image
     assert "task" not in color1 and "id" not in color1  # strings stay behind
 
 
-@pytest.mark.parametrize("block_rows", [4096, 2], ids=["decoded-in-driver", "decoded-by-ray-data"])
+@pytest.mark.parametrize("block_rows", [4096, 2], ids=["decoded-in-driver", "decoded-by-ray-tasks"])
 def test_cached_and_streamed_batches_are_identical(ray_cluster, images, tmp_path, monkeypatch, block_rows):
-    """A cache of at most one decode task's rows is decoded in the driver; larger ones by Ray Data tasks."""
+    """A cache of at most one decode task's rows is decoded in the driver; larger ones by Ray tasks."""
     monkeypatch.setattr(datasets, "_CACHE_BLOCK_ROWS", block_rows)
-    streamed = list(TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, torch.device("cpu"), None))
+    streamed = list(TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, CPU, None))
     inputs = _two_task_inputs(images, tmp_path, cache=True)
-    assert len(inputs.cached) == (1 if block_rows == 4096 else 3)  # else one decode task per task split
-    cached = list(TaskBatches(inputs, "train", PLAN, torch.device("cpu"), DecodedCache(inputs.cached)))
+    assert len(inputs.cached) == 3  # a chunk per task split
+    assert all(isinstance(c, ray.ObjectRef) for *_, c in inputs.cached) is (block_rows == 2)
+    cache = DecodedCache(inputs.cached)
+    views = [d.arrays["view_full"] for parts in cache.parts.values() for d in parts]
+    assert all(v.dtype == np.uint8 for v in views)  # native arrays, not a pickled payload
+    if block_rows == 2:  # read in place from the object store: read-only, not this process's memory
+        assert not any(v.flags.writeable or v.flags.owndata for v in views)
+    cached = list(TaskBatches(inputs, "train", PLAN, CPU, cache))
     for (task_a, a), (task_b, b) in zip(streamed, cached, strict=True):
         assert task_a == task_b and a.keys() == b.keys()
         for key in a:
@@ -197,30 +232,117 @@ def test_cached_and_streamed_batches_are_identical(ray_cluster, images, tmp_path
 
 
 def test_a_batch_is_checked_against_the_schedule(ray_cluster, images, tmp_path):
-    data = TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, torch.device("cpu"), None)
+    data = TaskBatches(_two_task_inputs(images, tmp_path, cache=False), "train", PLAN, CPU, None)
     with pytest.raises(RuntimeError, match="step 0 of the plan is task 'tags', the schedule says 'color'"):
         data.next("color")
 
 
-def test_skipped_bad_images_shorten_their_batch(ray_cluster, images, tmp_path, caplog):
-    inputs = _two_task_inputs(images, tmp_path, cache=False, skip_bad_images=True, color_names=("red", "corrupt", "red"))
+@pytest.mark.parametrize("cache", [False, True])
+def test_skipped_bad_images_under_the_cap_shorten_their_batch(ray_cluster, images, tmp_path, caplog, cache):
+    inputs = _two_task_inputs(images, tmp_path, cache=cache, skip_bad_images=True, color_names=("red", "corrupt", "red"),
+                              max_bad_fraction=0.34)
+    decoded = DecodedCache(inputs.cached) if cache else None
     with caplog.at_level(logging.WARNING, logger="raymtl"):
-        (_, batch), = TaskBatches(inputs, "train", [Step("color", np.array([0, 1, 2]))], torch.device("cpu"), None)
+        (_, batch), = TaskBatches(inputs, "train", [Step("color", np.array([0, 1, 2]))], CPU, decoded)
     assert batch["label"].tolist() == [0, 0]  # the corrupt row 1 (label b) is gone
     assert "skipped 1 of 3 rows" in caplog.text and images["corrupt"] in caplog.text
 
 
-@pytest.mark.parametrize("mode, store, expected", [
-    ("always", 0, True), ("never", 1e12, False), ("auto", 1e12, True), ("auto", 1e3, False),
+def test_bad_images_over_the_cap_stop_with_one_line_naming_count_and_files(ray_cluster, images, tmp_path):
+    inputs = _two_task_inputs(images, tmp_path, cache=True, skip_bad_images=True, color_names=("red", "corrupt", "red"),
+                              max_bad_fraction=0.3)
+    data = TaskBatches(inputs, "train", [Step("color", np.array([0, 1, 2]))], CPU, DecodedCache(inputs.cached))
+    with pytest.raises(DataError) as error:
+        data.next("color")
+    line = str(error.value)
+    assert "\n" not in line and "1 of this rank's 3 train rows have unreadable images" in line
+    assert "data.max_bad_fraction=0.3" in line and images["corrupt"] in line
+
+
+def test_strict_mode_stops_at_the_first_bad_image_with_a_data_error(ray_cluster, images, tmp_path):
+    inputs = _two_task_inputs(images, tmp_path, cache=False, color_names=("red", "corrupt", "red"))
+    data = TaskBatches(inputs, "train", [Step("color", np.array([0, 1, 2]))], CPU, None)
+    with pytest.raises(BadImageError, match="cannot read image") as error:
+        data.next("color")
+    assert isinstance(error.value, DataError) and images["corrupt"] in str(error.value)
+
+
+def test_decode_results_come_back_in_plan_order_whatever_order_they_finish_in():
+    """A bounded reorder buffer: later work finishing first is held, never more than the window."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    import time
+
+    lock, started, finished, live = threading.Lock(), [], [], []
+
+    def work(i: int) -> int:
+        time.sleep(0.05 * (5 - i % 5))  # the first of every five is the slowest
+        with lock:
+            finished.append(i)
+        return i
+
+    with ThreadPoolExecutor(8) as pool:
+        def submit(i):
+            with lock:
+                started.append(i)
+            return pool.submit(work, i)
+
+        out = []
+        for value in in_order((submit(i) for i in range(15)), 4, lambda f: f.result()):
+            live.append(len(started) - len(out) - 1)  # started and not yet handed out (`value` is)
+            out.append(value)
+    assert out == list(range(15))
+    assert finished != sorted(finished)  # they did finish out of order
+    assert max(live) <= 4
+
+
+@pytest.mark.parametrize("cpus, world, per_rank, slots", [
+    (16 + 16 + 32, 4, 2.0, 14),  # two GPU nodes of 16 CPUs and a CPU-only node of 32: (64 - 4 x 2) / 4
+    (4, 1, 1.0, 3),  # this box's local cluster, one rank in the driver's process
+    (8, 8, 1.0, 1),  # every CPU reserved: still one decode task per rank
 ])
-def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_the_object_store(monkeypatch, mode, store, expected):
+def test_decode_concurrency_is_the_cpus_training_does_not_reserve(monkeypatch, cpus, world, per_rank, slots):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
+    assert datasets.decode_slots(world, per_rank) == slots
+
+
+def test_a_failure_in_the_background_thread_reaches_the_training_thread_as_raised():
+    def items():
+        yield {"x": torch.zeros(1)}
+        raise ValueError("decoding went wrong at step 1")
+
+    prefetch = Prefetcher(items(), torch.device("cpu"))
+    assert prefetch.get()["x"].tolist() == [0.0]
+    with pytest.raises(ValueError, match="^decoding went wrong at step 1$"):
+        prefetch.get()
+
+
+def _node(store: float, **resources) -> dict:
+    return {"Alive": True, "Resources": {"CPU": 8.0, "object_store_memory": store, **resources}}
+
+
+@pytest.mark.parametrize("mode, stores, expected", [
+    ("always", [0], True), ("never", [1e12], False), ("auto", [1e12], True), ("auto", [1e3], False),
+    ("auto", [1e12, 1e3], False),  # every node that runs ranks holds the cache once: the smallest decides
+    ("auto", [1e3] * 1000, False),  # however many nodes: the cluster's sum does not count
+])
+def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_each_nodes_object_store(monkeypatch, mode, stores, expected):
     exp = Experiment(name="c", tasks=[TaskSpec("color", train="x.parquet", image_column="image")],
                      data=DataSpec(image_size=SIZE, cache=mode))
     infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 2, has_image=True, has_text=False)}
-    assert decoded_nbytes(exp, infos) == 12 * (4 * 3 * SIZE * SIZE + 64)  # rows x float32 CHW view + overhead
+    assert decoded_nbytes(exp, infos) == 12 * (3 * SIZE * SIZE + 64)  # rows x uint8 view + overhead
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": store})
+    monkeypatch.setattr(ray, "nodes", lambda: [_node(s) for s in stores])
     assert should_cache(exp, decoded_nbytes(exp, infos)) is expected
+
+
+def test_cache_auto_sizes_by_the_nodes_that_can_host_a_rank(monkeypatch):
+    """A GPU run's ranks land on GPU nodes: a small CPU-only node's store does not decide."""
+    exp = Experiment(name="c", tasks=[TaskSpec("color", train="x.parquet", image_column="image")])
+    exp.training.use_gpu = True
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [_node(1e3), _node(4e9, GPU=8.0)])
+    assert should_cache(exp, 10**9) and not should_cache(exp, 10**9 + 1)
 
 
 def test_cache_auto_without_a_cluster_sizes_the_store_ray_would_make(monkeypatch):
@@ -246,3 +368,14 @@ def test_a_folder_of_parquet_and_csv_files_is_read_file_by_file(ray_cluster, tmp
     pd.DataFrame({"id": ["3"], "label": ["c"]}).to_csv(tmp_path / "part-1.csv", index=False)
     rows = read_source(str(tmp_path), ["id", "label"]).take_all()
     assert sorted((str(r["id"]), r["label"]) for r in rows) == [("1", "a"), ("2", "b"), ("3", "c")]
+
+
+def test_ranks_of_a_node_share_the_cached_blocks(ray_cluster):
+    """Two ranks on one node read a 64 MB cache: neither holds a private copy of it (a copy would)."""
+    from benchmarks.cache_sharing import make_chunks, run
+
+    chunks, nbytes = make_chunks(4096, {"view_full": (64, 64, 4)}, chunk_rows=1024)
+    shared = run(chunks, 2, copy=False)
+    assert all(g["uss"] < 0.1 * nbytes for g in shared), f"private growth {[g['uss'] for g in shared]} of {nbytes}"
+    copied = run(chunks, 2, copy=True)  # what a private copy per rank costs: the measurement sees it
+    assert all(g["uss"] > 0.9 * nbytes for g in copied)

@@ -17,13 +17,15 @@ import torch
 import raymtl
 from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
+from raymtl.data import device_inputs
 from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokenizer_path, make_catalogue
 from raymtl.data.task_info import TaskInfo
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.predict import predict
-from raymtl.predict.actors import BadRowError
+from raymtl.predict.actors import BadRowError, Predict, Prepare
 from raymtl.predict.output import output_columns
 from raymtl.predict.plan import Head, make_plan
 from raymtl.predict.reading import read_items
@@ -104,7 +106,7 @@ def in_process(model_dir: str, items: pd.DataFrame) -> dict[str, np.ndarray]:
         spec = TaskSpec(name, train=None, image_column="image" if info.has_image else None,
                         text_column="title" if info.has_text else None)
         arrays = Preprocessor(spec, info, saved.data, with_labels=False)(items)
-        batch = {k: torch.as_tensor(v) for k, v in arrays.items() if v.dtype.kind in "if"}
+        batch = DeviceInputs(saved.data, "cpu")(arrays)
         with torch.no_grad():
             logits = saved.model(batch, name)
         probs[name] = (logits.softmax(1) if info.kind == "multiclass" else logits.sigmoid()).numpy()
@@ -194,3 +196,57 @@ def test_driver_side_faults_are_named_before_ray_runs(model_dir, items_file, tmp
         predict(model_dir, items_file, str(tmp_path / "out"), tasks=["patern"])
     with pytest.raises(ConfigError, match="already exists"):
         predict(model_dir, items_file, str(tmp_path))
+
+
+def test_a_batch_goes_to_the_device_once_and_its_probabilities_come_back_in_one_copy(model_dir, items, monkeypatch):
+    plan = make_plan(model_dir, raymtl.load(model_dir))
+    batch = Prepare(plan)(items)
+    predictor = Predict(plan, use_gpu=False)
+    inputs = sorted(k for k in batch if k.split("/", 1)[0].isdigit() and not k.endswith("/error"))
+    assert sum(0 in h.inputs for h in plan.heads) >= 2  # color and pattern read the same image input
+    converted, copied_back = [], []
+    host_tensor, cpu = device_inputs.host_tensor, torch.Tensor.cpu
+
+    def counting_host_tensor(value, *args, **kwargs):  # every array bound for the device passes here
+        converted.append(next((key for key, array in batch.items() if value is array), "a copy"))
+        return host_tensor(value, *args, **kwargs)
+
+    def counting_cpu(self, *args, **kwargs):
+        copied_back.append(self.shape)
+        return cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(device_inputs, "host_tensor", counting_host_tensor)
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    results = predictor.probabilities(batch)
+    assert sorted(converted) == inputs  # each input once per batch, whatever reads it
+    assert copied_back == [(len(items), sum(len(h.labels) for h in plan.heads))]
+    monkeypatch.undo()
+
+    good = ~np.isin(batch["id"], [MISSING_IMAGE, EMPTY_TITLE])
+    expected = in_process(model_dir, items[good].reset_index(drop=True))
+    for head, (probs, bad) in zip(plan.heads, results):
+        np.testing.assert_allclose(probs[~bad & good], expected[head.task], atol=1e-5)
+        assert not probs[bad].any()
+        assert np.array_equal(bad, np.any([batch[f"{i}/error"] != "" for i in head.inputs], axis=0))
+    assert any(bad.any() for _, bad in results)  # the batch has bad rows to zero
+
+
+def test_model_actors_on_cpu_by_default_only_without_gpus_and_said_so(monkeypatch):
+    import ray
+
+    from raymtl import predict as predict_mod
+
+    said = []
+    monkeypatch.setattr(predict_mod.console, "say", said.append)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert predict_mod.gpus_per_actor(None) == 1.0 and said == []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert predict_mod.gpus_per_actor(None) == 0.0
+    assert "no GPU now" in said[0] and "--num-gpus 1" in said[0]
+    assert predict_mod.gpus_per_actor(1.0) == 1.0  # asked for: GPU actors, which an autoscaler starts nodes for
+    assert len(said) == 1
+
+
+def test_a_model_pool_that_cannot_grow_to_its_size_is_refused(model_dir, items_file, tmp_path):
+    with pytest.raises(ConfigError, match="pool_size <= max_pool_size"):
+        predict(model_dir, items_file, str(tmp_path / "out"), pool_size=2, max_pool_size=1)

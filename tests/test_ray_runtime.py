@@ -79,3 +79,18 @@ def test_a_command_leaves_a_joined_cluster_running(init_calls, monkeypatch):
             ray_runtime.ensure_ray()
             raise RuntimeError("the command failed")
     assert len(init_calls) == 1 and shutdowns == []
+
+
+def test_dashboard_url_printed_when_asked(monkeypatch, capsys):
+    """`--dashboard` (RAYMTL_DASHBOARD) names the dashboard of the cluster started or joined."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: SimpleNamespace(dashboard_url="127.0.0.1:8265"))
+    monkeypatch.setattr(ray_runtime, "_started_here", False)
+    monkeypatch.setenv(ray_runtime.DASHBOARD_ENV, "1")
+    ray_runtime.ensure_ray(address="10.0.0.1:6379")
+    assert "Ray dashboard: http://127.0.0.1:8265" in capsys.readouterr().out
+    monkeypatch.setenv(ray_runtime.DASHBOARD_ENV, "")
+    ray_runtime.ensure_ray(address="10.0.0.1:6379")
+    assert "dashboard" not in capsys.readouterr().out

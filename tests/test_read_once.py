@@ -3,13 +3,13 @@ inputs share that one read; a large source is not read whole by the driver at al
 
 from __future__ import annotations
 
-import pickle
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 from PIL import Image
 
 from raymtl import preflight
@@ -98,8 +98,13 @@ def test_a_large_source_is_read_by_the_cluster_in_blocks(ray_cluster, catalogue,
     # a decode task takes its rows from the blocks: the same batch as from the driver's table
     monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 256 << 20)
     small = datasets.build_inputs(exp, preflight.check(exp))
-    items = {"key": ["color.train"], "seq": [0], "rows": [rows]}
-    decoded = [pickle.loads(datasets._decode(items, i.sources, i.preprocessors)["payload"][0]) for i in (inputs, small)]
-    assert list(decoded[0]["id"]) == [f"i{i}" for i in rows]
-    for name in decoded[1]:
-        np.testing.assert_array_equal(decoded[0][name], decoded[1][name])
+    prep = inputs.preprocessors["color"]
+    decoded = [datasets.decode_rows(i.sources["color.train"], rows, prep) for i in (inputs, small)]
+    decoded.append(ray.get(datasets._decode_step.remote(inputs.sources["color.train"], rows, prep)))
+    # image i is a constant (20 i, 0, 0): each row's pixels say which row it is
+    np.testing.assert_array_equal(decoded[0].arrays["view_full"][:, 0, 0, 0], 20 * rows)
+    assert decoded[0].arrays["view_full"].dtype == np.uint8
+    for other in decoded[1:]:
+        assert sorted(other.arrays) == sorted(decoded[0].arrays)
+        for name, array in decoded[0].arrays.items():
+            np.testing.assert_array_equal(other.arrays[name], array)

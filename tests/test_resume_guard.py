@@ -50,12 +50,16 @@ def test_changed_labels_tasks_or_model_are_refused_naming_the_change(saved_run):
         prepare(dataclasses.replace(exp, model=dataclasses.replace(exp.model, groups={"a": ["color"], "b": ["style"]})))
 
 
-def test_position_is_kept_for_the_same_schedule_else_the_epoch_restarts(saved_run):
+def test_position_is_kept_and_a_resize_re_plans_the_rest_of_the_epoch(saved_run, caplog):
     exp, infos = saved_run
     two = RunMeta.of(exp, infos, {"color": 4, "style": 4}, 2)
     one = RunMeta.of(exp, infos, {"color": 8, "style": 8}, 1)
-    mid = Position(epoch=1, step=3, global_step=11)
+    mid = Position(epoch=1, step=3, global_step=11, worlds=[[2, 32, 0]])
     assert resume_position(two, two, mid) == mid
-    assert resume_position(two, one, mid) == Position(epoch=1, step=0, global_step=11)
-    boundary = Position(epoch=1, step=0, global_step=8)
-    assert resume_position(two, one, boundary) == boundary
+    assert resume_position(two, one, mid) == dataclasses.replace(mid, worlds=[[2, 32, 0], [1, 16, 3]])
+    assert resume_position(two, one, dataclasses.replace(mid, worlds=[])).worlds == [[2, 32, 0], [1, 16, 3]]
+    boundary = Position(epoch=1, step=0, global_step=8, worlds=[[2, 32, 0]])
+    assert resume_position(two, one, boundary) == dataclasses.replace(boundary, worlds=[])
+    reseeded = RunMeta(two.model, dict(two.schedule, seed=7))
+    assert resume_position(two, reseeded, mid) == dataclasses.replace(mid, step=0, worlds=[])
+    assert "changed task order (seed 0 -> 7): epoch 2 restarts from its first step" in caplog.text

@@ -4,6 +4,7 @@ where ASHA stops a trial early."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_load_sweep_parses_typed_fields(exp, tmp_path):
     assert spec.groupings == "search" and spec.max_groups == 3 and spec.seeds == [0, 1]
     assert spec.lr == Range(1e-4, 1e-2, log=True)  # `1e-4` in YAML is a float, not a string
     assert spec.temperature == [2.0, 4.0] and spec.asha.reduction_factor == 2.0
-    assert (spec.metric, spec.mode, spec.max_concurrent) == ("val/c0_t0/accuracy", "max", 2)
+    assert (spec.metric, spec.mode, spec.max_concurrent) == ("val/c0_t0/accuracy", "max", None)  # None: what fits
 
 
 def test_raymtl_train_reads_the_same_file_without_its_sweep_section(exp, tmp_path):
@@ -197,7 +198,7 @@ def test_listed_groupings_equal_to_a_baseline_are_trained_once(exp):
 def test_search_step_reads_the_affinity_run_once_and_keeps_its_choice(exp, tmp_path, monkeypatch):
     runs = []
 
-    def fake_affinity_run(exp, spec, sweep_dir):
+    def fake_affinity_run(exp, spec, sweep_dir, address=None):
         run_dir = Path(sweep_dir) / "affinity"
         write_affinity(run_dir, planted_z())
         runs.append(run_dir)
@@ -345,3 +346,72 @@ def test_asha_stops_the_worse_trial_early_and_the_better_one_beats_chance(ray_cl
     for task in exp.task_names:
         chance = entropy(pd.read_parquet(cat[task]["val"])["label"])
         assert by_lr[3e-3].best[f"val/{task}/loss"] < chance - 0.05, (task, chance, by_lr[3e-3].best)
+
+
+# ---------------------------------------------------------------- the cluster a sweep runs on
+
+
+def test_tune_address_sends_the_search_run_to_the_cluster(exp, tmp_path, monkeypatch):
+    from raymtl import cli, ray_runtime
+    from raymtl.train import trainer
+
+    seen = []
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda address=None, **_: seen.append(("sweep", address)))
+
+    def fit(search, *, address=None, raise_on_error=True):
+        seen.append((search.name, address))
+        raise RuntimeError("stop after the search run's start")
+
+    monkeypatch.setattr(trainer, "fit", fit)
+    path = write_config(tmp_path, exp, {"groupings": "search", "top": 1})
+    assert cli.main(["tune", str(path), "--address", "ray://head:10001"]) == 1
+    assert seen == [("sweep", "ray://head:10001"), ("affinity", "ray://head:10001")]
+
+
+def test_a_sweeps_in_process_decode_leaves_the_sweeps_cluster_running(ray_cluster, catalogue, tmp_path, monkeypatch):
+    """The search run trains in the driver beside the local cluster the sweep started (here: the
+    session's, marked as started by this command) and decodes its cache there; the cluster stays."""
+    from raymtl import ray_runtime
+    from raymtl.train.trainer import fit
+
+    monkeypatch.setattr(ray_runtime, "_started_here", True)
+    exp = planted_experiment(catalogue, str(tmp_path / "runs"), name="search", data={"cache": "always"},
+                             training={"epochs": 1})
+    result = fit(exp)
+    assert result.checkpoint and ray_cluster.is_initialized()
+    assert ray_cluster.get(ray_cluster.put(1)) == 1
+
+
+# ---------------------------------------------------------------- one data plane per sweep
+
+
+def test_a_sweep_reads_and_decodes_its_inputs_once_for_all_trials(exp, monkeypatch):
+    """The driver builds the inputs once (cached: decoded once) and every trial trains on that object."""
+    from ray import tune
+
+    from raymtl import ray_runtime
+    from raymtl.data import datasets
+    from raymtl.train import trainer
+
+    built, handed = [], []
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda address=None, **_: None)
+    monkeypatch.setattr(datasets, "build_inputs", lambda e, infos, *, cache=False: built.append(cache) or object())
+
+    class Stop(Exception):
+        pass
+
+    def trials(exp, spec, infos, found, sweep_dir, inputs=None):
+        for i, candidate in enumerate(found):  # each trial as Tune would run it, here in turn
+            monkeypatch.setattr(tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: f"t{i}"})())
+            sweep._train_trial({"grouping": candidate.name}, exp=exp, spec=spec, infos=infos,
+                               groupings={c.name: c.groups for c in found}, runs_dir=sweep_dir, env={}, inputs=inputs)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "fit_here", lambda trial, infos, inputs=None: handed.append((trial.name, inputs)))
+    monkeypatch.setattr(sweep, "_run_trials", trials)
+    cached = dataclasses.replace(exp, data=dataclasses.replace(exp.data, cache="always"))
+    with pytest.raises(Stop):
+        sweep.run_sweep(cached, SweepSpec(seeds=[0]))
+    assert built == [True]  # read once, decoded once
+    assert [name for name, _ in handed] == ["t0", "t1"]  # one_group, one_per_task: both in their trial's process
+    assert handed[0][1] is handed[1][1] is not None  # the same inputs object

@@ -19,6 +19,7 @@ import torch
 
 from raymtl.config import Experiment, StageSpec, TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
+from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import load
 from raymtl.train.faults import CRASH_ENV
@@ -88,7 +89,7 @@ def learned(ray_cluster, tmp_path_factory):
 
 def val_accuracy(saved, task: TaskSpec) -> float:
     prep = Preprocessor(task, saved.infos[task.name], saved.data)
-    batch = {k: torch.as_tensor(v) for k, v in prep(pd.read_parquet(task.validation)).items() if v.dtype.kind in "biuf"}
+    batch = DeviceInputs(saved.data, "cpu")(prep(pd.read_parquet(task.validation)))
     with torch.no_grad():
         return (saved.model(batch, task.name).argmax(1) == batch["label"]).float().mean().item()
 

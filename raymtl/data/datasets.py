@@ -1,14 +1,17 @@
-"""Task inputs for the workers: raw task tables in the object store, decoded by Ray Data per plan.
+"""Task inputs for the workers: raw task tables in the object store, decoded per plan by Ray tasks.
 
 The cost of a run must not grow with the number of tasks faster than its work does, so nothing
-here is per task: the driver reads every task's raw columns (ids, labels, image paths, text) once
-and puts each split's table in the object store; a worker turns its plan (`raymtl.data.plan`) for
-an epoch into ONE Ray Data stream whose blocks are decoded batches tagged with their step, whatever
-the number of tasks. With `data.cache`, every task's inputs are decoded once, in one Ray Data
-execution, and every worker gathers its batches from them without any stream at all.
+here is per task: every task's raw columns (ids, labels, image paths, text) are read once, a small
+split's table by the driver (the one it inspected) and put in the object store, a large split's by
+Ray Data on the cluster, kept there as its blocks (`SourceBlocks`); a worker turns its plan (`raymtl.data.plan`) for
+an epoch into ONE stream of decode tasks, one per step, whatever the number of tasks, read back in
+plan order through a bounded reorder buffer (`in_order`). With `data.cache`, every task's inputs are
+decoded once, in parallel Ray tasks, and every worker gathers its batches from them, no stream at all.
 
-Decoded batches travel as one uniform `payload` column (the `Preprocessor` output pickled), so
-blocks of tasks with different inputs and label shapes share a schema and never mix rows.
+Decoded rows travel as `Decoded`: native numpy arrays (uint8 pixels, integer token ids and labels,
+see `raymtl.data.transforms`) that Ray stores as raw buffers, never pickled, and `ray.get` hands
+back as zero-copy views of the node's shared object store. The cache is therefore held once per
+node however many ranks read it, and a rank copies only the rows of its batch.
 
 A run trained in the driver's own process (`training.in_process`) without a Ray cluster holds the
 same tables in the process instead of object refs (`TaskInputs.in_process`): a cache small enough
@@ -18,13 +21,13 @@ is decoded right here, so such a run never starts Ray (`needs_ray`).
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
 import os
-import pickle
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -40,14 +43,14 @@ from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
 SPLITS = ("train", "val")
-# Decoded rows per cached chunk: ~32 MiB keeps blocks well under Ray Data's 128 MiB target.
+# Decoded rows per cached chunk (one decode task each): ~32 MiB of uint8 rows per object.
 _TARGET_CHUNK_BYTES = 32 << 20
 _MIN_CHUNK, _MAX_CHUNK = 8, 4096
-_CACHE_SHARE = 0.25  # data.cache "auto": cache when the decoded inputs fit in this share of the object store
-_CACHE_BLOCK_ROWS = 4096  # rows decoded per Ray task when caching
+_CACHE_SHARE = 0.25  # data.cache "auto": cache when the decoded inputs fit in this share of a node's object store
+_CACHE_BLOCK_ROWS = 4096  # at most this many rows in all: a cache decoded in the driver, no Ray tasks
 _DEFAULT_STORE_SHARE = 0.3  # Ray's default object store: 30 % of the machine's memory
-_STREAM_STEPS_PER_BLOCK = 4  # batches decoded per Ray task when streaming
-_STREAM_PREFETCH_BLOCKS = 2  # blocks decoded ahead of the loop, per rank: bounds its memory
+_PREFETCH_STEPS = 2  # decoded steps waiting for the loop, per rank, beyond those being decoded
+T = TypeVar("T")
 
 
 def dataset_key(task: str, split: str) -> str:
@@ -79,30 +82,65 @@ def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Datas
 
 
 @dataclass
+class Decoded:
+    """Decoded rows of one task split: the model-input arrays and the rows whose image could not be read.
+
+    `arrays`: numeric columns only (`Preprocessor` output less the task tag and ids), one row per
+    row; out of the object store they are read-only zero-copy views. `errors`: row position ->
+    message, for rows decoded with zero pixels (`data.skip_bad_images`); empty for good data.
+    """
+
+    arrays: dict[str, np.ndarray]
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def without_errors(self) -> Decoded:
+        """These rows less the unreadable ones."""
+        if not self.errors:
+            return self
+        good = np.ones(len(self), bool)
+        good[list(self.errors)] = False
+        return Decoded({k: v[good] for k, v in self.arrays.items()})
+
+    def owned(self) -> Decoded:
+        """A copy in this process's memory (it outlives the Ray cluster that stored it)."""
+        return Decoded({k: np.array(v) for k, v in self.arrays.items()}, dict(self.errors))
+
+
+# One cached chunk: (task split key, its first row, its Decoded or an object ref to it).
+Chunk = tuple[str, int, "ray.ObjectRef | Decoded"]
+
+
+@dataclass
 class TaskInputs:
     """What a worker needs to read any batch of any task: picklable, holds object refs.
 
     `sources`: raw table (input columns only) of each task split, by `dataset_key`; a large split's
     blocks as the cluster read them (`SourceBlocks`).
-    `cached`: with `data.cache`, the decoded inputs: Arrow tables of (key, start, payload) chunks.
-    Both hold object refs, or the tables themselves where no Ray cluster runs (`in_process`).
+    `cached`: with `data.cache`, the decoded inputs as chunks of rows (`Chunk`).
+    Both hold object refs, or the data itself where no Ray cluster runs (`in_process`).
+    `max_bad_fraction`: the share of a rank's rows per split and epoch that may be dropped as
+    unreadable (`data.max_bad_fraction`; the preprocessors mark them only with `skip_bad_images`).
     """
 
     preprocessors: dict[str, Preprocessor]
-    sources: dict[str, ray.ObjectRef | pa.Table]
+    sources: dict[str, ray.ObjectRef | pa.Table | SourceBlocks]
     rows: dict[str, int]
-    skip_bad_images: bool
-    cached: list[ray.ObjectRef | pa.Table] | None = None
+    cached: list[Chunk] | None = None
+    max_bad_fraction: float = 0.0
 
     def in_process(self) -> TaskInputs:
-        """These inputs with every table copied into this process's memory: they outlive the Ray
-        cluster (a table `ray.get` returns is a view of the object store's shared memory)."""
-        return dataclasses.replace(
-            self,
-            sources={key: ref.owned(_owned) if isinstance(ref, SourceBlocks) else _owned(ref)
-                     for key, ref in self.sources.items()},
-            cached=[_owned(ref) for ref in self.cached] if self.cached is not None else None,
-        )
+        """These inputs with every table and chunk copied into this process's memory: they outlive
+        the Ray cluster (what `ray.get` returns is a view of the object store's shared memory)."""
+        cached = None
+        if self.cached is not None:
+            refs = [c for *_, c in self.cached]
+            cached = [(key, start, d.owned()) for (key, start, _), d in zip(self.cached, _get_all(refs))]
+        sources = {key: src.owned(_owned) if isinstance(src, SourceBlocks) else _owned(src)
+                   for key, src in self.sources.items()}
+        return dataclasses.replace(self, sources=sources, cached=cached)
 
 
 def _put(table: pa.Table) -> ray.ObjectRef | pa.Table:
@@ -112,6 +150,13 @@ def _put(table: pa.Table) -> ray.ObjectRef | pa.Table:
 
 def _table(ref: ray.ObjectRef | pa.Table) -> pa.Table:
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _get_all(values: list) -> list:
+    """`values` with every object ref replaced by its object (one `ray.get` for all of them)."""
+    refs = [v for v in values if isinstance(v, ray.ObjectRef)]
+    got = iter(ray.get(refs) if refs else [])
+    return [next(got) if isinstance(v, ray.ObjectRef) else v for v in values]
 
 
 def _owned(ref: ray.ObjectRef | pa.Table) -> pa.Table:
@@ -157,28 +202,30 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         preprocessors=preps,
         sources={key: table if isinstance(table, SourceBlocks) else _put(table) for key, table in tables.items()},
         rows={key: table.num_rows for key, table in tables.items()},
-        skip_bad_images=exp.data.skip_bad_images,
+        max_bad_fraction=exp.data.max_bad_fraction,
     )
     if cache:
-        chunks = [
-            (key, start, min(start + _chunk_rows(preps[task_of(key)]), n))
-            for key, n in inputs.rows.items()
-            for start in range(0, n, _chunk_rows(preps[task_of(key)]))
-        ]
-        items = [{"key": key, "seq": start, "rows": np.arange(start, stop)} for key, start, stop in chunks]
-        total = sum(inputs.rows.values())
-        if total <= _CACHE_BLOCK_ROWS or not ray.is_initialized():
-            # One decode task's worth (or no cluster): decoded right here, the same `_decode`, without
-            # starting Ray Data's executor, its actors and a worker process (seconds and ~0.3 GB on a small box).
-            columns = {name: [item[name] for item in items] for name in ("key", "seq", "rows")}
-            decoded = _decode(columns, inputs.sources, preps)
-            payload = pa.array(list(decoded["payload"]), pa.binary())
-            inputs.cached = [_put(pa.table({**decoded, "payload": payload}))]
-        else:
-            # ~_CACHE_BLOCK_ROWS rows per decode task: as many parallel tasks as the data fills.
-            per_block = max(1, _CACHE_BLOCK_ROWS * len(items) // max(1, total))
-            inputs.cached = _decoded(inputs, items, steps_per_block=per_block).materialize().to_arrow_refs()
+        inputs.cached = _decode_all(inputs)
     return inputs
+
+
+def _decode_all(inputs: TaskInputs) -> list[Chunk]:
+    """Every task split decoded once, in chunks: in parallel Ray tasks, each chunk stored in the
+    object store (nothing decoded comes back here), or, one decode task's rows or no cluster, right
+    here without starting Ray tasks (their worker processes cost seconds and ~0.3 GB on a small box)."""
+    preps = inputs.preprocessors
+    chunks = [
+        (key, start, min(start + _chunk_rows(preps[task_of(key)]), n))
+        for key, n in inputs.rows.items()
+        for start in range(0, n, _chunk_rows(preps[task_of(key)]))
+    ]
+    if sum(inputs.rows.values()) <= _CACHE_BLOCK_ROWS or not ray.is_initialized():
+        return [(key, start, decode_rows(_table(inputs.sources[key]), np.arange(start, stop), preps[task_of(key)]))
+                for key, start, stop in chunks]
+    refs = [_decode_chunk.remote(inputs.sources[key], np.arange(start, stop), preps[task_of(key)])
+            for key, start, stop in chunks]
+    ray.get([bad for _, bad in refs])  # raises a failed decode task's error; moves no decoded bytes
+    return [(key, start, decoded) for (key, start, _), (decoded, _) in zip(chunks, refs)]
 
 
 def task_of(key: str) -> str:
@@ -196,17 +243,31 @@ def decoded_nbytes(exp: Experiment, infos: dict[str, TaskInfo]) -> int:
 def should_cache(exp: Experiment, nbytes: int) -> bool:
     """Whether to decode once and keep the inputs for every epoch (`data.cache`), given their size.
 
-    Preprocessing is deterministic, so each epoch would decode the very same inputs again. "auto"
-    keeps them when they take at most a quarter of the cluster's object store (without a cluster:
-    of the store Ray would make here); larger data streams. `nbytes`: `decoded_nbytes`.
+    Preprocessing is deterministic, so each epoch would decode the very same inputs again. Every
+    node that runs ranks holds the whole cache once in its object store (ranks read it zero-copy,
+    so the ranks on a node share that one copy; over the epochs each rank reads every row), so
+    "auto" keeps the inputs when they take at most a quarter of the smallest such node's store
+    (without a cluster: of the store Ray would make here); larger data streams.
+    `nbytes`: `decoded_nbytes`, the uint8 bytes really held.
     """
     if exp.data.cache != "auto":
         return exp.data.cache == "always"
-    if ray.is_initialized():
-        store = ray.cluster_resources().get("object_store_memory", 0)
-    else:
-        store = _DEFAULT_STORE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return nbytes <= _CACHE_SHARE * store
+    return nbytes <= _CACHE_SHARE * node_store(exp)
+
+
+def node_store(exp: Experiment) -> float:
+    """Object store bytes of the smallest live node that can host one of the run's ranks (its CPUs,
+    GPU and `worker_resources`); without a cluster, the store Ray would make on this machine."""
+    if not ray.is_initialized():
+        return _DEFAULT_STORE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    tr = exp.training
+    need = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {}), **tr.worker_resources}
+    stores = [
+        node["Resources"].get("object_store_memory", 0.0)
+        for node in ray.nodes()
+        if node.get("Alive") and all(node["Resources"].get(k, 0.0) >= v for k, v in need.items())
+    ]
+    return min(stores, default=0.0)
 
 
 def needs_ray(cache: bool, rows: int) -> bool:
@@ -219,92 +280,88 @@ def _chunk_rows(prep: Preprocessor) -> int:
     return max(_MIN_CHUNK, min(_MAX_CHUNK, _TARGET_CHUNK_BYTES // prep.row_nbytes))
 
 
-# ---------------------------------------------------------------- decoding (Ray Data tasks)
+# ---------------------------------------------------------------- decoding (Ray tasks)
 
 
-def _data_context() -> ray.data.DataContext:
-    """This process's Ray Data context: no per-operator progress bars (they drown the epoch table),
-    and a decode task's own exception raised as is (a bad image's error names the file; wrapped in
-    Ray Data's UserCodeException, its message would not survive the trip to the driver)."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.raise_original_map_exception = True
-    return ctx
+def decode_rows(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> Decoded:
+    """Rows `rows` of a raw task table (a small split's table, or a large one's blocks) through its
+    `Preprocessor`: the numeric arrays and the unreadable rows' messages (the task tag and ids are
+    not model inputs)."""
+    rows = np.asarray(rows, np.int64)
+    raw = source.take(rows) if isinstance(source, SourceBlocks) else source.take(pa.array(rows))
+    out = prep(raw.to_pandas())
+    errors = out.pop("error", None)
+    bad = {} if errors is None else {i: str(m) for i, m in enumerate(errors) if m}
+    return Decoded({k: v for k, v in out.items() if v.dtype.kind in "biuf"}, bad)
 
 
-def _decoded(inputs: TaskInputs, items: list[dict], steps_per_block: int) -> ray.data.Dataset:
-    """A Dataset of `{key, seq, payload}` rows: each item's rows of its task split, decoded and pickled."""
-    _data_context()
-    blocks = max(1, -(-len(items) // steps_per_block))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _decode,
-        fn_kwargs={"sources": inputs.sources, "preprocessors": inputs.preprocessors},
-        batch_size=None,
-        batch_format="numpy",
-    )
+@ray.remote(num_cpus=1)
+def _decode_step(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> Decoded:
+    return decode_rows(source, rows, prep)
 
 
-def _decode(batch: dict[str, Sequence], sources: dict, preprocessors: dict[str, Preprocessor]) -> dict:
-    """`batch`'s items (key, seq, rows columns: a Ray Data numpy batch, or lists) decoded and pickled."""
-    payloads = []
-    for key, rows in zip(batch["key"], batch["rows"]):
-        frame = _source(sources[key]).take(pa.array(np.asarray(rows, np.int64))).to_pandas()
-        payloads.append(pickle.dumps(preprocessors[task_of(key)](frame), protocol=pickle.HIGHEST_PROTOCOL))
-    return {"key": batch["key"], "seq": batch["seq"], "payload": np.array(payloads, dtype=object)}
-
-
-def _source(ref: ray.ObjectRef | pa.Table | SourceBlocks) -> pa.Table | SourceBlocks:
-    return ref if isinstance(ref, (pa.Table, SourceBlocks)) else _fetched(ref)
-
-
-@functools.lru_cache(maxsize=256)
-def _fetched(ref: ray.ObjectRef) -> pa.Table:
-    """A raw task table, fetched once per decode process (zero-copy from the object store)."""
-    return ray.get(ref)
+@ray.remote(num_cpus=1, num_returns=2)
+def _decode_chunk(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> tuple[Decoded, int]:
+    """A cached chunk, and its count of unreadable rows: small, for the driver to wait on."""
+    decoded = decode_rows(source, rows, prep)
+    return decoded, len(decoded.errors)
 
 
 # ---------------------------------------------------------------- reading (in the workers)
 
 
-def stream(inputs: TaskInputs, split: str, steps: list[Step]) -> Iterator[dict[str, np.ndarray]]:
-    """The decoded batch of every step, in order: one Ray Data stream for all tasks of the plan."""
-    if not steps:
-        return
-    _data_context().execution_options.preserve_order = True  # the plan's order is the data order
-    items = [{"key": dataset_key(s.task, split), "seq": i, "rows": s.rows} for i, s in enumerate(steps)]
-    ds = _decoded(inputs, items, _STREAM_STEPS_PER_BLOCK)
-    expected = 0
-    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=_STREAM_PREFETCH_BLOCKS):
-        for seq, payload in zip(block["seq"], block["payload"]):
-            if seq != expected:
-                raise RuntimeError(f"decoded step {seq} arrived where step {expected} was due")
-            expected += 1
-            yield pickle.loads(payload)
+def decode_slots(world: int, cpus_per_rank: float) -> int:
+    """Decode tasks each rank keeps running: the cluster's CPUs not reserved for training (CPU-only
+    nodes included), shared among the ranks; at least one."""
+    free = ray.cluster_resources().get("CPU", 1.0) - world * cpus_per_rank
+    return max(1, int(free // world))
+
+
+def in_order(futures: Iterable[Any], window: int, get: Callable[[Any], T]) -> Iterator[T]:
+    """The results of `futures` (started lazily, as they are drawn) in their own order: a bounded
+    reorder buffer. At most `window` are started and not yet yielded; they finish in any order, and a
+    slow one delays only its own turn while the others keep working."""
+    futures = iter(futures)
+    pending = deque(itertools.islice(futures, window))
+    while pending:
+        result = get(pending.popleft())
+        pending.extend(itertools.islice(futures, 1))
+        yield result
+
+
+def stream(inputs: TaskInputs, split: str, steps: list[Step], slots: int) -> Iterator[Decoded]:
+    """The decoded rows of every step, in plan order: one decode task per step, for all tasks of the
+    plan, `slots` of them decoding and `_PREFETCH_STEPS` more waiting in the object store at most."""
+    started = (
+        _decode_step.remote(inputs.sources[dataset_key(s.task, split)], s.rows, inputs.preprocessors[s.task])
+        for s in steps
+    )
+    return in_order(started, slots + _PREFETCH_STEPS, ray.get)
 
 
 class DecodedCache:
-    """Every task split's decoded inputs in this process, gathered into batches by row index."""
+    """Every task split's decoded inputs, read in place: on a Ray cluster its arrays are zero-copy
+    views of this node's object store (one copy per node, shared by its ranks); a batch gathers its rows."""
 
-    def __init__(self, refs: list[ray.ObjectRef | pa.Table]) -> None:
-        chunks: dict[str, list[tuple[int, dict]]] = {}
-        for ref in refs:  # one block at a time: the raw bytes of all of them never coexist
-            table = _table(ref)
-            for key, start, payload in zip(*(table.column(c).to_pylist() for c in ("key", "seq", "payload"))):
-                chunks.setdefault(key, []).append((start, pickle.loads(payload)))
-        self.chunks = {key: sorted(parts, key=lambda p: p[0]) for key, parts in chunks.items()}
-        self.starts = {key: np.array([s for s, _ in parts]) for key, parts in self.chunks.items()}
+    def __init__(self, chunks: list[Chunk]) -> None:
+        parts: dict[str, list[tuple[int, Decoded]]] = {}
+        for (key, start, _), decoded in zip(chunks, _get_all([c for *_, c in chunks])):
+            parts.setdefault(key, []).append((start, decoded))
+        self.parts = {key: [d for _, d in sorted(p, key=lambda x: x[0])] for key, p in parts.items()}
+        self.starts = {key: np.array(sorted(s for s, _ in p)) for key, p in parts.items()}
 
-    def gather(self, key: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def gather(self, key: str, rows: np.ndarray) -> Decoded:
         """The decoded rows `rows` of one task split, in that order (fresh, writable arrays)."""
-        parts = self.chunks[key]
-        which = np.searchsorted(self.starts[key], rows, side="right") - 1
-        if len(parts) == 1:
-            return {name: col[rows] for name, col in parts[0][1].items()}
-        first = parts[which[0]][1]
-        out = {name: np.empty((len(rows), *col.shape[1:]), col.dtype) for name, col in first.items()}
+        parts, starts = self.parts[key], self.starts[key]
+        which = np.searchsorted(starts, rows, side="right") - 1
+        out = {name: np.empty((len(rows), *col.shape[1:]), col.dtype) for name, col in parts[0].arrays.items()}
+        errors: dict[int, str] = {}
         for c in np.unique(which):
-            mask = which == c
-            start, cols = parts[c]
-            for name, col in cols.items():
-                out[name][mask] = col[rows[mask] - start]
-        return out
+            at = np.flatnonzero(which == c)
+            local = rows[at] - starts[c]
+            for name, col in parts[c].arrays.items():
+                out[name][at] = col[local]
+            for pos, row in zip(at, local) if parts[c].errors else ():
+                if int(row) in parts[c].errors:
+                    errors[int(pos)] = parts[c].errors[int(row)]
+        return Decoded(out, errors)

@@ -3,8 +3,15 @@
 A task's rows are shuffled once per (seed, epoch, task, pass) into one global order, and rank `r`
 of `W` takes every W-th row of it from position r, as PyTorch's `DistributedSampler` does: equal
 shards, no row on two ranks, and the first k batches of every rank together are exactly the first
-k * batch_size * W rows of the global order. That last property makes a resume exact at any world
-size: what is left of a task's pass is the tail of its global order, whoever reads it.
+k * batch_size * W rows of the global order.
+
+The plan is built in two layers. The epoch's *global* plan (`GlobalStep`s) says which slice
+`[start, stop)` of which task's pass every step reads, all ranks together; a rank's plan
+(`rank_steps`) is every W-th row of each slice. Each task reads its pass's order from a cursor: a
+step takes the next `batch_size * W` rows, and a step that would run past the pass's end starts
+the next, reshuffled pass (drop_last). Because what a task has consumed is always a prefix of its
+order, the rest of an epoch can be re-planned for another world size (`rechunk`): the same rows,
+each exactly once, in the same order of global samples. `epoch_plan` replays an epoch's resizes.
 
 Nothing here talks to Ray; `raymtl.data.datasets` turns a plan into a Ray Data stream of decoded
 batches and `raymtl.train.batches` feeds them to the loop.
@@ -12,6 +19,7 @@ batches and `raymtl.train.batches` feeds them to the loop.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from dataclasses import dataclass
 
@@ -26,6 +34,21 @@ class Step:
     rows: np.ndarray  # int64 indices into the task split's table
 
 
+@dataclass(frozen=True)
+class GlobalStep:
+    """One step of all ranks together: positions `[start, stop)` of pass `epoch_pass` of `task`'s order."""
+
+    task: str
+    epoch_pass: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        """Global samples this step trains on."""
+        return self.stop - self.start
+
+
 def shuffle_seed(seed: int, epoch: int, task: str, epoch_pass: int) -> int:
     return zlib.crc32(f"{seed}:{epoch}:{task}:{epoch_pass}".encode())
 
@@ -35,6 +58,83 @@ def global_order(n: int, seed: int, epoch: int, task: str, epoch_pass: int, shuf
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng(shuffle_seed(seed, epoch, task, epoch_pass)).permutation(n)
+
+
+def global_steps(schedule: list[str], n_rows: dict[str, int], size: int) -> list[GlobalStep]:
+    """The epoch's steps for the task `schedule` (one task name per step), `size` rows each (all
+    ranks together). A task's k-th step is batch `k % per_pass` of pass `k // per_pass`, where
+    `per_pass = n // size` (= `(n // world) // batch_size` for a per-worker batch): the cursor rule
+    gives exactly that."""
+    cursor: dict[str, tuple[int, int]] = {}
+    steps = []
+    for task in schedule:
+        n = n_rows[task]
+        if n < size:
+            raise ValueError(f"task {task!r}: {n} rows fill no step of {size} rows")
+        epoch_pass, start = cursor.get(task, (0, 0))
+        if start + size > n:
+            epoch_pass, start = epoch_pass + 1, 0
+        steps.append(GlobalStep(task, epoch_pass, start, start + size))
+        cursor[task] = (epoch_pass, start + size)
+    return steps
+
+
+def rechunk(steps: list[GlobalStep], size: int) -> list[GlobalStep]:
+    """`steps` (the rest of an epoch) re-cut into steps of `size` global samples: the same rows.
+
+    A task's rows of one pass that `steps` reads back to back form a run; each run is cut into
+    `size`-row steps from its start, the last one short when `size` does not divide it (no row
+    skipped, none read twice). A new step goes where the old step holding its first row was, so the
+    order of global samples is kept: halving the size turns every old step into two consecutive
+    new ones, doubling it merges a task's consecutive pairs.
+    """
+    runs: list[tuple[str, int, int, int]] = []  # task, pass, start, stop
+    where: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (task, pass) -> (start, index) of its old steps, in order
+    last: dict[str, int] = {}
+    for i, s in enumerate(steps):
+        where.setdefault((s.task, s.epoch_pass), []).append((s.start, i))
+        j = last.get(s.task)
+        if j is not None and runs[j][1] == s.epoch_pass and runs[j][3] == s.start:
+            runs[j] = (s.task, s.epoch_pass, runs[j][2], s.stop)
+        else:
+            last[s.task] = len(runs)
+            runs.append((s.task, s.epoch_pass, s.start, s.stop))
+    keyed = []
+    for task, epoch_pass, start, stop in runs:
+        olds = where[(task, epoch_pass)]
+        starts = [o[0] for o in olds]
+        for first in range(start, stop, size):
+            old_start, index = olds[bisect.bisect_right(starts, first) - 1]
+            keyed.append(((index, first - old_start), GlobalStep(task, epoch_pass, first, min(first + size, stop))))
+    return [step for _, step in sorted(keyed, key=lambda kv: kv[0])]
+
+
+def epoch_plan(schedule: list[str], n_rows: dict[str, int], worlds: list[tuple[int, int, int]]) -> list[GlobalStep]:
+    """An epoch's global plan through its resizes: `worlds` = [(world, step size, from_step), ...].
+
+    The first entry (from step 0) plans the epoch's `schedule`; each later one re-cuts the steps
+    from `from_step` on to its step size (`rechunk`: the global batch of its world).
+    """
+    (_, size, _), *resizes = worlds
+    steps = global_steps(schedule, n_rows, size)
+    for _, size, at in resizes:
+        steps = steps[:at] + rechunk(steps[at:], size)
+    return steps
+
+
+def rank_steps(
+    steps: list[GlobalStep], n_rows: dict[str, int], *, seed: int, epoch: int, rank: int, world: int, shuffle: bool = True
+) -> list[Step]:
+    """This rank's batches of `steps`: every `world`-th row of each step's slice, from position `rank`
+    (a step that `world` does not divide, short or of a global batch, gives some ranks a row fewer)."""
+    orders: dict[tuple[str, int], np.ndarray] = {}
+    out = []
+    for s in steps:
+        key = (s.task, s.epoch_pass)
+        if key not in orders:
+            orders[key] = global_order(n_rows[s.task], seed, epoch, s.task, s.epoch_pass, shuffle)
+        out.append(Step(s.task, orders[key][s.start + rank : s.stop : world].astype(np.int64)))
+    return out
 
 
 def train_steps(
@@ -49,30 +149,19 @@ def train_steps(
     start: int = 0,
     shuffle: bool = True,
 ) -> list[Step]:
-    """This rank's batches for the epoch's `schedule` (one task name per step), from step `start`.
+    """This rank's batches for the epoch's `schedule` (one task name per step), from step `start`,
+    on a world that has not changed during the epoch. Sampling schedules that ask for more batches
+    than a pass holds start a new, reshuffled pass."""
+    steps = global_steps(schedule, n_rows, batch_size * world)[start:]
+    return rank_steps(steps, n_rows, seed=seed, epoch=epoch, rank=rank, world=world, shuffle=shuffle)
 
-    A task's k-th batch of the epoch is batch `k % per_pass` of pass `k // per_pass`, where
-    `per_pass = (n // world) // batch_size` (full batches only: drop_last). Sampling schedules that
-    ask for more batches than a pass holds start a new, reshuffled pass.
-    """
-    orders: dict[tuple[str, int], np.ndarray] = {}
-    seen: dict[str, int] = {}
-    steps = []
-    for i, task in enumerate(schedule):
-        k = seen.get(task, 0)
-        seen[task] = k + 1
-        if i < start:
-            continue
-        per_pass = (n_rows[task] // world) // batch_size
-        if per_pass < 1:
-            raise ValueError(f"task {task!r}: {n_rows[task]} rows fill no batch of {batch_size} on {world} workers")
-        epoch_pass, b = divmod(k, per_pass)
-        key = (task, epoch_pass)
-        if key not in orders:
-            orders[key] = global_order(n_rows[task], seed, epoch, task, epoch_pass, shuffle)
-        first = b * batch_size * world + rank
-        steps.append(Step(task, orders[key][first : first + batch_size * world : world].astype(np.int64)))
-    return steps
+
+def consumed_rows(steps: list[GlobalStep]) -> dict[str, int]:
+    """Rows each task's `steps` read (all ranks, all passes): what a checkpoint records of an epoch."""
+    out: dict[str, int] = {}
+    for s in steps:
+        out[s.task] = out.get(s.task, 0) + s.size
+    return out
 
 
 def val_steps(n_rows: dict[str, int], batch_size: int, *, rank: int, world: int) -> list[Step]:

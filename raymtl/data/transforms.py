@@ -1,17 +1,19 @@
 """Raw task rows -> model inputs: the one transform shared by training and batch prediction.
 
-`Preprocessor` runs inside Ray Data `map_batches(batch_format="pandas")` and returns a dict of
-numpy arrays:
+`Preprocessor` turns a pandas batch of raw rows into a dict of numpy arrays:
 
     task            str               [N]            the task name, on every row
     label           int64 [N] (multiclass) | float32 [N, num_labels] (multilabel multi-hot)
-    view_<name>     float32           [N, 3, S, S]   one per `data.views` view, normalised
-    input_ids       int64             [N, max_length]
-    attention_mask  int64             [N, max_length]
+    view_<name>     uint8             [N, S, S, 3]   one per `data.views` view: NHWC pixels, as decoded
+    input_ids       int32             [N, max_length]
+    attention_mask  uint8             [N, max_length]
     id              str               [N]
     error           str               [N]            on_bad="mark" only; "" for good rows
 
 Each key is present only when it applies (labels asked for, the task has images/text/ids).
+Images stay uint8 and token ids narrow integers: a quarter of float32's bytes through the object
+store, the network and the host-to-device copy. Normalisation (mean/std) happens on the device
+the model runs on (`raymtl.data.device_inputs`), for training and prediction alike.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from PIL import Image
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
 from raymtl.data import image_io
 from raymtl.data.task_info import TaskInfo
+from raymtl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ ON_BAD = ("raise", "skip", "mark")
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class BadImageError(ConfigError):
+class BadImageError(DataError):
     """An image that cannot be read; the message names the task, column and path."""
 
 
@@ -76,9 +79,6 @@ class Preprocessor:
         self.tokenizer = data.tokenizer
         self.max_length = data.max_length
         self.read_concurrency = data.read_concurrency
-        mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in data.normalization())
-        self._scale = 1.0 / (255.0 * std)  # uint8 -> [0, 1] -> (x - mean) / std in one multiply-add
-        self._shift = mean / std
 
     @property
     def input_columns(self) -> list[str]:
@@ -88,20 +88,19 @@ class Preprocessor:
 
     @property
     def row_nbytes(self) -> int:
-        """Approximate output bytes per row, for sizing batches."""
-        return 4 * 3 * self.image_size**2 * len(self.views) + (16 * self.max_length if self.text_column else 0) + 64
+        """Output bytes per row (uint8 pixels, int32 ids + uint8 mask, label and overhead), for sizing."""
+        return 3 * self.image_size**2 * len(self.views) + (5 * self.max_length if self.text_column else 0) + 64
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         batch = batch.reset_index(drop=True)
         pixels, errors = self._read_images(batch)
         if self.on_bad == "skip":
             batch, pixels, errors = self._drop_bad(batch, pixels, errors)
-        good = errors == ""
         out: dict[str, np.ndarray] = {"task": np.full(len(batch), self.task, dtype=object)}
         if self.label_column is not None:
             out["label"] = self._encode_labels(batch[self.label_column])
         for name, p in pixels.items():
-            out[f"view_{name}"] = self._normalise(p, good)
+            out[f"view_{name}"] = p  # bad rows stay zero
         if self.text_column is not None:
             out.update(self._tokenize(batch[self.text_column]))
         if self.id_column is not None:
@@ -150,14 +149,6 @@ class Preprocessor:
         )
         return batch[good].reset_index(drop=True), {k: p[good] for k, p in pixels.items()}, errors[good]
 
-    def _normalise(self, pixels: np.ndarray, good: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> normalised float32 NCHW, vectorised over the batch; bad rows stay zero."""
-        x = pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-        x *= self._scale
-        x -= self._shift
-        x[~good] = 0.0
-        return x
-
     # ------------------------------------------------------------ labels, text
 
     def _encode_labels(self, values: pd.Series) -> np.ndarray:
@@ -182,7 +173,8 @@ class Preprocessor:
         enc = load_tokenizer(self.tokenizer)(
             strings, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np"
         )
-        return {k: np.asarray(enc[k], np.int64) for k in ("input_ids", "attention_mask")}
+        return {"input_ids": np.asarray(enc["input_ids"], np.int32),
+                "attention_mask": np.asarray(enc["attention_mask"], np.uint8)}
 
 
 def _resolve_view(view: ViewSpec, task: TaskSpec) -> ViewSpec:

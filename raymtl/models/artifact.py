@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch comes with save/load: `raymtl predict` checks a model
 META_FILE = "raymtl_model.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.fusion_norm (format 1 fused by plain concatenation; see `_upgrade`)
 
 
 @dataclass
@@ -60,7 +60,7 @@ def portable_model_spec(model: MultiTaskModel, spec: ModelSpec) -> ModelSpec:
     The text encoder is described by its Hugging Face config (rebuilt by AutoConfig.for_model).
     """
     portable = dataclasses.replace(spec, text_encoder=None, image_weights=None, base=None, init_from=None,
-                                   models_cache=None)
+                                   models_cache=None, fusion_norm=model.spec.fusion_norm)  # a grown base keeps its own
     if model.text_encoder is None:
         return portable
     return dataclasses.replace(portable, text_config=model.text_encoder.encoder.config.to_dict())
@@ -150,11 +150,19 @@ def _load_local(folder: Path, map_location: str | torch.device) -> SavedModel:
         return SavedModel(ensemble, _local_tokenizer(data, folder), ensemble.infos, {}, meta["experiment"])
     infos = {name: TaskInfo(**d) for name, d in meta["tasks"].items()}
     data = _local_tokenizer(from_dict(DataSpec, meta["data"], "data"), folder)
-    spec = from_dict(ModelSpec, meta["model"], "model")
+    spec = from_dict(ModelSpec, _upgrade(meta)["model"], "model")
     model = MultiTaskModel(spec, infos, [v.name for v in data.views], meta["groups"])
     load_safetensors(model, str(folder / WEIGHTS_FILE))
     model.to(map_location).eval()
     return SavedModel(model, data, model.infos, meta["groups"], meta["experiment"])
+
+
+def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 model's meta as format 2: its fusion was plain concatenation (no per-modality
+    LayerNorm, no modality dropout), which `fusion_norm: none` rebuilds with the same weight keys."""
+    if meta.get("format_version", 1) >= 2:
+        return meta
+    return {**meta, "model": {"fusion_norm": "none", **meta["model"]}, "format_version": 2}
 
 
 def _local_tokenizer(data: DataSpec, folder: Path) -> DataSpec:

@@ -109,6 +109,8 @@ class ImageBackbone(nn.Module):
         return self.fuse(torch.cat(feats.split(views[0].shape[0]), dim=1))
 
     def _trunk(self, x: Tensor) -> Tensor:
+        if x.is_cuda:  # cuDNN's convolutions are fastest on NHWC; the weights stay as they are stored
+            x = x.contiguous(memory_format=torch.channels_last)
         if not (self.training and x.shape[0] == 1):
             return _main_output(self.trunk(x))
         # BatchNorm has no batch statistics over a single image (on 1x1 maps it raises): use the

@@ -25,22 +25,71 @@ PARTS = {"image": "image_backbones", "text": "text_encoder", "fusion": "fusion",
 
 
 class Fusion(nn.Module):
-    """Linear -> ReLU -> Dropout over concat[image features, text features].
+    """Per-modality normalisation, then Linear -> ReLU -> Dropout over concat[image, text].
 
-    A slot is sized 0 when no task of the group has that modality. A task without a modality the
-    group has feeds zeros in its slot, so image-only, text-only and image+text tasks share one layer.
+    With `norm="layernorm"` each modality's features are LayerNorm'd and scaled by sqrt(D / (k d))
+    (d the modality's width, D the concatenation's, k the number of modality slots): at
+    initialisation every modality holds the same share, 1/k, of the fused vector's squared norm,
+    whatever its width or its encoder's output scale, so a wide, randomly initialised text encoder
+    cannot drown the image features (a 768-wide BERT's raw features have ~3.6x the norm of a
+    ResNet's 256). The LayerNorms' gains are learned, so training may reweight the modalities.
+    `norm="none"` is plain concatenation (models saved before format 2).
+
+    A slot is sized 0 when no task of the group has that modality. A missing modality (a task
+    without it, a masked modality at evaluation, modality dropout) feeds zeros in its slot, after
+    the normalisation, so image-only, text-only and image+text tasks share one layer.
+    `modality_dropout` p: in training, each row that has both modalities drops one of them (zeros,
+    no rescaling) with probability p, so the fused layer learns to work on either alone.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, out_dim: int, dropout: float) -> None:
+    def __init__(self, image_dim: int, text_dim: int, out_dim: int, dropout: float, norm: str = "none",
+                 modality_dropout: float = 0.0) -> None:
         super().__init__()
         self.image_dim, self.text_dim = image_dim, text_dim
+        self.norm, self.modality_dropout = norm, modality_dropout
+        if norm == "layernorm":
+            slots = [d for d in (image_dim, text_dim) if d]
+            total = sum(slots)
+            self.image_norm = nn.LayerNorm(image_dim) if image_dim else None
+            self.text_norm = nn.LayerNorm(text_dim) if text_dim else None
+            self.scales = {name: (total / (len(slots) * d)) ** 0.5
+                           for name, d in (("image", image_dim), ("text", text_dim)) if d}
+        elif norm != "none":
+            raise ValueError(f"unknown fusion norm {norm!r}; choose layernorm or none")
         self.net = nn.Sequential(nn.Linear(image_dim + text_dim, out_dim), nn.ReLU(), nn.Dropout(dropout))
 
-    def forward(self, image: Tensor | None, text: Tensor | None) -> Tensor:
+    def forward(self, image: Tensor | None, text: Tensor | None, rows: int | None = None) -> Tensor:
+        """Fused features [B, out_dim]; `rows` (B) is needed only when both modalities are missing."""
+        image, text = self.normalised("image", image), self.normalised("text", text)
         given = image if image is not None else text
+        if given is None:
+            given = self.net[0].weight.new_zeros(rows, 0)
+        if self.training and self.modality_dropout and image is not None and text is not None:
+            image, text = _drop_one(image, text, self.modality_dropout)
         slots = [(image, self.image_dim), (text, self.text_dim)]
         feats = [f if f is not None else given.new_zeros(given.shape[0], dim) for f, dim in slots if dim]
         return self.net(torch.cat(feats, dim=1))
+
+    def parameters_for(self, image: bool, text: bool) -> list[nn.Parameter]:
+        """The parameters a pass with these modalities present uses: their norms and the layer."""
+        norms = [getattr(self, f"{m}_norm", None) for m, present in (("image", image), ("text", text)) if present]
+        return [p for n in norms if n is not None for p in n.parameters()] + list(self.net.parameters())
+
+    def normalised(self, modality: str, features: Tensor | None) -> Tensor | None:
+        """One modality's features as they enter the concatenation (see the class docstring)."""
+        if features is None or self.norm == "none":
+            return features
+        return getattr(self, f"{modality}_norm")(features) * self.scales[modality]
+
+
+def _drop_one(image: Tensor, text: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Zero one modality (image or text, even odds) of each row with probability p."""
+    rows = image.shape[0]
+    drop = torch.rand(rows, device=image.device) < p
+    which = torch.rand(rows, device=image.device) < 0.5
+    keep_image = (~(drop & which)).unsqueeze(1).to(image.dtype)
+    keep_text = (~(drop & ~which)).unsqueeze(1).to(text.dtype)
+    return image * keep_image, text * keep_text
 
 
 class MultiTaskModel(nn.Module):
@@ -61,6 +110,7 @@ class MultiTaskModel(nn.Module):
         _check_groups(infos, groups)
         self.spec = model
         self.view_names = list(view_names)
+        self.masked: str | None = None  # a modality evaluated as missing (see `mask`)
         self.infos: dict[str, TaskInfo] = {}
         self.groups: dict[str, list[str]] = {}
         has_text_encoder = model.text_encoder is not None or model.text_config is not None
@@ -163,7 +213,8 @@ class MultiTaskModel(nn.Module):
             image_dim = backbone.out_dim
         if any(text for _, text in inputs):
             text_dim = self.text_encoder.out_dim
-        self.fusion[group] = Fusion(image_dim, text_dim, self.spec.hidden_dim, self.spec.dropout)
+        self.fusion[group] = Fusion(image_dim, text_dim, self.spec.hidden_dim, self.spec.dropout,
+                                    self.spec.fusion_norm, self.spec.modality_dropout)
         self.groups[group] = []
         for info in infos:
             self._add_head(info, group)
@@ -203,7 +254,14 @@ class MultiTaskModel(nn.Module):
         group, use_image, use_text = self.feature_key(task)
         image = self.image_backbones[group](batch) if use_image else None
         text = self.text_encoder(batch["input_ids"], batch["attention_mask"]) if use_text else None
-        return self.fusion[group](image, text)
+        return self.fusion[group](image, text, rows=_rows(batch))
+
+    def mask(self, modality: str | None) -> None:
+        """Evaluate with `modality` ("image" or "text") masked, or none (None): a masked modality
+        is not computed and feeds zeros into its fusion slot, as for a task that lacks it."""
+        if modality not in (None, "image", "text"):
+            raise ValueError(f"unknown modality {modality!r} to mask; choose image or text")
+        self.masked = modality
 
     def compile_features(self, **options: Any) -> None:
         """`torch.compile` each group's image trunk and the text encoder, in place.
@@ -226,16 +284,22 @@ class MultiTaskModel(nn.Module):
         what lets ranks synchronise exactly these gradients (`raymtl.train.gradsync`).
         """
         group, use_image, use_text = self.feature_key(task)
-        modules = [self.image_backbones[group] if use_image else None, self.text_encoder if use_text else None,
-                   self.fusion[group], self.heads[task]]
-        return [p for m in modules if m is not None for p in m.parameters()]
+        encoders = [self.image_backbones[group] if use_image else None, self.text_encoder if use_text else None]
+        return [p for m in encoders if m is not None for p in m.parameters()] + [
+            *self.fusion[group].parameters_for(use_image, use_text), *self.heads[task].parameters()]
 
     def feature_key(self, task: str) -> tuple[str, bool, bool]:
         """(group, uses image, uses text): tasks with equal keys read equal `features` of a batch.
 
         A predictor computes the features once per key and applies every such task's head to them.
         """
-        return (self.group_of(task), *self._inputs(self.infos[task]))
+        image, text = self._inputs(self.infos[task])
+        return self.group_of(task), image and self.masked != "image", text and self.masked != "text"
+
+
+def _rows(batch: Mapping[str, Any]) -> int:
+    """The batch's row count, read off its first tensor."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
 
 
 def _check_groups(infos: Mapping[str, TaskInfo], groups: Mapping[str, Sequence[str]]) -> None:

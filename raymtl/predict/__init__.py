@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from raymtl import storage
+from raymtl import console, storage
 from raymtl.data.tables import source_paths
 from raymtl.errors import ConfigError
 from raymtl.models.artifact import META_FILE
@@ -86,6 +86,7 @@ def predict(
     tasks: list[str] | None = None,
     batch_size: int = 64,
     pool_size: int = 1,
+    max_pool_size: int | None = None,
     num_gpus: float | None = None,
     top_k: int = 0,
     strict: bool = False,
@@ -99,12 +100,15 @@ def predict(
 
     Columns default to the ones the model was trained with; `image_column`/`text_column`/`id_column`
     rename them for this input. `num_gpus` is per model actor, None = 1 when the cluster has GPUs.
+    The model actors start `pool_size` strong and grow to `max_pool_size` (default: `pool_size`)
+    while items queue and the cluster has room (an autoscaling cluster adds nodes for them).
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
 
-    if batch_size < 1 or pool_size < 1 or top_k < 0:
-        raise ConfigError(f"need batch_size >= 1, pool_size >= 1, top_k >= 0; got {batch_size}, {pool_size}, {top_k}")
+    if batch_size < 1 or pool_size < 1 or top_k < 0 or (max_pool_size is not None and max_pool_size < pool_size):
+        raise ConfigError(f"need batch_size >= 1, 1 <= pool_size <= max_pool_size, top_k >= 0; got {batch_size}, "
+                          f"{pool_size}, {max_pool_size}, {top_k}")
     check_paths(model_path, input, output, overwrite)
     plan = make_plan(model_path, load(model_path), tasks=tasks, image_column=image_column, text_column=text_column,
                      id_column=id_column, strict=strict, top_k=top_k)
@@ -114,7 +118,8 @@ def predict(
     if rows_in == 0:
         raise ConfigError(f"input {input!r} has no rows")
     start = time.perf_counter()
-    _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus)), output, overwrite)
+    _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus), max_pool_size=max_pool_size),
+           output, overwrite)
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
@@ -133,15 +138,19 @@ def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> No
 
 
 def predictions(
-    items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None
+    items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None,
+    max_pool_size: int | None = None,
 ) -> ray.data.Dataset:
-    """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` actors.
+    """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` to
+    `max_pool_size` actors.
 
     `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows.
     """
     import ray.data
 
-    return items.map_batches(
+    # Blocks of one batch: a decode actor takes a block at a time, and a single input file read as
+    # one block would otherwise be decoded by one actor while the others idle.
+    return items.repartition(target_num_rows_per_block=batch_size).map_batches(
         Prepare,
         fn_constructor_args=(plan,),
         batch_format="pandas",
@@ -153,7 +162,7 @@ def predictions(
         fn_constructor_args=(plan, gpus > 0),
         batch_format="numpy",
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=pool_size),
+        compute=ray.data.ActorPoolStrategy(min_size=pool_size, max_size=max(pool_size, max_pool_size or 0)),
         num_gpus=gpus,
         udf_modifying_row_count=False,
     )
@@ -200,11 +209,16 @@ def summarise(output: str, rows_in: int, seconds: float) -> PredictSummary:
 
 
 def gpus_per_actor(num_gpus: float | None) -> float:
+    """`num_gpus`, or by default 1 when the cluster has a GPU now; running on CPU by default is said."""
     if num_gpus is not None:
         return num_gpus
     import ray
 
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return 1.0
+    console.say("[raymtl] the cluster has no GPU now: the model runs on CPU "
+                "(--num-gpus 1 asks for GPU actors; an autoscaling cluster then starts GPU nodes for them)")
+    return 0.0
 
 
 def _prepare_actors(pool_size: int) -> int:

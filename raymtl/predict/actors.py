@@ -86,52 +86,81 @@ def _join_errors(errors: list[np.ndarray]) -> np.ndarray:
 
 
 class Predict:
-    """Model actor: loads the artifact (every member of an ensemble) once; per batch, one backbone
-    pass per member, task group and inputs."""
+    """Model actor: loads the artifact (every member of an ensemble) once. Per batch every input goes
+    to the device once, each member runs one pass per task group and inputs, under the training's
+    autocast, and every head's probabilities come back in one device-to-host copy."""
 
     def __init__(self, plan: Plan, use_gpu: bool) -> None:
         import torch
 
+        from raymtl.data.device_inputs import DeviceInputs
         from raymtl.models.artifact import load
+        from raymtl.models.ensemble import members_of
+        from raymtl.train.precision import for_inference
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load(plan.model_path).model.to(self.device)
+        saved = load(plan.model_path)
+        self.model = saved.model.to(self.device)
+        self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
+        self.device_inputs = DeviceInputs(plan.data, self.device)
+        for _, member in members_of(self.model):
+            member.mask(plan.masked)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         columns = {ID: pa.array(batch[ID], pa.string())}
-        features: dict[tuple, object] = {}  # tasks of one group with the same inputs share one pass
-        for head in self.heads:
-            bad = np.zeros(len(batch[ID]), dtype=bool)
-            for i in head.inputs:
-                bad |= batch[f"{i}/{ERROR}"] != ""
-            columns.update(output_columns(head, self._probs(head, batch, ~bad, features), bad, self.top_k))
+        for head, (probs, bad) in zip(self.heads, self.probabilities(batch)):
+            columns.update(output_columns(head, probs, bad, self.top_k))
         errors = batch[ERROR]
         columns[ERROR] = pa.array(errors, pa.string(), mask=errors == "")
         return pa.table(columns)
 
-    def _probs(self, head: Head, batch: dict[str, np.ndarray], good: np.ndarray, features: dict) -> np.ndarray:
-        """Softmax (multiclass) or sigmoid (multilabel) probabilities; zeros on bad rows.
+    def probabilities(self, batch: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per head: softmax (multiclass) or sigmoid (multilabel) probabilities, zeros on its bad rows,
+        and the bad rows (an input of the head has an error). An ensemble's are its members' weighted mean.
 
-        An ensemble's are its members' weighted mean. `features` caches the fused features per
-        (member, feature key, good rows) within one batch.
+        Bad rows run through the model with the others (their placeholder inputs cost less than a
+        selection of rows per head; in eval mode every row is computed on its own) and are zeroed after.
         """
         import torch
 
         from raymtl.models.ensemble import members_of, probabilities
 
-        probs = np.zeros((len(good), len(head.labels)), np.float32)
-        if not good.any():
-            return probs
-        prefixes = tuple(f"{i}/" for i in head.inputs)
-        inputs = {k.split("/", 1)[1]: torch.as_tensor(value[good]).to(self.device)
-                  for k, value in batch.items() if k.startswith(prefixes) and not k.endswith(f"/{ERROR}")}
-        total = 0.0
-        with torch.inference_mode():
-            for k, (weight, member) in enumerate(members_of(self.model)):
-                key = (k, member.feature_key(head.task), good.tobytes())
-                if key not in features:
-                    features[key] = member.features(inputs, head.task)
-                total = total + weight * probabilities(member.heads[head.task](features[key]), head.kind)
-        probs[good] = total.cpu().numpy()
-        return probs
+        arrays = self._on_device(batch)
+        features: dict[tuple, torch.Tensor] = {}  # tasks of one group with the same inputs share one pass
+        outputs = []
+        with torch.inference_mode(), self.precision.autocast():
+            for head in self.heads:
+                prefixes = tuple(f"{i}/" for i in head.inputs)
+                inputs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(prefixes)}
+                total = 0.0
+                for k, (weight, member) in enumerate(members_of(self.model)):
+                    key = (k, member.feature_key(head.task), head.inputs)
+                    if key not in features:
+                        features[key] = member.features(inputs, head.task)
+                    total = total + weight * probabilities(member.heads[head.task](features[key]), head.kind)
+                outputs.append(total)
+        host = torch.cat(outputs, dim=1).cpu().numpy()  # the batch's one copy back
+        out, start = [], 0
+        for head in self.heads:
+            probs = host[:, start : start + len(head.labels)].copy()
+            start += len(head.labels)
+            bad = np.zeros(len(batch[ID]), dtype=bool)
+            for i in head.inputs:
+                bad |= batch[f"{i}/{ERROR}"] != ""
+            probs[bad] = 0.0
+            out.append((probs, bad))
+        return out
+
+    def _on_device(self, batch: dict[str, np.ndarray]) -> dict:
+        """Every input array ("<input>/<key>") on the model's device as the model takes it
+        (`DeviceInputs`): one copy each per batch, from pinned memory on a GPU (asynchronous)."""
+        from raymtl.data.device_inputs import host_tensor, is_numeric
+
+        out = {}
+        for key, value in batch.items():
+            index, _, name = key.partition("/")
+            if index.isdigit() and name != ERROR and is_numeric(value):
+                tensor = host_tensor(value, pin=self.device.type == "cuda")
+                out[key] = self.device_inputs.finish(name, tensor.to(self.device, non_blocking=True))
+        return out

@@ -62,6 +62,7 @@ class Plan:
     strict: bool
     top_k: int
     label_column: str | None = None  # evaluation: also encode this column as the (single) head's labels
+    masked: str | None = None  # evaluation: a modality (image | text) the model runs without (`MultiTaskModel.mask`)
 
     def preprocessors(self, data: DataSpec) -> list[Preprocessor]:
         """One per input; `data` is the plan's with the tokenizer folder of the node it runs on."""

@@ -19,6 +19,7 @@ is then noise. `optimizer_update` gives that map for the optimizers raymtl build
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,9 +28,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.collectives import all_reduce_sum, world_size
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -50,14 +53,22 @@ def lookahead_affinity(
     lr: float,
     shared: Sequence[str] | None = None,
     update: Update | None = None,
+    lookahead_rows: int | None = None,
 ) -> tuple[list[str], Tensor]:
     """(tasks, Z [T, T]) for the tasks of `batches` (in its order); Z[i, j] as in the module doc.
 
     `losses[task](logits, batch["label"])` is the task's unweighted loss; `shared` names the
     parameters that take the lookahead step (default: `shared_parameter_names`). Heads stay put.
     `update(name, g)` turns a gradient into the step direction (default: g itself, plain SGD).
-    Costs T forward+backward passes and T^2 forward passes; the model is left bit-identical.
-    Pass the bare model, not its DDP wrapper: the measurement is local to one rank.
+    Pass the bare model, not its DDP wrapper: the measurement is local to one rank; it is left
+    bit-identical.
+
+    Scales with T: the source tasks step one at a time, each step written over its own gradient
+    (peak memory about the shared parameters' bytes once, plus activations, whatever T is), and each
+    step is evaluated on every target task's rows in one batched pass through the shared trunk
+    (`_evaluate`). `lookahead_rows` caps the rows of that pass (all targets together; each target
+    keeps its latest `lookahead_rows // T` rows, at least one): T forward+backward passes plus T
+    bounded forward passes, linear in T. None: every target's full rows (T^2 rows-sized forwards).
     """
     tasks = list(batches)
     names = list(shared) if shared is not None else shared_parameter_names(model)
@@ -66,21 +77,33 @@ def lookahead_affinity(
     if unknown or not names:
         raise ValueError(f"shared parameters must be some of the model's parameter names; unknown: {unknown}")
     theta = {n: all_params[n].detach().requires_grad_(True) for n in names}
-    z = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    keep = None if lookahead_rows is None else max(1, lookahead_rows // len(tasks))
+    targets = {t: _latest(batches[t], keep) for t in tasks}
+    subset = any(len(targets[t]["label"]) < len(batches[t]["label"]) for t in tasks)
+    after = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    before = torch.zeros(len(tasks), dtype=torch.float64)
     with _deterministic(model):
-        steps, before = {}, {}
-        for task in tasks:
-            loss = _task_loss(model, theta, batches[task], task, losses[task])
-            grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-            steps[task] = {n: update(n, g) if update else g for n, g in zip(names, grads) if g is not None}
-            before[task] = loss.detach().double()
-        with torch.no_grad():
-            for i, source in enumerate(tasks):
-                moved = {n: p - lr * steps[source][n] if n in steps[source] else p for n, p in theta.items()}
-                for j, target in enumerate(tasks):
-                    after = _task_loss(model, moved, batches[target], target, losses[target]).double()
-                    z[i, j] = 1.0 - after / before[target].clamp_min(_EPS)
-    return tasks, z
+        for i, source in enumerate(tasks):
+            loss = _task_loss(model, theta, batches[source], source, losses[source])
+            grads = list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
+            before[i] = loss.detach().double()
+            with torch.no_grad():
+                moved = {}  # theta - lr * step, written over the gradient: no second copy of the parameters
+                for n, g in zip(names, grads):
+                    if g is None:
+                        moved[n] = theta[n]
+                        continue
+                    step = update(n, g) if update else g
+                    # Over the gradient when it owns its memory (not a broadcast view, say).
+                    out = g if g.is_contiguous() and g._base is None else torch.empty_like(theta[n])
+                    moved[n] = torch.mul(step, -lr, out=out).add_(theta[n])
+                del grads
+                after[i] = _evaluate(model, moved, targets, losses)
+                del moved
+        if subset:  # the targets' losses before any step, on the same rows as after it
+            with torch.no_grad():
+                before = _evaluate(model, theta, targets, losses)
+    return tasks, 1.0 - after / before.clamp_min(_EPS)
 
 
 def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Update | None:
@@ -96,6 +119,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         return None
     by_param = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     params = {n: p for n, p in model.named_parameters() if id(p) in by_param}
+    base_lr = optimizer.param_groups[0]["lr"]  # the lookahead's lr; other groups' lr as a ratio to it
 
     def update(name: str, grad: Tensor) -> Tensor:
         p = params.get(name)
@@ -106,7 +130,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         t = float(state["step"]) if "step" in state else 0.0
         v = state.get("exp_avg_sq")
         v = (1 - beta2) * grad.square() if v is None else beta2 * v + (1 - beta2) * grad.square()
-        share = (1 - beta1) / (1 - beta1 ** (t + 1))
+        share = (1 - beta1) / (1 - beta1 ** (t + 1)) * group["lr"] / base_lr
         return share * grad / ((v / (1 - beta2 ** (t + 1))).sqrt() + group["eps"])
 
     return update
@@ -146,6 +170,82 @@ def _task_loss(
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     logits = functional_call(model, {**buffers, **params}, args=(batch,), kwargs={"task": task})
     return loss(logits, batch["label"])
+
+
+def _latest(batch: Mapping[str, Tensor], rows: int | None) -> Mapping[str, Tensor]:
+    if rows is None or len(batch["label"]) <= rows:
+        return batch
+    return {k: v[-rows:] for k, v in batch.items()}
+
+
+def _evaluate(
+    model: nn.Module, params: Mapping[str, Tensor], batches: Mapping[str, Mapping[str, Tensor]], losses: Mapping[str, LossFn]
+) -> Tensor:
+    """Each task's loss [T] (float64, the order of `batches`) under `params`, without gradients.
+
+    A `MultiTaskModel` runs the tasks whose features come from the same modules and whose inputs
+    have the same shapes as one batch through the trunk (`features`), then each task's head on its
+    rows. BatchNorms that normalise by batch statistics do so per task (`_per_task_batch_norm`), so
+    the result equals one pass per task. Other models: one pass per task.
+    """
+    if not isinstance(model, MultiTaskModel):
+        return torch.stack([_task_loss(model, params, b, t, losses[t]).double() for t, b in batches.items()])
+    together: dict[tuple, list[str]] = {}
+    for task, batch in batches.items():
+        shapes = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in batch.items() if k != "label"))
+        together.setdefault((model.feature_key(task), shapes), []).append(task)
+    out = dict.fromkeys(batches, None)
+    trunk = _Trunk(model)
+    trunk_params = {f"model.{n}": p for n, p in params.items()}
+    for tasks in together.values():
+        sizes = [len(batches[t]["label"]) for t in tasks]
+        joined = {k: torch.cat([batches[t][k] for t in tasks]) for k in batches[tasks[0]] if k != "label"}
+        with _per_task_batch_norm(model, sizes):
+            feats = functional_call(trunk, trunk_params, args=(joined, tasks[0]))
+        for task, f in zip(tasks, feats.split(sizes)):
+            prefix = f"heads.{task}."
+            head = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+            out[task] = losses[task](functional_call(model.heads[task], head, args=(f,)), batches[task]["label"]).double()
+    return torch.stack(list(out.values()))
+
+
+class _Trunk(nn.Module):
+    """`model.features` as a module's forward, for `functional_call`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, Tensor], task: str) -> Tensor:
+        return self.model.features(batch, task)
+
+
+@contextlib.contextmanager
+def _per_task_batch_norm(model: nn.Module, sizes: Sequence[int]) -> Iterator[None]:
+    """BatchNorms that use batch statistics normalise each task's rows by that task's statistics.
+
+    Running statistics are not updated (the measurement leaves buffers alone); BatchNorms on
+    running statistics (eval mode) act row by row and stay as they are.
+    """
+    patched = [m for m in model.modules() if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
+
+    def forward(m: _BatchNorm, x: Tensor) -> Tensor:
+        if len(set(sizes)) > 1:
+            return torch.cat([F.batch_norm(part, None, None, m.weight, m.bias, True, 0.0, m.eps) for part in x.split(sizes)])
+        rows = x.reshape(len(sizes), sizes[0], x.shape[1], -1)  # [task, row, channel, rest]: one call for all tasks
+        var, mean = torch.var_mean(rows, dim=(1, 3), unbiased=False, keepdim=True)
+        y = (rows - mean) * torch.rsqrt(var + m.eps)
+        if m.weight is not None:
+            y = y * m.weight.view(1, 1, -1, 1) + m.bias.view(1, 1, -1, 1)
+        return y.reshape(x.shape)
+
+    try:
+        for m in patched:
+            m.forward = functools.partial(forward, m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 @contextlib.contextmanager
@@ -288,7 +388,9 @@ def _diverging(x: float) -> tuple[int, int, int]:
 # ---------------------------------------------------------------- in the training loop (all ranks)
 
 
-def measure_affinity(model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker) -> None:
+def measure_affinity(
+    model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker, lookahead_rows: int | None = None
+) -> None:
     """One lookahead affinity measurement on each task's latest rows, averaged over ranks.
 
     The lookahead step is the optimizer's own update for each task's gradient at its current lr.
@@ -300,7 +402,9 @@ def measure_affinity(model, recent: RecentRows, losses, optimizer, tracker: Affi
     update = optimizer_update(optimizer, model)
     device = next(model.parameters()).device
     with torch.autocast(device.type, enabled=False):
-        tasks, z = lookahead_affinity(model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update)
+        tasks, z = lookahead_affinity(
+            model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update, lookahead_rows=lookahead_rows
+        )
     tracker.update(all_reduce_sum(z.double()) / world_size())
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raymtl.config import Experiment
+from raymtl.config import Experiment, global_batch
 from raymtl.data.task_info import TaskInfo
 
 logger = logging.getLogger("raymtl")
@@ -36,12 +36,24 @@ CHECKPOINT_METRICS_FILE = "metrics.json"
 
 @dataclass
 class Position:
-    """Where training is: `step` batches of epoch `epoch` are done (global_step counts all)."""
+    """Where training is: `step` steps of epoch `epoch`'s plan are done (global_step counts all).
+
+    `worlds` is how the epoch's plan came to be (`plan.epoch_plan`): `[world, global batch, from_step]`
+    for the world it started on and each resize since; `consumed` the rows each task read in the
+    epoch (all ranks), `samples` the global samples of the run. `resizes`/`recoveries` count the
+    run's changes of world size and restarts from a checkpoint (`events`: a row for each).
+    """
 
     epoch: int = 0
     step: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    samples: int = 0
+    worlds: list[list[int]] = field(default_factory=list)
+    consumed: dict[str, int] = field(default_factory=dict)
+    resizes: int = 0
+    recoveries: int = 0
+    events: list[dict] = field(default_factory=list)  # the metrics rows of the resizes and recoveries
 
 
 @dataclass
@@ -80,6 +92,7 @@ class RunMeta:
                 "sampler": exp.training.sampler,
                 "temperature": exp.training.temperature,
                 "batch_size": exp.training.batch_size,
+                "global_batch": global_batch(exp.training, world_size),
             },
         )
 
@@ -126,6 +139,7 @@ def save_train_state(
     position: Position,
     stage: int,
     optimizer: torch.optim.Optimizer,
+    scaler: dict | None = None,
     lr_schedule_state: dict,
     ewma: dict[str, dict],
     affinity: dict | None,
@@ -137,6 +151,7 @@ def save_train_state(
             "position": asdict(position),
             "stage": stage,
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler,  # fp16's GradScaler (scale, growth tracker); None in other formats
             "lr_schedule": lr_schedule_state,
             "ewma": ewma,
             "affinity": affinity,
@@ -147,13 +162,17 @@ def save_train_state(
     meta.save(folder)
 
 
-def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict, retention: Any = None) -> None:
+def report_checkpoint(
+    run_dir: str, write: Callable[[Path], None], metrics: dict, retention: Any = None, background: bool = True
+) -> None:
     """`write` a checkpoint folder and report it to Ray Train with `metrics`.
 
     In a local run folder the checkpoint is written in place, in a hidden staging folder renamed to
     its final name once complete, and reported with `NO_UPLOAD`: Ray Train registers it without
     copying it (a ResNet-50 with AdamW state is ~300 MB per epoch). Remote storage (URIs) gets a
-    local temporary folder that Ray Train uploads. The name follows Ray Train's own
+    local temporary folder that Ray Train uploads in the background (`CheckpointUploadMode.ASYNC`,
+    the folder deleted once uploaded) while training goes on; `background=False` waits for the
+    upload (a checkpoint before a preemption must be stored before the node goes). The name follows Ray Train's own
     (`checkpoint_<date>_<time.microseconds>`), so the newest checkpoint sorts last either way.
     `retention` (`in_process.Retention`, for a run without a Train controller) prunes the folder after.
     """
@@ -167,9 +186,15 @@ def report_checkpoint(run_dir: str, write: Callable[[Path], None], metrics: dict
         (folder / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
 
     if storage.is_uri(run_dir):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_all(Path(tmp))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        tmp = Path(tempfile.mkdtemp(prefix="raymtl_checkpoint_"))
+        try:
+            write_all(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        mode = CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
         return
     name = f"checkpoint_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
     final, staging = Path(run_dir) / name, Path(run_dir) / f".{name}"
@@ -221,20 +246,29 @@ def newest_checkpoint(run_dir: str) -> str | None:
 
 
 def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, rank: int = 0) -> Position:
-    """Where a resumed run continues: the checkpoint's position when its task schedule is unchanged.
+    """Where a resumed run continues: the checkpoint's position, on the plan of its epoch.
 
-    A changed schedule (another world size, batch size, seed or sampler) shards and orders the
-    epoch differently, so a mid-epoch position has no exact equivalent: the epoch restarts at its
-    first step, with the weights and optimizer state the checkpoint holds.
+    Another world size or global batch continues mid-epoch exactly: the checkpoint's epoch plan is
+    re-cut for the new world from its step on (a `worlds` entry, see `plan.epoch_plan`), so every
+    row of the epoch is still read once. A changed order (seed, sampler, temperature) has no
+    equivalent mid-epoch: the epoch restarts at its first step, with the checkpoint's weights and
+    optimizer state (one warning line).
     """
-    if saved is None or saved.schedule == now.schedule or position.step == 0:
-        return position
-    changed = [k for k in now.schedule if saved.schedule.get(k) != now.schedule[k]]
-    if rank == 0:
-        logger.warning(
-            "[raymtl] resuming with a changed task schedule (%s): epoch %d restarts from its first step "
-            "(%d of its steps were taken before the checkpoint)",
-            ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
-            position.epoch + 1, position.step,
-        )
-    return dataclasses.replace(position, step=0)
+    if saved is None or position.step == 0:
+        return dataclasses.replace(position, worlds=[])  # a new epoch: planned for the world it runs on
+    world, size = now.schedule["world_size"], now.schedule["global_batch"]
+    old = saved.schedule
+    worlds = position.worlds or [[old["world_size"], old.get("global_batch", old["batch_size"] * old["world_size"]), 0]]
+    changed = [k for k in ("seed", "sampler", "temperature") if saved.schedule.get(k) != now.schedule[k]]
+    if changed:
+        if rank == 0:
+            logger.warning(
+                "[raymtl] resuming with a changed task order (%s): epoch %d restarts from its first step "
+                "(%d of its steps were taken before the checkpoint)",
+                ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
+                position.epoch + 1, position.step,
+            )
+        return dataclasses.replace(position, step=0, worlds=[], consumed={})
+    if worlds[-1][:2] != [world, size]:
+        worlds = [*worlds, [world, size, position.step]]
+    return dataclasses.replace(position, worlds=worlds)

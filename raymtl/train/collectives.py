@@ -2,9 +2,10 @@
 
 NCCL reduces CUDA tensors only and gloo CPU tensors only; a tensor on the wrong device fails (or,
 for gloo with CUDA tensors, silently stages through the host). So nothing in raymtl calls
-`torch.distributed` directly: `collective(op, tensor)` moves the tensor to `group_device()`, runs
-the op there and copies the result back into the caller's tensor. With world size 1 (or no
-process group) every function here is a no-op that returns its input.
+`torch.distributed` directly: `collective(op, tensor)` moves the tensor to `group_device()`,
+issues the op there (synchronous, or asynchronous for the gradient buckets) and, on `wait()`,
+copies the result back into the caller's tensor. With world size 1 (or no process group) every
+function here is a no-op that returns its input.
 """
 
 from __future__ import annotations
@@ -30,24 +31,44 @@ def group_device() -> torch.device:
     return torch.device("cpu")
 
 
-def collective(op: Callable[[torch.Tensor], object], tensor: torch.Tensor) -> torch.Tensor:
-    """Run `op` (an in-place torch.distributed collective) on `tensor` moved to the group's device.
+class Pending:
+    """A collective issued by `collective`: `wait()` completes it and returns the caller's tensor,
+    which then holds the result (copied back when the tensor had to move)."""
 
-    The result lands in `tensor` itself (copied back when it had to move), which is returned.
+    def __init__(self, work: dist.Work | None, moved: torch.Tensor, tensor: torch.Tensor) -> None:
+        self.work, self.moved, self.tensor = work, moved, tensor
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:  # issued with async_op=True: under NCCL this orders the current stream after it
+            self.work.wait()
+            self.work = None
+        if self.moved is not self.tensor:
+            self.tensor.copy_(self.moved)
+            self.moved = self.tensor
+        return self.tensor
+
+
+def collective(op: Callable[[torch.Tensor], dist.Work | None], tensor: torch.Tensor) -> Pending:
+    """Issue `op` (an in-place torch.distributed collective) on `tensor` moved to the group's device.
+
+    `op` may be asynchronous (`async_op=True`, returning its work handle); the result lands in
+    `tensor` itself once the returned `Pending` is waited on.
     """
     device = group_device()
     moved = tensor if tensor.device == device else tensor.to(device)
-    op(moved)
-    if moved is not tensor:
-        tensor.copy_(moved)
-    return tensor
+    return Pending(op(moved), moved, tensor)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over ranks, in place."""
     if world_size() > 1:
-        collective(lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM), t)
+        collective(lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM), t).wait()
     return t
+
+
+def all_reduce_sum_async(t: torch.Tensor) -> Pending:
+    """Start summing `t` over ranks, in place; the sum is in `t` after `wait()` (world size > 1 only)."""
+    return collective(lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM, async_op=True), t)
 
 
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
@@ -59,7 +80,8 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
         by_dtype.setdefault(t.dtype, []).append(t)
     for same in by_dtype.values():
         with torch.no_grad():
-            flat = collective(lambda x: dist.broadcast(x, src=src), _flatten_dense_tensors([t.data for t in same]))
+            flat = _flatten_dense_tensors([t.data for t in same])
+            collective(lambda x: dist.broadcast(x, src=src), flat).wait()
             for t, value in zip(same, _unflatten_dense_tensors(flat, same)):
                 t.data.copy_(value)
 

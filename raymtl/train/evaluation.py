@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from raymtl.config import Experiment
@@ -11,18 +13,22 @@ from raymtl.train.batches import TaskBatches
 from raymtl.train.collectives import all_reduce_sum, broadcast_tensors
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import make_accumulator
+from raymtl.train.precision import Precision
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], data: TaskBatches, device) -> dict:
-    """Per-task validation metrics over all ranks' shards (metric states summed, then computed)."""
+def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo], data: TaskBatches, device,
+             precision: Precision | None = None) -> dict:
+    """Per-task validation metrics over all ranks' shards (metric states summed, then computed), under
+    the training's autocast (`precision`; None: fp32)."""
     sync_buffers(model)
     model.eval()
     accs = {name: make_accumulator(info, exp.task(name).threshold, device) for name, info in infos.items() if info.n_val}
     losses = {name: task_loss(exp.task(name), infos[name]) for name in accs}
     for name, batch in data:
         if batch is not None:
-            logits = model(batch, name).float()
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                logits = model(batch, name).float()
             accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]) * len(logits))
     results = {}
     for name, acc in sorted(accs.items()):  # the same order on every rank: one all-reduce per task

@@ -9,8 +9,8 @@ cluster starts only when the data must stream, or is decoded in parallel first
 the run folder's newest checkpoint, retrying a failed attempt up to `max_failures` times, keeping
 the best `keep_checkpoints` checkpoints and naming the best.
 
-`training.in_process`: "auto" trains here when the run has one worker, no cluster to join and a
-local run folder; "always" insists (a clear error when it cannot); "never" keeps Ray Train's workers.
+`training.in_process`: "auto" trains here when the run has one worker, no cluster to join (no
+address, no RAY_ADDRESS, no Ray this process joined) and a local run folder; "always" insists (a clear error when it cannot); "never" keeps Ray Train's workers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymtl import console, storage
-from raymtl.config import ConfigError, Experiment
+from raymtl.config import ConfigError, Experiment, worker_range
 from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, newest_checkpoint
 
 
@@ -32,7 +32,7 @@ def trains_in_process(exp: Experiment, address: str | None) -> bool:
     tr = exp.training
     if tr.in_process == "never":
         return False
-    joins = address or os.environ.get("RAY_ADDRESS")
+    joins = address or os.environ.get("RAY_ADDRESS") or joined_cluster()
     remote = storage.is_uri(storage.normalize(exp.storage_path))
     if tr.in_process == "always":
         if joins:
@@ -40,7 +40,22 @@ def trains_in_process(exp: Experiment, address: str | None) -> bool:
         if remote:
             raise ConfigError(f"training.in_process: always needs a local storage_path, not {exp.storage_path!r}")
         return True
-    return tr.num_workers == 1 and not joins and not remote
+    return worker_range(tr) == (1, 1) and not joins and not remote
+
+
+def joined_cluster() -> str | None:
+    """The address of the Ray cluster this process joined, None when it is not connected or started
+    the cluster itself (`ray.init()` here, `ensure_ray`'s local one): a notebook that joined a
+    cluster (or a sweep running on one) trains on its workers."""
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported: not connected to anything
+    if ray is None or not ray.is_initialized():
+        return None
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.head:  # this process started the cluster's head: a local one
+        return None
+    return ray.get_runtime_context().gcs_address
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
     from ray.train import ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
+    from raymtl.train.failures import is_data_error
     from raymtl.train.trainer import train_loop_per_worker
 
     run_dir = config["run_dir"]
@@ -112,7 +128,7 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
             return trainer.fit()
         except Exception as error:  # noqa: BLE001 -- a worker's failure, handled as Ray Train would
             failures += 1
-            if 0 <= attempts < failures:
+            if 0 <= attempts < failures or is_data_error(error):  # the same data fails the same way
                 raise WorkerGroupError(f"the in-process run failed: {error!r}", {0: error}) from error
             console.log_error(error)
             console.say(f"[raymtl] attempt {failures} failed ({console.root_cause(error)!r}); "

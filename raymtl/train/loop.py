@@ -2,19 +2,17 @@
 
 Each step trains one task: every rank derives the same `TaskSchedule` from (seed, epoch), takes
 the next batch of that task from its own shard of the task's dataset, and back-propagates only that
-task's (weighted) loss. `GradSync` then averages over ranks the gradients of exactly the parameters
-that task used; the other tasks' heads and the other groups' backbones keep `grad=None`, so the
-optimizer does not move them and no bytes are spent on them. Parameters start identical on every
-rank (broadcast from rank 0); BatchNorm running statistics are rank 0's, broadcast before every
-evaluation and checkpoint.
+task's (weighted) loss. `GradSync` averages over ranks, overlapped with that backward, the
+gradients of exactly the parameters that task used; the other tasks' heads and the other groups'
+backbones keep `grad=None`, so the optimizer does not move them and no bytes are spent on them.
+Parameters start identical on every rank (broadcast from rank 0); BatchNorm running statistics are
+rank 0's, broadcast before every evaluation and checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,10 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raymtl.config import Experiment, StageSpec
-from raymtl.data.datasets import DecodedCache, TaskInputs
-from raymtl.data.plan import train_steps, val_steps
+from raymtl.config import Experiment, StageSpec, global_batch
+from raymtl.data.datasets import DecodedCache, TaskInputs, decode_slots
+from raymtl.data.device_inputs import DeviceInputs
+from raymtl.data.plan import GlobalStep, epoch_plan, rank_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load as load_artifact
@@ -34,7 +33,7 @@ from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.affinity import AffinityTracker, RecentRows, affinity_ready, measure_affinity
-from raymtl.train.batches import TaskBatches, batches_per_epoch
+from raymtl.train.batches import TaskBatches
 from raymtl.train.checkpoint import (
     Position,
     RunMeta,
@@ -42,8 +41,8 @@ from raymtl.train.checkpoint import (
     report_checkpoint,
     resume_position,
     save_train_state,
-    set_rng_state,
 )
+from raymtl.train import elastic
 from raymtl.train.collectives import broadcast_tensors, gather_rng
 from raymtl.train.evaluation import evaluate, sync_buffers
 from raymtl.train.faults import maybe_crash
@@ -51,6 +50,7 @@ from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma
 from raymtl.train.optim import build_lr_schedule, build_optimizer
+from raymtl.train.precision import Precision, configure_kernels
 from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
 
@@ -86,12 +86,6 @@ def resume_checkpoint(found: str | None) -> ray.train.Checkpoint | None:
     return ray.train.Checkpoint(found)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp: Experiment = config["experiment"]
     infos: dict[str, TaskInfo] = config["infos"]
@@ -103,11 +97,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Ray sets OMP_NUM_THREADS to the worker's CPUs only when the environment has none, so an
     # inherited value (1 in many containers) would win; the CPU step computes with these threads.
     torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
-    if tr.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA op
-        torch.use_deterministic_algorithms(True)
     in_process = config.get("in_process", False)
     device = _device(tr.use_gpu) if in_process else ray.train.torch.get_device()
+    configure_kernels(device, tr.deterministic)
+    precision = Precision.on(device, tr.precision, tr.mixed_precision)
+    scaler = precision.scaler()  # fp16 only
 
     resume = resume_checkpoint(config.get("resume_from"))
     if resume is not None:
@@ -130,93 +124,152 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     affinity = AffinityTracker(sorted(infos)) if tr.affinity_every_steps else None
     recent = RecentRows(tr.affinity_rows)
     stages = stages_of(exp)
-    batches = batches_per_epoch(infos, tr.batch_size, world)
+    size = global_batch(tr, world)  # rows of one step, all ranks together
+    batches = {name: info.n_train // size for name, info in infos.items()}
     n_train = {name: info.n_train for name, info in infos.items()}
     n_val = {name: info.n_val for name, info in infos.items() if info.n_val}
     cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
+    device_inputs = DeviceInputs(exp.data, device)
+    slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0
+
+    def epoch_data(epoch: int, worlds: list[list[int]], start: int) -> tuple[list[GlobalStep], list, TaskBatches]:
+        """`epoch`'s global plan (for the world it started on, re-cut at each resize in `worlds`), this
+        rank's steps of it from step `start`, and their batches, preparing from now on."""
+        first = worlds[0][1]
+        steps = TaskSchedule({name: n // first for name, n in n_train.items()}, exp.seed, epoch, tr.sampler,
+                             tr.temperature).steps()
+        all_steps = epoch_plan(steps, n_train, worlds)
+        plan = rank_steps(all_steps[start:], n_train, seed=exp.seed, epoch=epoch, rank=rank, world=world,
+                          shuffle=exp.data.shuffle)
+        return all_steps, plan, TaskBatches(inputs, "train", plan, device_inputs, cache, slots=slots)
+
+    upcoming: dict[int, tuple] = {}  # the next epoch's plan and batches, prepared while this one evaluates
     meta = RunMeta.of(exp, infos, batches, world)
-    grad_sync = GradSync(model)
+    grad_sync = GradSync(model, compression=tr.grad_compression)
     files = RunFiles(run_dir, config.get("retention")) if rank == 0 else None
 
     if state is not None:
+        old_world = state["meta"].schedule["world_size"] if state["meta"] else world
         position = resume_position(state["meta"], meta, state["position"], rank)
+        if old_world != world:
+            position.resizes += 1
+        else:
+            position.recoveries += 1
+        elastic.record(position, elastic.resumed_event(position, old_world, world), files)
+        elastic.log_resume(position.global_step)
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
-        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        elastic.restore_rng(state["rng"], seed=exp.seed, epoch=position.epoch, rank=rank, world=world)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if affinity is not None and state.get("affinity"):
             affinity.load_state_dict(state["affinity"])
 
     total_epochs = sum(s.epochs for s in stages)
     stage_idx = None
+    preempting = False  # a preemption notice was seen (and checkpointed) by this worker group
+    watch = bool(config.get("watch_preemption")) and not in_process
     while position.epoch < total_epochs:
         epoch = position.epoch
         if stage_at(stages, epoch) != stage_idx:
             stage_idx = stage_at(stages, epoch)
             stage = stages[stage_idx]
-            optimizer, lr_schedule = _start_stage(model, exp, stage, batches)
+            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, size)
             if state is not None and state["stage"] == stage_idx:
                 optimizer.load_state_dict(state["optimizer"])
                 lr_schedule.load_state_dict(state["lr_schedule"])
             state = None
 
-        schedule = TaskSchedule(batches, exp.seed, epoch, tr.sampler, tr.temperature)
-        all_steps = schedule.steps()
-        timer = StepTimer()
-        plan = train_steps(all_steps, n_train, tr.batch_size, seed=exp.seed, epoch=epoch, rank=rank, world=world,
-                           start=position.step, shuffle=exp.data.shuffle)
-        data = TaskBatches(inputs, "train", plan, device, cache)
-        # Validation decodes during the epoch's steps (bounded prefetch), not after them.
-        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world), device, cache)
+        if not position.worlds:  # the epoch's plan: for the world it starts on, re-cut at each resize
+            position.worlds = [[world, size, 0]]
+        if position.step == 0 and epoch in upcoming:
+            all_steps, plan, data = upcoming.pop(epoch)
+        else:
+            all_steps, plan, data = epoch_data(epoch, position.worlds, position.step)
+        timer = StepTimer(device)
         timer.streams_started()
-        for task in all_steps[position.step :]:
+        for planned, mine in zip(all_steps[position.step :], plan):
+            task, at = planned.task, position.samples
             timer.begin()
             batch = data.next(task)
             timer.fetched()
             position.step += 1
+            position.samples += planned.size
+            position.consumed[task] = position.consumed.get(task, 0) + planned.size
             optimizer.zero_grad(set_to_none=True)
+            grad_sync.start(task, had_batch=batch is not None)  # buckets go out while backward runs
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
-                with _autocast(device, tr.mixed_precision):
+                with precision.autocast():
                     logits = model(batch, task=task)
                 loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 ewma[task].update(loss)
-            if not grad_sync(task, had_batch=batch is not None):
+            if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
-            if tr.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tr.grad_clip)
-            optimizer.step()
-            lr_schedule.after_step()
+            lr = optimizer.param_groups[0]["lr"]
+            _step(model, optimizer, scaler, tr.grad_clip)
+            lr_schedule.after_step(planned.size)
             timer.done(task, len(batch["label"]) if batch is not None else 0)
             position.global_step += 1
             if affinity is not None:
                 if batch is not None:
                     recent.add(task, batch)
                 if position.global_step % tr.affinity_every_steps == 0 and affinity_ready(recent, affinity):
-                    measure_affinity(model, recent, losses, optimizer, affinity)
+                    measure_affinity(model, recent, losses, optimizer, affinity, tr.affinity_lookahead_rows)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
+            elastic.log_rows(epoch, position, at, rank, world, task, mine.rows, lr)
             maybe_crash(run_dir, position.global_step, rank, in_process)
-            if tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0:
-                if position.step < len(all_steps):
-                    _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files)
+            periodic = tr.checkpoint_every_steps and position.global_step % tr.checkpoint_every_steps == 0
+            notice = watch and elastic.preemption_notice(tr.preemption_check_steps, position.global_step, preempting)
+            if notice != preempting:  # checkpoint now, even at the epoch's last step (its end evaluates first)
+                elastic.noticed(position, world, files)
+            if periodic and position.step < len(all_steps) or notice != preempting:
+                _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files,
+                        background=notice == preempting)
+            preempting = notice
 
         if files is not None and affinity is not None and affinity.count:
             files.log_affinity(affinity)
+        # Validation decodes from here, not during the training steps; the next epoch's first
+        # batches are prepared while this one evaluates and checkpoints.
+        val_data = TaskBatches(inputs, "val", val_steps(n_val, tr.eval_batch_size, rank=rank, world=world),
+                               device_inputs, cache, slots=slots)
+        if epoch + 1 < total_epochs:
+            upcoming = {epoch + 1: epoch_data(epoch + 1, [[world, size, 0]], 0)}
         timer.eval_started()
-        val = evaluate(model, exp, infos, val_data, device)
+        val = evaluate(model, exp, infos, val_data, device, precision)
         row = epoch_row(epoch, position.global_step, val, ewma, optimizer.param_groups[0]["lr"])
         row.update(timer.metrics(world))
+        row["samples"] = position.samples
         lr_schedule.after_epoch(row.get("val/mean_loss"))
-        position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row])
-        _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
+        position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row], worlds=[],
+                                       consumed={})
+        _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
 
 
-def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int]):
-    """Freeze this stage's parts and build its optimizer and LR schedule."""
+def _step(model: MultiTaskModel, optimizer: torch.optim.Optimizer, scaler, grad_clip: float | None) -> None:
+    """The optimizer step on the synchronised gradients; with fp16's scaler, unscaled first (the
+    clip sees true norms) and skipped, the scale lowered, when a gradient overflowed."""
+    if grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], size: int):
+    """Freeze this stage's parts and build its optimizer and LR schedule (in global samples, for the
+    world the stage starts on; a resumed stage keeps its saved schedule)."""
     model.freeze(stage.freeze)
     lr = stage.lr if stage.lr is not None else exp.training.lr
-    optimizer = build_optimizer(model.parameters(), exp.training, lr)
-    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()))
+    optimizer = build_optimizer(model, exp.training, lr)
+    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()),
+                                    step_samples=size)
     return optimizer, lr_schedule
 
 
@@ -232,8 +285,10 @@ def _carried_metrics(exp: Experiment, position: Position) -> dict:
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
 
-def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files) -> None:
-    """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder."""
+def _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files,
+            background: bool = True) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder (`background`:
+    see `checkpoint.report_checkpoint`)."""
     sync_buffers(model)
     rng_states = gather_rng()
     metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
@@ -241,7 +296,7 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
         ray.train.report(metrics, checkpoint=None)
         return
     if row:
-        files.log_epoch(row, position.history)
+        files.log_epoch(row, position.history, position.events)
 
     def write(folder: Path) -> None:
         save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
@@ -250,6 +305,7 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             position=position,
             stage=stage_idx,
             optimizer=optimizer,
+            scaler=scaler.state_dict() if scaler is not None else None,
             lr_schedule_state=lr_schedule.state_dict(),
             ewma={k: v.state_dict() for k, v in ewma.items()},
             affinity=affinity.state_dict() if affinity is not None else None,
@@ -257,4 +313,4 @@ def _report(exp, model, optimizer, lr_schedule, ewma, affinity, position, stage_
             meta=meta,
         )
 
-    report_checkpoint(files.run_dir, write, metrics, files.retention)
+    report_checkpoint(files.run_dir, write, metrics, files.retention, background)

@@ -1,4 +1,9 @@
-"""Optimizers and learning-rate schedules built from `TrainingSpec`."""
+"""Optimizers and learning-rate schedules built from `TrainingSpec`.
+
+A per-batch schedule is a function of the global samples trained on (all ranks together), not of
+a rank's step count: a run whose world size changes mid-stage keeps the same learning rate at the
+same point of its data.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,30 @@ import torch
 from raymtl.config import TrainingSpec
 
 
-def build_optimizer(params, training: TrainingSpec, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(model, training: TrainingSpec, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of `model`'s trainable parameters at `lr`.
+
+    With `training.lr_multipliers`, one parameter group per model part (`MultiTaskModel.parts()`)
+    with trainable parameters, at lr x its multiplier (default 1), tagged with its "part"; parts at
+    the base lr come first, so `param_groups[0]["lr"]` (the lr a run logs) is the base lr whenever a
+    part trains at it. Without, one group in `model.parameters()` order: the layout of checkpoints
+    written before multipliers existed, which a resumed run must load. Either way the groups are a
+    function of the config and the frozen parts alone, so a resumed stage rebuilds the same groups
+    and `load_state_dict` restores their lrs.
+    AdamW is fused on a GPU.
+    """
+    multipliers = training.lr_multipliers
+    if any(factor != 1.0 for factor in multipliers.values()):
+        parts = model.parts()
+        order = sorted(parts, key=lambda part: multipliers.get(part, 1.0) != 1.0)  # stable: parts' order otherwise
+        groups = [{"params": params, "lr": lr * multipliers.get(part, 1.0), "part": part}
+                  for part in order if (params := [p for p in parts[part] if p.requires_grad])]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if training.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
+    fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])  # one kernel for the whole update
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=training.weight_decay, fused=fused or None)
 
 
 @dataclass
@@ -24,8 +48,10 @@ class LrSchedule:
     scheduler: object | None
     per_step: bool
 
-    def after_step(self) -> None:
+    def after_step(self, samples: int) -> None:
+        """After an optimizer step that trained on `samples` global samples."""
         if self.scheduler is not None and self.per_step:
+            self.scheduler.last_epoch += samples - 1  # LambdaLR's "epoch" counts samples; step() adds the last one
             self.scheduler.step()
 
     def after_epoch(self, val_loss: float | None) -> None:
@@ -45,18 +71,32 @@ class LrSchedule:
             self.scheduler.load_state_dict(state)
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, total_steps: int) -> LrSchedule:
-    """`warmup_cosine` steps per batch over `total_steps`; `step` and `plateau` step per epoch."""
+@dataclass
+class WarmupCosine:
+    """The LR factor after `samples` global samples: linear warmup over `warmup` samples, then a
+    cosine to zero at `total`. `step` is one step's samples when the stage started (the warmup's
+    first factor is step / warmup). An object, not a closure: LambdaLR's state_dict saves its
+    fields, so a run resumed on another world size keeps the stage's schedule."""
+
+    warmup: int
+    total: int
+    step: int
+
+    def __call__(self, samples: int) -> float:
+        if samples < self.warmup:
+            return (samples + self.step) / self.warmup
+        progress = (samples - self.warmup) / max(self.step, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, training: TrainingSpec, total_steps: int, step_samples: int = 1
+) -> LrSchedule:
+    """`warmup_cosine` steps per batch over `total_steps` steps of `step_samples` global samples
+    each (counted in samples, see `WarmupCosine`); `step` and `plateau` step per epoch."""
     kind = training.lr_schedule
     if kind == "warmup_cosine":
-        warmup = max(0, training.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+        factor = WarmupCosine(max(0, training.warmup_steps) * step_samples, total_steps * step_samples, step_samples)
         return LrSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
     if kind == "step":
         sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=training.step_size, gamma=training.gamma)

@@ -79,11 +79,17 @@ def _compact(row: dict) -> dict:
     return out
 
 
-def read_history(run_dir: str) -> list[dict]:
+def read_rows(run_dir: str) -> list[dict]:
+    """Every row of the run's metrics.jsonl: epochs and events."""
     path = storage.join(run_dir, METRICS_FILE)
     if not storage.exists(path):
         return []
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def read_history(run_dir: str) -> list[dict]:
+    """One row per finished epoch (without the resize and recovery rows)."""
+    return [row for row in read_rows(run_dir) if "event" not in row]
 
 
 class RunFiles:
@@ -118,10 +124,15 @@ class RunFiles:
             plot_heatmap(tracker.mean(), tracker.tasks, f"{tmp}/affinity.png")
             storage.upload_dir(tmp, self.run_dir)
 
-    def log_epoch(self, row: dict, history: list[dict]) -> None:
-        # Rewritten from the checkpointed history: a resumed run never duplicates an epoch's row.
-        lines = "".join(json.dumps(r) + "\n" for r in history)
-        storage.write_text(storage.join(self.run_dir, METRICS_FILE), lines)
+    def log_events(self, history: list[dict], events: list[dict]) -> None:
+        """metrics.jsonl: the epochs' rows and the resize/recovery rows (`event`), by global step.
+
+        Rewritten from the checkpointed history: a resumed run never duplicates a row."""
+        rows = sorted([*history, *events], key=lambda r: r.get("global_step", 0))  # stable: an epoch before its resume
+        storage.write_text(storage.join(self.run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in rows))
+
+    def log_epoch(self, row: dict, history: list[dict], events: list[dict] = ()) -> None:
+        self.log_events(history, list(events))
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, global_step=row["epoch"])

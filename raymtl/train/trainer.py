@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raymtl import console, preflight, storage
-from raymtl.config import ConfigError, Experiment
+from raymtl.config import ConfigError, Experiment, global_batch, worker_range
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
-from raymtl.ray_runtime import ensure_ray
-from raymtl.train.batches import batches_per_epoch
+from raymtl.ray_runtime import PREEMPTION_WATCHER_ENV, ensure_ray
 from raymtl.train.checkpoint import RunMeta, latest_run_meta, newest_checkpoint
+from raymtl.train.elastic import ROWS_ENV
 from raymtl.train.faults import CRASH_ENV
-from raymtl.train.report import format_history, read_history
+from raymtl.train.report import format_history, read_history, read_rows
 
 
 @dataclass
@@ -27,11 +27,14 @@ class TrainResult:
     metrics: dict[str, Any]  # the last reported metrics
     history: list[dict[str, Any]]  # one row per epoch
     error: Exception | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)  # a row per resize and recovery (elastic.resumed_event)
 
 
 def check_schedule(exp: Experiment, infos: dict[str, TaskInfo]) -> dict[str, int]:
-    """Per-task batches per epoch; fails before Ray starts when a task cannot fill one batch."""
-    batches = batches_per_epoch(infos, exp.training.batch_size, exp.training.num_workers)
+    """Per-task steps per epoch (on the most workers the run may have); fails before Ray starts when
+    a task cannot fill one step."""
+    size = global_batch(exp.training, worker_range(exp.training)[1])
+    batches = {name: info.n_train // size for name, info in infos.items()}
     TaskSchedule(batches, exp.seed, 0, exp.training.sampler, exp.training.temperature)
     return batches
 
@@ -46,7 +49,7 @@ def check_resume(exp: Experiment, infos: dict[str, TaskInfo], batches: dict[str,
     if found is None:
         return
     folder, saved = found
-    change = RunMeta.of(exp, infos, batches, exp.training.num_workers).model_change(saved)
+    change = RunMeta.of(exp, infos, batches, worker_range(exp.training)[1]).model_change(saved)
     if change:
         raise ConfigError(
             f"cannot resume run {exp.name!r} from {folder}: {change}; "
@@ -117,7 +120,13 @@ def loop_config(exp: Experiment, infos: dict[str, TaskInfo], inputs, **extra) ->
     """`train_loop_per_worker`'s config; `resume_from`: the run folder's newest checkpoint, if any."""
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)
     return {"experiment": for_workers(exp), "infos": infos, "run_dir": run_dir, "inputs": inputs,
-            "resume_from": newest_checkpoint(run_dir), **extra}
+            "resume_from": newest_checkpoint(run_dir), "watch_preemption": watches_preemption(), **extra}
+
+
+def watches_preemption() -> bool:
+    """Whether Ray Train's preemption watcher runs (off on the lean local cluster `ensure_ray`
+    starts): decided here once, as asking it is a barrier every rank must take alike."""
+    return os.environ.get(PREEMPTION_WATCHER_ENV, "1") != "0"
 
 
 def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
@@ -126,18 +135,22 @@ def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
     return metric if any(i.n_val for i in infos.values()) or not metric.startswith("val/") else None
 
 
-def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None):
+def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None,
+                 inputs=None):
     """A TorchTrainer for `exp` on Ray Train's workers: task tables in the object store (decoded
-    now with `data.cache`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    now with `data.cache`), or `inputs` built before (a sweep's, shared by its trials)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig
+
+    from raymtl.train.failures import Trainer
 
     tr = exp.training
     env = forwarded_env()
     run_config = RunConfig(
         name=exp.name,
         storage_path=storage.normalize(exp.storage_path),
-        failure_config=FailureConfig(max_failures=tr.max_failures),
+        failure_config=FailureConfig(max_failures=tr.max_failures, max_preemption_failures=tr.max_preemptions,
+                                     preemption_grace_s=tr.preemption_grace_s),
         worker_runtime_env={"env_vars": env} if env else None,
         checkpoint_config=CheckpointConfig(
             num_to_keep=tr.keep_checkpoints,
@@ -148,21 +161,31 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     )
     from raymtl.data.datasets import decoded_nbytes
 
-    inputs = task_inputs(exp, infos, decoded_nbytes(exp, infos))
-    return TorchTrainer(
+    if inputs is None:
+        inputs = task_inputs(exp, infos, decoded_nbytes(exp, infos))
+    return Trainer(  # TorchTrainer; a data error spends no `max_failures` retry
         train_loop_per_worker,
         train_loop_config=loop_config(exp, infos, inputs),
-        scaling_config=ScalingConfig(
-            num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker, **tr.worker_resources}
-        ),
+        scaling_config=scaling_config(tr),
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo", timeout_s=tr.collective_timeout_s),
         run_config=run_config,
     )
 
 
-def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | None]:
+def scaling_config(tr):
+    """Ray Train's workers: a fixed number, or elastic between `num_workers: [min, max]` (Ray
+    Train restarts the group from the latest checkpoint at each resize; the loop continues exactly)."""
+    from ray.train import ScalingConfig
+
+    lo, hi = worker_range(tr)
+    return ScalingConfig(num_workers=lo if lo == hi else (lo, hi), elastic_resize_monitor_interval_s=tr.elastic_resize_interval_s,
+                         use_gpu=tr.use_gpu, resources_per_worker={"CPU": tr.cpus_per_worker, **tr.worker_resources})
+
+
+def fit_here(exp: Experiment, infos: dict[str, TaskInfo], inputs=None) -> tuple[Any, str | None]:
     """Train in this process (`in_process`): Ray only for data that needs it, released once a
-    cache it decoded is fetched. Returns Ray Train's `Result` and the best checkpoint."""
+    cache it decoded is fetched (only a cluster started for this run: a sweep's stays up).
+    `inputs`: built before (a sweep's, shared by its trials). Returns Ray Train's `Result` and the best checkpoint."""
     from raymtl import ray_runtime
     from raymtl.data.datasets import decoded_nbytes, needs_ray, should_cache
     from raymtl.train.in_process import Retention, fit_in_process
@@ -173,13 +196,15 @@ def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | No
         if not torch.cuda.is_available():
             raise ConfigError("training.use_gpu: this process sees no CUDA device to train on "
                               "(check CUDA_VISIBLE_DEVICES and the NVIDIA driver)")
-    nbytes = decoded_nbytes(exp, infos)
-    if needs_ray(should_cache(exp, nbytes), sum(i.n_train + i.n_val for i in infos.values())):
-        ensure_ray()
-    inputs = task_inputs(exp, infos, nbytes)
-    if inputs.cached is not None and ray_runtime.started_here():
-        inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
-        ray_runtime.release()
+    if inputs is None:
+        nbytes = decoded_nbytes(exp, infos)
+        was_up = ray_runtime.started_here()  # a cluster this command runs on already (a sweep's) stays up
+        if needs_ray(should_cache(exp, nbytes), sum(i.n_train + i.n_val for i in infos.values())):
+            ensure_ray()
+        inputs = task_inputs(exp, infos, nbytes)
+        if inputs.cached is not None and ray_runtime.started_here() and not was_up:
+            inputs = inputs.in_process()  # the decoded cache, fetched: the loop needs no cluster
+            ray_runtime.release()
     tr = exp.training
     retention = Retention(tr.keep_checkpoints, checkpoint_score(exp, infos), tr.checkpoint_mode)
     config = loop_config(exp, infos, inputs, in_process=True, retention=retention)
@@ -188,9 +213,9 @@ def fit_here(exp: Experiment, infos: dict[str, TaskInfo]) -> tuple[Any, str | No
 
 
 def forwarded_env() -> dict[str, str]:
-    """Tests' fault injection setting (`faults.CRASH_ENV`) when set here: Ray's processes, started
-    before the test set it, get it only through a runtime env."""
-    return {CRASH_ENV: os.environ[CRASH_ENV]} if os.environ.get(CRASH_ENV) else {}
+    """Tests' hooks (`faults.CRASH_ENV`, `elastic.ROWS_ENV`) when set here: Ray's processes, started
+    before the test set them, get them only through a runtime env."""
+    return {name: os.environ[name] for name in (CRASH_ENV, ROWS_ENV) if os.environ.get(name)}
 
 
 def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True) -> TrainResult:
@@ -219,14 +244,19 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
     except TrainingFailedError as e:
         if raise_on_error:
             raise
-        return TrainResult(run_dir, None, None, {}, read_history(run_dir), error=e)
+        return TrainResult(run_dir, None, None, {}, read_history(run_dir), error=e, events=_events(run_dir))
     return TrainResult(
         run_dir=run_dir,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         best_checkpoint=best,
         metrics=dict(result.metrics or {}),
         history=read_history(run_dir),
+        events=_events(run_dir),
     )
+
+
+def _events(run_dir: str) -> list[dict[str, Any]]:
+    return [row for row in read_rows(run_dir) if "event" in row]
 
 
 def _best(result, exp: Experiment) -> str | None:
@@ -244,4 +274,7 @@ def print_summary(result: TrainResult) -> None:
     if result.best_checkpoint:
         console.say(f"best checkpoint:   {result.best_checkpoint}")
     console.say(f"tensorboard:       tensorboard --logdir {storage.join(result.run_dir, 'tensorboard')}")
+    if result.events:
+        kinds = [e["event"] for e in result.events]
+        console.say(f"resizes:           {kinds.count('resize')}, recoveries: {kinds.count('recovery')}")
 

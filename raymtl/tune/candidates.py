@@ -37,7 +37,9 @@ def read_affinity(run_dir: str) -> tuple[list[str], torch.Tensor]:
     if not storage.exists(path):
         raise ConfigError(
             f"{path} does not exist: the search run measured no affinity "
-            "(is sweep.affinity_every_steps larger than the steps it ran?)"
+            "(is sweep.affinity_every_steps, by default derived from the task count so that measuring "
+            "costs at most sweep.affinity_share of the run, larger than the steps it ran? "
+            "set it, or raise affinity_epochs)"
         )
     data = json.loads(storage.read_text(path))
     return list(data["tasks"]), torch.tensor(data["mean"], dtype=torch.float64)

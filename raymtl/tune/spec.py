@@ -30,8 +30,9 @@ AXES = {
     "batch_size": "batch_size",
     "sampler": "sampler",
     "temperature": "temperature",
+    "recipe": "recipes",
 }
-TRAINING_KEYS = ("lr", "batch_size", "sampler", "temperature")
+TRAINING_KEYS = ("lr", "batch_size", "sampler", "temperature", "recipe")
 
 
 @dataclass
@@ -67,13 +68,16 @@ class SweepSpec:
     batch_size: list[int] | None = None
     sampler: list[str] | None = None
     temperature: list[float] | None = None
+    recipes: list[str] | None = None  # training.recipe per trial: [joint, staged] compares the two
     num_samples: int = 1  # repeats of the grid (draws of the ranges)
     metric: str = "val/mean_score"
     mode: str = "max"
     asha: AshaSpec | None = None
-    max_concurrent: int = 2
+    max_concurrent: int | None = None  # None = as many as the cluster holds (`raymtl.tune.resources.concurrency`)
+    gpus_per_trial: float | None = None  # GPUs per trial, fractions allowed (0.25: four trials share a GPU)
     affinity_epochs: int = 1  # search run length
-    affinity_every_steps: int = 10  # search run: measure Z every N steps
+    affinity_every_steps: int | None = None  # search run: measure Z every N steps; None = `affinity_interval`
+    affinity_share: float = 0.1  # ... the default N keeps the measurements' compute at most this share of the run
     ensemble: bool = False  # also save the chosen configuration's members as one ensemble model
 
     def validate(self, exp: Experiment) -> "SweepSpec":
@@ -86,8 +90,12 @@ class SweepSpec:
             raise ConfigError(f"sweep.mode: must be 'min' or 'max', got {self.mode!r}")
         counts = ("max_groups", "top", "num_samples", "max_concurrent", "affinity_epochs", "affinity_every_steps")
         for key in counts:
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"sweep.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_trial is not None and self.gpus_per_trial <= 0:
+            raise ConfigError(f"sweep.gpus_per_trial: must be > 0, got {self.gpus_per_trial}")
+        if not 0 < self.affinity_share <= 1:
+            raise ConfigError(f"sweep.affinity_share: must be in (0, 1], got {self.affinity_share}")
         _check_metric(self.metric, exp)
         if self.num_samples > 1 and not isinstance(self.lr, Range):
             raise ConfigError(
@@ -207,3 +215,19 @@ def param_space(spec: SweepSpec, grouping_names: Sequence[str]) -> dict[str, Any
 
 def n_trials(space: dict[str, Any], num_samples: int) -> int:
     return num_samples * math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict))
+
+
+def affinity_interval(
+    num_tasks: int, rows: int, lookahead_rows: int | None, batch_size: int, share: float = 0.1
+) -> int:
+    """Steps between affinity measurements that keep their compute at most `share` of the training.
+
+    In rows-forward units (a backward ~ two forwards): a training step is 3 * batch_size; a
+    measurement (`raymtl.train.affinity.lookahead_affinity`) is T forward+backward passes on `rows`
+    rows plus T (T+1 with a capped `lookahead_rows`) forward passes of the targets' rows, so the
+    interval grows linearly with T once `lookahead_rows` caps the targets' rows.
+    """
+    keep = rows if lookahead_rows is None else min(rows, max(1, lookahead_rows // num_tasks))
+    passes = num_tasks + (keep < rows)
+    measurement = 3 * num_tasks * rows + passes * num_tasks * keep
+    return max(1, math.ceil(measurement / (share * 3 * batch_size)))

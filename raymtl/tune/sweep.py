@@ -1,9 +1,11 @@
 """Sweeps with Ray Tune: task groupings, ensemble members (seeds) and hyperparameters, concurrently.
 
 A sweep is the experiment's YAML plus a top-level `sweep:` section (`SweepSpec`). Every Tune trial
-is one ordinary raymtl training (a `TorchTrainer` run, its own checkpoints and metrics.jsonl)
-of the experiment with that trial's overrides; its per-epoch metrics reach Tune through
-`TuneReportCallback`, so Tune schedulers, the progress table and TensorBoard see them.
+is one ordinary raymtl training of the experiment with that trial's overrides (its own checkpoints
+and metrics.jsonl): a one-worker trial trains in the trial's own process, reserving just its worker
+(`raymtl.tune.resources`), a larger one runs a `TorchTrainer`. The inputs are read (and cached)
+once for all trials. Per-epoch metrics reach Tune as they come, so Tune schedulers, the progress
+table and TensorBoard see them.
 
 With `groupings: search` the groupings come from data (TAG): one all-in-one training measures the
 inter-task affinity Z (`training.affinity_every_steps`), `best_groupings` ranks the partitions of
@@ -20,12 +22,14 @@ the tasks by Z, and the best few train as trials beside the two baselines. Folde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import posixpath
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,16 +37,14 @@ from raymtl import storage
 from raymtl.config import ConfigError, Experiment
 from raymtl.tune.candidates import CANDIDATES_FILE, Candidate, candidates, read_affinity
 from raymtl.tune.records import SweepResult, TrialRecord, choose, write_summary
-from raymtl.tune.spec import SEARCH, SweepSpec, n_trials, param_space, trial_experiment
+from raymtl.tune.resources import (
+    cluster_nodes, concurrency, show, trains_in_trial, trial_bundles, tune_resources, with_trial_gpus,
+)
+from raymtl.tune.spec import SEARCH, SweepSpec, affinity_interval, n_trials, param_space, trial_experiment
 
 if TYPE_CHECKING:
     from raymtl.data.task_info import TaskInfo
     from raymtl.tune.groupings import Grouping
-
-# A trial's own process only waits on its Train run, whose workers reserve their own CPUs; a small
-# share keeps Tune's placement group valid without starving Ray Data on a small box.
-TRIAL_DRIVER_CPUS = 0.25
-
 
 def sweep_dir_of(exp: Experiment) -> str:
     return storage.join(storage.normalize(exp.storage_path), f"{exp.name}-sweep")
@@ -66,8 +68,8 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
             raise ConfigError(f"{where}: {e}") from None
     ensure_ray(address)
     sweep_dir = sweep_dir_of(exp)
-    found, search_s = _load_or_search(exp, spec, sweep_dir)
-    grid = _run_trials(exp, spec, infos, found, sweep_dir)
+    found, search_s = _load_or_search(exp, spec, sweep_dir, address)
+    grid = _run_trials(exp, spec, infos, found, sweep_dir, shared_inputs(exp, infos))
     trials = _records(grid, storage.join(sweep_dir, "runs"), spec)
     choice = choose(trials, spec.metric, spec.mode)
     result = SweepResult(sweep_dir, spec.metric, exp.task_names, found, trials, choice, search_s)
@@ -108,7 +110,9 @@ def _ensemble(result: SweepResult, exp: Experiment, dest: str) -> dict[str, Any]
     }
 
 
-def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[list[Candidate], float]:
+def _load_or_search(
+    exp: Experiment, spec: SweepSpec, sweep_dir: str, address: str | None = None
+) -> tuple[list[Candidate], float]:
     """The candidates (and the search's wall time), from candidates.json when a run already chose them."""
     path = storage.join(sweep_dir, CANDIDATES_FILE)
     if storage.exists(path):
@@ -117,7 +121,7 @@ def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[l
     affinity, search_s = None, 0.0
     if spec.groupings == SEARCH:
         start = time.monotonic()
-        affinity = read_affinity(_affinity_run(exp, spec, sweep_dir))
+        affinity = read_affinity(_affinity_run(exp, spec, sweep_dir, address))
         search_s = time.monotonic() - start
     found = candidates(exp, spec, affinity)
     saved = {"candidates": [dataclasses.asdict(c) for c in found], "search_s": search_s}
@@ -125,16 +129,60 @@ def _load_or_search(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> tuple[l
     return found, search_s
 
 
-def _affinity_run(exp: Experiment, spec: SweepSpec, sweep_dir: str) -> str:
-    """Train the experiment as configured, all tasks in one group, measuring Z; returns its run folder."""
+def _affinity_run(exp: Experiment, spec: SweepSpec, sweep_dir: str, address: str | None = None) -> str:
+    """Train the experiment as configured, all tasks in one group, measuring Z; returns its run folder.
+
+    It runs where the sweep runs: on the cluster of `address` (or RAY_ADDRESS, or the one this
+    process joined), in this process only beside a local cluster the sweep started."""
     from raymtl.train.trainer import fit
 
-    training = dataclasses.replace(
-        exp.training, epochs=spec.affinity_epochs, stages=[], affinity_every_steps=spec.affinity_every_steps
+    tr = exp.training
+    every = spec.affinity_every_steps or affinity_interval(
+        len(exp.tasks), tr.affinity_rows, tr.affinity_lookahead_rows, tr.batch_size, spec.affinity_share
     )
+    training = dataclasses.replace(tr, epochs=spec.affinity_epochs, stages=[], affinity_every_steps=every)
     model = dataclasses.replace(exp.model, groups=None)
     search = dataclasses.replace(exp, name="affinity", storage_path=sweep_dir, model=model, training=training)
-    return fit(search.validate()).run_dir
+    return fit(search.validate(), address=address).run_dir
+
+
+def shared_inputs(exp: Experiment, infos: dict[str, TaskInfo]):
+    """The trials' inputs, read (and with `data.cache` decoded) once for the whole sweep.
+
+    Every trial trains on the same tasks and `data` settings (a sweep varies groupings, seeds,
+    backbones and optimisation, not the inputs), so one copy in the object store serves all of
+    them, however many run at once; the cache is sized as for one run for that reason.
+    """
+    from raymtl.data.datasets import decoded_nbytes
+    from raymtl.train.trainer import task_inputs
+
+    return task_inputs(exp, infos, decoded_nbytes(exp, infos))
+
+
+@contextlib.contextmanager
+def _train_in_trial() -> Iterator[None]:
+    """Ray Train's local mode inside a Tune trial, its reports also sent to Tune.
+
+    Ray Train refuses its own API (`ray.train.get_context`, `report`) in a function Tune runs:
+    that guard is for code moved from Train into Tune. A local-mode run here is a Train run, so
+    the guard is lifted for it; its reports go to Tune too, as `TuneReportCallback` sends a Train
+    run's, so schedulers and the trial table see each one.
+    """
+    import ray.train
+    from ray import tune
+    from ray.tune.trainable import trainable_fn_utils
+
+    report, in_tune = ray.train.report, trainable_fn_utils._in_tune_session
+
+    def both(metrics: dict, *args: Any, **kwargs: Any) -> None:
+        report(metrics, *args, **kwargs)
+        tune.report(dict(metrics))
+
+    ray.train.report, trainable_fn_utils._in_tune_session = both, lambda: False
+    try:
+        yield
+    finally:
+        ray.train.report, trainable_fn_utils._in_tune_session = report, in_tune
 
 
 def _trial_dirname(trial) -> str:
@@ -144,36 +192,51 @@ def _trial_dirname(trial) -> str:
 
 def _train_trial(
     config: dict[str, Any], *, exp: Experiment, spec: SweepSpec, infos: dict[str, TaskInfo],
-    groupings: dict[str, Grouping], runs_dir: str, env: dict[str, str],
+    groupings: dict[str, Grouping], runs_dir: str, env: dict[str, str], inputs,
 ) -> None:
-    """A Tune trial: one TorchTrainer run; its per-epoch reports go to Tune as they come.
+    """A Tune trial: its training in this process (one worker, `trains_in_trial`) or a TorchTrainer
+    run; its reports go to Tune as they come. `inputs`: the sweep's, shared by every trial.
 
     `env`: the driver's `forwarded_env`, which this process (started before it was set) lacks.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raymtl.train.trainer import make_trainer
+    from raymtl.train.recipes import train_parts
+    from raymtl.train.trainer import fit, fit_here, make_trainer
 
     os.environ.update(env)
     trial = trial_experiment(exp, spec, groupings, config, tune.get_context().get_trial_id(), runs_dir)
-    make_trainer(trial, infos, {"callbacks": [TuneReportCallback()]}).fit()
+    if trial.training.recipe == "staged":  # the part models train first, reporting nothing to Tune
+        trial = train_parts(trial, fit)
+    if trains_in_trial(trial):
+        with _train_in_trial():
+            fit_here(trial, infos, inputs)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    make_trainer(trial, infos, {"callbacks": [TuneReportCallback()]}, inputs=inputs).fit()
 
 
 def _run_trials(
-    exp: Experiment, spec: SweepSpec, infos: dict[str, TaskInfo], found: list[Candidate], sweep_dir: str
+    exp: Experiment, spec: SweepSpec, infos: dict[str, TaskInfo], found: list[Candidate], sweep_dir: str, inputs=None
 ):
-    """Tune over the trials (a restored Tuner when the sweep already exists); returns Tune's ResultGrid."""
+    """Tune over the trials (a restored Tuner when the sweep already exists); returns Tune's ResultGrid.
+
+    Each trial reserves what it uses (`raymtl.tune.resources`); a trial the cluster can never hold
+    fails here, before Tune starts."""
     from ray import tune
 
     from raymtl.train.trainer import forwarded_env
 
+    exp = with_trial_gpus(exp, spec.gpus_per_trial)
+    fitting = concurrency(trial_bundles(exp), cluster_nodes())
     groupings = {c.name: c.groups for c in found}
     runs_dir = storage.join(sweep_dir, "runs")
     trial_fn = tune.with_parameters(
-        _train_trial, exp=exp, spec=spec, infos=infos, groupings=groupings, runs_dir=runs_dir, env=forwarded_env()
+        _train_trial, exp=exp, spec=spec, infos=infos, groupings=groupings, runs_dir=runs_dir, env=forwarded_env(),
+        inputs=inputs,
     )
-    trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(trial_fn, tune_resources(exp))
     tune_dir = storage.join(sweep_dir, "tune")
     if tune.Tuner.can_restore(tune_dir):
         return tune.Tuner.restore(tune_dir, trainable, resume_errored=True).fit()
@@ -182,13 +245,14 @@ def _run_trials(
 
     space = param_space(spec, list(groupings))
     total = n_trials(space, spec.num_samples)
-    console.say(f"sweep: {total} trials, {spec.max_concurrent} at a time, in {sweep_dir}")
+    at_once = min(spec.max_concurrent or fitting, total)
+    console.say(f"sweep: {total} trials, {at_once} at a time ({show(tune_resources(exp))} each), in {sweep_dir}")
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, scheduler=scheduler(exp, spec), num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent, trial_dirname_creator=_trial_dirname,
+            max_concurrent_trials=at_once, trial_dirname_creator=_trial_dirname,
         ),
         # Tune's status tables only with --verbose; by default one line per finished trial.
         run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, callbacks=[TrialLines(spec.metric, total)],
@@ -247,6 +311,10 @@ def _best_checkpoint(run_dir: str, spec: SweepSpec) -> str | None:
     """The trial's kept checkpoint best by the sweep metric: the trial's checkpoints are ranked by it."""
     from ray.train import Result
 
+    from raymtl.train.in_process import Retention
+
+    if not storage.is_uri(run_dir):  # a local folder: its checkpoints carry their metrics (in-trial runs too)
+        return Retention(1, spec.metric, spec.mode).best(run_dir)
     result = Result.from_path(run_dir)
     if not result.best_checkpoints:
         return None

