@@ -99,7 +99,7 @@ def test_a_large_source_is_read_by_the_cluster_in_blocks(ray_cluster, catalogue,
     monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 256 << 20)
     small = datasets.build_inputs(exp, preflight.check(exp))
     prep = inputs.preprocessors["color"]
-    decoded = [datasets.decode_rows(i.sources["color.train"], rows, prep) for i in (inputs, small)]
+    decoded = [datasets.decode_rows(datasets._table(i.sources["color.train"]), rows, prep) for i in (inputs, small)]
     decoded.append(ray.get(datasets._decode_step.remote(inputs.sources["color.train"], rows, prep)))
     # image i is a constant (20 i, 0, 0): each row's pixels say which row it is
     np.testing.assert_array_equal(decoded[0].arrays["view_full"][:, 0, 0, 0], 20 * rows)
