@@ -76,6 +76,7 @@ class DataSpec:
     max_bad_fraction: float = 0.001
     shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
+    read_concurrency: int = 32  # image reads in flight per decode task (URIs: one round trip each)
 
     def normalization(self) -> tuple[list[float], list[float]]:
         """(mean, std) the images are normalised with."""
@@ -365,7 +366,8 @@ _RANGES: dict[str, dict[str, str]] = {
     "": {"seed": ">=0"},
     "tasks": {"weight": ">0", "label_smoothing": "[0,1)", "threshold": "(0,1)"},
     "data.views": {"crop": "(0,1]"},
-    "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]"},
+    "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]",
+             "read_concurrency": ">=1"},
     "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
     "training.fusion_stages": {"epochs": ">=1", "lr": ">0"},

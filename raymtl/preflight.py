@@ -17,7 +17,7 @@ from raymtl import storage
 from raymtl.console import BAD_IMAGE_HINT
 from raymtl.config import ConfigError, Experiment, TaskSpec
 from raymtl.data.inspection import inspect_tasks
-from raymtl.data.tables import read_table
+from raymtl.data.tables import head_rows, is_small, read_table
 from raymtl.data.task_info import TaskInfo
 
 IMAGE_SAMPLE = 8  # images decoded per task and image column
@@ -56,16 +56,24 @@ def check_images(task: TaskSpec, exp: Experiment) -> None:
     With `data.skip_bad_images` a bad image is allowed, but not a sample where none decodes
     (a wrong column or a moved image folder).
     """
-    from raymtl.data.transforms import load_image  # PIL: only when a task has images
+    from raymtl.data.image_io import read_all  # PIL: only when a task has images
+    from raymtl.data.transforms import decode_image
 
     columns = list(dict.fromkeys(v.column or task.image_column for v in exp.data.views))
-    frame = read_table(task.train, columns=columns)
-    rows = np.unique(np.linspace(0, len(frame) - 1, num=min(IMAGE_SAMPLE, len(frame))).astype(int))
+    if is_small(task.train):  # kept by `inspect_tasks`: not read again
+        frame = read_table(task.train, columns=columns)
+        rows = np.unique(np.linspace(0, len(frame) - 1, num=min(IMAGE_SAMPLE, len(frame))).astype(int))
+    else:  # the first rows of its first files, not the table
+        frame = head_rows(task.train, columns, IMAGE_SAMPLE)
+        rows = np.arange(min(IMAGE_SAMPLE, len(frame)))
     for column in columns:
         errors = []
-        for uri in frame[column].to_numpy()[rows]:
+        uris = frame[column].to_numpy()[rows]
+        for uri, data in zip(uris, read_all(uris, exp.data.read_concurrency)):
             try:
-                load_image(uri)
+                if isinstance(data, Exception):
+                    raise data
+                decode_image(data)
             except Exception as e:  # noqa: BLE001 -- whatever PIL or the filesystem raise, name the file
                 errors.append(f"task {task.name!r}: cannot read image {uri!r} in column {column!r}: "
                               f"{type(e).__name__}: {e}")

@@ -11,6 +11,7 @@ import pytest
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.inspection import inspect_tasks
+from raymtl.data import tables
 from raymtl.data.tables import read_table, source_files
 
 COLORS = ["red", "blue", "red", "green"]
@@ -104,13 +105,25 @@ def test_read_table_reads_only_requested_columns(tmp_path: Path) -> None:
     assert len(read_table(path).columns) == 4
 
 
-def test_inspect_reads_only_the_label_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_reads_a_small_table_once_with_every_column_the_run_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     read_columns = []
     real = pq.read_table
     monkeypatch.setattr(pq, "read_table", lambda *a, **kw: read_columns.append(kw["columns"]) or real(*a, **kw))
     inspect_one(train=write(frame(), tmp_path / "t.parquet"), text_column="title", id_column="id",
                 data=DataSpec(tokenizer="/tok"))
-    assert read_columns == [["label"]]
+    assert read_columns == [["label", "image", "title", "id"]]
+
+
+def test_inspect_streams_only_the_label_column_of_a_large_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 0)
+    monkeypatch.setattr(pq, "read_table", None)  # a large table is never read whole
+    path = tmp_path / "t.parquet"
+    frame(["red"] * 5 + [None] + ["blue"] * 4).to_parquet(path, index=False, row_group_size=4)
+    with raises("label_column 'label' is empty in 1 row(s)", "(first: row 5)"):
+        inspect_one(train=str(path))
+    frame(["red"] * 5 + ["blue"] * 4).to_parquet(path, index=False, row_group_size=4)
+    info = inspect_one(train=str(path))
+    assert (info.n_train, info.labels) == (9, ["blue", "red"])
 
 
 # ---------------------------------------------------------------- labels

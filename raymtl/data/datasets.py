@@ -1,8 +1,9 @@
 """Task inputs for the workers: raw task tables in the object store, decoded per plan by Ray tasks.
 
 The cost of a run must not grow with the number of tasks faster than its work does, so nothing
-here is per task: the driver reads every task's raw columns (ids, labels, image paths, text) once
-and puts each split's table in the object store; a worker turns its plan (`raymtl.data.plan`) for
+here is per task: every task's raw columns (ids, labels, image paths, text) are read once, a small
+split's table by the driver (the one it inspected) and put in the object store, a large split's by
+Ray Data on the cluster, kept there as its blocks (`SourceBlocks`); a worker turns its plan (`raymtl.data.plan`) for
 an epoch into ONE stream of decode tasks, one per step, whatever the number of tasks, read back in
 plan order through a bounded reorder buffer (`in_order`). With `data.cache`, every task's inputs are
 decoded once, in parallel Ray tasks, and every worker gathers its batches from them, no stream at all.
@@ -36,7 +37,8 @@ import ray.data
 
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.plan import Step
-from raymtl.data.tables import file_format, read_table, source_paths
+from raymtl.data.source_blocks import SourceBlocks
+from raymtl.data.tables import file_format, is_small, read_table, source_paths
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
@@ -115,7 +117,8 @@ Chunk = tuple[str, int, "ray.ObjectRef | Decoded"]
 class TaskInputs:
     """What a worker needs to read any batch of any task: picklable, holds object refs.
 
-    `sources`: raw table (input columns only) of each task split, by `dataset_key`.
+    `sources`: raw table (input columns only) of each task split, by `dataset_key`; a large split's
+    blocks as the cluster read them (`SourceBlocks`).
     `cached`: with `data.cache`, the decoded inputs as chunks of rows (`Chunk`).
     Both hold object refs, or the data itself where no Ray cluster runs (`in_process`).
     `max_bad_fraction`: the share of a rank's rows per split and epoch that may be dropped as
@@ -123,7 +126,7 @@ class TaskInputs:
     """
 
     preprocessors: dict[str, Preprocessor]
-    sources: dict[str, ray.ObjectRef | pa.Table]
+    sources: dict[str, ray.ObjectRef | pa.Table | SourceBlocks]
     rows: dict[str, int]
     cached: list[Chunk] | None = None
     max_bad_fraction: float = 0.0
@@ -135,7 +138,9 @@ class TaskInputs:
         if self.cached is not None:
             refs = [c for *_, c in self.cached]
             cached = [(key, start, d.owned()) for (key, start, _), d in zip(self.cached, _get_all(refs))]
-        return dataclasses.replace(self, sources={key: _owned(ref) for key, ref in self.sources.items()}, cached=cached)
+        sources = {key: src.owned(_owned) if isinstance(src, SourceBlocks) else _owned(src)
+                   for key, src in self.sources.items()}
+        return dataclasses.replace(self, sources=sources, cached=cached)
 
 
 def _put(table: pa.Table) -> ray.ObjectRef | pa.Table:
@@ -178,9 +183,13 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         if source is not None
     }
 
-    def read(item: tuple[str, tuple[str, Any]]) -> tuple[str, pa.Table]:
+    def read(item: tuple[str, tuple[str, Any]]) -> tuple[str, pa.Table | SourceBlocks]:
         key, (task, source) = item
-        table = pa.Table.from_pandas(read_table(source, preps[task].input_columns), preserve_index=False)
+        columns = preps[task].input_columns
+        if ray.is_initialized() and not is_small(source):
+            table = SourceBlocks.read(read_source(source, columns))  # by the cluster, never in this process
+        else:  # read by inspection already (`tables.read_parts` keeps small files): not opened again
+            table = pa.Table.from_pandas(read_table(source, columns), preserve_index=False)
         expected = infos[task].n_train if key.endswith(".train") else infos[task].n_val
         if table.num_rows != expected:
             raise ConfigError(f"task {task!r}: {key.rsplit('.', 1)[1]} source has {table.num_rows} rows now, "
@@ -191,7 +200,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         tables = dict(pool.map(read, wanted.items()))
     inputs = TaskInputs(
         preprocessors=preps,
-        sources={key: _put(table) for key, table in tables.items()},
+        sources={key: table if isinstance(table, SourceBlocks) else _put(table) for key, table in tables.items()},
         rows={key: table.num_rows for key, table in tables.items()},
         max_bad_fraction=exp.data.max_bad_fraction,
     )
@@ -274,22 +283,25 @@ def _chunk_rows(prep: Preprocessor) -> int:
 # ---------------------------------------------------------------- decoding (Ray tasks)
 
 
-def decode_rows(source: pa.Table, rows: np.ndarray, prep: Preprocessor) -> Decoded:
-    """Rows `rows` of a raw task table through its `Preprocessor`: the numeric arrays and the
-    unreadable rows' messages (the task tag and ids are not model inputs)."""
-    out = prep(source.take(pa.array(np.asarray(rows, np.int64))).to_pandas())
+def decode_rows(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> Decoded:
+    """Rows `rows` of a raw task table (a small split's table, or a large one's blocks) through its
+    `Preprocessor`: the numeric arrays and the unreadable rows' messages (the task tag and ids are
+    not model inputs)."""
+    rows = np.asarray(rows, np.int64)
+    raw = source.take(rows) if isinstance(source, SourceBlocks) else source.take(pa.array(rows))
+    out = prep(raw.to_pandas())
     errors = out.pop("error", None)
     bad = {} if errors is None else {i: str(m) for i, m in enumerate(errors) if m}
     return Decoded({k: v for k, v in out.items() if v.dtype.kind in "biuf"}, bad)
 
 
 @ray.remote(num_cpus=1)
-def _decode_step(source: pa.Table, rows: np.ndarray, prep: Preprocessor) -> Decoded:
+def _decode_step(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> Decoded:
     return decode_rows(source, rows, prep)
 
 
 @ray.remote(num_cpus=1, num_returns=2)
-def _decode_chunk(source: pa.Table, rows: np.ndarray, prep: Preprocessor) -> tuple[Decoded, int]:
+def _decode_chunk(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> tuple[Decoded, int]:
     """A cached chunk, and its count of unreadable rows: small, for the driver to wait on."""
     decoded = decode_rows(source, rows, prep)
     return decoded, len(decoded.errors)

@@ -1,6 +1,7 @@
 """Task inspection: every task's tables checked against its config and described, before Ray starts.
 
-`inspect_tasks` reads only each task's label column (plus file schemas), so it stays cheap on big
+`inspect_tasks` reads a small table once, with every column the run needs (kept for the pre-flight
+and the task inputs), and streams only the label column of a large one, so it stays cheap on big
 tables while still failing fast, with the task, file, column or label named, on data faults that
 would otherwise surface minutes later inside a Ray worker.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec
-from raymtl.data.tables import read_parts
+from raymtl.data.tables import check_source, is_small, label_batches, read_parts
 from raymtl.data.task_info import TaskInfo
 
 
@@ -72,13 +73,25 @@ def _required_columns(task: TaskSpec, data: DataSpec) -> dict[str, str]:
 
 
 def _split_labels(task: TaskSpec, split: str, source: Any, data: DataSpec) -> _Split:
+    """Rows and label names per file. A small source is read here, once with every column the run
+    reads (kept for the pre-flight and the task inputs, `tables.read_parts`); a large one has its
+    label column streamed, one record batch at a time, so the driver never holds its rows."""
     where = f"task {task.name!r} ({split})"
+    required = _required_columns(task, data)
     try:
-        parts = read_parts(source, [task.label_column], _required_columns(task, data))
-        result = _Split(
-            rows=sum(len(df) for _, df in parts),
-            labels_by_file={name: _cell_labels(df[task.label_column], task, name) for name, df in parts},
-        )
+        if is_small(source):
+            parts = read_parts(source, [task.label_column], required)
+            result = _Split(
+                rows=sum(len(df) for _, df in parts),
+                labels_by_file={name: _cell_labels(df[task.label_column], task, name) for name, df in parts},
+            )
+        else:
+            check_source(source, required)
+            result = _Split()
+            for name, first, values in label_batches(source, task.label_column):
+                found = _cell_labels(values, task, name, first)
+                result.labels_by_file[name] = result.labels_by_file.get(name, set()) | found
+                result.rows += len(values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if result.rows == 0:
@@ -90,8 +103,9 @@ def _describe(source: Any) -> str:
     return "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
 
 
-def _cell_labels(values: pd.Series, task: TaskSpec, where: str) -> set[str]:
-    """Label names in the label column of one file (`where`), after checking each cell's shape."""
+def _cell_labels(values: pd.Series, task: TaskSpec, where: str, first_row: int = 0) -> set[str]:
+    """Label names in the label column of one file (`where`; `values` from its row `first_row` on),
+    after checking each cell's shape."""
     column = task.label_column
     is_list = values.map(lambda cell: isinstance(cell, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
     if task.kind == "multilabel":
@@ -100,19 +114,19 @@ def _cell_labels(values: pd.Series, task: TaskSpec, where: str) -> set[str]:
             raise ConfigError(
                 f"multilabel label_column {column!r} needs a list of labels in every row "
                 f"(a parquet list column or a DataFrame of lists; CSV cannot hold lists); "
-                f"row {row} of {where} holds {values.iloc[row]!r} ({type(values.iloc[row]).__name__})"
+                f"row {first_row + row} of {where} holds {values.iloc[row]!r} ({type(values.iloc[row]).__name__})"
             )
         return {str(v) for v in values.explode().dropna().unique()}
     if is_list.any():
         row = int(np.flatnonzero(is_list)[0])
         raise ConfigError(
-            f"label_column {column!r} holds a list in row {row} of {where} ({list(values.iloc[row])!r}) "
+            f"label_column {column!r} holds a list in row {first_row + row} of {where} ({list(values.iloc[row])!r}) "
             "but the task is multiclass; set `kind: multilabel` for several labels per item"
         )
     missing = np.flatnonzero(values.isna().to_numpy())
     if len(missing):
         raise ConfigError(
-            f"label_column {column!r} is empty in {len(missing)} row(s) of {where} (first: row {missing[0]})"
+            f"label_column {column!r} is empty in {len(missing)} row(s) of {where} (first: row {first_row + missing[0]})"
         )
     return {str(v) for v in values.unique()}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import PurePosixPath
@@ -158,15 +160,88 @@ def _file_columns(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
             return pacsv.open_csv(stream).schema.names
 
 
-def _read_file(fs: pafs.FileSystem, path: str, name: str, columns: list[str] | None) -> pd.DataFrame:
+def _read_file(fs: pafs.FileSystem, path: str, name: str, columns: list[str] | None) -> pa.Table:
+    """A file's rows (only `columns` if given): the one place that reads them."""
     with _reading(name):
         if file_format(name) == "parquet":
-            table = pq.read_table(path, columns=columns, filesystem=fs)
-        else:
-            options = pacsv.ConvertOptions(include_columns=columns) if columns is not None else None
-            with fs.open_input_stream(path) as stream:
-                table = pacsv.read_csv(stream, convert_options=options)
-    return table.to_pandas()
+            return pq.read_table(path, columns=columns, filesystem=fs)
+        options = pacsv.ConvertOptions(include_columns=columns) if columns is not None else None
+        with fs.open_input_stream(path) as stream:
+            return pacsv.read_csv(stream, convert_options=options)
+
+
+# ---------------------------------------------------------------- files read once per process
+
+# Sources up to this size on disk are read by the driver, once, and kept for every reader of the run
+# (inspection, the image pre-flight, the task inputs): checks before Ray starts need their rows.
+# Larger sources are never read whole here: inspection streams their label column one record batch
+# at a time, and the cluster reads their input columns (`datasets.read_source`).
+DRIVER_READ_BYTES = 256 << 20
+_kept: OrderedDict[tuple, pa.Table] = OrderedDict()  # (path, size, mtime) -> the columns read so far
+_kept_lock = threading.Lock()  # the task inputs read their splits on several threads
+
+
+def _file_table(fs: pafs.FileSystem, info: pafs.FileInfo, name: str, columns: list[str]) -> pa.Table:
+    """`columns` of a small file, read on first use and kept (least recently used out past
+    DRIVER_READ_BYTES); a file that changed on disk (size, mtime) is read again."""
+    key = (fs.type_name, info.path, info.size, info.mtime_ns)
+    with _kept_lock:
+        table = _kept.get(key)
+    if table is None or not set(columns) <= set(table.column_names):
+        wanted = list(dict.fromkeys([*(table.column_names if table is not None else []), *columns]))
+        table = _read_file(fs, info.path, name, wanted)
+    with _kept_lock:
+        _kept[key] = table
+        _kept.move_to_end(key)
+        while len(_kept) > 1 and sum(t.nbytes for t in _kept.values()) > DRIVER_READ_BYTES:
+            _kept.popitem(last=False)
+    return table.select(columns)
+
+
+def is_small(source: Any) -> bool:
+    """Whether the driver reads `source` (a DataFrame is in memory already; files: by size on disk)."""
+    if isinstance(source, pd.DataFrame):
+        return True
+    fs, files = _expand(source)
+    return sum(i.size or 0 for i in _infos(fs, files)) <= DRIVER_READ_BYTES
+
+
+def _infos(fs: pafs.FileSystem, files: list[tuple[str, str]]) -> list[pafs.FileInfo]:
+    with _reading(files[0][1]):
+        return fs.get_file_info([path for path, _ in files])
+
+
+def label_batches(source: Any, column: str) -> Iterator[tuple[str, int, pd.Series]]:
+    """(file name, first row, values) of `column`, one record batch at a time: a large source's
+    labels checked without holding the column."""
+    fs, files = _expand(source)
+    for path, name in files:
+        start = 0
+        with _reading(name):
+            if file_format(name) == "parquet":
+                batches = pq.ParquetFile(path, filesystem=fs).iter_batches(columns=[column])
+            else:
+                options = pacsv.ConvertOptions(include_columns=[column])
+                batches = pacsv.open_csv(fs.open_input_stream(path), convert_options=options)
+            for batch in batches:
+                yield name, start, batch.column(0).to_pandas()
+                start += batch.num_rows
+
+
+def head_rows(source: Any, columns: list[str], rows: int) -> pd.DataFrame:
+    """Up to `rows` rows of `columns` from the start of each file of a large source (an image sample)."""
+    fs, files = _expand(source)
+    parts = []
+    for path, name in files[:rows]:
+        with _reading(name):
+            if file_format(name) == "parquet":
+                batch = next(pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=rows, columns=columns), None)
+            else:
+                options = pacsv.ConvertOptions(include_columns=columns)
+                batch = next(iter(pacsv.open_csv(fs.open_input_stream(path), convert_options=options)), None)
+        if batch is not None:
+            parts.append(batch.slice(0, rows).to_pandas())
+    return pd.concat(parts, ignore_index=True)
 
 
 # ---------------------------------------------------------------- tables
@@ -184,15 +259,29 @@ def read_parts(
     """(name, frame) per file, reading `columns` once every file is known to have `required`.
 
     `required` maps column -> the config field that names it, so a missing column is reported
-    as e.g. "text_column 'titel'" rather than a bare KeyError.
+    as e.g. "text_column 'titel'" rather than a bare KeyError. A small source's files are read
+    once per process with every `required` column (`_file_table`): the run's other readers ask
+    for those same columns, and get them without opening the file again.
     """
     if isinstance(source, pd.DataFrame):
         check_columns(list(source.columns), required, "the DataFrame")
         return [("the DataFrame", source if columns is None else source[columns])]
+    fs, files = check_source(source, required)
+    infos = _infos(fs, files)
+    if columns is None or sum(i.size or 0 for i in infos) > DRIVER_READ_BYTES:
+        return [(name, _read_file(fs, path, name, columns).to_pandas()) for path, name in files]
+    keep = list(dict.fromkeys([*required, *columns]))
+    return [(name, _file_table(fs, info, name, keep).select(columns).to_pandas())
+            for info, (_, name) in zip(infos, files)]
+
+
+def check_source(source: Any, required: dict[str, str]) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """The files of a file/glob/URI source, each checked to have the `required` columns (by its
+    parquet footer or CSV header, without reading rows): the filesystem and (path, name) per file."""
     fs, files = _expand(source)
     for path, name in files:
         check_columns(_file_columns(fs, path, name), required, name)
-    return [(name, _read_file(fs, path, name, columns)) for path, name in files]
+    return fs, files
 
 
 def check_columns(available: list[str], required: dict[str, str], where: str) -> None:

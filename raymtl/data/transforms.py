@@ -27,11 +27,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 from PIL import Image
 
-from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
+from raymtl.data import image_io
 from raymtl.data.task_info import TaskInfo
 from raymtl.errors import DataError
 
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 ON_BAD = ("raise", "skip", "mark")
 # What a missing, truncated, corrupt or oversized image raises (PIL and pyarrow alike).
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_LOCAL_FS = pafs.LocalFileSystem()
 
 
 class BadImageError(DataError):
@@ -80,6 +78,7 @@ class Preprocessor:
         self.image_size = data.image_size
         self.tokenizer = data.tokenizer
         self.max_length = data.max_length
+        self.read_concurrency = data.read_concurrency
 
     @property
     def input_columns(self) -> list[str]:
@@ -122,15 +121,18 @@ class Preprocessor:
             by_column[v.column].append(v)
         for column, views in by_column.items():
             min_side = math.ceil(size / min(v.crop for v in views))
-            for i, uri in enumerate(batch[column].to_numpy()):
-                if errors[i]:
-                    continue
+            uris = batch[column].to_numpy()
+            todo = np.flatnonzero(errors == "")
+            # reads overlap (remote round trips), decoding stays on this thread, in row order
+            for i, data in zip(todo, image_io.read_all(uris[todo], self.read_concurrency)):
                 try:
-                    image = load_image(uri, min_side)
+                    if isinstance(data, Exception):
+                        raise data
+                    image = decode_image(data, min_side)
                     for v in views:
                         pixels[v.name][i] = _crop_resize(image, v.crop, size)
                 except _BAD_IMAGE_ERRORS as e:
-                    errors[i] = f"task {self.task!r}: cannot read image {uri!r} in column {column!r}: {type(e).__name__}: {e}"
+                    errors[i] = f"task {self.task!r}: cannot read image {uris[i]!r} in column {column!r}: {type(e).__name__}: {e}"
                     if self.on_bad == "raise":
                         raise BadImageError(errors[i]) from e
         return pixels, errors
@@ -203,16 +205,17 @@ def _crop_resize(image: Image.Image, crop: float, size: int) -> np.ndarray:
 
 
 def load_image(uri: Any, min_side: int = 0) -> Image.Image:
-    """Read a local path or filesystem URI as RGB.
+    """Read a local path, filesystem URI or http(s) URL as RGB (see `decode_image`)."""
+    return decode_image(image_io.read_image_bytes(uri), min_side)
+
+
+def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
+    """An encoded image's bytes as RGB.
 
     JPEGs decode at the smallest power-of-two scale that keeps both sides >= `min_side`
     (PIL draft mode): several times faster, and the pixels are resized down anyway.
     """
-    if not isinstance(uri, str) or not uri:
-        raise ValueError("no image path")
-    fs, path = storage.resolve(uri) if storage.is_uri(uri) else (_LOCAL_FS, uri)
-    with fs.open_input_stream(path) as f:
-        image = Image.open(io.BytesIO(f.read()))
+    image = Image.open(io.BytesIO(data))
     if min_side:
         image.draft("RGB", (min_side, min_side))
     return image.convert("RGB")

@@ -1,0 +1,432 @@
+"""Ingest alone: decoded items/s of raymtl's data path against the box's decode limit, no model step.
+
+    python -m benchmarks.ingest --json benchmarks/results/ingest.json [--items 20000] [--data-dir DIR]
+
+A generated catalogue of real JPEG files (600-1,000 px, smooth shapes under pixel noise so they do not
+compress to nothing; cached in --data-dir between runs), split over 3 tasks; every mode turns each image
+into two 224 px uint8 views (full + centre crop 0.6), as fast as it can, on the same cores:
+
+  pil_limit      the decode + crop + resize work alone, one process per core: the box's limit
+  dataloader     a torch DataLoader (workers = cores, pinned where CUDA is), the same PIL work to uint8
+  stream         raymtl's own data path, `data.cache: never`: one epoch of the rank's plan
+  stream_remote  the same images over HTTP from a local server (127.0.0.1) that adds --delay-ms to every
+                 request, read concurrently inside each decode task (`data.read_concurrency`)
+  stream_quarter `stream` over a quarter of the items: a streamed epoch's peak memory must not grow
+                 with the items (memory_bounded = peak PSS of stream / stream_quarter)
+  cache_w1/_w2   `data.cache: always`: cache build time, bytes per cached item, then an epoch read by 1
+                 and by 2 Ray Train workers (items/s over all workers; peak PSS of the process tree)
+
+Each mode runs in a fresh subprocess (its own Ray cluster where it uses one); the parent samples the
+summed PSS of the child's whole process tree (`proc_tree`) and the 1-minute load before and after.
+`library_epoch` and `cached_bytes` are the only places that know raymtl's data API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.proc_tree import descendants, pss_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("color", "pattern", "season")
+LABELS = 5
+SIZE, CROP, BATCH = 224, 0.6, 64
+MODES = ("pil_limit", "dataloader", "stream", "stream_remote", "stream_quarter", "cache_w1", "cache_w2")
+FLOAT32_BYTES_PER_ITEM = 2 * 3 * SIZE * SIZE * 4  # two normalised float32 views: the old cached item
+TARGETS = {"stream/dataloader": 1.0, "stream/pil_limit": 0.85, "stream_remote/stream": 0.8,
+           "cached_bytes/float32": 0.26, "pss_w2/pss_w1": 1.3, "memory_bounded": 1.2}
+
+
+# ---------------------------------------------------------------- the catalogue
+
+
+def _make_jpeg(args: tuple[int, str]) -> int:
+    """Image `i`: blocky random colour field upsampled (shapes, edges) under +-20 pixel noise, q=85."""
+    from PIL import Image
+
+    i, path = args
+    if os.path.exists(path):
+        return 0
+    rng = np.random.default_rng(i)
+    w, h = (int(x) for x in rng.integers(600, 1001, 2))
+    field = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    pixels = np.asarray(field).astype(np.int16) + rng.integers(-20, 21, (h, w, 3), dtype=np.int16)
+    tmp = f"{path}.tmp"
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp, format="JPEG", quality=85)
+    os.replace(tmp, path)
+    return 1
+
+
+def catalogue(data_dir: Path, items: int, cores: int) -> list[str]:
+    """The first `items` images (generated once, kept in `data_dir/images`), as relative paths."""
+    import multiprocessing as mp
+
+    folder = data_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"images/{i // 1000:03d}/{i:07d}.jpg" for i in range(items)]
+    for sub in {Path(n).parent for n in names}:
+        (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(cores) as pool:
+        made = sum(pool.imap_unordered(_make_jpeg, [(i, str(data_dir / n)) for i, n in enumerate(names)], chunksize=16))
+    if made:
+        print(f"[ingest] generated {made} JPEGs in {time.perf_counter() - start:.0f} s", flush=True)
+    return names
+
+
+def write_tables(folder: Path, names: list[str], prefix: str) -> dict[str, str]:
+    """One parquet table per task, the items dealt round-robin; image column = prefix + name."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for t, task in enumerate(TASKS):
+        mine = names[t :: len(TASKS)]
+        frame = pd.DataFrame({"id": mine, "image": [prefix + n for n in mine],
+                              "label": [f"l{k % LABELS}" for k in range(len(mine))]})
+        paths[task] = str(folder / f"{task}.parquet")
+        frame.to_parquet(paths[task], index=False)
+    return paths
+
+
+# ---------------------------------------------------------------- plain PIL work (pil_limit, dataloader)
+
+
+def pil_views(path: str) -> np.ndarray:
+    """The decode + crop + resize work of one item, as raymtl does it: uint8 [2, S, S, 3]."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        image = Image.open(io.BytesIO(f.read()))
+    image.draft("RGB", (int(np.ceil(SIZE / CROP)),) * 2)
+    image = image.convert("RGB")
+    out = np.empty((2, SIZE, SIZE, 3), np.uint8)
+    w, h = image.size
+    for k, crop in enumerate((1.0, CROP)):
+        side = max(1, round(min(w, h) * crop))
+        left, top = (w - side) // 2, (h - side) // 2
+        out[k] = np.asarray(image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.BILINEAR))
+    return out
+
+
+def _pil_chunk(paths: list[str]) -> int:
+    for p in paths:
+        pil_views(p)
+    return len(paths)
+
+
+def run_pil_limit(paths: list[str], cores: int) -> dict:
+    import multiprocessing as mp
+
+    chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
+    with mp.get_context("fork").Pool(cores) as pool:
+        pool.map(_pil_chunk, [paths[:cores]] * cores)  # processes up, PIL imported
+        start = time.perf_counter()
+        done = sum(pool.imap_unordered(_pil_chunk, chunks))
+        seconds = time.perf_counter() - start
+    return {"items": done, "seconds": seconds}
+
+
+def run_dataloader(paths: list[str], cores: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Items(Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.from_numpy(pil_views(paths[i]))
+
+    pinned = torch.cuda.is_available()
+    loader = DataLoader(Items(), batch_size=BATCH, shuffle=True, num_workers=cores, pin_memory=pinned, drop_last=True)
+    start, done = time.perf_counter(), 0
+    for batch in loader:
+        done += len(batch)
+    return {"items": done, "seconds": time.perf_counter() - start, "pinned": pinned}
+
+
+# ---------------------------------------------------------------- raymtl
+
+
+def experiment(tables: dict[str, str], cache: str, workers: int = 1):
+    from raymtl.config import load_experiment
+
+    return load_experiment({
+        "name": "ingest",
+        "tasks": [{"name": t, "train": p, "image_column": "image", "label_column": "label", "id_column": "id"}
+                  for t, p in tables.items()],
+        "data": {"image_size": SIZE, "views": [{"name": "full"}, {"name": "crop", "crop": CROP}], "cache": cache},
+        "training": {"batch_size": BATCH, "num_workers": workers},
+    })
+
+
+def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
+    """One epoch of rank `rank`'s plan read through raymtl's data path as the loop reads it; items read."""
+    import torch
+
+    from raymtl.data.plan import train_steps
+    from raymtl.data.schedule import TaskSchedule
+    from raymtl.data.datasets import decode_slots
+    from raymtl.data.device_inputs import DeviceInputs
+    from raymtl.train.batches import TaskBatches, batches_per_epoch
+
+    tr = exp.training
+    schedule = TaskSchedule(batches_per_epoch(infos, tr.batch_size, world), exp.seed, 0, tr.sampler, tr.temperature).steps()
+    plan = train_steps(schedule, {t: i.n_train for t, i in infos.items()}, tr.batch_size,
+                       seed=exp.seed, epoch=0, rank=rank, world=world, shuffle=exp.data.shuffle)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    done = 0
+    slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0  # as the training loop
+    batches = TaskBatches(inputs, "train", plan, DeviceInputs(exp.data, device), cache, slots=slots)
+    for _task, batch in batches:
+        done += len(batch["label"]) if batch is not None else 0
+    batches.close()
+    return done
+
+
+def cached_bytes(inputs) -> int:
+    """Bytes of every cached chunk's arrays (read zero-copy: nothing is copied to count them)."""
+    from raymtl.data.datasets import DecodedCache
+
+    return sum(a.nbytes for parts in DecodedCache(inputs.cached).parts.values() for d in parts for a in d.arrays.values())
+
+
+def run_stream(tables: dict[str, str]) -> dict:
+    from raymtl import preflight
+    from raymtl.data.datasets import build_inputs
+    from raymtl.ray_runtime import ensure_ray
+
+    exp = experiment(tables, "never")
+    start = time.perf_counter()
+    infos = preflight.check(exp)
+    ensure_ray()
+    inputs = build_inputs(exp, infos)
+    ready = time.perf_counter()
+    done = library_epoch(inputs, exp, infos, 0, 1)
+    end = time.perf_counter()
+    return {"items": done, "seconds": end - ready, "setup_s": ready - start}
+
+
+def _cache_worker(config: dict) -> None:
+    import ray.train
+
+    from raymtl.data.datasets import DecodedCache
+
+    ctx = ray.train.get_context()
+    start = time.perf_counter()
+    done = library_epoch(config["inputs"], config["exp"], config["infos"], ctx.get_world_rank(),
+                         ctx.get_world_size(), DecodedCache(config["inputs"].cached))
+    seconds = time.perf_counter() - start
+    Path(config["out_dir"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps({"items": done, "seconds": seconds}))
+
+
+def run_cache(tables: dict[str, str], workers: int, storage: str) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raymtl import preflight
+    from raymtl.data.datasets import build_inputs
+    from raymtl.ray_runtime import ensure_ray
+
+    exp = experiment(tables, "always", workers)
+    infos = preflight.check(exp)
+    ensure_ray()
+    start = time.perf_counter()
+    inputs = build_inputs(exp, infos, cache=True)
+    built = time.perf_counter() - start
+    n_items = sum(i.n_train for i in infos.values())
+    nbytes = cached_bytes(inputs)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 2)) // (2 * workers))
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    TorchTrainer(
+        _cache_worker,
+        train_loop_config={"inputs": inputs, "exp": exp, "infos": infos, "out_dir": storage},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"ingest-cache-w{workers}", storage_path=storage),
+    ).fit()
+    ranks = [json.loads(Path(storage, f"rank{r}.json").read_text()) for r in range(workers)]
+    return {"items": sum(r["items"] for r in ranks), "seconds": max(r["seconds"] for r in ranks), "build_s": built,
+            "bytes_per_item": nbytes / n_items, "workers": workers}
+
+
+# ---------------------------------------------------------------- the slow image server (stream_remote)
+
+
+def serve(data_dir: Path, delay_s: float, port_file: Path) -> None:
+    """Serve `data_dir` over HTTP on 127.0.0.1, each request delayed by `delay_s` (a store's round trip)."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            time.sleep(delay_s)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Slow, directory=str(data_dir)))
+    server.daemon_threads = True
+    port_file.with_suffix(".tmp").write_text(str(server.server_address[1]))
+    port_file.with_suffix(".tmp").rename(port_file)
+    server.serve_forever()
+
+
+# ---------------------------------------------------------------- parent: one subprocess per mode
+
+
+def child(mode: str, spec: dict) -> dict:
+    data_dir, names, cores = Path(spec["data_dir"]), spec["names"], spec["cores"]
+    work = Path(spec["work"])
+    if mode == "pil_limit":
+        return run_pil_limit([str(data_dir / n) for n in names], cores)
+    if mode == "dataloader":
+        return run_dataloader([str(data_dir / n) for n in names], cores)
+    if mode == "stream":
+        return run_stream(write_tables(work / "local", names, f"{data_dir}/"))
+    if mode == "stream_quarter":
+        return run_stream(write_tables(work / "quarter", names[: len(names) // 4], f"{data_dir}/"))
+    if mode == "stream_remote":
+        return run_stream(write_tables(work / "remote", names, f"http://127.0.0.1:{spec['port']}/"))
+    if mode in ("cache_w1", "cache_w2"):
+        return run_cache(write_tables(work / "local", names, f"{data_dir}/"), int(mode[-1]), str(work / "runs"))
+    raise ValueError(mode)
+
+
+def run_mode(mode: str, spec: dict, work: Path) -> dict:
+    """`mode` in a fresh subprocess, its process tree's peak PSS sampled every 0.2 s."""
+    spec_file, out_file = work / f"{mode}.spec.json", work / f"{mode}.out.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    load_before = os.getloadavg()[0]
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--child", mode, "--spec", str(spec_file),
+                             "--out", str(out_file)], cwd=ROOT, env=env)
+    peak = 0
+
+    def poll() -> None:
+        nonlocal peak
+        while proc.poll() is None:
+            peak = max(peak, sum(pss_bytes(p) for p in descendants(proc.pid)))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    rc = proc.wait()
+    poller.join()
+    if rc != 0:
+        return {"error": f"exit status {rc}", "load_before": load_before, "load_after": os.getloadavg()[0]}
+    result = json.loads(out_file.read_text())
+    result.update(items_per_s=result["items"] / result["seconds"], peak_pss_mb=peak / 2**20,
+                  load_before=load_before, load_after=os.getloadavg()[0])
+    return result
+
+
+def ratios(modes: dict[str, dict]) -> dict[str, float]:
+    rate = {m: r["items_per_s"] for m, r in modes.items() if "items_per_s" in r}
+    pss = {m: r["peak_pss_mb"] for m, r in modes.items() if "peak_pss_mb" in r}
+    out = {}
+    for name, (a, b) in {"stream/dataloader": ("stream", "dataloader"), "stream/pil_limit": ("stream", "pil_limit"),
+                         "stream_remote/stream": ("stream_remote", "stream")}.items():
+        if a in rate and b in rate:
+            out[name] = rate[a] / rate[b]
+    if "bytes_per_item" in modes.get("cache_w1", {}):
+        out["cached_bytes/float32"] = modes["cache_w1"]["bytes_per_item"] / FLOAT32_BYTES_PER_ITEM
+    if "cache_w1" in pss and "cache_w2" in pss:
+        out["pss_w2/pss_w1"] = pss["cache_w2"] / pss["cache_w1"]
+    if "stream" in pss and "stream_quarter" in pss:
+        out["memory_bounded"] = pss["stream"] / pss["stream_quarter"]
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"{'mode':<16}{'items/s':>10}{'seconds':>9}{'peak PSS MB':>13}{'load':>11}")
+    for mode, r in report["modes"].items():
+        if "error" in r:
+            print(f"{mode:<16}  {r['error']}")
+            continue
+        print(f"{mode:<16}{r['items_per_s']:>10.1f}{r['seconds']:>9.1f}{r['peak_pss_mb']:>13.0f}"
+              f"{r['load_before']:>6.2f}/{r['load_after']:.2f}")
+    for name, value in report["ratios"].items():
+        print(f"  {name:<22} {value:.2f}   (target {'>=' if name.startswith('stream') else '<='} {TARGETS[name]})")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--items", type=int, default=20_000, help="catalogue images (default 20,000)")
+    p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "raymtl-ingest",
+                   help="where the generated JPEGs are kept between runs")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="processes for pil_limit / dataloader")
+    p.add_argument("--delay-ms", type=float, default=30.0, help="added to every request of stream_remote")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other modes of the --json file (same --items) and run only --modes: one run in parts")
+    p.add_argument("--note", default="", help="a note kept in the JSON (e.g. a small check)")
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.delay_ms / 1000, args.port_file)
+        return None
+    if args.child:
+        args.out.write_text(json.dumps(child(args.child, json.loads(args.spec.read_text()))))
+        return None
+    names = catalogue(args.data_dir, args.items, args.cores)
+    nbytes = sum(os.path.getsize(args.data_dir / n) for n in names)
+    report: dict[str, Any] = {
+        "benchmark": "ingest", "note": args.note, "items": args.items, "cores": args.cores,
+        "image_size": SIZE, "views": ["full", f"crop {CROP}"], "batch_size": BATCH, "tasks": len(TASKS),
+        "jpeg_kb_mean": nbytes / len(names) / 1e3, "delay_ms": args.delay_ms, "targets": TARGETS, "modes": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="raymtl-ingest-") as tmp:
+        work = Path(tmp)
+        port_file = work / "port"
+        server = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--serve", str(args.data_dir),
+                                   "--port-file", str(port_file), "--delay-ms", str(args.delay_ms)], cwd=ROOT)
+        try:
+            while not port_file.exists():
+                time.sleep(0.05)
+            spec = {"data_dir": str(args.data_dir), "names": names, "cores": args.cores, "work": str(work),
+                    "port": int(port_file.read_text())}
+            for mode in args.modes:
+                report["modes"][mode] = run_mode(mode, spec, work)
+                print(f"[ingest] {mode}: {json.dumps(report['modes'][mode])}", flush=True)
+        finally:
+            server.terminate()
+            server.wait()
+    if args.update and args.json and args.json.exists():
+        earlier = json.loads(args.json.read_text())
+        if earlier["items"] != args.items:
+            raise SystemExit(f"--update: {args.json} has {earlier['items']} items, not {args.items}")
+        report["modes"] = {**earlier["modes"], **report["modes"]}
+        report["modes"] = {m: report["modes"][m] for m in MODES if m in report["modes"]}
+    report["ratios"] = ratios(report["modes"])
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Image bytes read with bounded concurrency, results in input order.
+
+A decode task reads a batch of images; from s3://, gs:// or https:// each read is a round trip
+(20-60 ms) while decoding takes ~5-10 ms of CPU. Reading one image after another leaves the CPU
+slot idle most of the time, so reads are issued on a per-process thread pool, at most
+`data.read_concurrency` in flight and a bounded window ahead of the consumer, while the calling
+thread decodes in order: I/O overlaps, CPU use stays the task's one slot.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from raymtl import storage
+
+_WINDOW = 2  # reads submitted ahead of the consumer, as a multiple of the concurrency: bounds the bytes held
+
+
+def read_image_bytes(uri: Any) -> bytes:
+    """One image's bytes from a local path, filesystem URI or http(s) URL."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("no image path")
+    return storage.read_bytes(uri)
+
+
+def read_all(uris: Iterable[Any], concurrency: int) -> Iterator[bytes | Exception]:
+    """Each uri's bytes, or the exception its read raised, in the order of `uris`.
+
+    At most `concurrency` reads run at once, and at most `_WINDOW * concurrency` results wait
+    for the consumer. With concurrency 1 the reads run on the calling thread.
+    """
+    if concurrency <= 1:
+        for uri in uris:
+            yield _read(uri)
+        return
+    pool, pending = _pool(concurrency), deque[Future]()
+    remaining = iter(uris)
+    for uri in remaining:
+        pending.append(pool.submit(_read, uri))
+        if len(pending) >= _WINDOW * concurrency:
+            break
+    while pending:
+        result = pending.popleft().result()
+        uri = next(remaining, _END)
+        if uri is not _END:
+            pending.append(pool.submit(_read, uri))
+        yield result
+
+
+_END = object()
+
+
+def _read(uri: Any) -> bytes | Exception:
+    try:
+        return read_image_bytes(uri)
+    except Exception as e:  # noqa: BLE001 -- returned to the consumer, who names the file
+        return e
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(concurrency: int) -> ThreadPoolExecutor:
+    """One reader pool per process and size: threads outlive a decode task (a Ray worker runs many)."""
+    return ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="raymtl-image-read")

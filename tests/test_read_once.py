@@ -1,0 +1,110 @@
+"""Each source file is read once per run by the driver: inspection, the image pre-flight and the task
+inputs share that one read; a large source is not read whole by the driver at all."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from PIL import Image
+
+from raymtl import preflight
+from raymtl.config import load_experiment
+from raymtl.data import datasets, tables
+
+
+@pytest.fixture
+def catalogue(tmp_path: Path) -> dict:
+    """Two tasks, train + validation each, train split over two parquet files; 12 images."""
+    for i in range(12):
+        Image.new("RGB", (12, 10), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    frame = pd.DataFrame({"id": [f"i{i}" for i in range(12)], "image": [str(tmp_path / f"{i}.png") for i in range(12)],
+                          "label": ["a", "b", "c"] * 4, "unused": ["x" * 100] * 12})
+    (tmp_path / "color").mkdir()
+    frame.iloc[:5].to_parquet(tmp_path / "color" / "part-0.parquet", index=False)
+    frame.iloc[5:9].to_parquet(tmp_path / "color" / "part-1.parquet", index=False)
+    frame.iloc[9:].to_csv(tmp_path / "color_val.csv", index=False)
+    frame.to_parquet(tmp_path / "size.parquet", index=False)
+    frame.iloc[:6].to_parquet(tmp_path / "size_val.parquet", index=False)
+    return {
+        "name": "once", "storage_path": str(tmp_path / "runs"),
+        "tasks": [
+            {"name": "color", "train": str(tmp_path / "color"), "validation": str(tmp_path / "color_val.csv"),
+             "image_column": "image", "id_column": "id"},
+            {"name": "size", "train": str(tmp_path / "size.parquet"), "validation": str(tmp_path / "size_val.parquet"),
+             "image_column": "image"},
+        ],
+        "data": {"image_size": 8, "cache": "never"},
+        "training": {"batch_size": 2},
+    }
+
+
+@pytest.fixture
+def reads(monkeypatch) -> Counter:
+    """Rows read per file (by name), counted at the one function that reads a file's rows."""
+    counted: Counter = Counter()
+    real = tables._read_file
+
+    def counting(fs, path, name, columns):
+        counted[Path(name).name] += 1
+        return real(fs, path, name, columns)
+
+    monkeypatch.setattr(tables, "_read_file", counting)
+    monkeypatch.setattr(tables, "_kept", type(tables._kept)())  # a fresh process's memory
+    return counted
+
+
+def test_the_driver_reads_each_source_file_once_per_run(catalogue, reads):
+    exp = load_experiment(catalogue)
+    preflight.check(exp)  # the command line's check before heavy imports
+    infos = preflight.check(exp)  # the trainer's own, before Ray
+    inputs = datasets.build_inputs(exp, infos)  # no Ray cluster here: the tables stay in this process
+    assert reads == {"part-0.parquet": 1, "part-1.parquet": 1, "color_val.csv": 1, "size.parquet": 1,
+                     "size_val.parquet": 1}
+    source = inputs.sources["color.train"]
+    assert source.column_names == ["id", "label", "image"]  # column-pruned: "unused" never read
+    assert source.column("id").to_pylist() == [f"i{i}" for i in range(9)]
+    assert (infos["color"].n_train, infos["color"].n_val, infos["size"].n_train) == (9, 3, 12)
+
+
+def test_a_changed_file_is_read_again(catalogue, reads, tmp_path):
+    exp = load_experiment(catalogue)
+    preflight.check(exp)
+    frame = pd.read_parquet(tmp_path / "size.parquet")
+    pd.concat([frame, frame]).to_parquet(tmp_path / "size.parquet", index=False)
+    assert preflight.check(exp)["size"].n_train == 24
+    assert reads["size.parquet"] == 2
+
+
+def test_a_large_source_is_read_by_the_cluster_in_blocks(ray_cluster, catalogue, reads, monkeypatch):
+    """Over DRIVER_READ_BYTES the driver streams the label column only; Ray Data reads the input
+    columns once, into blocks the decode tasks take their rows from, in file order."""
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 0)
+    exp = load_experiment(catalogue)
+    infos = preflight.check(exp)
+    inputs = datasets.build_inputs(exp, infos)
+    assert not reads  # no table read whole by the driver
+    blocks = inputs.sources["color.train"]
+    assert blocks.num_rows == 9
+    rows = np.array([8, 0, 5, 4, 3])
+    assert blocks.take(rows).column("id").to_pylist() == [f"i{i}" for i in rows]
+    assert sorted(blocks.take(rows).column_names) == ["id", "image", "label"]
+    local = inputs.in_process().sources["color.train"]
+    assert local.take(rows).column("id").to_pylist() == [f"i{i}" for i in rows]
+    # a decode task takes its rows from the blocks: the same batch as from the driver's table
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 256 << 20)
+    small = datasets.build_inputs(exp, preflight.check(exp))
+    prep = inputs.preprocessors["color"]
+    decoded = [datasets.decode_rows(datasets._table(i.sources["color.train"]), rows, prep) for i in (inputs, small)]
+    decoded.append(ray.get(datasets._decode_step.remote(inputs.sources["color.train"], rows, prep)))
+    # image i is a constant (20 i, 0, 0): each row's pixels say which row it is
+    np.testing.assert_array_equal(decoded[0].arrays["view_full"][:, 0, 0, 0], 20 * rows)
+    assert decoded[0].arrays["view_full"].dtype == np.uint8
+    for other in decoded[1:]:
+        assert sorted(other.arrays) == sorted(decoded[0].arrays)
+        for name, array in decoded[0].arrays.items():
+            np.testing.assert_array_equal(other.arrays[name], array)
