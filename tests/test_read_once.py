@@ -62,10 +62,10 @@ def test_the_driver_reads_each_source_file_once_per_run(catalogue, reads):
     exp = load_experiment(catalogue)
     preflight.check(exp)  # the command line's check before heavy imports
     infos = preflight.check(exp)  # the trainer's own, before Ray
-    inputs = datasets.build_inputs(exp, infos)  # no Ray cluster here: the tables stay in this process
+    inputs = datasets.build_inputs(exp, infos)  # the tables, or their refs when a Ray cluster is up
     assert reads == {"part-0.parquet": 1, "part-1.parquet": 1, "color_val.csv": 1, "size.parquet": 1,
                      "size_val.parquet": 1}
-    source = inputs.sources["color.train"]
+    source = datasets._table(inputs.sources["color.train"])
     assert source.column_names == ["id", "label", "image"]  # column-pruned: "unused" never read
     assert source.column("id").to_pylist() == [f"i{i}" for i in range(9)]
     assert (infos["color"].n_train, infos["color"].n_val, infos["size"].n_train) == (9, 3, 12)
