@@ -29,7 +29,8 @@ def host_tensor(value: np.ndarray, pin: bool) -> torch.Tensor:
     """`value` as a CPU tensor: copied into pinned memory when `pin` (the one copy a GPU needs);
     else wrapped, copied only when read-only (a zero-copy view of the object store)."""
     if pin:
-        out = torch.empty(value.shape, dtype=torch.from_numpy(value[:0]).dtype, pin_memory=True)
+        dtype = torch.from_numpy(np.empty(0, value.dtype)).dtype  # not from `value`: a read-only view warns
+        out = torch.empty(value.shape, dtype=dtype, pin_memory=True)
         out.numpy()[...] = value
         return out
     return torch.from_numpy(value if value.flags.writeable else value.copy())
