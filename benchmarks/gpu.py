@@ -80,7 +80,7 @@ class Setup:
     bare_steps: int = 200
     bare_warmup: int = 20
     bare_max_s: float = 30.0
-    predict_repeat: int = 2  # predict over the images this many times
+    predict_repeat: int = 1  # predict over the images this many times
     use_gpu: bool = True
 
 

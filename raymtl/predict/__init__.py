@@ -155,7 +155,7 @@ def predictions(
         fn_constructor_args=(plan,),
         batch_format="pandas",
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_prepare_actors(pool_size)),
+        compute=ray.data.ActorPoolStrategy(size=_prepare_actors(pool_size)),
         udf_modifying_row_count=False,
     ).map_batches(
         model_stage or Predict,
@@ -222,7 +222,11 @@ def gpus_per_actor(num_gpus: float | None) -> float:
 
 
 def _prepare_actors(pool_size: int) -> int:
-    """Most decoding actors: the CPUs left by the model actors and one for the read and write tasks."""
+    """Decoding actors: the CPUs left by the model actors and one for the read and write tasks.
+
+    All start at once: grown from one on demand, the first GPU check's pool was still one actor with
+    a third of the items done (78 items/s on 16 cores), and the model waited.
+    """
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1)
