@@ -32,6 +32,9 @@ trials' mean wall time) and against pairwise search (the measured pair time time
 in gradient steps, which do not depend on the machine's load; and the 1-minute load average before,
 during (sampled) and after the run. Use a fresh `--root` for timings:
 the same root resumes (restores) the finished sweep instead of training again.
+
+`--search-only` stops after the search: the affinity run and the ranking of the groupings (is the
+planted one first?), its wall time and the load, without the trials, the test scores or the pair.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from raymtl.tune.groupings import best_groupings, score_partition
 from raymtl.tune.candidates import read_affinity
 from raymtl.tune.records import SweepResult, format_summary, task_metric_keys
 from raymtl.tune.spec import SweepSpec
-from raymtl.tune.sweep import run_sweep
+from raymtl.tune.sweep import load_or_search, run_sweep, sweep_dir_of
 
 
 METRICS = ("accuracy", "macro_f1", "loss")
@@ -81,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=2)
     parser.add_argument("--every", type=int, default=4, help="measure Z every N steps in the search run")
     parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--search-only", action="store_true", help="the affinity run and the ranking only")
     return parser.parse_args(argv)
 
 
@@ -216,6 +220,29 @@ class LoadSampler:
                 "during_mean": statistics.mean(during), "during_max": max(during), "every_s": self.every_s}
 
 
+def ranking(z, tasks: list[str], clusters: list[list[str]], max_groups: int) -> dict[str, Any]:
+    """The affinity's best groupings and where the planted one stands among them."""
+    ranked = best_groupings(z, tasks, max_groups, 3)
+    planted = {frozenset(c) for c in clusters}
+    return {"tasks": tasks, "mean": z.tolist(), "best_groupings": [{"groups": g, "score": v} for g, v in ranked],
+            "top_is_planted": {frozenset(g) for g in ranked[0][0].values()} == planted,
+            "planted_score": score_partition([list(c) for c in clusters], z, tasks)}
+
+
+def search_only(args: argparse.Namespace, exp: Experiment, spec: SweepSpec, clusters, load: "LoadSampler") -> dict:
+    found, search_s = load_or_search(exp, spec, sweep_dir_of(exp))
+    tasks, z = read_affinity(str(Path(sweep_dir_of(exp)) / "affinity"))
+    report = {"setup": vars(args) | {"root": Path(args.root).name, "tasks": exp.task_names,
+                                     "planted": [list(c) for c in clusters]},
+              "search_s": search_s, "candidates": [dataclasses.asdict(c) for c in found],
+              "affinity": ranking(z, tasks, clusters, args.max_groups), "load": load.stop()}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report["affinity"][k] for k in ("best_groupings", "top_is_planted", "planted_score")}
+                     | {"search_s": search_s, "load": report["load"]}, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load = LoadSampler()
@@ -231,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_concurrent=args.max_concurrent, affinity_epochs=args.epochs, affinity_every_steps=args.every,
         ensemble=True,
     )
+    if args.search_only:
+        return search_only(args, exp, spec, clusters, load)
     started = time.monotonic()
     result = run_sweep(exp, spec)
     sweep_s = time.monotonic() - started
@@ -255,14 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
         # the root by its name only: the report is meant to be shared, the folder is this machine's
         "setup": vars(args) | {"root": root.name, "tasks": exp.task_names, "planted": [list(c) for c in clusters]},
         "candidates": [dataclasses.asdict(c) for c in result.candidates],
-        "affinity": {"tasks": tasks, "mean": z.tolist(),
-                     "best_groupings": [{"groups": g, "score": v} for g, v in best_groupings(z, tasks, args.max_groups, 3)]},
+        "affinity": ranking(z, tasks, clusters, args.max_groups),
         "per_grouping": per_grouping(result),
         "chosen": chosen.name,
         "chosen_groups": chosen.groups,
         "chosen_is_planted": {frozenset(g) for g in chosen.groups.values()} == planted,
         "top_score_is_planted": {frozenset(g) for g in top.groups.values()} == planted,
-        "planted_score": score_partition([list(c) for c in clusters], z, tasks),
         "cost": cost,
         "comparison": compared,
         "targets": targets(compared, result, cost),

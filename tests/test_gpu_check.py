@@ -23,5 +23,6 @@ def test_gpu_check_runs_its_modes_and_writes_their_numbers(tmp_path):
     assert modes["in_process"]["epochs_reported"] == gpu.TINY.epochs
     assert 0 <= modes["in_process"]["data_wait_fraction"] < 1
     assert modes["predict"]["rows"] == gpu.TINY.images * gpu.TINY.predict_repeat
+    assert modes["predict"]["small_rows"] == gpu.TINY.images
     assert report["summary"]["in_process_vs_bare"] > 0
     assert report["environment"]["torch"]

@@ -206,9 +206,9 @@ def test_search_step_reads_the_affinity_run_once_and_keeps_its_choice(exp, tmp_p
 
     monkeypatch.setattr(sweep, "_affinity_run", fake_affinity_run)
     spec = SweepSpec(groupings="search", top=1, baselines=False)
-    found, _ = sweep._load_or_search(exp, spec, str(tmp_path))
+    found, _ = sweep.load_or_search(exp, spec, str(tmp_path))
     assert [c.groups for c in found] == [{"g0": ["c0_t0", "c0_t1"], "g1": ["c1_t0", "c1_t1"]}]
-    again, _ = sweep._load_or_search(exp, spec, str(tmp_path))  # a resumed sweep: no second search run
+    again, _ = sweep.load_or_search(exp, spec, str(tmp_path))  # a resumed sweep: no second search run
     assert again == found and len(runs) == 1
     assert json.loads((tmp_path / "candidates.json").read_text())["candidates"][0]["name"] == "search1"
 

@@ -118,8 +118,8 @@ def predict(
     if rows_in == 0:
         raise ConfigError(f"input {input!r} has no rows")
     start = time.perf_counter()
-    _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus), max_pool_size=max_pool_size),
-           output, overwrite)
+    _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus), max_pool_size=max_pool_size,
+                       rows=rows_in), output, overwrite)
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
@@ -139,12 +139,13 @@ def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> No
 
 def predictions(
     items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None,
-    max_pool_size: int | None = None,
+    max_pool_size: int | None = None, rows: int | None = None,
 ) -> ray.data.Dataset:
     """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` to
     `max_pool_size` actors.
 
-    `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows.
+    `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows; `rows`:
+    the items' count, when the caller has it.
     """
     import ray.data
 
@@ -155,7 +156,8 @@ def predictions(
         fn_constructor_args=(plan,),
         batch_format="pandas",
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=_prepare_actors(pool_size)),
+        compute=ray.data.ActorPoolStrategy(size=_prepare_actors(pool_size, items.count() if rows is None else rows,
+                                                                batch_size)),
         udf_modifying_row_count=False,
     ).map_batches(
         model_stage or Predict,
@@ -221,12 +223,13 @@ def gpus_per_actor(num_gpus: float | None) -> float:
     return 0.0
 
 
-def _prepare_actors(pool_size: int) -> int:
-    """Decoding actors: the CPUs left by the model actors and one for the read and write tasks.
+def _prepare_actors(pool_size: int, rows: int, batch_size: int) -> int:
+    """Decoding actors: the CPUs left by the model actors and one for the read and write tasks, at
+    most one per batch of the input.
 
     All start at once: grown from one on demand, the first GPU check's pool was still one actor with
     a third of the items done (78 items/s on 16 cores), and the model waited.
     """
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1)
+    return max(1, min(int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1, -(-rows // batch_size)))

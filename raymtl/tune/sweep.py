@@ -68,7 +68,7 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
             raise ConfigError(f"{where}: {e}") from None
     ensure_ray(address)
     sweep_dir = sweep_dir_of(exp)
-    found, search_s = _load_or_search(exp, spec, sweep_dir, address)
+    found, search_s = load_or_search(exp, spec, sweep_dir, address)
     grid = _run_trials(exp, spec, infos, found, sweep_dir, shared_inputs(exp, infos))
     trials = _records(grid, storage.join(sweep_dir, "runs"), spec)
     choice = choose(trials, spec.metric, spec.mode)
@@ -110,7 +110,7 @@ def _ensemble(result: SweepResult, exp: Experiment, dest: str) -> dict[str, Any]
     }
 
 
-def _load_or_search(
+def load_or_search(
     exp: Experiment, spec: SweepSpec, sweep_dir: str, address: str | None = None
 ) -> tuple[list[Candidate], float]:
     """The candidates (and the search's wall time), from candidates.json when a run already chose them."""
