@@ -165,6 +165,20 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
+def earlier_runs(path: str | None, result: dict) -> dict[str, dict[str, dict[int, dict]]]:
+    """setting -> variant -> seed -> run, from an earlier --json of the same measurement (else none)."""
+    if not path or not Path(path).exists():
+        return {}
+    old = json.loads(Path(path).read_text())
+    same = ("scale", "backbone", "image_size", "device", "epochs", "lr", "lr_multipliers")
+    if any(old.get(k) != result[k] for k in same):
+        raise SystemExit(f"--append: {path} measured another setup ({', '.join(f'{k}={old.get(k)}' for k in same)})")
+    for setting in old["settings"]:  # settings this call does not run stay as they were
+        result["settings"].setdefault(setting, old["settings"][setting])
+    return {setting: {v: {int(seed): run for seed, run in by_seed.items()} for v, by_seed in body["runs"].items()}
+            for setting, body in old["settings"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the result here (rewritten after every run)")
@@ -179,6 +193,8 @@ def main() -> None:
                         help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
     parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
     parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs", help="run folders (a rerun resumes finished runs)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the --json file's runs of other seeds and settings (same scale, epochs, text lr)")
     args = parser.parse_args()
     if "staged" in args.variants and not {"image", "text"} <= set(args.variants[: args.variants.index("staged")]):
         parser.error("--variants: staged composes the image and text runs: list both before it")
@@ -187,6 +203,7 @@ def main() -> None:
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
               "lr": 1e-3, "lr_multipliers": {"text": args.text_lr},
               "seeds": args.seeds, "cpu_count": os.cpu_count(), "init": init_shares(args.scale), "settings": {}}
+    earlier = earlier_runs(args.json, result) if args.append else {}
 
     def write() -> None:
         result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -195,9 +212,10 @@ def main() -> None:
 
     for setting in args.settings:
         paths = write_data(Path(args.data), setting, SCALES[args.scale]["image_size"])
-        runs: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
+        runs: dict[str, dict[int, dict]] = {v: dict(earlier.get(setting, {}).get(v, {})) for v in args.variants}
         checkpoints: dict[tuple[str, int], str] = {}
         result["settings"][setting] = {"noisy_titles": list(NOISY_TITLES[setting]), "runs": runs}
+        result["seeds"] = sorted(set(result["seeds"]) | {seed for by_seed in runs.values() for seed in by_seed})
         for seed in args.seeds:
             def exp_of(variant: str) -> Experiment:
                 return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting,

@@ -18,7 +18,8 @@ does not touch the others:
   streamed      in the process, JPEGs decoded by the CPUs while it trains (`data.cache: never`):
                 its data wait, and the single-core decode rate (items/s) measured beforehand
   predict       `raymtl predict` (the Python API the command calls) over the in_process run's
-                saved model: items/s of its decode + model pipeline
+                saved model, over the images and then over 3x them: items/s of its decode +
+                model pipeline, and of the difference (the rate once the actors have started)
 
 The raymtl modes are read from the run's own per-epoch metrics (`metrics.jsonl`: `perf/*`),
 epochs after the first (warm-up: cuDNN autotuning, allocator growth) only; the bare loop times
