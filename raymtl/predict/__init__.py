@@ -88,6 +88,7 @@ def predict(
     pool_size: int = 1,
     max_pool_size: int | None = None,
     num_gpus: float | None = None,
+    resources_per_actor: dict[str, float] | None = None,
     top_k: int = 0,
     strict: bool = False,
     image_column: str | None = None,
@@ -99,7 +100,9 @@ def predict(
     """Predict every task (or `tasks`) of a saved model for every item of `input`; write parquet to `output`.
 
     Columns default to the ones the model was trained with; `image_column`/`text_column`/`id_column`
-    rename them for this input. `num_gpus` is per model actor, None = 1 when the cluster has GPUs.
+    rename them for this input. `num_gpus` is per model actor, None = 1 when the cluster has GPUs;
+    `resources_per_actor` adds custom resources per model actor (e.g. `{"inference": 1}`: only on
+    the nodes that offer it, which an autoscaling cluster starts for the pool).
     The model actors start `pool_size` strong and grow to `max_pool_size` (default: `pool_size`)
     while items queue and the cluster has room (an autoscaling cluster adds nodes for them).
     """
@@ -119,7 +122,7 @@ def predict(
         raise ConfigError(f"input {input!r} has no rows")
     start = time.perf_counter()
     _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus), max_pool_size=max_pool_size,
-                       rows=rows_in), output, overwrite)
+                       resources=resources_per_actor, rows=rows_in), output, overwrite)
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
@@ -139,13 +142,13 @@ def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> No
 
 def predictions(
     items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None,
-    max_pool_size: int | None = None, rows: int | None = None,
+    max_pool_size: int | None = None, resources: dict[str, float] | None = None, rows: int | None = None,
 ) -> ray.data.Dataset:
     """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` to
     `max_pool_size` actors.
 
-    `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows; `rows`:
-    the items' count, when the caller has it.
+    `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows;
+    `resources`: custom resources per model actor; `rows`: the items' count, when the caller has it.
     """
     import ray.data
 
@@ -166,6 +169,7 @@ def predictions(
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=pool_size, max_size=max(pool_size, max_pool_size or 0)),
         num_gpus=gpus,
+        resources=resources,
         udf_modifying_row_count=False,
     )
 
