@@ -251,3 +251,39 @@ def test_modality_report_lists_each_tasks_primary_metric_per_modality():
     assert table[0].split() == ["task", "metric", "both", "image", "text"]
     assert table[2].split() == ["color", "accuracy", "0.9000", "0.9000", "0.5000"]
     assert table[4].split() == ["mean", "score", "0.8500", "0.6000", "0.6500"]
+
+
+def test_by_default_the_text_encoder_trains_at_a_tenth_of_the_lr():
+    """`lr_multipliers` unset: text at DEFAULT_LR_MULTIPLIERS where a text encoder trains; one group
+    (the old layout) for an image-only model, a stage with the text frozen, or an explicit {}."""
+    model = build({"all": ["color", "title", "tags"]})
+    lrs = {g["part"]: g["lr"] for g in build_optimizer(model, TrainingSpec(), lr=1e-3).param_groups}
+    assert lrs == pytest.approx({"image": 1e-3, "fusion": 1e-3, "heads": 1e-3, "text": 1e-4})
+    assert len(build_optimizer(model, TrainingSpec(lr_multipliers={}), lr=1e-3).param_groups) == 1
+    model.freeze(["text"])
+    assert len(build_optimizer(model, TrainingSpec(), lr=1e-3).param_groups) == 1
+    image_only = build({"all": ["color"]}, tasks=(COLOR,))
+    assert image_only.parts()["text"] == []
+    assert len(build_optimizer(image_only, TrainingSpec(), lr=1e-3).param_groups) == 1
+
+
+def test_a_checkpoint_from_before_the_default_resumes_at_one_lr(capsys):
+    """Its optimizer state has one group without a part: under the default it resumes in that layout,
+    said in one line; a config that sets lr_multipliers gets what it asks (and load_state_dict says
+    the layouts differ)."""
+    model = build({"all": ["color", "title", "tags"]})
+    old = build_optimizer(model, TrainingSpec(lr_multipliers={}), lr=1e-3)
+    loss_of(model, COLOR).backward()
+    old.step()
+    saved = copy.deepcopy(old.state_dict())
+    resumed = build_optimizer(model, TrainingSpec(), lr=1e-3, saved=saved)
+    resumed.load_state_dict(saved)
+    assert len(resumed.param_groups) == 1 and "one lr" in capsys.readouterr().out
+    for a, b in zip(old.state.values(), resumed.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    asked = build_optimizer(model, TrainingSpec(lr_multipliers={"text": 0.1}), lr=1e-3, saved=saved)
+    with pytest.raises(ValueError, match="parameter groups"):
+        asked.load_state_dict(saved)
+    new = build_optimizer(model, TrainingSpec(), lr=1e-3)
+    again = build_optimizer(model, TrainingSpec(), lr=1e-3, saved=new.state_dict())  # today's layout: kept
+    assert [g["part"] for g in again.param_groups] == [g["part"] for g in new.param_groups]

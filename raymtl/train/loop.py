@@ -174,8 +174,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stage_at(stages, epoch) != stage_idx:
             stage_idx = stage_at(stages, epoch)
             stage = stages[stage_idx]
-            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, size)
-            if state is not None and state["stage"] == stage_idx:
+            resumed = state is not None and state["stage"] == stage_idx
+            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, size,
+                                                  state["optimizer"] if resumed else None)
+            if resumed:
                 optimizer.load_state_dict(state["optimizer"])
                 lr_schedule.load_state_dict(state["lr_schedule"])
             state = None
@@ -262,12 +264,14 @@ def _step(model: MultiTaskModel, optimizer: torch.optim.Optimizer, scaler, grad_
     scaler.update()
 
 
-def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], size: int):
-    """Freeze this stage's parts and build its optimizer and LR schedule (in global samples, for the
-    world the stage starts on; a resumed stage keeps its saved schedule)."""
+def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], size: int,
+                 saved_optimizer: dict | None = None):
+    """Freeze this stage's parts and build its optimizer (in the layout of `saved_optimizer`, when
+    resuming) and LR schedule (in global samples, for the world the stage starts on; a resumed stage
+    keeps its saved schedule)."""
     model.freeze(stage.freeze)
     lr = stage.lr if stage.lr is not None else exp.training.lr
-    optimizer = build_optimizer(model, exp.training, lr)
+    optimizer = build_optimizer(model, exp.training, lr, saved=saved_optimizer)
     lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()),
                                     step_samples=size)
     return optimizer, lr_schedule

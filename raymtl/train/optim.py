@@ -12,23 +12,30 @@ from dataclasses import dataclass
 
 import torch
 
-from raymtl.config import TrainingSpec
+from raymtl import console
+from raymtl.config import DEFAULT_LR_MULTIPLIERS, TrainingSpec
 
 
-def build_optimizer(model, training: TrainingSpec, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model, training: TrainingSpec, lr: float, saved: dict | None = None) -> torch.optim.Optimizer:
     """The optimizer of `model`'s trainable parameters at `lr`.
 
-    With `training.lr_multipliers`, one parameter group per model part (`MultiTaskModel.parts()`)
-    with trainable parameters, at lr x its multiplier (default 1), tagged with its "part"; parts at
-    the base lr come first, so `param_groups[0]["lr"]` (the lr a run logs) is the base lr whenever a
-    part trains at it. Without, one group in `model.parameters()` order: the layout of checkpoints
-    written before multipliers existed, which a resumed run must load. Either way the groups are a
-    function of the config and the frozen parts alone, so a resumed stage rebuilds the same groups
-    and `load_state_dict` restores their lrs.
+    With multipliers in force (`lr_multipliers`), one parameter group per model part
+    (`MultiTaskModel.parts()`) with trainable parameters, at lr x its multiplier (default 1), tagged
+    with its "part"; parts at the base lr come first, so `param_groups[0]["lr"]` (the lr a run logs)
+    is the base lr whenever a part trains at it. Without, one group in `model.parameters()` order: the
+    layout of checkpoints written before multipliers existed, which a resumed run must load. Either
+    way the groups are a function of the config and the frozen parts alone, so a resumed stage
+    rebuilds the same groups and `load_state_dict` restores their lrs. `saved`, the state_dict a
+    resumed run will load: one written before the default multipliers (one group without a "part",
+    where the default makes one per part) resumes at one lr, as it was trained, unless the config sets `lr_multipliers`.
     AdamW is fused on a GPU.
     """
-    multipliers = training.lr_multipliers
-    if any(factor != 1.0 for factor in multipliers.values()):
+    multipliers = lr_multipliers(model, training)
+    if multipliers and saved is not None and training.lr_multipliers is None and "part" not in saved["param_groups"][0]:
+        console.say("[raymtl] this checkpoint trained every part at one lr (from before the default "
+                    f"lr_multipliers {DEFAULT_LR_MULTIPLIERS}): resuming it so; set training.lr_multipliers to change")
+        multipliers = {}
+    if multipliers:
         parts = model.parts()
         order = sorted(parts, key=lambda part: multipliers.get(part, 1.0) != 1.0)  # stable: parts' order otherwise
         groups = [{"params": params, "lr": lr * multipliers.get(part, 1.0), "part": part}
@@ -39,6 +46,20 @@ def build_optimizer(model, training: TrainingSpec, lr: float) -> torch.optim.Opt
         return torch.optim.SGD(groups, lr=lr, momentum=training.momentum, weight_decay=training.weight_decay)
     fused = bool(groups) and all(p.is_cuda for g in groups for p in g["params"])  # one kernel for the whole update
     return torch.optim.AdamW(groups, lr=lr, weight_decay=training.weight_decay, fused=fused or None)
+
+
+def lr_multipliers(model, training: TrainingSpec) -> dict[str, float]:
+    """The multipliers in force ({} = one lr): the config's, or by default (None) `DEFAULT_LR_MULTIPLIERS`
+    where one of their parts trains in `model` (an image-only model, or a stage with the text encoder
+    frozen, keeps the one-group layout)."""
+    if training.lr_multipliers is not None:
+        chosen = training.lr_multipliers
+    elif hasattr(model, "parts") and any(p.requires_grad for part in DEFAULT_LR_MULTIPLIERS
+                                         for p in model.parts().get(part, [])):
+        chosen = DEFAULT_LR_MULTIPLIERS
+    else:
+        return {}
+    return chosen if any(factor != 1.0 for factor in chosen.values()) else {}
 
 
 @dataclass
