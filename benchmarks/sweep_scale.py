@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(old), args.baseline], cwd=here, check=True,
                        capture_output=True)
         try:
-            shutil.copy(here / "benchmarks" / "sweep_scale.py", old / "benchmarks" / "sweep_scale.py")
+            for module in ("sweep_scale.py", "proc_tree.py"):  # the measuring code is today's
+                shutil.copy(here / "benchmarks" / module, old / "benchmarks" / module)
             runs.append(run(old, config, work, f"baseline-{args.baseline}"))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=here, capture_output=True)
