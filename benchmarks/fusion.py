@@ -19,8 +19,10 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
 `--variants` may add `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
-defect, and `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`). Scales: `full` = ResNet-50 at 64 px, batch 32, AdamW lr 1e-3, constant, 3 epochs (the
-issue's setting); `small` = ResNet-18 at 32 px with the same BERT, batch 32, 3 epochs.
+defect, and `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`). Scales:
+`full` = ResNet-50 at 64 px, batch 32, AdamW lr 1e-3, constant, 3 epochs (the issue's setting);
+`small` = ResNet-18 at 32 px with the same BERT, batch 32, 3 epochs. Each joint variant is held to
+the targets below.
 Accuracy is the last epoch's validation accuracy. Targets (per setting): joint's mean >= image's
 - 0.01 on every seed and >= max(image, text) on the mean over seeds; every task of joint within
 0.02 of its better single modality on the mean over seeds; staged >= joint on the mean.
@@ -78,7 +80,8 @@ def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: 
     vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(tokenizer))
     raw = {
         "name": f"{setting}-{variant}-s{seed}",
-        "storage_path": str(runs),
+        # a rerun resumes a finished run of the same setup, never one of another scale or lr
+        "storage_path": str(runs / f"{scale}-{epochs}ep-text{text_lr:g}-drop{modality_dropout:g}"),
         "seed": seed,
         "tasks": [{"name": t, "train": p["train"], "validation": p["val"], "id_column": "id",
                    "image_column": "image" if image else None, "text_column": "title" if text else None}
@@ -196,7 +199,8 @@ def main() -> None:
     parser.add_argument("--text-lr", type=float, default=0.1,
                         help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
     parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
-    parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs", help="run folders (a rerun resumes finished runs)")
+    parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs",
+                        help="run folders (a rerun of the same setup resumes its finished runs)")
     parser.add_argument("--append", action="store_true",
                         help="keep the --json file's runs of other seeds and settings (same scale, epochs, text lr)")
     args = parser.parse_args()

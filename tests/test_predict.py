@@ -247,6 +247,22 @@ def test_model_actors_on_cpu_by_default_only_without_gpus_and_said_so(monkeypatc
     assert len(said) == 1
 
 
+def test_the_decoding_pool_starts_on_the_free_cpus_and_grows_with_the_model_pool(monkeypatch):
+    import ray
+
+    from raymtl.predict import _prepare_pool
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    sizes = lambda *args: (lambda s: (s.min_size, s.max_size))(_prepare_pool(*args))  # noqa: E731
+    assert sizes(1, None, 10_000, 64) == (6, 6)  # 8 CPUs - 1 model actor - 1 for reads/writes; fixed model pool
+    assert sizes(1, 4, 10_000, 64) == (6, 24)  # 6 decoders per model actor, for each actor the pool may add
+    assert sizes(2, 3, 10_000, 64) == (5, 8)  # 5 per 2 actors: ceil(5 * 3 / 2)
+    assert sizes(1, 4, 300, 64) == (5, 5)  # never more than one per batch of the input
+    assert sizes(1, 4, 100, 64) == (2, 2)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    assert sizes(1, 2, 10_000, 64) == (1, 2)  # at least one, even on a cluster without a CPU to spare
+
+
 def test_a_model_pool_that_cannot_grow_to_its_size_is_refused(model_dir, items_file, tmp_path):
     with pytest.raises(ConfigError, match="pool_size <= max_pool_size"):
         predict(model_dir, items_file, str(tmp_path / "out"), pool_size=2, max_pool_size=1)

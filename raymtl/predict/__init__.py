@@ -159,8 +159,7 @@ def predictions(
         fn_constructor_args=(plan,),
         batch_format="pandas",
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=_prepare_actors(pool_size, items.count() if rows is None else rows,
-                                                                batch_size)),
+        compute=_prepare_pool(pool_size, max_pool_size, items.count() if rows is None else rows, batch_size),
         udf_modifying_row_count=False,
     ).map_batches(
         model_stage or Predict,
@@ -227,13 +226,17 @@ def gpus_per_actor(num_gpus: float | None) -> float:
     return 0.0
 
 
-def _prepare_actors(pool_size: int, rows: int, batch_size: int) -> int:
-    """Decoding actors: the CPUs left by the model actors and one for the read and write tasks, at
-    most one per batch of the input.
+def _prepare_pool(pool_size: int, max_pool_size: int | None, rows: int, batch_size: int):
+    """Decoding actors: at first the CPUs left by the model actors and one for the read and write
+    tasks, at most one per batch of the input; growing with the model pool in proportion (to at most
+    one per batch), so the nodes that join for model actors also decode for them.
 
-    All start at once: grown from one on demand, the first GPU check's pool was still one actor with
-    a third of the items done (78 items/s on 16 cores), and the model waited.
+    The first ones start at once: grown from one on demand, the first GPU check's pool was still one
+    actor with a third of the items done (78 items/s on 16 cores), and the model waited.
     """
     import ray
 
-    return max(1, min(int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1, -(-rows // batch_size)))
+    batches = -(-rows // batch_size)
+    first = max(1, min(int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1, batches))
+    most = min(batches, -(-first * max(pool_size, max_pool_size or 0) // pool_size))
+    return ray.data.ActorPoolStrategy(min_size=first, max_size=max(first, most))
