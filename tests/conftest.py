@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray cluster for the whole test session."""
 
 import os
+import shutil
 
 import pytest
 
@@ -21,6 +22,22 @@ def ray_cluster():
         ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_folders_removed(request, tmp_path_factory):
+    """A module's temporary folders go when its tests pass (kept when one fails, to look at).
+
+    Run folders hold checkpoints of ~100 MB each: kept for the whole session they add up to many GB,
+    more than a CI machine's disk may have free. Function-level folders go at once
+    (`tmp_path_retention_policy = "failed"`); these are the module-scoped fixtures' ones."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
