@@ -90,8 +90,17 @@ class SampledRun:
     peak_processes: int
 
 
+def settle(below: float = 1.0, max_s: float = 180.0) -> None:
+    """Wait (at most `max_s`) for the 1-minute load to fall below `below`: a run started right after
+    another one would otherwise be measured in the first one's load (the average lags by a minute)."""
+    deadline = time.time() + max_s
+    while os.getloadavg()[0] >= below and time.time() < deadline:
+        time.sleep(5)
+
+
 def run_sampled(args: list[str], **popen: object) -> SampledRun:
-    """Run a command to its end while sampling its process tree's peak memory."""
+    """Run a command to its end while sampling its process tree's peak memory (after the load settles)."""
+    settle()
     load_before = os.getloadavg()[0]
     start = time.time()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
