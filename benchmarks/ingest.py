@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.proc_tree import descendants, pss_bytes
+from benchmarks.proc_tree import descendants, pss_bytes, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("color", "pattern", "season")
@@ -312,6 +312,7 @@ def run_mode(mode: str, spec: dict, work: Path) -> dict:
     spec_file, out_file = work / f"{mode}.spec.json", work / f"{mode}.out.json"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    settle()  # not in the previous mode's load
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--child", mode, "--spec", str(spec_file),
                              "--out", str(out_file)], cwd=ROOT, env=env)

@@ -94,6 +94,9 @@ def settle(below: float = 1.0, max_s: float = 180.0) -> None:
     """Wait (at most `max_s`) for the 1-minute load to fall below `below`: a run started right after
     another one would otherwise be measured in the first one's load (the average lags by a minute)."""
     deadline = time.time() + max_s
+    if os.getloadavg()[0] >= below:
+        print(f"[bench] waiting up to {max_s:.0f} s for the 1-minute load ({os.getloadavg()[0]:.2f}) to fall below {below}",
+              flush=True)
     while os.getloadavg()[0] >= below and time.time() < deadline:
         time.sleep(5)
 
