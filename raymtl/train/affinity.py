@@ -133,10 +133,14 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         group, state = by_param[id(p)], optimizer.state.get(p, {})
         beta1, beta2 = group["betas"]
         t = float(state["step"]) if "step" in state else 0.0
-        v = state.get("exp_avg_sq")
-        v = (1 - beta2) * grad.square() if v is None else beta2 * v + (1 - beta2) * grad.square()
         share = (1 - beta1) / (1 - beta1 ** (t + 1)) * lr_of(group) / base_lr
-        return share * grad / ((v / (1 - beta2 ** (t + 1))).sqrt() + group["eps"])
+        # One buffer per parameter, worked in place: the measurement's peak stays near one copy of
+        # the shared parameters (a chain of temporaries held three of the largest layer at once).
+        out = grad.square().mul_(1 - beta2)
+        if "exp_avg_sq" in state:
+            out.add_(state["exp_avg_sq"], alpha=beta2)
+        out.div_(1 - beta2 ** (t + 1)).sqrt_().add_(group["eps"])
+        return torch.div(grad, out, out=out).mul_(share)
 
     return update
 
