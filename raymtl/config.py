@@ -98,6 +98,9 @@ class ModelSpec:
     dropout: float = 0.1
     fusion_norm: str = "layernorm"  # per-modality LayerNorm + equal-share scale before fusion | none (plain concat)
     modality_dropout: float = 0.0  # training: drop one modality of a row with both, with this probability
+    # > 0: each image + text task also gets a head per modality on that modality's features alone, whose
+    # losses (times this weight) train beside the fused head's; predictions use the fused head only
+    modality_loss: float = 0.0
     groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
     base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
     init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from
@@ -373,7 +376,7 @@ _RANGES: dict[str, dict[str, str]] = {
     "data.views": {"crop": "(0,1]"},
     "data": {"image_size": ">=8", "max_length": ">=1", "max_bad_fraction": "[0,1]",
              "read_concurrency": ">=1"},
-    "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]"},
+    "model": {"hidden_dim": ">=1", "dropout": "[0,1)", "modality_dropout": "[0,1]", "modality_loss": ">=0"},
     "training.stages": {"epochs": ">=1", "lr": ">0"},
     "training.fusion_stages": {"epochs": ">=1", "lr": ">0"},
     "training": {

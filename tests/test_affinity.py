@@ -297,9 +297,10 @@ def test_capped_lookahead_rows_evaluate_each_targets_latest_rows():
     update = adam_after_one_step(model, data, losses)
     _, z = lookahead_affinity(model, data, losses, 1e-3, update=update, lookahead_rows=16)
     latest = {t: {k: v[-4:] for k, v in b.items()} for t, b in data.items()}
-    torch.testing.assert_close(z, reference_affinity(model, data, latest, losses, 1e-3, update), rtol=1e-4, atol=1e-6)
+    # float32 lookahead differences land ~1e-6 apart on different CPUs
+    torch.testing.assert_close(z, reference_affinity(model, data, latest, losses, 1e-3, update), rtol=1e-4, atol=1e-5)
     full = reference_affinity(model, data, data, losses, 1e-3, update)
-    assert not torch.allclose(z, full, rtol=1e-4, atol=1e-6)  # the rows do matter: the cap is in effect
+    assert not torch.allclose(z, full, rtol=1e-4, atol=1e-5)  # the rows do matter: the cap is in effect
 
 
 def test_affinity_interval_keeps_the_measurement_a_tenth_of_training():

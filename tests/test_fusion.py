@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from raymtl.config import ConfigError, DataSpec, TrainingSpec, ViewSpec, load_experiment
@@ -287,3 +288,53 @@ def test_a_checkpoint_from_before_the_default_resumes_at_one_lr(capsys):
     new = build_optimizer(model, TrainingSpec(), lr=1e-3)
     again = build_optimizer(model, TrainingSpec(), lr=1e-3, saved=new.state_dict())  # today's layout: kept
     assert [g["part"] for g in again.param_groups] == [g["part"] for g in new.param_groups]
+
+
+def test_modality_heads_read_each_modality_alone_and_train_only_where_a_task_has_both():
+    """`model.modality_loss`: an image + text task gets a head per modality on that modality's
+    normalised features; a step's outputs carry them at that weight, `parameters_for` (what the
+    gradient sync moves) lists them, `heads` (what stages freeze) holds them, predictions ignore them."""
+    torch.manual_seed(0)
+    model = build({"all": ["color", "title", "tags"]}, modality_loss=0.5).eval()  # no dropout between passes
+    assert set(model.modality_heads) == {"tags"}  # color is image only, title text only
+    b = batch(TAGS)
+    outputs = model.training_outputs(b, "tags")
+    assert [w for _, w in outputs] == [1.0, 0.5, 0.5]
+    fused, image_logits, text_logits = (logits for logits, _ in outputs)
+    assert torch.equal(fused, model(b, "tags"))  # the fused head is what forward (prediction) gives
+    fusion, heads = model.fusion["all"], model.modality_heads["tags"]
+    text = fusion.normalised("text", model.text_encoder(b["input_ids"], b["attention_mask"]))
+    assert torch.allclose(text_logits, heads["text"](text))
+    image = fusion.normalised("image", model.image_backbones["all"](b))
+    assert torch.allclose(image_logits, heads["image"](image))
+
+    sum(F.binary_cross_entropy_with_logits(logits, b["label"]) * w for logits, w in outputs).backward()
+    used = {id(p) for p in model.parameters_for("tags")}
+    assert all(p.grad is not None and id(p) in used for p in heads.parameters())
+    assert {id(p) for p in heads.parameters()} <= {id(p) for p in model.parts()["heads"]}
+    assert len(model.training_outputs(batch(COLOR), "color")) == 1  # one modality: the fused head only
+    model.mask("text")  # a masked modality: no per-modality loss, nothing to pair it with
+    assert len(model.training_outputs(b, "tags")) == 1
+
+
+def test_modality_loss_off_builds_the_same_model_as_before():
+    torch.manual_seed(0)
+    plain = build({"all": ["color", "title", "tags"]})
+    assert len(plain.modality_heads) == 0 and len(plain.training_outputs(batch(TAGS), "tags")) == 1
+    with pytest.raises(ConfigError, match="model.modality_loss: must be >= 0"):
+        load_experiment({"name": "x", "tasks": [{"name": "t", "train": "t.parquet", "image_column": "i"}],
+                         "model": {"modality_loss": -1}})
+
+
+def test_a_model_with_modality_heads_saves_and_loads_them(tmp_path):
+    torch.manual_seed(0)
+    model = build({"all": ["color", "title", "tags"]}, modality_loss=0.5).eval()
+    save_model(tmp_path, model, model_spec=model.spec, data=DataSpec(image_size=32, views=[ViewSpec(v) for v in VIEWS]),
+               experiment={})
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["format_version"] == 3 and meta["model"]["modality_loss"] == 0.5
+    saved = load(tmp_path).model
+    b = batch(TAGS)
+    with torch.no_grad():
+        for (ours, w), (theirs, w2) in zip(model.training_outputs(b, "tags"), saved.training_outputs(b, "tags")):
+            assert w == w2 and torch.equal(ours, theirs)

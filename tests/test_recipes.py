@@ -37,6 +37,8 @@ def test_composed_model_takes_its_backbones_from_the_parts_and_trains_the_fusion
     default = compose(dataclasses.replace(exp, training=dataclasses.replace(exp.training, fusion_stages=[])),
                       "i", "t")
     assert default.training.stages == [StageSpec(epochs=exp.training.epochs, freeze=["image", "text"])]
+    with_aux = dataclasses.replace(exp, model=dataclasses.replace(exp.model, modality_loss=1.0))
+    assert compose(with_aux, "i", "t").model.modality_loss == 0.0  # the parts trained each modality alone
 
 
 def test_parts_named_in_init_from_are_not_trained_again():

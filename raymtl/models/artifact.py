@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch comes with save/load: `raymtl predict` checks a model
 META_FILE = "raymtl_model.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 2  # 2: model.fusion_norm (format 1 fused by plain concatenation; see `_upgrade`)
+FORMAT_VERSION = 3  # 2: model.fusion_norm; 3: model.modality_loss (see `_upgrade`)
 
 
 @dataclass
@@ -60,7 +60,8 @@ def portable_model_spec(model: MultiTaskModel, spec: ModelSpec) -> ModelSpec:
     The text encoder is described by its Hugging Face config (rebuilt by AutoConfig.for_model).
     """
     portable = dataclasses.replace(spec, text_encoder=None, image_weights=None, base=None, init_from=None,
-                                   models_cache=None, fusion_norm=model.spec.fusion_norm)  # a grown base keeps its own
+                                   models_cache=None, fusion_norm=model.spec.fusion_norm,  # a grown base keeps its own
+                                   modality_loss=model.spec.modality_loss)
     if model.text_encoder is None:
         return portable
     return dataclasses.replace(portable, text_config=model.text_encoder.encoder.config.to_dict())
@@ -158,11 +159,17 @@ def _load_local(folder: Path, map_location: str | torch.device) -> SavedModel:
 
 
 def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 model's meta as format 2: its fusion was plain concatenation (no per-modality
-    LayerNorm, no modality dropout), which `fusion_norm: none` rebuilds with the same weight keys."""
-    if meta.get("format_version", 1) >= 2:
-        return meta
-    return {**meta, "model": {"fusion_norm": "none", **meta["model"]}, "format_version": 2}
+    """An older model's meta as the current format, rebuilding the same modules and weight keys.
+
+    Format 1 fused by plain concatenation (`fusion_norm: none`); formats 1 and 2 had no
+    per-modality heads (`modality_loss: 0`)."""
+    version = meta.get("format_version", 1)
+    model = dict(meta["model"])
+    if version < 2:
+        model.setdefault("fusion_norm", "none")
+    if version < 3:
+        model.setdefault("modality_loss", 0.0)
+    return {**meta, "model": model, "format_version": FORMAT_VERSION}
 
 
 def _local_tokenizer(data: DataSpec, folder: Path) -> DataSpec:

@@ -122,6 +122,7 @@ class MultiTaskModel(nn.Module):
         self.image_backbones = nn.ModuleDict()
         self.fusion = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self.modality_heads = nn.ModuleDict()  # task -> {image, text}: heads on one modality (modality_loss)
         for group, tasks in groups.items():
             self._add_group(group, [infos[t] for t in tasks])
 
@@ -155,11 +156,14 @@ class MultiTaskModel(nn.Module):
         raise KeyError(f"unknown task {task!r}; the model's tasks are {list(self.infos)}")
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part (image, text, fusion, heads): what a training stage may freeze."""
-        return {
+        """Parameters by part (image, text, fusion, heads): what a training stage may freeze.
+        The per-modality heads (`model.modality_loss`) belong to `heads`."""
+        parts = {
             name: list(getattr(self, attr).parameters()) if getattr(self, attr) is not None else []
             for name, attr in PARTS.items()
         }
+        parts["heads"] += list(self.modality_heads.parameters())
+        return parts
 
     def freeze(self, parts: Sequence[str]) -> None:
         """Freeze these parts (image, text, fusion, heads), unfreeze the others.
@@ -228,6 +232,9 @@ class MultiTaskModel(nn.Module):
                 f"which task group {group!r} was built without; put it in a new group"
             )
         self.heads[info.name] = nn.Linear(self.spec.hidden_dim, info.num_labels)
+        if self.spec.modality_loss and image and text:
+            self.modality_heads[info.name] = nn.ModuleDict(
+                {"image": nn.Linear(fusion.image_dim, info.num_labels), "text": nn.Linear(fusion.text_dim, info.num_labels)})
         self.infos[info.name] = info
         self.groups[group].append(info.name)
 
@@ -251,10 +258,33 @@ class MultiTaskModel(nn.Module):
 
     def features(self, batch: Mapping[str, Any], task: str) -> Tensor:
         """The fused features [B, hidden_dim] that `task`'s head reads (its group's backbone, text, fusion)."""
+        group, image, text = self._encoded(batch, task)
+        return self.fusion[group](image, text, rows=_rows(batch))
+
+    def training_outputs(self, batch: Mapping[str, Any], task: str) -> list[tuple[Tensor, float]]:
+        """(logits, loss weight) pairs whose weighted losses a training step sums.
+
+        The fused head's logits at weight 1, then, where the task has a per-modality head
+        (`model.modality_loss` > 0, both modalities present), each modality's own logits from its
+        normalised features at weight `modality_loss`. Those losses give each encoder a direct
+        signal of its own, as if it trained alone, so a modality that is noise for a task, or still
+        weak, cannot slow the other's learning through the shared fused layer (gradient blending).
+        """
+        group, image, text = self._encoded(batch, task)
+        fusion = self.fusion[group]
+        outputs = [(self.heads[task](fusion(image, text, rows=_rows(batch))), 1.0)]
+        if task in self.modality_heads and image is not None and text is not None:
+            heads = self.modality_heads[task]
+            outputs += [(heads[m](fusion.normalised(m, f)), self.spec.modality_loss)
+                        for m, f in (("image", image), ("text", text))]
+        return outputs
+
+    def _encoded(self, batch: Mapping[str, Any], task: str) -> tuple[str, Tensor | None, Tensor | None]:
+        """(group, image features or None, text features or None) of `task` over a batch."""
         group, use_image, use_text = self.feature_key(task)
         image = self.image_backbones[group](batch) if use_image else None
         text = self.text_encoder(batch["input_ids"], batch["attention_mask"]) if use_text else None
-        return self.fusion[group](image, text, rows=_rows(batch))
+        return group, image, text
 
     def mask(self, modality: str | None) -> None:
         """Evaluate with `modality` ("image" or "text") masked, or none (None): a masked modality
@@ -285,8 +315,10 @@ class MultiTaskModel(nn.Module):
         """
         group, use_image, use_text = self.feature_key(task)
         encoders = [self.image_backbones[group] if use_image else None, self.text_encoder if use_text else None]
+        modality_heads = self.modality_heads[task] if task in self.modality_heads and use_image and use_text else None
         return [p for m in encoders if m is not None for p in m.parameters()] + [
-            *self.fusion[group].parameters_for(use_image, use_text), *self.heads[task].parameters()]
+            *self.fusion[group].parameters_for(use_image, use_text), *self.heads[task].parameters(),
+            *(modality_heads.parameters() if modality_heads is not None else ())]
 
     def feature_key(self, task: str) -> tuple[str, bool, bool]:
         """(group, uses image, uses text): tasks with equal keys read equal `features` of a batch.

@@ -202,10 +202,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             grad_sync.start(task, had_batch=batch is not None)  # buckets go out while backward runs
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
                 with precision.autocast():
-                    logits = model(batch, task=task)
-                loss = losses[task](logits.float(), batch["label"]) * infos[task].weight
+                    outputs = model.training_outputs(batch, task)
+                head_losses = [losses[task](logits.float(), batch["label"]) * weight for logits, weight in outputs]
+                loss = sum(head_losses) * infos[task].weight
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                ewma[task].update(loss)
+                ewma[task].update(head_losses[0] * infos[task].weight)  # the fused head's: comparable to val/loss
             if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
             lr = optimizer.param_groups[0]["lr"]

@@ -46,7 +46,8 @@ def part_experiment(exp: Experiment, modality: str) -> Experiment:
 
 def compose(exp: Experiment, image: str | None, text: str | None) -> Experiment:
     """`exp` as the staged recipe's last step: its backbones from the part models `image` and
-    `text` (saved-model folders; None = as `exp.model.init_from` says), trained in `fusion_stages`."""
+    `text` (saved-model folders; None = as `exp.model.init_from` says), trained in `fusion_stages`.
+    Without per-modality heads (`modality_loss: 0`): the parts already trained each modality alone."""
     init_from = dict(exp.model.init_from or {})
     if image is not None:
         for group, members in exp.task_groups().items():
@@ -57,7 +58,7 @@ def compose(exp: Experiment, image: str | None, text: str | None) -> Experiment:
     tr = exp.training
     stages = tr.fusion_stages or [StageSpec(epochs=tr.epochs, freeze=["image", "text"])]
     return dataclasses.replace(
-        exp, model=dataclasses.replace(exp.model, init_from=init_from),
+        exp, model=dataclasses.replace(exp.model, init_from=init_from, modality_loss=0.0),
         training=dataclasses.replace(tr, recipe="joint", stages=stages, fusion_stages=[]),
     ).validate()
 
