@@ -19,7 +19,7 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
 `--variants` may add `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
-defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`) and `joint_aux`
+defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`), `joint_aux`
 (joint with a head per modality beside the fused one, `model.modality_loss: --modality-loss`) and
 `joint_aux_dropout` (both). Scales:
 `full` = ResNet-50 at 64 px, batch 32, AdamW lr 1e-3, constant, 3 epochs (the issue's setting);

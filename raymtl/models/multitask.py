@@ -60,7 +60,10 @@ class Fusion(nn.Module):
 
     def forward(self, image: Tensor | None, text: Tensor | None, rows: int | None = None) -> Tensor:
         """Fused features [B, out_dim]; `rows` (B) is needed only when both modalities are missing."""
-        image, text = self.normalised("image", image), self.normalised("text", text)
+        return self.fuse(self.normalised("image", image), self.normalised("text", text), rows)
+
+    def fuse(self, image: Tensor | None, text: Tensor | None, rows: int | None = None) -> Tensor:
+        """`forward` of features already `normalised` (a caller that reads them too normalises once)."""
         given = image if image is not None else text
         if given is None:
             given = self.net[0].weight.new_zeros(rows, 0)
@@ -233,8 +236,8 @@ class MultiTaskModel(nn.Module):
             )
         self.heads[info.name] = nn.Linear(self.spec.hidden_dim, info.num_labels)
         if self.spec.modality_loss and image and text:
-            self.modality_heads[info.name] = nn.ModuleDict(
-                {"image": nn.Linear(fusion.image_dim, info.num_labels), "text": nn.Linear(fusion.text_dim, info.num_labels)})
+            self.modality_heads[info.name] = nn.ModuleDict({"image": nn.Linear(fusion.image_dim, info.num_labels),
+                                                            "text": nn.Linear(fusion.text_dim, info.num_labels)})
         self.infos[info.name] = info
         self.groups[group].append(info.name)
 
@@ -272,12 +275,17 @@ class MultiTaskModel(nn.Module):
         """
         group, image, text = self._encoded(batch, task)
         fusion = self.fusion[group]
-        outputs = [(self.heads[task](fusion(image, text, rows=_rows(batch))), 1.0)]
-        if task in self.modality_heads and image is not None and text is not None:
-            heads = self.modality_heads[task]
-            outputs += [(heads[m](fusion.normalised(m, f)), self.spec.modality_loss)
-                        for m, f in (("image", image), ("text", text))]
+        image, text = fusion.normalised("image", image), fusion.normalised("text", text)
+        outputs = [(self.heads[task](fusion.fuse(image, text, rows=_rows(batch))), 1.0)]
+        heads = self._modality_heads(task)
+        if heads is not None:
+            outputs += [(heads[m](f), self.spec.modality_loss) for m, f in (("image", image), ("text", text))]
         return outputs
+
+    def _modality_heads(self, task: str) -> nn.ModuleDict | None:
+        """`task`'s per-modality heads where a pass uses them: built, and both modalities unmasked."""
+        _, use_image, use_text = self.feature_key(task)
+        return self.modality_heads[task] if task in self.modality_heads and use_image and use_text else None
 
     def _encoded(self, batch: Mapping[str, Any], task: str) -> tuple[str, Tensor | None, Tensor | None]:
         """(group, image features or None, text features or None) of `task` over a batch."""
@@ -315,7 +323,7 @@ class MultiTaskModel(nn.Module):
         """
         group, use_image, use_text = self.feature_key(task)
         encoders = [self.image_backbones[group] if use_image else None, self.text_encoder if use_text else None]
-        modality_heads = self.modality_heads[task] if task in self.modality_heads and use_image and use_text else None
+        modality_heads = self._modality_heads(task)
         return [p for m in encoders if m is not None for p in m.parameters()] + [
             *self.fusion[group].parameters_for(use_image, use_text), *self.heads[task].parameters(),
             *(modality_heads.parameters() if modality_heads is not None else ())]
