@@ -13,15 +13,16 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
 
   image   image backbone only (full + 0.4 crop), no text
   text    text encoder only (a 2-layer, width-768 BERT from scratch, [CLS] pooling), at lr x `--text-lr`
-  joint   image + text in one run: per-modality LayerNorm before fusion (the default) and the
-          text encoder at a tenth of the lr (`--text-lr`, `training.lr_multipliers.text`)
+  joint   image + text in one run with the defaults: per-modality LayerNorm before fusion, the text
+          encoder at a tenth of the lr (`--text-lr`, `training.lr_multipliers.text`) and a head per
+          modality beside the fused one (`model.modality_loss: --modality-loss`)
   staged  Octopod's recipe: the image and text models above composed (`model.init_from`), fusion
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
 `--variants` may add `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
-defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`), `joint_aux`
-(joint with a head per modality beside the fused one, `model.modality_loss: --modality-loss`) and
-`joint_aux_dropout` (both). Scales:
+defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`), `joint_noaux`
+(joint without the per-modality heads, `model.modality_loss: 0`, the default before format 3) and
+`joint_noaux_dropout` (that with modality dropout). Scales:
 `full` = ResNet-50 at 64 px, batch 32, AdamW lr 1e-3, constant, 3 epochs (the issue's setting);
 `small` = ResNet-18 at 32 px with the same BERT, batch 32, 3 epochs. Each joint variant is held to
 the targets below.
@@ -94,7 +95,7 @@ def experiment(paths, variant: str, seed: int, scale: str, device: str, epochs: 
                   "text_config": {**BERT, "vocab_size": vocab} if text else None, "text_pooling": "cls",
                   "fusion_norm": "none" if variant == "joint_concat" else "layernorm",
                   "modality_dropout": modality_dropout if "dropout" in variant else 0.0,
-                  "modality_loss": modality_loss if "aux" in variant else 0.0},
+                  "modality_loss": 0.0 if "noaux" in variant else modality_loss},
         "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "lr_schedule": "none", "num_workers": 1,
                      "in_process": "always", "use_gpu": device == "cuda", "cpus_per_worker": os.cpu_count() or 1,
                      "keep_checkpoints": 1, "lr_multipliers": {"text": text_lr}},
@@ -196,10 +197,10 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(NOISY_TITLES), default=list(NOISY_TITLES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
-                        choices=["image", "text", "joint", "staged", "joint_concat", "joint_dropout", "joint_aux",
-                                 "joint_aux_dropout"])
+                        choices=["image", "text", "joint", "staged", "joint_concat", "joint_dropout", "joint_noaux",
+                                 "joint_noaux_dropout"])
     parser.add_argument("--modality-dropout", type=float, default=0.3, help="model.modality_dropout of joint_*dropout")
-    parser.add_argument("--modality-loss", type=float, default=1.0, help="model.modality_loss of joint_aux*")
+    parser.add_argument("--modality-loss", type=float, default=1.0, help="model.modality_loss of the joint variants but joint_noaux*")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--text-lr", type=float, default=0.1,
                         help="training.lr_multipliers.text of every model with text (1 = one lr for all)")

@@ -99,8 +99,9 @@ class ModelSpec:
     fusion_norm: str = "layernorm"  # per-modality LayerNorm + equal-share scale before fusion | none (plain concat)
     modality_dropout: float = 0.0  # training: drop one modality of a row with both, with this probability
     # > 0: each image + text task also gets a head per modality on that modality's features alone, whose
-    # losses (times this weight) train beside the fused head's; predictions use the fused head only
-    modality_loss: float = 0.0
+    # losses (times this weight) train beside the fused head's; predictions use the fused head only.
+    # 0: no such heads (models saved before format 3)
+    modality_loss: float = 1.0
     groups: dict[str, list[str]] | None = None  # task group -> tasks; None = one group
     base: str | None = None  # a saved model to grow: keeps its tasks and heads, adds this config's
     init_from: dict[str, str] | None = None  # group name or "text" -> saved model to take that part from

@@ -317,9 +317,12 @@ def test_modality_heads_read_each_modality_alone_and_train_only_where_a_task_has
     assert len(model.training_outputs(b, "tags")) == 1
 
 
-def test_modality_loss_off_builds_the_same_model_as_before():
+def test_modality_loss_is_on_by_default_and_off_builds_the_model_of_format_2():
+    from raymtl.config import ModelSpec
+
+    assert ModelSpec().modality_loss == 1.0
     torch.manual_seed(0)
-    plain = build({"all": ["color", "title", "tags"]})
+    plain = build({"all": ["color", "title", "tags"]}, modality_loss=0.0)
     assert len(plain.modality_heads) == 0 and len(plain.training_outputs(batch(TAGS), "tags")) == 1
     with pytest.raises(ConfigError, match="model.modality_loss: must be >= 0"):
         load_experiment({"name": "x", "tasks": [{"name": "t", "train": "t.parquet", "image_column": "i"}],

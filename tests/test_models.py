@@ -54,11 +54,10 @@ def batch(task, b=4, views=VIEWS):
 
 
 def loss_of(model, task):
+    """A training step's loss, as the loop sums it: every head the step trains, at its weight."""
     b = batch(task)
-    logits = model(b, task.name)
-    if task.kind == "multiclass":
-        return F.cross_entropy(logits, b["label"])
-    return F.binary_cross_entropy_with_logits(logits, b["label"])
+    loss = F.cross_entropy if task.kind == "multiclass" else F.binary_cross_entropy_with_logits
+    return sum(loss(logits, b["label"]) * w for logits, w in model.training_outputs(b, task.name))
 
 
 def test_logits_shape_per_task_and_only_needed_towers():
