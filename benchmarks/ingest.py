@@ -16,9 +16,13 @@ into two 224 px uint8 views (full + centre crop 0.6), as fast as it can, on the 
   cache_w1/_w2   `data.cache: always`: cache build time, bytes per cached item, then an epoch read by 1
                  and by 2 Ray Train workers (items/s over all workers; peak PSS of the process tree)
 
+The raymtl modes read batches as the training loop does, up to the device: on a GPU they are
+finished there (normalised float32, as in training); on a CPU-only box they stop at the hand-off to
+the device (uint8, as the PIL modes stop), and `cpu_normalise` in the JSON is that finishing work
+measured apart (on a CPU it would take the decoders' cores, a GPU does it on the device).
 Each mode runs in a fresh subprocess (its own Ray cluster where it uses one); the parent samples the
 summed PSS of the child's whole process tree (`proc_tree`) and the 1-minute load before and after.
-`library_epoch` and `cached_bytes` are the only places that know raymtl's data API.
+`library_epoch`, `cached_bytes` and `cpu_normalise` are the only places that know raymtl's data API.
 """
 
 from __future__ import annotations
@@ -174,7 +178,8 @@ def experiment(tables: dict[str, str], cache: str, workers: int = 1):
 
 
 def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
-    """One epoch of rank `rank`'s plan read through raymtl's data path as the loop reads it; items read."""
+    """One epoch of rank `rank`'s plan read through raymtl's data path as the loop reads it; items read.
+    On a GPU the batches are finished on it as in training; on a CPU they stop at the hand-off."""
     import torch
 
     from raymtl.data.plan import train_steps
@@ -183,6 +188,14 @@ def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
     from raymtl.data.device_inputs import DeviceInputs
     from raymtl.train.batches import TaskBatches, batches_per_epoch
 
+    class Handoff(DeviceInputs):
+        """A GPU-less box's stand-in for the device: batches as the data path hands them over (uint8
+        pixels, integer ids), without the device's own finishing work (float32 NCHW), which here would
+        take the decoders' cores; `cpu_normalise` measures that apart."""
+
+        def finish(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor
+
     tr = exp.training
     schedule = TaskSchedule(batches_per_epoch(infos, tr.batch_size, world), exp.seed, 0, tr.sampler, tr.temperature).steps()
     plan = train_steps(schedule, {t: i.n_train for t, i in infos.items()}, tr.batch_size,
@@ -190,11 +203,35 @@ def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     done = 0
     slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0  # as the training loop
-    batches = TaskBatches(inputs, "train", plan, DeviceInputs(exp.data, device), cache, slots=slots)
+    handoff = DeviceInputs(exp.data, device) if device.type == "cuda" else Handoff(exp.data, device)
+    batches = TaskBatches(inputs, "train", plan, handoff, cache, slots=slots)
     for _task, batch in batches:
         done += len(batch["label"]) if batch is not None else 0
     batches.close()
     return done
+
+
+def cpu_normalise(repeats: int = 20) -> dict:
+    """The training device's finishing work (`DeviceInputs`) done on this CPU for one batch: what the
+    stream modes leave out on a GPU-less box, measured apart."""
+    import torch
+
+    from raymtl.config import DataSpec
+    from raymtl.data.device_inputs import DeviceInputs
+
+    pixels = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+    pixels.flags.writeable = False  # as read zero-copy from the object store
+    device_inputs = DeviceInputs(DataSpec(image_size=SIZE), "cpu")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        device_inputs({"view_full": pixels, "view_crop": pixels})
+        times.append(time.perf_counter() - start)
+    return {"what": f"DeviceInputs on the CPU for one {BATCH}-item batch (full + crop, {SIZE} px, read-only uint8 in, "
+                    f"float32 NCHW out), median of {repeats}: the device's work, which the stream modes leave out on a "
+                    "GPU-less box (every mode stops at uint8)",
+            "median_s_per_batch": round(float(np.median(times)), 4), "torch_threads": torch.get_num_threads(),
+            "load": round(os.getloadavg()[0], 2)}
 
 
 def cached_bytes(inputs) -> int:
@@ -279,7 +316,12 @@ def serve(data_dir: Path, delay_s: float, port_file: Path) -> None:
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Slow, directory=str(data_dir)))
+    class Server(ThreadingHTTPServer):
+        # socketserver's listen backlog is 5: with more reads in flight the kernel drops connections
+        # and each dropped one waits out a 1 s SYN retry, which a real object store never imposes
+        request_queue_size = 1024
+
+    server = Server(("127.0.0.1", 0), partial(Slow, directory=str(data_dir)))
     server.daemon_threads = True
     port_file.with_suffix(".tmp").write_text(str(server.server_address[1]))
     port_file.with_suffix(".tmp").rename(port_file)
@@ -416,6 +458,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         finally:
             server.terminate()
             server.wait()
+    import torch
+
+    if not torch.cuda.is_available():
+        settle()
+        report["cpu_normalise"] = cpu_normalise()
     if args.update and args.json and args.json.exists():
         earlier = json.loads(args.json.read_text())
         if earlier["items"] != args.items:
