@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from raymtl.config import ConfigError, DataSpec, TrainingSpec, ViewSpec, load_experiment
+from raymtl.config import ConfigError, DataSpec, ModelSpec, TrainingSpec, ViewSpec, load_experiment
 from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.models.artifact import META_FILE, WEIGHTS_FILE, load, save_model
 from raymtl.models.multitask import Fusion
@@ -318,8 +318,6 @@ def test_modality_heads_read_each_modality_alone_and_train_only_where_a_task_has
 
 
 def test_modality_loss_is_on_by_default_and_off_builds_the_model_of_format_2():
-    from raymtl.config import ModelSpec
-
     assert ModelSpec().modality_loss == 1.0
     torch.manual_seed(0)
     plain = build({"all": ["color", "title", "tags"]}, modality_loss=0.0)
