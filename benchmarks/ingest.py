@@ -309,6 +309,8 @@ def serve(data_dir: Path, delay_s: float, port_file: Path) -> None:
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Slow(SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as an object store or a CDN serves
+
         def do_GET(self) -> None:  # noqa: N802
             time.sleep(delay_s)
             super().do_GET()

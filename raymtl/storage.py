@@ -11,9 +11,10 @@ import os
 import posixpath
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
-from urllib.request import urlopen
 
 import pyarrow.fs as pafs
+
+from raymtl import urls
 
 
 def is_uri(path: str) -> bool:
@@ -64,17 +65,15 @@ def read_text(path: str) -> str:
 
 
 _HTTP_SCHEMES = ("http", "https")
-HTTP_TIMEOUT_S = 60.0
 
 
 def read_bytes(path: str) -> bytes:
     """A whole file's bytes: a local path, a filesystem URI, or an http(s) URL (read-only,
-    e.g. a CDN or presigned image URL; pyarrow has no http filesystem). Failures raise OSError
-    (urllib's URLError/HTTPError are OSErrors)."""
+    e.g. a CDN or presigned image URL; pyarrow has no http filesystem; read over a kept-alive
+    connection, see `raymtl.urls`). Failures raise OSError."""
     path = str(path)
     if is_uri(path) and urlsplit(path).scheme.lower() in _HTTP_SCHEMES:
-        with urlopen(path, timeout=HTTP_TIMEOUT_S) as response:
-            return response.read()
+        return urls.get(path)
     fs, p = resolve(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
     with fs.open_input_stream(p) as f:
         return f.read()
