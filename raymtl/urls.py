@@ -47,13 +47,13 @@ def _request(parts, timeout: float) -> tuple[int, str, str | None, bytes]:
     while True:
         conn = _connection(key, timeout)
         try:
-            conn.request("GET", target)
+            conn.request("GET", target, headers={"User-Agent": "raymtl"})
             response = conn.getresponse()
             body = response.read()
         except (http.client.HTTPException, OSError) as e:
             _drop(key)
-            if reused and isinstance(e, (http.client.HTTPException, ConnectionError)):
-                reused = False  # the server closed the idle connection: once more on a fresh one
+            if reused and not isinstance(e, TimeoutError):
+                reused = False  # the server closed the idle connection (a reset, an EOF): once more on a fresh one
                 continue
             raise OSError(f"{e.__class__.__name__} {e}: {parts.geturl()}") from e
         if response.will_close:

@@ -292,14 +292,14 @@ def test_a_checkpoint_from_before_the_default_resumes_at_one_lr(capsys):
 
 def test_modality_heads_read_each_modality_alone_and_train_only_where_a_task_has_both():
     """`model.modality_loss`: an image + text task gets a head per modality on that modality's
-    normalised features; a step's outputs carry them at that weight, `parameters_for` (what the
+    normalised features; a step's outputs weigh fused : image : text as 1 : w : w over 1 + w, `parameters_for` (what the
     gradient sync moves) lists them, `heads` (what stages freeze) holds them, predictions ignore them."""
     torch.manual_seed(0)
     model = build({"all": ["color", "title", "tags"]}, modality_loss=0.5).eval()  # no dropout between passes
     assert set(model.modality_heads) == {"tags"}  # color is image only, title text only
     b = batch(TAGS)
     outputs = model.training_outputs(b, "tags")
-    assert [w for _, w in outputs] == [1.0, 0.5, 0.5]
+    assert [w for _, w in outputs] == pytest.approx([1 / 1.5, 0.5 / 1.5, 0.5 / 1.5])  # 1 : w : w, each encoder's 1
     fused, image_logits, text_logits = (logits for logits, _ in outputs)
     assert torch.equal(fused, model(b, "tags"))  # the fused head is what forward (prediction) gives
     fusion, heads = model.fusion["all"], model.modality_heads["tags"]

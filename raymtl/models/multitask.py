@@ -267,20 +267,25 @@ class MultiTaskModel(nn.Module):
     def training_outputs(self, batch: Mapping[str, Any], task: str) -> list[tuple[Tensor, float]]:
         """(logits, loss weight) pairs whose weighted losses a training step sums.
 
-        The fused head's logits at weight 1, then, where the task has a per-modality head
-        (`model.modality_loss` > 0, both modalities present), each modality's own logits from its
-        normalised features at weight `modality_loss`. Those losses give each encoder a direct
-        signal of its own, as if it trained alone, so a modality that is noise for a task, or still
-        weak, cannot slow the other's learning through the shared fused layer (gradient blending).
+        The fused head's logits, then, where the task has a per-modality head (`model.modality_loss`
+        = w > 0, both modalities present), each modality's own logits from its normalised features,
+        weighted 1 : w : w and scaled by 1 / (1 + w); without them the fused head's at weight 1.
+        The per-modality losses give each encoder a direct signal of its own, as if it trained alone,
+        so a modality that is noise for a task, or still weak, cannot slow the other's learning
+        through the shared fused layer (gradient blending). The scale keeps each encoder's losses of
+        a step at a weight of 1 in all (the fused head's and its own head's), as for a task without
+        per-modality heads: a shared encoder (the text encoder that a text-only task also reads)
+        is not pulled twice as hard by the image + text tasks.
         """
         group, image, text = self._encoded(batch, task)
         fusion = self.fusion[group]
         image, text = fusion.normalised("image", image), fusion.normalised("text", text)
-        outputs = [(self.heads[task](fusion.fuse(image, text, rows=_rows(batch))), 1.0)]
+        fused = self.heads[task](fusion.fuse(image, text, rows=_rows(batch)))
         heads = self._modality_heads(task)
-        if heads is not None:
-            outputs += [(heads[m](f), self.spec.modality_loss) for m, f in (("image", image), ("text", text))]
-        return outputs
+        if heads is None:
+            return [(fused, 1.0)]
+        w = self.spec.modality_loss
+        return [(fused, 1 / (1 + w))] + [(heads[m](f), w / (1 + w)) for m, f in (("image", image), ("text", text))]
 
     def _modality_heads(self, task: str) -> nn.ModuleDict | None:
         """`task`'s per-modality heads where a pass uses them: built, and both modalities unmasked."""

@@ -203,8 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
                 with precision.autocast():
                     outputs = model.training_outputs(batch, task)
-                head_losses = [losses[task](logits.float(), batch["label"]) * weight for logits, weight in outputs]
-                loss = sum(head_losses) * infos[task].weight
+                head_losses = [losses[task](logits.float(), batch["label"]) for logits, _ in outputs]
+                loss = sum(h * weight for h, (_, weight) in zip(head_losses, outputs)) * infos[task].weight
                 (loss if scaler is None else scaler.scale(loss)).backward()
                 ewma[task].update(head_losses[0] * infos[task].weight)  # the fused head's: comparable to val/loss
             if not grad_sync.finish():
