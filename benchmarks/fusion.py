@@ -211,6 +211,8 @@ def earlier_runs(path: str | None, result: dict) -> dict[str, dict[str, dict[int
     same = ("scale", "backbone", "image_size", "device", "epochs", "lr", "lr_multipliers")
     if any(old.get(k) != result[k] for k in same):
         raise SystemExit(f"--append: {path} measured another setup ({', '.join(f'{k}={old.get(k)}' for k in same)})")
+    if "note" in old:  # what was written about the earlier runs stays with them
+        result["note"] = old["note"]
     for setting in old["settings"]:  # settings this call does not run stay as they were
         result["settings"].setdefault(setting, old["settings"][setting])
     return {setting: {v: {int(seed): run for seed, run in by_seed.items()} for v, by_seed in body["runs"].items()}

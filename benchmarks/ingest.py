@@ -471,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise SystemExit(f"--update: {args.json} has {earlier['items']} items, not {args.items}")
         report["modes"] = {**earlier["modes"], **report["modes"]}
         report["modes"] = {m: report["modes"][m] for m in MODES if m in report["modes"]}
+        # what this run does not measure (a diagnostic like `cpu_by_process`, the note) stays as it was
+        report = {**earlier, **{k: v for k, v in report.items() if k != "note" or v}}
     report["ratios"] = ratios(report["modes"])
     print_table(report)
     if args.json:
