@@ -13,7 +13,7 @@ from __future__ import annotations
 import http.client
 import threading
 from urllib.parse import urljoin, urlsplit
-from urllib.request import getproxies, proxy_bypass, urlopen
+from urllib.request import ProxyHandler, build_opener, getproxies, proxy_bypass
 
 TIMEOUT_S = 60.0
 MAX_REDIRECTS = 5
@@ -26,8 +26,8 @@ def get(url: str, timeout: float = TIMEOUT_S) -> bytes:
     """The body of a GET of `url` (redirects followed); failures raise OSError naming the URL."""
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
-        if _proxied(parts.scheme, parts.hostname or ""):
-            with urlopen(url, timeout=timeout) as response:
+        if _proxied(parts.scheme, parts.hostname or ""):  # urlopen's opener keeps the proxies of its first use
+            with build_opener(ProxyHandler(getproxies())).open(url, timeout=timeout) as response:
                 return response.read()
         status, reason, location, body = _request(parts, timeout)
         if status == 200:
