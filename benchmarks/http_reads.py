@@ -5,7 +5,7 @@
 A catalogue on a CDN or behind presigned URLs is read over https. A new connection per image costs
 a TCP handshake and a TLS one (round trips, and CPU on both ends: key exchange, certificate
 checks, a fresh TLS context) before each read; raymtl keeps one connection per host and reader
-thread (`raymtl.urls`). Here a server process on 127.0.0.1 serves `--items` of the ingest
+thread (`raymtl.urls`). Here the ingest benchmark's server process on 127.0.0.1 serves `--items` of the ingest
 benchmark's JPEGs (its catalogue, generated there once) over http and over https (a self-signed certificate the client trusts),
 HTTP/1.1 with keep-alive as an object store does; the client reads them all with `--threads`
 reads in flight (a decode task's `data.read_concurrency`), once per way. Loopback has no round
@@ -20,19 +20,14 @@ import argparse
 import datetime
 import json
 import os
-import signal
-import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.request import urlopen
 
-from benchmarks.ingest import catalogue
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.ingest import catalogue, image_server
+from raymtl import urls
 
 
 def write_certificate(folder: Path) -> tuple[Path, Path]:
@@ -60,80 +55,26 @@ def write_certificate(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def serve(folder: Path, port_file: Path, cert: Path | None, key: Path | None) -> None:
-    """Serve `folder` on 127.0.0.1 (https when given a certificate), HTTP/1.1; counts connections."""
-    from functools import partial
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(SimpleHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 1024  # socketserver's 5 drops connections under many reads in flight
-        connections = 0
-
-        def process_request(self, request, client_address) -> None:
-            Server.connections += 1
-            super().process_request(request, client_address)
-
-    server = Server(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
-    if cert is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)  # handshakes in the connection's thread, not the accept loop
-        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    port_file.with_suffix(".tmp").write_text(str(server.server_address[1]))
-    port_file.with_suffix(".tmp").rename(port_file)
-    start_cpu = time.process_time()
-
-    def report(*_) -> None:  # the parent asks for the counts before it stops the server
-        counts = {"connections": Server.connections, "cpu_s": time.process_time() - start_cpu}
-        port_file.with_suffix(".part").write_text(json.dumps(counts))
-        port_file.with_suffix(".part").rename(port_file.with_suffix(".json"))
-
-    signal.signal(signal.SIGUSR1, report)
-    server.serve_forever()
-
-
-def read_all(urls: list[str], threads: int, way: str) -> dict:
+def read_all(addresses: list[str], threads: int, way: str) -> dict:
     """Read every URL with `threads` in flight; wall, client CPU, bytes."""
-    from raymtl import urls as kept_alive
 
     def new_connection(url: str) -> bytes:
         with urlopen(url, timeout=60) as response:
             return response.read()
 
-    read = new_connection if way == "new_connection" else kept_alive.get
+    read = new_connection if way == "new_connection" else urls.get
     cpu, start = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        nbytes = sum(len(b) for b in pool.map(read, urls))
+        nbytes = sum(len(b) for b in pool.map(read, addresses))
     return {"seconds": time.perf_counter() - start, "client_cpu_s": time.process_time() - cpu, "bytes": nbytes}
 
 
 def measure(folder: Path, names: list[str], scheme: str, way: str, threads: int, work: Path) -> dict:
-    cert = key = None
-    if scheme == "https":
-        cert, key = work / "cert.pem", work / "key.pem"
-    port_file = work / f"port-{scheme}-{way}"
-    args = [sys.executable, "-m", "benchmarks.http_reads", "--serve", str(folder), "--port-file", str(port_file)]
-    server = subprocess.Popen(args + (["--cert", str(cert), "--key", str(key)] if cert else []), cwd=ROOT)
-    try:
-        while not port_file.exists():
-            time.sleep(0.05)
-        base = f"{scheme}://127.0.0.1:{port_file.read_text()}"
+    tls = {"cert": work / "cert.pem", "key": work / "key.pem"} if scheme == "https" else {}
+    with image_server(folder, work / f"port-{scheme}-{way}", **tls) as (port, counts):
         load = os.getloadavg()[0]
-        run = read_all([f"{base}/{n}" for n in names], threads, way)
-        server.send_signal(signal.SIGUSR1)
-        counts = port_file.with_suffix(".json")
-        while not counts.exists():
-            time.sleep(0.05)
-        served = json.loads(counts.read_text())
-    finally:
-        server.terminate()
-        server.wait()
+        run = read_all([f"{scheme}://127.0.0.1:{port}/{n}" for n in names], threads, way)
+        served = counts()
     n = len(names)
     return {"items": n, "items_per_s": round(n / run["seconds"], 1),
             "client_cpu_ms_per_item": round(1e3 * run["client_cpu_s"] / n, 3),
@@ -148,13 +89,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "raymtl-ingest",
                    help="the ingest benchmark's catalogue folder (its images are made there if missing)")
     p.add_argument("--json", type=Path)
-    p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--cert", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--key", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.serve:
-        return serve(args.serve, args.port_file, args.cert, args.key)
     names = catalogue(args.data_dir, args.items, os.cpu_count() or 1)
     result = {"benchmark": "http_reads", "items": args.items, "threads": args.threads, "cpu_count": os.cpu_count(),
               "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}

@@ -28,14 +28,17 @@ summed PSS of the child's whole process tree (`proc_tree`) and the 1-minute load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,13 +306,17 @@ def run_cache(tables: dict[str, str], workers: int, storage: str) -> dict:
 # ---------------------------------------------------------------- the slow image server (stream_remote)
 
 
-def serve(data_dir: Path, delay_s: float, port_file: Path) -> None:
-    """Serve `data_dir` over HTTP on 127.0.0.1, each request delayed by `delay_s` (a store's round trip)."""
+def serve(data_dir: Path, port_file: Path, delay_s: float = 0.0, cert: Path | None = None,
+          key: Path | None = None) -> None:
+    """Serve `data_dir` on 127.0.0.1, HTTP/1.1 with keep-alive as an object store or a CDN serves
+    (https when given a certificate), each request delayed by `delay_s` (a store's round trip).
+    SIGUSR1 writes the connections accepted and the CPU spent serving next to `port_file` (.json)."""
+    import ssl
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Slow(SimpleHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as an object store or a CDN serves
+        protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:  # noqa: N802
             time.sleep(delay_s)
@@ -322,12 +329,52 @@ def serve(data_dir: Path, delay_s: float, port_file: Path) -> None:
         # socketserver's listen backlog is 5: with more reads in flight the kernel drops connections
         # and each dropped one waits out a 1 s SYN retry, which a real object store never imposes
         request_queue_size = 1024
+        daemon_threads = True
+        connections = 0
+
+        def process_request(self, request, client_address) -> None:
+            Server.connections += 1
+            super().process_request(request, client_address)
 
     server = Server(("127.0.0.1", 0), partial(Slow, directory=str(data_dir)))
-    server.daemon_threads = True
+    if cert is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)  # handshakes in the connection's thread, not the accept loop
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    start_cpu = time.process_time()
+
+    def report(*_) -> None:
+        counts = {"connections": Server.connections, "cpu_s": time.process_time() - start_cpu}
+        port_file.with_suffix(".part").write_text(json.dumps(counts))
+        port_file.with_suffix(".part").rename(port_file.with_suffix(".json"))
+
+    signal.signal(signal.SIGUSR1, report)
     port_file.with_suffix(".tmp").write_text(str(server.server_address[1]))
     port_file.with_suffix(".tmp").rename(port_file)
     server.serve_forever()
+
+
+@contextlib.contextmanager
+def image_server(data_dir: Path, port_file: Path, delay_ms: float = 0.0, cert: Path | None = None,
+                 key: Path | None = None) -> Iterator[tuple[int, Callable[[], dict]]]:
+    """`serve` in a subprocess for the block: (its port, a call returning its connections and CPU so far)."""
+    tls = ["--cert", str(cert), "--key", str(key)] if cert is not None else []
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--serve", str(data_dir), "--port-file",
+                               str(port_file), "--delay-ms", str(delay_ms), *tls], cwd=ROOT)
+
+    def counts() -> dict:
+        server.send_signal(signal.SIGUSR1)
+        while not port_file.with_suffix(".json").exists():
+            time.sleep(0.05)
+        return json.loads(port_file.with_suffix(".json").read_text())
+
+    try:
+        while not port_file.exists():
+            time.sleep(0.05)
+        yield int(port_file.read_text()), counts
+    finally:
+        server.terminate()
+        server.wait()
 
 
 # ---------------------------------------------------------------- parent: one subprocess per mode
@@ -426,13 +473,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--cert", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--key", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.serve:
-        serve(args.serve, args.delay_ms / 1000, args.port_file)
+        serve(args.serve, args.port_file, args.delay_ms / 1000, args.cert, args.key)
         return None
     if args.child:
         args.out.write_text(json.dumps(child(args.child, json.loads(args.spec.read_text()))))
@@ -446,20 +495,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     }
     with tempfile.TemporaryDirectory(prefix="raymtl-ingest-") as tmp:
         work = Path(tmp)
-        port_file = work / "port"
-        server = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--serve", str(args.data_dir),
-                                   "--port-file", str(port_file), "--delay-ms", str(args.delay_ms)], cwd=ROOT)
-        try:
-            while not port_file.exists():
-                time.sleep(0.05)
+        with image_server(args.data_dir, work / "port", args.delay_ms) as (port, _):
             spec = {"data_dir": str(args.data_dir), "names": names, "cores": args.cores, "work": str(work),
-                    "port": int(port_file.read_text())}
+                    "port": port}
             for mode in args.modes:
                 report["modes"][mode] = run_mode(mode, spec, work)
                 print(f"[ingest] {mode}: {json.dumps(report['modes'][mode])}", flush=True)
-        finally:
-            server.terminate()
-            server.wait()
     import torch
 
     if not torch.cuda.is_available():
