@@ -20,7 +20,8 @@ season). Per setting and seed, four models train in this process (1 worker, `in_
           and heads trained for `epochs` on the frozen backbones (`raymtl.train.recipes.compose`)
 
 `--variants` may add `staged_finetune` (staged with Octopod's last step: one epoch on the frozen
-backbones, then `epochs - 1` of everything at the same lr, with the per-modality heads),
+backbones, then `epochs - 1` of everything at the same lr, with the per-modality heads: the
+recipe's default `fusion_stages`),
 `staged_finetune_low` (the same with the fine-tune at a tenth of the lr), `joint_concat` (the old plain concatenation, `fusion_norm: none`) to show the
 defect, `joint_dropout` (joint with `model.modality_dropout: --modality-dropout`), `joint_noaux`
 (joint without the per-modality heads, `model.modality_loss: 0`, the default before format 3) and
@@ -135,9 +136,10 @@ def staged(variant: str, image: str, text: str, joint: Experiment) -> Experiment
     from raymtl.train.recipes import compose
 
     tr = joint.training
+    frozen = ["image", "text"]
     tune_lr = {"staged": None, "staged_finetune": tr.lr, "staged_finetune_low": tr.lr * 0.1}[variant]
-    stages = [] if tune_lr is None else \
-        [StageSpec(epochs=1, freeze=["image", "text"]), StageSpec(epochs=tr.epochs - 1, lr=tune_lr)]
+    stages = [StageSpec(epochs=tr.epochs, freeze=frozen)] if tune_lr is None else \
+        [StageSpec(epochs=1, freeze=frozen), StageSpec(epochs=tr.epochs - 1, lr=tune_lr)]
     exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", f"-{variant}-"),
                               training=dataclasses.replace(tr, fusion_stages=stages))
     return compose(exp, image, text)

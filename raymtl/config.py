@@ -159,7 +159,7 @@ class TrainingSpec:
     # joint: one image + text model from the start; staged: an image model and a text model first
     # (each trained as this section says), then composed and trained in `fusion_stages` (raymtl.train.recipes)
     recipe: str = "joint"
-    fusion_stages: list[StageSpec] = field(default_factory=list)  # staged; empty = `epochs` with image, text frozen
+    fusion_stages: list[StageSpec] = field(default_factory=list)  # staged; empty = 1 epoch frozen, then fine-tune
     # Workers: N, or [min, max] for an elastic run (Ray Train starts with what the cluster has, at
     # least min, and shrinks or grows between them as nodes go and come back)
     num_workers: int | list[int] = 1
