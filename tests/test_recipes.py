@@ -34,12 +34,12 @@ def test_composed_model_takes_its_backbones_from_the_parts_and_trains_the_fusion
     composed = compose(exp, "runs/image/ckpt", "runs/text/ckpt")
     assert composed.model.init_from == {"all": "runs/image/ckpt", "text": "runs/text/ckpt"}
     assert composed.training.stages == exp.training.fusion_stages and composed.training.recipe == "joint"
-    default = dataclasses.replace(exp, training=dataclasses.replace(exp.training, fusion_stages=[]),
-                                  model=dataclasses.replace(exp.model, modality_loss=0.5))
+    default = compose(dataclasses.replace(exp, training=dataclasses.replace(exp.training, fusion_stages=[]),
+                                          model=dataclasses.replace(exp.model, modality_loss=0.5)), "i", "t")
     assert exp.training.epochs > 1  # default: one epoch on the frozen parts, then everything trains
-    assert compose(default, "i", "t").training.stages == [StageSpec(epochs=1, freeze=["image", "text"]),
-                                                          StageSpec(epochs=exp.training.epochs - 1)]
-    assert compose(default, "i", "t").model.modality_loss == 0.5  # the fine-tune keeps the per-modality heads
+    assert default.training.stages == [StageSpec(epochs=1, freeze=["image", "text"]),
+                                       StageSpec(epochs=exp.training.epochs - 1)]
+    assert default.model.modality_loss == 0.5  # the fine-tune keeps the per-modality heads
     one = dataclasses.replace(exp.training, epochs=1, fusion_stages=[])
     assert compose(dataclasses.replace(exp, training=one), "i", "t").training.stages == [
         StageSpec(epochs=1, freeze=["image", "text"])]
