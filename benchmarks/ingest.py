@@ -8,7 +8,8 @@ into two 224 px uint8 views (full + centre crop 0.6), as fast as it can, on the 
 
   pil_limit      the decode + crop + resize work alone, one process per core: the box's limit
   dataloader     a torch DataLoader (workers = cores, pinned where CUDA is), the same PIL work to uint8
-  stream         raymtl's own data path, `data.cache: never`: one epoch of the rank's plan
+  stream         raymtl's own data path, `data.cache: never`: one epoch of the rank's plan (and the seconds
+                 to its first batch: the decode workers' start-up, once per run)
   stream_remote  the same images over HTTP from a local server (127.0.0.1) that adds --delay-ms to every
                  request, read concurrently inside each decode task (`data.read_concurrency`)
   stream_quarter `stream` over a quarter of the items: a streamed epoch's peak memory must not grow
@@ -36,7 +37,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.proc_tree import descendants, pss_bytes, settle
+from benchmarks.proc_tree import Sampler, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("color", "pattern", "season")
@@ -180,8 +180,9 @@ def experiment(tables: dict[str, str], cache: str, workers: int = 1):
     })
 
 
-def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
-    """One epoch of rank `rank`'s plan read through raymtl's data path as the loop reads it; items read.
+def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> tuple[int, float]:
+    """One epoch of rank `rank`'s plan read through raymtl's data path as the loop reads it: items read,
+    and the seconds to the first batch (streamed, the decode workers' start-up: once per run).
     On a GPU the batches are finished on it as in training; on a CPU they stop at the hand-off."""
     import torch
 
@@ -204,14 +205,15 @@ def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> int:
     plan = train_steps(schedule, {t: i.n_train for t, i in infos.items()}, tr.batch_size,
                        seed=exp.seed, epoch=0, rank=rank, world=world, shuffle=exp.data.shuffle)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    done = 0
+    done, start, first = 0, time.perf_counter(), None
     slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0  # as the training loop
     handoff = DeviceInputs(exp.data, device) if device.type == "cuda" else Handoff(exp.data, device)
     batches = TaskBatches(inputs, "train", plan, handoff, cache, slots=slots)
     for _task, batch in batches:
+        first = time.perf_counter() - start if first is None else first
         done += len(batch["label"]) if batch is not None else 0
     batches.close()
-    return done
+    return done, first
 
 
 def cpu_normalise(repeats: int = 20) -> dict:
@@ -255,9 +257,9 @@ def run_stream(tables: dict[str, str]) -> dict:
     ensure_ray()
     inputs = build_inputs(exp, infos)
     ready = time.perf_counter()
-    done = library_epoch(inputs, exp, infos, 0, 1)
+    done, first = library_epoch(inputs, exp, infos, 0, 1)
     end = time.perf_counter()
-    return {"items": done, "seconds": end - ready, "setup_s": ready - start}
+    return {"items": done, "seconds": end - ready, "setup_s": ready - start, "first_batch_s": first}
 
 
 def _cache_worker(config: dict) -> None:
@@ -267,7 +269,7 @@ def _cache_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     start = time.perf_counter()
-    done = library_epoch(config["inputs"], config["exp"], config["infos"], ctx.get_world_rank(),
+    done, _ = library_epoch(config["inputs"], config["exp"], config["infos"], ctx.get_world_rank(),
                          ctx.get_world_size(), DecodedCache(config["inputs"].cached))
     seconds = time.perf_counter() - start
     Path(config["out_dir"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps({"items": done, "seconds": seconds}))
@@ -399,7 +401,8 @@ def child(mode: str, spec: dict) -> dict:
 
 
 def run_mode(mode: str, spec: dict, work: Path) -> dict:
-    """`mode` in a fresh subprocess, its process tree's peak PSS sampled every 0.2 s."""
+    """`mode` in a fresh subprocess, its process tree's peak PSS sampled every 0.2 s, or less often where
+    a sample costs more (`proc_tree.Sampler`: a Ray tree's samples would otherwise slow the Ray modes)."""
     spec_file, out_file = work / f"{mode}.spec.json", work / f"{mode}.out.json"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -407,23 +410,17 @@ def run_mode(mode: str, spec: dict, work: Path) -> dict:
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--child", mode, "--spec", str(spec_file),
                              "--out", str(out_file)], cwd=ROOT, env=env)
-    peak = 0
-
-    def poll() -> None:
-        nonlocal peak
-        while proc.poll() is None:
-            peak = max(peak, sum(pss_bytes(p) for p in descendants(proc.pid)))
-            time.sleep(0.2)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
+    sampler = Sampler(proc.pid, every_s=0.2)
+    sampler.start()
     rc = proc.wait()
-    poller.join()
+    sampler.stop.set()
+    sampler.join()
     if rc != 0:
         return {"error": f"exit status {rc}", "load_before": load_before, "load_after": os.getloadavg()[0]}
     result = json.loads(out_file.read_text())
-    result.update(items_per_s=result["items"] / result["seconds"], peak_pss_mb=peak / 2**20,
-                  load_before=load_before, load_after=os.getloadavg()[0])
+    result.update(items_per_s=result["items"] / result["seconds"], peak_pss_mb=sampler.peak_pss / 2**20,
+                  load_before=load_before, load_after=os.getloadavg()[0],
+                  pss_samples=sampler.samples, sampler_cpu_s=round(sampler.cpu_s, 2))
     return result
 
 

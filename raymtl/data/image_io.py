@@ -5,13 +5,20 @@ A decode task reads a batch of images; from s3://, gs:// or https:// each read i
 slot idle most of the time, so reads are issued on a per-process thread pool, at most
 `data.read_concurrency` in flight and a bounded window ahead of the consumer, while the calling
 thread decodes in order: I/O overlaps, CPU use stays the task's one slot.
+
+Each reader thread allocates the bytes it reads in its own C heap (glibc gives threads their own
+malloc arenas), and freed image bytes stay in those arenas as free pages: a long-lived decode worker's
+heap grew with the images it had read, not with what it held (+164 MB over 3,840 images in one process
+with 32 readers, still rising). So a batch of threaded reads ends by handing the free pages back to the
+OS (`release_free_memory`, ~2 ms): the heap stays flat.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -43,12 +50,15 @@ def read_all(uris: Iterable[Any], concurrency: int) -> Iterator[bytes | Exceptio
         pending.append(pool.submit(_read, uri))
         if len(pending) >= _WINDOW * concurrency:
             break
-    while pending:
-        result = pending.popleft().result()
-        uri = next(remaining, _END)
-        if uri is not _END:
-            pending.append(pool.submit(_read, uri))
-        yield result
+    try:
+        while pending:
+            result = pending.popleft().result()
+            uri = next(remaining, _END)
+            if uri is not _END:
+                pending.append(pool.submit(_read, uri))
+            yield result
+    finally:
+        release_free_memory()
 
 
 _END = object()
@@ -65,3 +75,19 @@ def _read(uri: Any) -> bytes | Exception:
 def _pool(concurrency: int) -> ThreadPoolExecutor:
     """One reader pool per process and size: threads outlive a decode task (a Ray worker runs many)."""
     return ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="raymtl-image-read")
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages, in every malloc arena, to the OS (glibc's `malloc_trim`;
+    nothing where the C library has none)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
