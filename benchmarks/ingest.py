@@ -180,7 +180,7 @@ def experiment(tables: dict[str, str], cache: str, workers: int = 1):
     })
 
 
-def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> tuple[int, float]:
+def library_epoch(inputs, exp, infos, rank: int, world: int, cache=None) -> tuple[int, float | None]:
     """One epoch of rank `rank`'s plan read through raymtl's data path as the loop reads it: items read,
     and the seconds to the first batch (streamed, the decode workers' start-up: once per run).
     On a GPU the batches are finished on it as in training; on a CPU they stop at the hand-off."""
@@ -270,7 +270,7 @@ def _cache_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     start = time.perf_counter()
     done, _ = library_epoch(config["inputs"], config["exp"], config["infos"], ctx.get_world_rank(),
-                         ctx.get_world_size(), DecodedCache(config["inputs"].cached))
+                            ctx.get_world_size(), DecodedCache(config["inputs"].cached))
     seconds = time.perf_counter() - start
     Path(config["out_dir"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps({"items": done, "seconds": seconds}))
 
