@@ -28,8 +28,9 @@ class SourceBlocks:
     @classmethod
     def read(cls, ds: ray.data.Dataset) -> SourceBlocks:
         """`ds` (a column-pruned read, in file order) executed once on the cluster, kept as its blocks."""
-        # row i of the split must be row i of its files in order, as inspection counted them
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        # row i of the split must be row i of its files in order, as inspection counted them; a
+        # Dataset runs under the context it was made with, so the order is asked of `ds` itself
+        ds.context.execution_options.preserve_order = True
         refs = ds.materialize().to_arrow_refs()
         rows = ray.get([_num_rows.remote(ref) for ref in refs])
         return cls(refs, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
