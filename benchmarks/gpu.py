@@ -45,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.proc_tree import descendants, pss_bytes
+from benchmarks.proc_tree import Sampler, descendants
 
 MODES = ("bare", "in_process", "train_worker", "streamed", "predict")
 TARGET_RATIO, TARGET_WAIT = 0.95, 0.05
@@ -323,39 +322,33 @@ def smi(query: str) -> list[str] | None:
     return values if len(values) == len(query.split(",")) else None
 
 
-class Sampler:
-    """Peak summed PSS of a process tree and the GPU's used memory and utilisation, every `period_s`."""
+class GpuSampler(Sampler):
+    """The process tree's peak PSS plus the GPU's used memory and utilisation (nvidia-smi), every second."""
 
-    def __init__(self, root: int, period_s: float = 1.0) -> None:
-        self.root, self.period_s = root, period_s
-        self.peak_pss = 0
+    def __init__(self, root: int, every_s: float = 1.0) -> None:
+        super().__init__(root, every_s)
+        self.has_smi = shutil.which("nvidia-smi") is not None
         self.gpu_used_mb: list[float] = []
         self.gpu_util: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        has_smi = shutil.which("nvidia-smi") is not None
-        while not self._stop.is_set():
-            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in descendants(self.root)))
-            values = smi("memory.used,utilization.gpu") if has_smi else None
-            try:
-                used, util = (float(v) for v in values or ())
-                self.gpu_used_mb.append(used)
-                self.gpu_util.append(util)
-            except ValueError:
-                pass
-            self._stop.wait(self.period_s)
+    def sample(self) -> None:
+        super().sample()
+        values = smi("memory.used,utilization.gpu") if self.has_smi else None
+        try:
+            used, util = (float(v) for v in values or ())
+        except ValueError:
+            return
+        self.gpu_used_mb.append(used)
+        self.gpu_util.append(util)
 
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def summary(self) -> dict:
         busy = [u for u in self.gpu_util if u > 0]
         return {
             "host_peak_pss_mb": self.peak_pss / 2**20,
             "device_peak_used_mb": max(self.gpu_used_mb) if self.gpu_used_mb else None,
             "gpu_util_mean_busy": statistics.mean(busy) if busy else None,
+            "pss_samples": self.samples,
+            "sampler_cpu_s": round(self.cpu_s, 2),
         }
 
 
@@ -390,14 +383,17 @@ def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu", "--child", mode, str(spec_file), str(out_file)],
                                 stdout=None if verbose else sink, stderr=subprocess.STDOUT if not verbose else None,
                                 start_new_session=True)
-        sampler = Sampler(proc.pid)
+        sampler = GpuSampler(proc.pid)
+        sampler.start()
         error = None
         try:
             proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             error = f"timed out after {limit_s:.0f} s"
             _kill_tree(proc)
-        sampled = sampler.stop()
+        sampler.stop.set()
+        sampler.join(timeout=10)
+        sampled = sampler.summary()
     result: dict = {"wall_s": time.perf_counter() - start, "limit_s": limit_s, "load_before": load,
                     "load_after": os.getloadavg()[0], **sampled}
     if out_file.is_file():

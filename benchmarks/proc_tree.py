@@ -83,13 +83,17 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             start = time.thread_time()
-            procs = descendants(self.root)
-            self.peak_processes = max(self.peak_processes, len(procs))
-            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in procs))
+            self.sample()
             cost = time.thread_time() - start
             self.cpu_s += cost
             self.samples += 1
             self.stop.wait(max(self.every_s, self.QUIET * cost))
+
+    def sample(self) -> None:
+        """One reading of the tree (a subclass adds what else it watches)."""
+        procs = descendants(self.root)
+        self.peak_processes = max(self.peak_processes, len(procs))
+        self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in procs))
 
 
 @dataclass
