@@ -17,9 +17,11 @@ from PIL import Image
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec, ViewSpec
 from raymtl.data import datasets
 from raymtl.data.datasets import (DecodedCache, build_inputs, dataset_key, decoded_nbytes, in_order, read_source,
-                                  should_cache)
+                                  read_source_parts, should_cache)
 from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.plan import Step
+from raymtl.data.source_blocks import SourceBlocks
+from raymtl.data.tables import read_table
 from raymtl.errors import DataError
 from raymtl.train.batches import Prefetcher, TaskBatches
 from raymtl.data.task_info import TaskInfo
@@ -363,11 +365,19 @@ def test_a_dataframe_source_is_cut_into_blocks_in_order(ray_cluster):
 
 
 def test_a_folder_of_parquet_and_csv_files_is_read_file_by_file(ray_cluster, tmp_path):
-    """Each file in the format its own name says, as inspect_tasks checks it (not all as CSV)."""
-    pd.DataFrame({"id": ["1", "2"], "label": ["a", "b"]}).to_parquet(tmp_path / "part-0.parquet")
-    pd.DataFrame({"id": ["3"], "label": ["c"]}).to_csv(tmp_path / "part-1.csv", index=False)
+    """Each file in the format its own name says, as inspect_tasks checks it (not all as CSV); the
+    cluster's blocks hold the rows in the driver's order though the formats alternate (a union of
+    the reads would interleave their blocks) and type the strings differently."""
+    frame = pd.DataFrame({"id": [f"i{i}" for i in range(9)], "label": list("abcabcabc")})
+    frame.iloc[:3].to_csv(tmp_path / "part-0.csv", index=False)
+    frame.iloc[3:6].to_parquet(tmp_path / "part-1.parquet")
+    frame.iloc[6:].to_csv(tmp_path / "part-2.csv", index=False)
     rows = read_source(str(tmp_path), ["id", "label"]).take_all()
-    assert sorted((str(r["id"]), r["label"]) for r in rows) == [("1", "a"), ("2", "b"), ("3", "c")]
+    assert sorted((r["id"], r["label"]) for r in rows) == list(frame.itertuples(index=False, name=None))
+    driver = read_table(str(tmp_path), ["id", "label"])["id"].tolist()
+    blocks = SourceBlocks.read(read_source_parts(str(tmp_path), ["id", "label"]))
+    assert driver == blocks.take(np.arange(9)).column("id").to_pylist() == frame["id"].tolist()
+    assert blocks.take(np.array([8, 4, 0])).column("label").to_pylist() == ["c", "b", "a"]
 
 
 def test_ranks_of_a_node_share_the_cached_blocks(ray_cluster):

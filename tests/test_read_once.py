@@ -121,6 +121,6 @@ def test_blocks_keep_the_files_order_when_later_reads_finish_first(ray_cluster, 
 
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", False)
     ds = ray.data.range(8, override_num_blocks=4).map_batches(slower_the_earlier, batch_size=None)
-    blocks = SourceBlocks.read(ds)
+    blocks = SourceBlocks.read([ds])
     assert blocks.take(np.arange(8)).column("id").to_pylist() == list(range(8))
     assert ray.data.DataContext.get_current().execution_options.preserve_order is False  # left as it was

@@ -61,10 +61,19 @@ def dataset_key(task: str, split: str) -> str:
 
 
 def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Dataset:
-    """A parquet/CSV file, directory, glob or URI, or a pandas DataFrame, as a Ray Dataset.
+    """A parquet/CSV file, directory, glob or URI, or a pandas DataFrame, as one Ray Dataset (rows in
+    no particular order across files of different formats: `read_source_parts` keeps the order)."""
+    parts = read_source_parts(source, columns)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
-    Each file is read in the format its own name says, as `inspect_tasks` checks it. `columns` is selected first thing (Ray pushes it into the parquet read; a DataFrame is
-    sliced before `from_pandas`) so unused columns never enter the object store.
+
+def read_source_parts(source: Any, columns: list[str] | None = None) -> list[ray.data.Dataset]:
+    """A source as Ray Datasets whose rows, one after the other, are the source's rows in the order
+    the driver reads them: one per run of same-format files (a union would interleave their blocks).
+
+    Each file is read in the format its own name says, as `inspect_tasks` checks it. `columns` is
+    selected first thing (Ray pushes it into the parquet read; a DataFrame is sliced before
+    `from_pandas`) so unused columns never enter the object store.
     """
     if isinstance(source, pd.DataFrame):
         frame = source[columns] if columns else source
@@ -72,13 +81,11 @@ def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Datas
         cpus = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
         blocks = max(1, min(4 * cpus, len(frame) // _MIN_CHUNK))
         bounds = [len(frame) * i // blocks for i in range(blocks + 1)]
-        return ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds, bounds[1:])])
+        return [ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds, bounds[1:])])]
     fs, paths = source_paths(source)
     readers = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv}
-    by_format = {fmt: [p for p in paths if file_format(p) == fmt] for fmt in readers}
-    parts = [readers[fmt](files, filesystem=fs) for fmt, files in by_format.items() if files]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.select_columns(columns) if columns else ds
+    parts = [readers[fmt](list(files), filesystem=fs) for fmt, files in itertools.groupby(paths, key=file_format)]
+    return [ds.select_columns(columns) for ds in parts] if columns else parts
 
 
 @dataclass
@@ -187,7 +194,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         key, (task, source) = item
         columns = preps[task].input_columns
         if ray.is_initialized() and not is_small(source):
-            table = SourceBlocks.read(read_source(source, columns))  # by the cluster, never in this process
+            table = SourceBlocks.read(read_source_parts(source, columns))  # by the cluster, never in this process
         else:  # read by inspection already (`tables.read_parts` keeps small files): not opened again
             table = pa.Table.from_pandas(read_table(source, columns), preserve_index=False)
         expected = infos[task].n_train if key.endswith(".train") else infos[task].n_val

@@ -26,12 +26,15 @@ class SourceBlocks:
         return int(self.starts[-1])
 
     @classmethod
-    def read(cls, ds: ray.data.Dataset) -> SourceBlocks:
-        """`ds` (a column-pruned read, in file order) executed once on the cluster, kept as its blocks."""
-        # row i of the split must be row i of its files in order, as inspection counted them; a
-        # Dataset runs under the context it was made with, so the order is asked of `ds` itself
-        ds.context.execution_options.preserve_order = True
-        refs = ds.materialize().to_arrow_refs()
+    def read(cls, parts: list[ray.data.Dataset]) -> SourceBlocks:
+        """`parts` (column-pruned reads whose rows, one after the other, are the split's rows) executed
+        on the cluster, each once, kept as their blocks in that order."""
+        refs = []
+        for ds in parts:
+            # row i of the split must be row i of its files in order, as inspection counted them; a
+            # Dataset runs under the context it was made with, so the order is asked of `ds` itself
+            ds.context.execution_options.preserve_order = True
+            refs += ds.materialize().to_arrow_refs()
         rows = ray.get([_num_rows.remote(ref) for ref in refs])
         return cls(refs, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
 
@@ -44,7 +47,8 @@ class SourceBlocks:
             mine = np.flatnonzero(which == b)
             parts.append(_block(self.blocks[b]).take(pa.array(rows[mine] - self.starts[b])))
             order.append(mine)
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        # blocks of different files may type a column differently (CSV's string, parquet's large_string)
+        table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
         return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
     def owned(self, copy) -> SourceBlocks:

@@ -175,7 +175,7 @@ def _read_file(fs: pafs.FileSystem, path: str, name: str, columns: list[str] | N
 # Sources up to this size on disk are read by the driver, once, and kept for every reader of the run
 # (inspection, the image pre-flight, the task inputs): checks before Ray starts need their rows.
 # Larger sources are never read whole here: inspection streams their label column one record batch
-# at a time, and the cluster reads their input columns (`datasets.read_source`).
+# at a time, and the cluster reads their input columns (`datasets.read_source_parts`).
 DRIVER_READ_BYTES = 256 << 20
 _kept: OrderedDict[tuple, pa.Table] = OrderedDict()  # (path, size, mtime) -> the columns read so far
 _kept_lock = threading.Lock()  # the task inputs read their splits on several threads
