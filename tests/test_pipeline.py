@@ -376,8 +376,8 @@ def test_a_folder_of_parquet_and_csv_files_is_read_file_by_file(ray_cluster, tmp
     assert sorted((r["id"], r["label"]) for r in rows) == list(frame.itertuples(index=False, name=None))
     driver = read_table(str(tmp_path), ["id", "label"])["id"].tolist()
     blocks = SourceBlocks.read(read_source_parts(str(tmp_path), ["id", "label"]))
-    assert driver == blocks.take(np.arange(9)).column("id").to_pylist() == frame["id"].tolist()
-    assert blocks.take(np.array([8, 4, 0])).column("label").to_pylist() == ["c", "b", "a"]
+    assert driver == blocks.take(np.arange(9))["id"].tolist() == frame["id"].tolist()
+    assert blocks.take(np.array([8, 4, 0]))["label"].tolist() == ["c", "b", "a"]
 
 
 def test_ranks_of_a_node_share_the_cached_blocks(ray_cluster):

@@ -93,10 +93,10 @@ def test_a_large_source_is_read_by_the_cluster_in_blocks(ray_cluster, catalogue,
     blocks = inputs.sources["color.train"]
     assert blocks.num_rows == 9
     rows = np.array([8, 0, 5, 4, 3])
-    assert blocks.take(rows).column("id").to_pylist() == [f"i{i}" for i in rows]
-    assert sorted(blocks.take(rows).column_names) == ["id", "image", "label"]
+    assert blocks.take(rows)["id"].tolist() == [f"i{i}" for i in rows]
+    assert sorted(blocks.take(rows).columns) == ["id", "image", "label"]
     local = inputs.in_process().sources["color.train"]
-    assert local.take(rows).column("id").to_pylist() == [f"i{i}" for i in rows]
+    assert local.take(rows)["id"].tolist() == [f"i{i}" for i in rows]
     # a decode task takes its rows from the blocks: the same batch as from the driver's table
     monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 256 << 20)
     small = datasets.build_inputs(exp, preflight.check(exp))
@@ -122,5 +122,32 @@ def test_blocks_keep_the_files_order_when_later_reads_finish_first(ray_cluster, 
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", False)
     ds = ray.data.range(8, override_num_blocks=4).map_batches(slower_the_earlier, batch_size=None)
     blocks = SourceBlocks.read([ds])
-    assert blocks.take(np.arange(8)).column("id").to_pylist() == list(range(8))
+    assert blocks.take(np.arange(8))["id"].tolist() == list(range(8))
     assert ray.data.DataContext.get_current().execution_options.preserve_order is False  # left as it was
+
+
+@pytest.mark.parametrize("by_cluster", [False, True])
+def test_files_that_type_a_column_differently_are_read_as_text(ray_cluster, tmp_path, monkeypatch, by_cluster):
+    """CSV types each file by its own values: numeric ids and labels in one file, alphanumeric in the
+    next. Inspection reads labels as text; the task inputs do too, by the driver or the cluster."""
+    for i in range(6):
+        Image.new("RGB", (12, 10), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "size").mkdir()
+    images = [str(tmp_path / f"{i}.png") for i in range(6)]
+    pd.DataFrame({"id": [101, 102, 103], "image": images[:3], "label": [1, 2, 1]}).to_csv(
+        tmp_path / "size" / "part-0.csv", index=False)
+    pd.DataFrame({"id": ["x4", "x5", "x6"], "image": images[3:], "label": ["S", "M", "S"]}).to_csv(
+        tmp_path / "size" / "part-1.csv", index=False)
+    exp = load_experiment({"name": "types", "storage_path": str(tmp_path / "runs"), "data": {"image_size": 8},
+                           "tasks": [{"name": "size", "train": str(tmp_path / "size"), "image_column": "image",
+                                      "id_column": "id"}]})
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 0 if by_cluster else 256 << 20)
+    infos = preflight.check(exp)
+    assert infos["size"].labels == ["1", "2", "M", "S"]
+    inputs = datasets.build_inputs(exp, infos)
+    source = inputs.sources["size.train"]
+    assert isinstance(source, SourceBlocks) == by_cluster
+    rows = np.array([5, 0, 3, 2])
+    decoded = datasets.decode_rows(source if by_cluster else datasets._table(source), rows, inputs.preprocessors["size"])
+    assert decoded.arrays["label"].tolist() == [3, 0, 3, 0]  # S, 1, S, 1
+    np.testing.assert_array_equal(decoded.arrays["view_full"][:, 0, 0, 0], 20 * rows)

@@ -295,8 +295,8 @@ def decode_rows(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preproc
     `Preprocessor`: the numeric arrays and the unreadable rows' messages (the task tag and ids are
     not model inputs)."""
     rows = np.asarray(rows, np.int64)
-    raw = source.take(rows) if isinstance(source, SourceBlocks) else source.take(pa.array(rows))
-    out = prep(raw.to_pandas())
+    raw = source.take(rows) if isinstance(source, SourceBlocks) else source.take(pa.array(rows)).to_pandas()
+    out = prep(raw)
     errors = out.pop("error", None)
     bad = {} if errors is None else {i: str(m) for i, m in enumerate(errors) if m}
     return Decoded({k: v for k, v in out.items() if v.dtype.kind in "biuf"}, bad)

@@ -10,8 +10,11 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import ray
+
+from raymtl.data.tables import concat_files
 
 
 @dataclass
@@ -38,18 +41,17 @@ class SourceBlocks:
         rows = ray.get([_num_rows.remote(ref) for ref in refs])
         return cls(refs, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
 
-    def take(self, rows: np.ndarray) -> pa.Table:
+    def take(self, rows: np.ndarray) -> pd.DataFrame:
         """The rows `rows` (indices into the whole split), in that order."""
         rows = np.asarray(rows, np.int64)
         which = np.searchsorted(self.starts, rows, side="right") - 1
         parts, order = [], []
         for b in np.unique(which):
             mine = np.flatnonzero(which == b)
-            parts.append(_block(self.blocks[b]).take(pa.array(rows[mine] - self.starts[b])))
+            parts.append(_block(self.blocks[b]).take(pa.array(rows[mine] - self.starts[b])).to_pandas())
             order.append(mine)
-        # blocks of different files may type a column differently (CSV's string, parquet's large_string)
-        table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-        return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+        frame = concat_files(parts)  # blocks of different files may type a column differently
+        return frame.iloc[np.argsort(np.concatenate(order), kind="stable")].reset_index(drop=True)
 
     def owned(self, copy) -> SourceBlocks:
         """These blocks copied by `copy` (into this process's memory)."""

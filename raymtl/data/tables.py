@@ -250,7 +250,17 @@ def head_rows(source: Any, columns: list[str], rows: int) -> pd.DataFrame:
 def read_table(source: Any, columns: list[str] | None = None) -> pd.DataFrame:
     """Read a whole source (file, glob, URI or DataFrame) into pandas, only `columns` if given."""
     required = {c: "column" for c in columns or []}
-    return pd.concat([df for _, df in read_parts(source, columns, required)], ignore_index=True)
+    return concat_files([df for _, df in read_parts(source, columns, required)])
+
+
+def concat_files(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames read from several files, as one. A column whose type differs between them (CSV types
+    each file by its own values: numeric ids in one file, alphanumeric in the next) becomes each
+    value's text, as inspection and the preprocessor read every raw column (`str(value)`)."""
+    for name in frames[0].columns if len(frames) > 1 else ():
+        if len({str(f[name].dtype) for f in frames}) > 1:
+            frames = [f.assign(**{name: f[name].astype(str)}) for f in frames]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def read_parts(
