@@ -260,7 +260,7 @@ def concat_files(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for name in frames[0].columns if len(frames) > 1 else ():
         if len({str(f[name].dtype) for f in frames}) > 1:
             frames = [f.assign(**{name: f[name].astype(str)}) for f in frames]
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return pd.concat(frames, ignore_index=True)
 
 
 def read_parts(
