@@ -383,16 +383,13 @@ def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu", "--child", mode, str(spec_file), str(out_file)],
                                 stdout=None if verbose else sink, stderr=subprocess.STDOUT if not verbose else None,
                                 start_new_session=True)
-        sampler = GpuSampler(proc.pid)
-        sampler.start()
         error = None
-        try:
-            proc.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {limit_s:.0f} s"
-            _kill_tree(proc)
-        sampler.stop.set()
-        sampler.join(timeout=10)
+        with GpuSampler(proc.pid) as sampler:
+            try:
+                proc.wait(timeout=limit_s)
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {limit_s:.0f} s"
+                _kill_tree(proc)
         sampled = sampler.summary()
     result: dict = {"wall_s": time.perf_counter() - start, "limit_s": limit_s, "load_before": load,
                     "load_after": os.getloadavg()[0], **sampled}

@@ -428,11 +428,8 @@ def run_mode(mode: str, spec: dict, work: Path) -> dict:
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--child", mode, "--spec", str(spec_file),
                              "--out", str(out_file)], cwd=ROOT, env=env)
-    sampler = Sampler(proc.pid, every_s=0.2)
-    sampler.start()
-    rc = proc.wait()
-    sampler.stop.set()
-    sampler.join()
+    with Sampler(proc.pid, every_s=0.2) as sampler:
+        rc = proc.wait()
     if rc != 0:
         return {"error": f"exit status {rc}", "load_before": load_before, "load_after": os.getloadavg()[0]}
     result = json.loads(out_file.read_text())

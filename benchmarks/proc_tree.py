@@ -89,6 +89,14 @@ class Sampler(threading.Thread):
             self.samples += 1
             self.stop.wait(max(self.every_s, self.QUIET * cost))
 
+    def __enter__(self) -> Sampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(timeout=10)
+
     def sample(self) -> None:
         """One reading of the tree (a subclass adds what else it watches)."""
         procs = descendants(self.root)
@@ -124,10 +132,7 @@ def run_sampled(args: list[str], **popen: object) -> SampledRun:
     load_before = os.getloadavg()[0]
     start = time.time()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-    sampler = Sampler(proc.pid)
-    sampler.start()
-    output, _ = proc.communicate()
-    wall = time.time() - start
-    sampler.stop.set()
-    sampler.join()
+    with Sampler(proc.pid) as sampler:
+        output, _ = proc.communicate()
+        wall = time.time() - start
     return SampledRun(output, proc.returncode, start, wall, load_before, sampler.peak_pss, sampler.peak_processes)
