@@ -25,7 +25,7 @@ from raymtl.data.tables import read_table
 from raymtl.errors import DataError
 from raymtl.train.batches import Prefetcher, TaskBatches
 from raymtl.data.task_info import TaskInfo
-from raymtl.data.transforms import BadImageError, Preprocessor
+from raymtl.data.transforms import BadImageError, Preprocessor, load_tokenizer
 
 SIZE = 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -306,6 +306,28 @@ def test_decode_results_come_back_in_plan_order_whatever_order_they_finish_in():
 def test_decode_concurrency_is_the_cpus_training_does_not_reserve(monkeypatch, cpus, world, per_rank, slots):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
     assert datasets.decode_slots(world, per_rank) == slots
+
+
+@needs_tokenizer
+def test_a_preprocessor_loads_what_decoding_uses_ahead_of_its_rows():
+    load_tokenizer.cache_clear()
+    assert _prep().load() == 0  # images only: nothing beyond the imports
+    assert _prep(text=True).load() == 1  # the text task's tokenizer, once per process
+    assert _prep(text=True).load() == 1
+
+
+@needs_tokenizer
+def test_warmed_decode_workers_hold_the_decode_path_before_any_rows(ray_cluster):
+    """The decode tasks a stream starts at once each find a worker with the tokenizer loaded; a
+    preprocessor that cannot load is left to the decode tasks (which name the rows at fault)."""
+    inputs = datasets.TaskInputs(preprocessors={"color": _prep(text=True), "tags": _prep()}, sources={}, rows={})
+    warmed = ray.get(datasets.warm_decoders(inputs, 2))
+    assert len(warmed) == 2 + datasets._PREFETCH_STEPS
+    assert all(tokenizers >= 1 for _, tokenizers in warmed)
+    broken = _prep(text=True)
+    broken.tokenizer = "/nonexistent/tokenizer"
+    inputs.preprocessors = {"color": broken}
+    assert len(ray.get(datasets.warm_decoders(inputs, 1))) == 1 + datasets._PREFETCH_STEPS
 
 
 def test_a_failure_in_the_background_thread_reaches_the_training_thread_as_raised():

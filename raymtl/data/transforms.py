@@ -80,6 +80,14 @@ class Preprocessor:
         self.max_length = data.max_length
         self.read_concurrency = data.read_concurrency
 
+    def load(self) -> int:
+        """Load, once per process, what decoding uses beyond its imports (a text task's tokenizer), so
+        that a warmed decode worker (`datasets.warm_decoders`) spends no first task on it. Returns the
+        tokenizers this process holds."""
+        if self.text_column is not None:
+            load_tokenizer(self.tokenizer)
+        return load_tokenizer.cache_info().currsize
+
     @property
     def input_columns(self) -> list[str]:
         """The raw columns this transform reads: select them before anything else."""

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 
 from raymtl.config import Experiment, StageSpec, global_batch
-from raymtl.data.datasets import DecodedCache, TaskInputs, decode_slots
+from raymtl.data.datasets import DecodedCache, TaskInputs, decode_slots, warm_decoders
 from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.plan import GlobalStep, epoch_plan, rank_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
@@ -102,6 +102,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     configure_kernels(device, tr.deterministic)
     precision = Precision.on(device, tr.precision, tr.mixed_precision)
     scaler = precision.scaler()  # fp16 only
+    slots = decode_slots(world, tr.cpus_per_worker) if inputs.cached is None else 0
+    if slots:
+        warm_decoders(inputs, slots)  # their start-up overlaps the model's
 
     resume = resume_checkpoint(config.get("resume_from"))
     if resume is not None:
@@ -130,7 +133,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_val = {name: info.n_val for name, info in infos.items() if info.n_val}
     cache = DecodedCache(inputs.cached) if inputs.cached is not None else None
     device_inputs = DeviceInputs(exp.data, device)
-    slots = decode_slots(world, tr.cpus_per_worker) if cache is None else 0
 
     def epoch_data(epoch: int, worlds: list[list[int]], start: int) -> tuple[list[GlobalStep], list, TaskBatches]:
         """`epoch`'s global plan (for the world it started on, re-cut at each resize in `worlds`), this
