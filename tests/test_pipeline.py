@@ -323,7 +323,7 @@ def test_warmed_decode_workers_hold_the_decode_path_before_any_rows(ray_cluster)
     inputs = datasets.TaskInputs(preprocessors={"color": _prep(text=True), "tags": _prep()}, sources={}, rows={})
     warmed = ray.get(datasets.warm_decoders(inputs, 2))
     assert len(warmed) == 2 + datasets._PREFETCH_STEPS
-    assert all(tokenizers >= 1 for _, tokenizers in warmed)
+    assert all(tokenizers >= 1 for tokenizers in warmed)
     broken = _prep(text=True)
     broken.tokenizer = "/nonexistent/tokenizer"
     inputs.preprocessors = {"color": broken}

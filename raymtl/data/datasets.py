@@ -325,14 +325,13 @@ def decode_slots(world: int, cpus_per_rank: float) -> int:
 
 
 @ray.remote(num_cpus=1)
-def _warm_decoder(preprocessors: list[Preprocessor]) -> tuple[int, int]:
+def _warm_decoder(preprocessors: list[Preprocessor]) -> int:
     """Nothing decoded: running it loads this module (a decode task's imports) and what the
-    preprocessors use (`Preprocessor.load`) into a worker process. Returns its pid and tokenizers."""
+    preprocessors use (`Preprocessor.load`) into a worker process. Returns the tokenizers it holds."""
     try:
-        tokenizers = max(prep.load() for prep in preprocessors)
+        return max(prep.load() for prep in preprocessors)
     except Exception:  # noqa: BLE001 -- the decode tasks meet it again, with the rows at fault
-        tokenizers = 0
-    return os.getpid(), tokenizers
+        return 0
 
 
 def warm_decoders(inputs: TaskInputs, slots: int) -> list[ray.ObjectRef]:
