@@ -1,6 +1,7 @@
 """Ingest alone: decoded items/s of raymtl's data path against the box's decode limit, no model step.
 
     python -m benchmarks.ingest --json benchmarks/results/ingest.json [--items 20000] [--data-dir DIR] [--epochs 1]
+                                [--modes ...] [--rounds 1]
 
 A generated catalogue of real JPEG files (600-1,000 px, smooth shapes under pixel noise so they do not
 compress to nothing; cached in --data-dir between runs, read into the page cache before each mode),
@@ -18,6 +19,12 @@ as it can, on the same cores:
                  with the items (memory_bounded = peak PSS of stream / stream_quarter)
   cache_w1/_w2   `data.cache: always`: cache build time, bytes per cached item, then an epoch read by 1
                  and by 2 Ray Train workers (items/s over all workers; peak PSS of the process tree)
+
+With --rounds N the --modes run N times, forward then backward in turn, and each ratio is its median
+over the rounds (`ratios_by_round` keeps every round's): both sides of a ratio are then measured within
+minutes of each other, while this VM's rates drift by up to 15 % between runs. `cpu_ms_per_item` is the
+whole machine's busy CPU over a mode's timed (first) epoch per item: what an item costs wherever it was
+spent (decode workers, Ray's daemons, the consumer).
 
 With --epochs N, `dataloader` and `stream` read N epochs in their one process: items/s is still the
 first epoch's (a run's start-up in it), `epochs_items_per_s` every epoch's, and the ratio
@@ -160,10 +167,10 @@ def run_pil_limit(paths: list[str], cores: int) -> dict:
     chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
     with mp.get_context("fork").Pool(cores) as pool:
         pool.map(_pil_chunk, [paths[:cores]] * cores)  # processes up, PIL imported
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), busy_cpu_s()
         done = sum(pool.imap_unordered(_pil_chunk, chunks))
         seconds = time.perf_counter() - start
-    return {"items": done, "seconds": seconds}
+    return {"items": done, "seconds": seconds, "cpu_s": _since(busy)}
 
 
 def run_dataloader(paths: list[str], cores: int, epochs: int = 1) -> dict:
@@ -179,13 +186,30 @@ def run_dataloader(paths: list[str], cores: int, epochs: int = 1) -> dict:
 
     pinned = torch.cuda.is_available()
     loader = DataLoader(Items(), batch_size=BATCH, shuffle=True, num_workers=cores, pin_memory=pinned, drop_last=True)
-    rates = []
-    for _ in range(epochs):
-        start, done = time.perf_counter(), 0
+    rates, cpu = [], None
+    for epoch in range(epochs):
+        start, done, busy = time.perf_counter(), 0, busy_cpu_s()
         for batch in loader:
             done += len(batch)
         rates.append((done, time.perf_counter() - start))
-    return {"items": rates[0][0], "seconds": rates[0][1], "pinned": pinned, **per_epoch(rates)}
+        cpu = _since(busy) if epoch == 0 else cpu
+    return {"items": rates[0][0], "seconds": rates[0][1], "cpu_s": cpu, "pinned": pinned, **per_epoch(rates)}
+
+
+def busy_cpu_s() -> float | None:
+    """CPU-seconds the whole machine has been busy (all processes, kernel included; not idle or
+    waiting on I/O), from /proc/stat; None where there is none. Over a timed epoch, divided by its
+    items: what an item costs in CPU wherever it was spent (decode workers, Ray's daemons, the consumer),
+    a figure that drifts less than items/s on a shared VM."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def _since(busy: float | None) -> float | None:
+    return None if busy is None else busy_cpu_s() - busy
 
 
 def per_epoch(rates: list[tuple[int, float]]) -> dict:
@@ -290,16 +314,18 @@ def run_stream(tables: dict[str, str], epochs: int = 1) -> dict:
     inputs = build_inputs(exp, infos)
     built = time.perf_counter()
     ray.get(warm_decoders(inputs, decode_slots(1, exp.training.cpus_per_worker)))
+    import raymtl.train.batches  # noqa: F401 -- torch: a training process has it loaded before its first batch
     ready = time.perf_counter()
-    rates, firsts = [], []
-    for _ in range(epochs):
-        begin = time.perf_counter()
+    rates, firsts, cpu = [], [], None
+    for epoch in range(epochs):
+        begin, busy = time.perf_counter(), busy_cpu_s()
         done, first = library_epoch(inputs, exp, infos, 0, 1)
         rates.append((done, time.perf_counter() - begin))
         firsts.append(first)
+        cpu = _since(busy) if epoch == 0 else cpu
     extra = {**per_epoch(rates), "epochs_first_batch_s": firsts} if epochs > 1 else {}
-    return {"items": rates[0][0], "seconds": rates[0][1], "setup_s": built - start, "warm_s": ready - built,
-            "first_batch_s": firsts[0], **extra}
+    return {"items": rates[0][0], "seconds": rates[0][1], "cpu_s": cpu, "setup_s": built - start,
+            "warm_s": ready - built, "first_batch_s": firsts[0], **extra}
 
 
 def _cache_worker(config: dict) -> None:
@@ -457,6 +483,8 @@ def run_mode(mode: str, spec: dict, work: Path) -> dict:
     if rc != 0:
         return {"error": f"exit status {rc}", "load_before": load_before, "load_after": os.getloadavg()[0]}
     result = json.loads(out_file.read_text())
+    if result.get("cpu_s") is not None:
+        result["cpu_ms_per_item"] = 1000 * result["cpu_s"] / result["items"]
     result.update(items_per_s=result["items"] / result["seconds"], peak_pss_mb=sampler.peak_pss / 2**20,
                   load_before=load_before, load_after=os.getloadavg()[0], page_cache_read_s=round(cached_s, 1),
                   pss_samples=sampler.samples, sampler_cpu_s=round(sampler.cpu_s, 2))
@@ -483,13 +511,32 @@ def ratios(modes: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def median_runs(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each mode's run with the median items/s over the rounds (the lower middle one of an even count)."""
+    out = {}
+    for mode in rounds[0]:
+        runs = [r[mode] for r in rounds]
+        done = sorted((r for r in runs if "items_per_s" in r), key=lambda r: r["items_per_s"])
+        out[mode] = done[(len(done) - 1) // 2] if done else runs[0]
+    return out
+
+
+def median_ratios(by_round: list[dict[str, float]]) -> dict[str, float]:
+    """Each ratio's median over the rounds: both sides of a ratio measured minutes apart in the same
+    round, so that the machine's drift over the run (this VM's items/s moved by 15 % between runs) falls
+    on both."""
+    names = dict.fromkeys(name for r in by_round for name in r)
+    return {name: float(np.median([r[name] for r in by_round if name in r])) for name in names}
+
+
 def print_table(report: dict) -> None:
-    print(f"{'mode':<16}{'items/s':>10}{'seconds':>9}{'peak PSS MB':>13}{'load':>11}")
+    print(f"{'mode':<16}{'items/s':>10}{'seconds':>9}{'CPU ms/item':>13}{'peak PSS MB':>13}{'load':>11}")
     for mode, r in report["modes"].items():
         if "error" in r:
             print(f"{mode:<16}  {r['error']}")
             continue
-        print(f"{mode:<16}{r['items_per_s']:>10.1f}{r['seconds']:>9.1f}{r['peak_pss_mb']:>13.0f}"
+        cpu = f"{r['cpu_ms_per_item']:.2f}" if "cpu_ms_per_item" in r else "-"
+        print(f"{mode:<16}{r['items_per_s']:>10.1f}{r['seconds']:>9.1f}{cpu:>13}{r['peak_pss_mb']:>13.0f}"
               f"{r['load_before']:>6.2f}/{r['load_after']:.2f}")
     for name, value in report["ratios"].items():
         print(f"  {name:<32} {value:.2f}   (target {'>=' if name.startswith('stream') else '<='} {TARGETS[name]})")
@@ -504,6 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=30.0, help="added to every request of stream_remote")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--epochs", type=int, default=1, help="epochs `dataloader` and `stream` read in their process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the --modes this many times, in alternating order; ratios are medians over the rounds")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--update", action="store_true",
                    help="keep the other modes of the --json file (same --items) and run only --modes: one run in parts")
@@ -520,6 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args.update and args.rounds > 1:
+        raise SystemExit("--update keeps one run's modes; it cannot merge --rounds")
     if args.serve:
         serve(args.serve, args.port_file, args.delay_ms / 1000, args.cert, args.key)
         return None
@@ -539,9 +590,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         with image_server(args.data_dir, work / "port", args.delay_ms) as (port, _):
             spec = {"data_dir": str(args.data_dir), "names": names, "cores": args.cores, "work": str(work),
                     "port": port, "epochs": args.epochs}
-            for mode in args.modes:
-                report["modes"][mode] = run_mode(mode, spec, work)
-                print(f"[ingest] {mode}: {json.dumps(report['modes'][mode])}", flush=True)
+            rounds: list[dict[str, dict]] = []
+            for r in range(args.rounds):
+                rounds.append({})
+                for mode in args.modes if r % 2 == 0 else args.modes[::-1]:
+                    rounds[-1][mode] = run_mode(mode, spec, work)
+                    print(f"[ingest] round {r + 1} {mode}: {json.dumps(rounds[-1][mode])}", flush=True)
+    report["modes"] = median_runs(rounds)
+    if args.rounds > 1:
+        report["rounds"] = rounds
+        report["ratios_by_round"] = [ratios(modes) for modes in rounds]
     import torch
 
     if not torch.cuda.is_available():
@@ -555,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         report["modes"] = {m: report["modes"][m] for m in MODES if m in report["modes"]}
         # what this run does not measure (a diagnostic like `cpu_by_process`, the note) stays as it was
         report = {**earlier, **{k: v for k, v in report.items() if k != "note" or v}}
-    report["ratios"] = ratios(report["modes"])
+    report["ratios"] = median_ratios(report["ratios_by_round"]) if args.rounds > 1 else ratios(report["modes"])
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
