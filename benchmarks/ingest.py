@@ -298,9 +298,26 @@ def cached_bytes(inputs) -> int:
     return sum(a.nbytes for parts in DecodedCache(inputs.cached).parts.values() for d in parts for a in d.arrays.values())
 
 
-def run_stream(tables: dict[str, str], epochs: int = 1) -> dict:
+class _Rank:
+    """A training rank's stand-in: a Ray worker holding the rank's CPU (as a Train worker does) that
+    reads its plan's epochs through the data path."""
+
+    def __init__(self) -> None:
+        import raymtl.train.batches  # noqa: F401 -- torch: a training rank has it loaded before its first batch
+
+    def epoch(self, inputs, exp, infos) -> tuple[int, float | None]:
+        return library_epoch(inputs, exp, infos, 0, 1)
+
+
+def run_stream(tables: dict[str, str], cores: int, epochs: int = 1) -> dict:
     """Streamed epochs after the run's setup, the decode workers warmed first as the training loop
-    warms them while it builds its model (`warm_s`: their start-up, waited for here)."""
+    warms them while it builds its model (`warm_s`: their start-up, waited for here).
+
+    The node is the one the DataLoader gets: `cores` CPUs for decoding, and one more for the rank
+    that consumes (a Ray worker holding it, as a Train worker holds its CPU), so that decode tasks
+    follow the cores as on a node whose Ray CPUs are its cores. (A local cluster started on a box of
+    fewer than 4 cores offers 4, `ensure_ray`: decode would then run more processes than cores.)
+    """
     import ray
 
     from raymtl import preflight
@@ -310,22 +327,23 @@ def run_stream(tables: dict[str, str], epochs: int = 1) -> dict:
     exp = experiment(tables, "never")
     start = time.perf_counter()
     infos = preflight.check(exp)
-    ensure_ray()
+    cpus_per_rank = exp.training.cpus_per_worker
+    ensure_ray(num_cpus=cores + int(cpus_per_rank))
     inputs = build_inputs(exp, infos)
     built = time.perf_counter()
-    ray.get(warm_decoders(inputs, decode_slots(1, exp.training.cpus_per_worker)))
-    import raymtl.train.batches  # noqa: F401 -- torch: a training process has it loaded before its first batch
+    rank = ray.remote(num_cpus=cpus_per_rank)(_Rank).remote()
+    ray.get(warm_decoders(inputs, decode_slots(1, cpus_per_rank)) + [rank.__ray_ready__.remote()])
     ready = time.perf_counter()
     rates, firsts, cpu = [], [], None
     for epoch in range(epochs):
         begin, busy = time.perf_counter(), busy_cpu_s()
-        done, first = library_epoch(inputs, exp, infos, 0, 1)
+        done, first = ray.get(rank.epoch.remote(inputs, exp, infos))
         rates.append((done, time.perf_counter() - begin))
         firsts.append(first)
         cpu = _since(busy) if epoch == 0 else cpu
     extra = {**per_epoch(rates), "epochs_first_batch_s": firsts} if epochs > 1 else {}
     return {"items": rates[0][0], "seconds": rates[0][1], "cpu_s": cpu, "setup_s": built - start,
-            "warm_s": ready - built, "first_batch_s": firsts[0], **extra}
+            "warm_s": ready - built, "first_batch_s": firsts[0], "decode_cpus": cores, **extra}
 
 
 def _cache_worker(config: dict) -> None:
@@ -456,11 +474,11 @@ def child(mode: str, spec: dict) -> dict:
     if mode == "dataloader":
         return run_dataloader([str(data_dir / n) for n in names], cores, spec["epochs"])
     if mode == "stream":
-        return run_stream(write_tables(work / "local", names, f"{data_dir}/"), spec["epochs"])
+        return run_stream(write_tables(work / "local", names, f"{data_dir}/"), cores, spec["epochs"])
     if mode == "stream_quarter":
-        return run_stream(write_tables(work / "quarter", names[: len(names) // 4], f"{data_dir}/"))
+        return run_stream(write_tables(work / "quarter", names[: len(names) // 4], f"{data_dir}/"), cores)
     if mode == "stream_remote":
-        return run_stream(write_tables(work / "remote", names, f"http://127.0.0.1:{spec['port']}/"))
+        return run_stream(write_tables(work / "remote", names, f"http://127.0.0.1:{spec['port']}/"), cores)
     if mode in ("cache_w1", "cache_w2"):
         return run_cache(write_tables(work / "local", names, f"{data_dir}/"), int(mode[-1]), str(work / "runs"))
     raise ValueError(mode)

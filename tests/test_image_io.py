@@ -128,27 +128,62 @@ def test_read_all_keeps_order_and_returns_each_failure_in_place(tmp_path):
     assert list(image_io.read_all([], concurrency=3)) == []
 
 
-def test_threaded_reads_hand_their_free_heap_back_when_a_batch_ends(tmp_path, monkeypatch):
+def test_threaded_reads_hand_their_free_heap_back_when_a_batch_ends(server, monkeypatch):
     """Reader threads allocate in their own malloc arenas: each batch of threaded reads ends with
     `release_free_memory`, also when its consumer stops early (a bad image raised); reads on the
     calling thread need none."""
-    paths = []
-    for i in range(12):
-        p = tmp_path / f"{i}.bin"
-        p.write_bytes(bytes([i]) * 1000)
-        paths.append(str(p))
+    urls = [_url(server, f"{i}.png") for i in range(12)]
     calls = []
     monkeypatch.setattr(image_io, "release_free_memory", lambda: calls.append(1))
-    assert len(list(image_io.read_all(paths, concurrency=4))) == 12
+    assert len(list(image_io.read_all(urls, concurrency=4))) == 12
     assert len(calls) == 1
-    reads = image_io.read_all(paths, concurrency=4)
+    reads = image_io.read_all(urls, concurrency=4)
     next(reads)
     reads.close()
     assert len(calls) == 2
-    list(image_io.read_all(paths, concurrency=1))
+    list(image_io.read_all(urls, concurrency=1))
     assert len(calls) == 2
     monkeypatch.undo()
     image_io.release_free_memory()  # the real one runs here (glibc: malloc_trim; else nothing)
+
+
+def test_local_files_are_read_on_the_calling_thread_until_their_reads_wait(tmp_path, monkeypatch):
+    """A local file from the page cache needs no reader thread; a process whose local reads wait (a
+    network mount) reads them on the pool from then on, results still in order."""
+    paths = []
+    for i in range(30):
+        p = tmp_path / f"{i}.bin"
+        p.write_bytes(bytes([i]))
+        paths.append(str(p))
+    monkeypatch.setattr(image_io, "local_reads", image_io.LocalReads())  # a fresh process
+    threads: list[str] = []
+    delay = {"s": 0.0}
+    read = image_io.storage.read_bytes
+
+    def timed_read(path: str) -> bytes:
+        threads.append(threading.current_thread().name)
+        time.sleep(delay["s"])
+        return read(path)
+
+    monkeypatch.setattr(image_io.storage, "read_bytes", timed_read)
+    here = threading.current_thread().name
+    assert [r[0] for r in image_io.read_all(paths[:10], concurrency=4)] == list(range(10))
+    assert threads == [here] * 10 and not image_io.local_reads.wait
+
+    threads.clear()
+    delay["s"] = 0.01  # a network mount: 10 ms a read
+    assert [r[0] for r in image_io.read_all(paths[10:30], concurrency=4)] == list(range(10, 30))
+    on_caller = threads.count(here)
+    assert image_io.local_reads.wait
+    assert 1 <= on_caller <= 12  # until the median of the last reads was slow (16 timed, 10 of them quick)
+    assert all(t.startswith("raymtl-image-read") for t in threads[on_caller:])
+
+    threads.clear()
+    list(image_io.read_all(paths[:8], concurrency=4))
+    assert here not in threads  # the process remembers: straight to the pool
+    threads.clear()
+    list(image_io.read_all(paths[:8], concurrency=1))
+    assert threads == [here] * 8  # concurrency 1: always on the calling thread
 
 
 def test_read_concurrency_must_be_positive():
