@@ -79,7 +79,7 @@ class DataSpec:
     max_bad_fraction: float = 0.001
     shuffle: bool = True  # reshuffle each task's rows every epoch (else read them in stored order)
     cache: str = "auto"  # keep decoded inputs in Ray's object store across epochs: auto | always | never
-    read_concurrency: int = 32  # image reads in flight per decode task (URIs: one round trip each)
+    read_concurrency: int = 32  # image reads in flight per decode task (URIs, slow mounts: one round trip each)
 
     def normalization(self) -> tuple[list[float], list[float]]:
         """(mean, std) the images are normalised with."""
