@@ -41,6 +41,7 @@ import pandas as pd
 
 from raymtl.config import DataSpec, Experiment, ModelSpec, TaskSpec, TrainingSpec, ViewSpec
 from raymtl.data.synthetic import TASK_KINDS, make_catalogue
+from raymtl.train.gradsync import BUCKET_BYTES
 
 TASKS = list(TASK_KINDS)  # four image tasks
 TARGET_BYTES_RATIO, TARGET_STEP_RATIO, TARGET_EXPOSED_RATIO = 1.05, 1.15, 0.6
@@ -67,9 +68,9 @@ def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespac
     ).validate()
 
 
-def counting_collectives(loop, out_dir: str, mode: str):
-    """`loop` with all_reduce bytes counted per gradient sync (and apart from it), rank by rank, and
-    the sync switched off (`off`) or sequential (`sequential`)."""
+def counting_collectives(loop, out_dir: str, mode: str, bucket_bytes: int):
+    """`loop` with all_reduce bytes counted per gradient sync (and apart from it), rank by rank, the
+    sync switched off (`off`) or sequential (`sequential`), and its buckets of `bucket_bytes`."""
 
     def run(config):
         import json
@@ -90,7 +91,7 @@ def counting_collectives(loop, out_dir: str, mode: str):
             return real_reduce(t, *a, **k)
 
         def init(self, model, **kwargs):
-            real_init(self, model, **kwargs, overlap=mode != "sequential")
+            real_init(self, model, **kwargs, bucket_bytes=bucket_bytes, overlap=mode != "sequential")
 
         def start(self, task, had_batch):
             used = sum(p.numel() * p.element_size() for p in self.model.parameters_for(task) if p.requires_grad)
@@ -124,7 +125,8 @@ def run_mode(groups: int, mode: str, data: dict[str, pd.DataFrame], args: argpar
     out = tmp / f"calls{groups}-{mode}"
     out.mkdir()
     trainer = make_trainer(exp, infos)
-    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out), mode)
+    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out), mode,
+                                                         round(args.bucket_mb * 2**20))
     trainer.fit()
     rank0 = json.loads((out / "rank0.json").read_text())
     steps = rank0["steps"]
@@ -165,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="CPUs of both workers together")
+    parser.add_argument("--bucket-mb", type=float, default=BUCKET_BYTES / 2**20,
+                        help="gradient bucket size in MiB (the library's default: DDP's 25)")
     parser.add_argument("--warmup", type=float, default=0.25, help="fraction of the steps left out of step_s")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--append", action="store_true",
@@ -187,8 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [run_groups(g, args, Path(tmp)) for g in args.groups]
     if args.append and args.json.exists():
         old = json.loads(args.json.read_text())
-        same = ("modes", "steps", "batch_size", "image_size", "threads", "warmup")
-        if any(old["settings"][k] != getattr(args, k) for k in same):
+        same = ("modes", "steps", "batch_size", "image_size", "threads", "bucket_mb", "warmup")
+        settings = {"bucket_mb": BUCKET_BYTES / 2**20, **old["settings"]}  # files from before --bucket-mb
+        if any(settings.get(k) != getattr(args, k) for k in same):
             raise SystemExit(f"--append: {args.json} was measured with other settings ({same})")
         runs = sorted([r for r in old["runs"] if r["groups"] not in args.groups] + runs, key=lambda r: r["groups"])
     library = [r["modes"]["overlapped"] for r in runs]
