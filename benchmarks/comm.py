@@ -1,11 +1,12 @@
 """Gradient communication per step with task groups: bytes against the parameters a step uses, and the
 communication left exposed by the overlapped sync against the sequential one.
 
-    python -m benchmarks.comm --groups 1 2 4 --steps 48 --json comm.json
+    python -m benchmarks.comm --groups 1 2 4 --json comm.json
 
 For G = 1, 2, 4 task groups (one resnet18 backbone each, one image task per group, no text) it runs
 `raymtl.train.trainer.fit` with 2 workers (gloo) for one epoch of about `--steps` steps: the
-library's real loop, once per `--modes` entry:
+library's real loop, with the `--modes` taking turns step by step (step i runs mode i mod the
+number of modes, on every rank), so that every mode is timed over the same minutes:
 
 - `off`: no gradient communication (the workers' `GradSync` behaves as on one process): the step
   without sync;
@@ -18,7 +19,8 @@ Inside the workers `torch.distributed.all_reduce` is hooked and counts the bytes
 reduces between `GradSync.start` and `GradSync.finish` (the step's gradient sync); collectives
 outside it (evaluation, checkpoint) are counted apart. Next to it stands the size of the parameters
 the step's task used (`MultiTaskModel.parameters_for`), and the step time: rank 0's time between
-consecutive ends of the gradient sync, median over the steps after the first `--warmup` fraction.
+consecutive ends of the gradient sync, median over the mode's steps after the first `--warmup`
+fraction of the epoch.
 The exposed communication of a mode is its step time minus the `off` step time.
 
 Targets: all-reduced bytes / used bytes <= 1.05 at every G (overlapped), step_s(G=4) <= 1.15 x
@@ -55,8 +57,7 @@ def frames(root: Path, rows: int, image_size: int, tasks: list[str]) -> dict[str
     return {task: pd.read_parquet(p["train"]).head(rows)[["image", "label"]] for task, p in paths.items()}
 
 
-def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, storage: Path,
-               compression: str = "none") -> Experiment:
+def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, storage: Path) -> Experiment:
     return Experiment(
         name=name,
         tasks=[TaskSpec(name=task, kind=TASK_KINDS[task], train=df, image_column="image") for task, df in data.items()],
@@ -64,13 +65,14 @@ def experiment(name: str, data: dict[str, pd.DataFrame], args: argparse.Namespac
         data=DataSpec(image_size=args.image_size, views=[ViewSpec("full")]),
         model=ModelSpec(image_backbone="resnet18", hidden_dim=128, groups={f"g{i}": [t] for i, t in enumerate(data)}),
         training=TrainingSpec(epochs=1, batch_size=args.batch_size, num_workers=2, cpus_per_worker=args.threads // 2,
-                              keep_checkpoints=1, grad_compression=compression),
+                              keep_checkpoints=1),
     ).validate()
 
 
-def counting_collectives(loop, out_dir: str, mode: str, bucket_bytes: int):
-    """`loop` with all_reduce bytes counted per gradient sync (and apart from it), rank by rank, the
-    sync switched off (`off`) or sequential (`sequential`), and its buckets of `bucket_bytes`."""
+def counting_collectives(loop, out_dir: str, modes: list[str], bucket_bytes: int):
+    """`loop` with the gradient sync's mode taking turns step by step (`modes[step % len(modes)]`, the
+    same on every rank), all_reduce bytes counted per gradient sync (and apart from it), rank by rank,
+    and buckets of `bucket_bytes`."""
 
     def run(config):
         import json
@@ -83,31 +85,40 @@ def counting_collectives(loop, out_dir: str, mode: str, bucket_bytes: int):
         from raymtl.train import gradsync
 
         steps, other = [], {"bytes": 0}
-        real_reduce, real_init = dist.all_reduce, gradsync.GradSync.__init__
-        real_start, real_finish = gradsync.GradSync.start, gradsync.GradSync.finish
+        real_reduce, real_init, real_ready = dist.all_reduce, gradsync.GradSync.__init__, gradsync.GradSync._ready
+        real_start, real_finish, real_world_size = gradsync.GradSync.start, gradsync.GradSync.finish, gradsync.world_size
+
+        def mode() -> str:
+            return modes[(len(steps) - 1) % len(modes)] if steps else "overlapped"
 
         def all_reduce(t, *a, **k):
             (steps[-1] if steps and steps[-1]["open"] else other)["bytes"] += t.numel() * t.element_size()
             return real_reduce(t, *a, **k)
 
         def init(self, model, **kwargs):
-            real_init(self, model, **kwargs, bucket_bytes=bucket_bytes, overlap=mode != "sequential")
+            real_init(self, model, **kwargs, bucket_bytes=bucket_bytes)
+
+        def ready(self, p):
+            if mode() != "sequential":  # hooks armed by an earlier overlapped step stay idle
+                real_ready(self, p)
 
         def start(self, task, had_batch):
             used = sum(p.numel() * p.element_size() for p in self.model.parameters_for(task) if p.requires_grad)
             steps.append({"task": task, "used": used, "bytes": 0, "open": True})
+            self.overlap = mode() != "sequential"
+            self.wire = gradsync.COMPRESSIONS["bf16" if mode() == "bf16" else "none"]
             return real_start(self, task, had_batch)
 
         def finish(self):
             try:
                 return real_finish(self)
             finally:
-                steps[-1].update(open=False, t=time.perf_counter())
+                steps[-1].update(open=False, t=time.perf_counter(), mode=mode())
 
         dist.all_reduce = all_reduce
         gradsync.GradSync.__init__, gradsync.GradSync.start, gradsync.GradSync.finish = init, start, finish
-        if mode == "off":
-            gradsync.world_size = lambda: 1  # each rank keeps its own gradients: the step without the sync
+        gradsync.GradSync._ready = ready  # before any GradSync exists: its hooks bind this one
+        gradsync.world_size = lambda: 1 if mode() == "off" else real_world_size()  # off: each rank keeps its own gradients
         try:
             loop(config)
         finally:
@@ -117,33 +128,38 @@ def counting_collectives(loop, out_dir: str, mode: str, bucket_bytes: int):
     return run
 
 
-def run_mode(groups: int, mode: str, data: dict[str, pd.DataFrame], args: argparse.Namespace, tmp: Path) -> dict:
+def run_modes(groups: int, data: dict[str, pd.DataFrame], args: argparse.Namespace, tmp: Path) -> dict[str, dict]:
+    """One epoch with `args.modes` taking turns step by step: every mode's steps spread over the same
+    minutes, so this VM's drift between runs (up to a third of a step) falls on all of them alike."""
     from raymtl.train.trainer import make_trainer, prepare
 
-    exp, infos = prepare(experiment(f"comm-g{groups}-{mode}-{time.time_ns()}", data, args, tmp / "runs",
-                                    compression="bf16" if mode == "bf16" else "none"))
-    out = tmp / f"calls{groups}-{mode}"
+    exp, infos = prepare(experiment(f"comm-g{groups}-{time.time_ns()}", data, args, tmp / "runs"))
+    out = tmp / f"calls{groups}"
     out.mkdir()
     trainer = make_trainer(exp, infos)
-    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out), mode,
+    trainer.train_loop_per_worker = counting_collectives(trainer.train_loop_per_worker, str(out), args.modes,
                                                          round(args.bucket_mb * 2**20))
     trainer.fit()
     rank0 = json.loads((out / "rank0.json").read_text())
     steps = rank0["steps"]
-    times = [b["t"] - a["t"] for a, b in zip(steps, steps[1:])]
-    steady = times[math.ceil(args.warmup * len(times)) :]
-    result = {
-        "groups": groups,
-        "mode": mode,
-        "steps": len(steps),
-        "allreduce_bytes_per_step": statistics.mean(s["bytes"] for s in steps),
-        "used_param_bytes_per_step": statistics.mean(s["used"] for s in steps),
-        "step_s": statistics.median(steady),
-        "other_allreduce_bytes": rank0["other_bytes"],
-    }
-    result["bytes_ratio"] = result["allreduce_bytes_per_step"] / result["used_param_bytes_per_step"]
-    print(f"[comm] {json.dumps(result)}", flush=True)
-    return result
+    timed = [(b["mode"], b["t"] - a["t"]) for a, b in zip(steps, steps[1:])]  # a step: from the last sync's end to its own
+    timed = timed[math.ceil(args.warmup * len(timed)) :]
+    results = {}
+    for mode in args.modes:
+        own = [s for s in steps if s["mode"] == mode]
+        result = {
+            "groups": groups,
+            "mode": mode,
+            "steps": len(own),
+            "allreduce_bytes_per_step": statistics.mean(s["bytes"] for s in own),
+            "used_param_bytes_per_step": statistics.mean(s["used"] for s in own),
+            "step_s": statistics.median(t for m, t in timed if m == mode),
+            "other_allreduce_bytes": rank0["other_bytes"],
+        }
+        result["bytes_ratio"] = result["allreduce_bytes_per_step"] / result["used_param_bytes_per_step"]
+        print(f"[comm] {json.dumps(result)}", flush=True)
+        results[mode] = result
+    return results
 
 
 def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -151,7 +167,7 @@ def run_groups(groups: int, args: argparse.Namespace, tmp: Path) -> dict:
     load_before = os.getloadavg()[0]
     rows = math.ceil(args.steps / groups) * args.batch_size * 2  # 2 workers
     data = frames(tmp / f"data{groups}", rows, args.image_size, TASKS[:groups])
-    modes = {mode: run_mode(groups, mode, data, args, tmp) for mode in args.modes}
+    modes = run_modes(groups, data, args, tmp)
     result = {"groups": groups, "load": {"before": load_before, "after": os.getloadavg()[0]}, "modes": modes}
     if "off" in modes:
         result["exposed_comm_s"] = {m: r["step_s"] - modes["off"]["step_s"] for m, r in modes.items() if m != "off"}
@@ -163,7 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], choices=range(1, len(TASKS) + 1))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                         help="gradient sync modes to run at every G (overlapped is always among them)")
-    parser.add_argument("--steps", type=int, default=48, help="steps of the epoch (rounded up to a multiple of G)")
+    parser.add_argument("--steps", type=int, default=192,
+                        help="steps of the epoch, the modes taking turns (rounded up to a multiple of G)")
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="CPUs of both workers together")
