@@ -105,8 +105,9 @@ def counting_collectives(loop, out_dir: str, modes: list[str], bucket_bytes: int
         def start(self, task, had_batch):
             used = sum(p.numel() * p.element_size() for p in self.model.parameters_for(task) if p.requires_grad)
             steps.append({"task": task, "used": used, "bytes": 0, "open": True})
-            self.overlap = mode() != "sequential"
-            self.wire = gradsync.COMPRESSIONS["bf16" if mode() == "bf16" else "none"]
+            this = mode()
+            self.overlap = this != "sequential"
+            self.wire = gradsync.COMPRESSIONS["bf16" if this == "bf16" else "none"]
             return real_start(self, task, had_batch)
 
         def finish(self):
