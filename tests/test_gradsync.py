@@ -87,6 +87,18 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     _step(model, sync, "a", lambda: model.a(x).sum() + model.b(x).sum(), trace)
     results["foreign"] = (model.b.weight.grad.clone(), [n for n, _, _ in reduced])
 
+    # The buckets' buffers are kept from step to step, so the last step's averages must be dropped first.
+    grads = []
+    for _ in range(2):  # the first step's averages held on to: without reuse their memory could not be reused
+        _step(model, sync, "a", lambda: model.a(x).sum(), trace)
+        grads.append(model.a.weight.grad)
+    try:
+        sync.start("a", had_batch=True)
+        results["stale"] = None
+    except RuntimeError as e:
+        results["stale"] = str(e)
+    results["reused"] = grads[0].data_ptr() == grads[1].data_ptr()
+
     # Several buckets: the same launch order on both ranks; rank 1 has no batch (no hooks fire).
     deep = Deep()
     inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))
@@ -209,6 +221,12 @@ def test_gather_and_broadcast_collectives(two_ranks):
         assert res["rng"] == 2
         weight, counter = res["broadcast"]
         assert torch.equal(weight, torch.zeros(2, 2)) and counter.item() == 0  # rank 0's, both dtypes
+
+
+def test_bucket_buffers_are_reused_and_stale_gradients_refused(two_ranks):
+    for r in two_ranks:
+        assert r["reused"]  # the second step's averages live where the first's did: no new memory per step
+        assert "zero_grad(set_to_none=True)" in r["stale"]  # the first step's averages would be overwritten
 
 
 def test_buckets_split_by_size_and_dtype():
