@@ -17,16 +17,16 @@ affinity measurement's, are left alone).
 
 A rank whose batch was empty still joins with zero gradients. With each bucket goes one flag per
 parameter (had a gradient on this rank) and one per rank (had a batch): the average divides by the
-ranks that had a batch (each rank sends its gradients already divided by the world size, as they
-are copied into the bucket, and the sums are rescaled only in the rare step where some rank had no
-batch: no pass over the averages after the reduction), a parameter no rank produced a gradient for keeps `grad=None` (so the
+ranks that had a batch (each rank divides its gradients by the world size as it copies them into
+the bucket, and the sums are rescaled only in a step where some rank had no batch: no pass over
+them after the reduction), a parameter no rank produced a gradient for keeps `grad=None` (so the
 optimizer leaves it alone, as it would on one process: a zero gradient would still move it through
 weight decay and momentum), and when no rank had a batch the step is skipped everywhere. Those
 decisions need the flags on the host: they are read once per step, after the last bucket is waited
 on, which is the step's only host synchronisation.
 
 The buckets are cut from flat buffers kept from step to step (`_Buffers`), as DDP keeps its
-buckets: on the host, a fresh buffer per step costs a page fault per 4 KiB page, about five times
+buckets: on the host, a fresh buffer per step costs a page fault per 4 KiB page, several times
 the copy into it. The averaged gradients are views of those buffers, so they are only valid until
 the next step's `start`, which refuses to run while the previous step's gradients are still set
 (the training loop drops them with `zero_grad(set_to_none=True)` first).
