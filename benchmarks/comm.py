@@ -59,12 +59,12 @@ TARGET_BYTES_RATIO, TARGET_STEP_RATIO, TARGET_EXPOSED_RATIO = 1.05, 1.15, 0.6
 MODES = ("off", "before", "sequential", "overlapped", "bf16")
 
 
-def before_sync(params: list, had_batch: bool) -> bool:
+def before_sync(params: list, had_batch: bool, bucket_bytes: int) -> bool:
     """The gradient sync before overlap (raymtl until 2026-12-04), for the comparison: after backward,
     bucket by bucket, gradients and flags flattened into new memory, all-reduced, read on the host."""
     contributors = 0.0
     with torch.no_grad():
-        for bucket in buckets(params):
+        for bucket in buckets(params, bucket_bytes):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
             flags = torch.tensor([p.grad is not None for p in bucket] + [had_batch], dtype=grads[0].dtype,
                                  device=grads[0].device)
@@ -142,7 +142,7 @@ def counting_collectives(loop, out_dir: str, modes: list[str], bucket_bytes: int
         def finish(self):
             try:
                 if mode() == "before":
-                    return before_sync(*self.before)
+                    return before_sync(*self.before, self.bucket_bytes)
                 stepped = real_finish(self)
                 if mode() == "off":
                     real_reduce(torch.zeros(1))  # the next step starts together on both ranks

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -56,9 +55,9 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+def _worker(rank: int, args: argparse.Namespace, tmp: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
     ddp = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=args.bucket_mb)
@@ -84,22 +83,15 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
         steps[mode].append((now - wall, now_cpu - cpu))
         wall, cpu = now, now_cpu
     if rank == 0:
-        Path(out).write_text(json.dumps(steps))
+        Path(tmp, "steps.json").write_text(json.dumps(steps))
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="raymtl_comm_ddp_") as tmp:
-        out = str(Path(tmp, "steps.json"))
-        mp.spawn(_worker, args=(args, _free_port(), out), nprocs=2, join=True)
-        steps = json.loads(Path(out).read_text())
+        mp.spawn(_worker, args=(args, tmp), nprocs=2, join=True)
+        steps = json.loads(Path(tmp, "steps.json").read_text())
     kept = {m: s[round(args.warmup * len(s)) :] for m, s in steps.items()}
     step_s = {m: statistics.median(w for w, _ in s) for m, s in kept.items()}
     exposed = {m: step_s[m] - step_s["off"] for m in MODES[1:]}

@@ -84,8 +84,8 @@ class _Buffers:
 class _Step:
     """One step's buckets, launched strictly in order, each once it and all earlier ones are complete.
 
-    Bucket i is `wire[i]`: its gradients, then one flag per parameter and the had-batch flag, at
-    consecutive offsets of the `buffers`' wire buffer of its dtype."""
+    Bucket i goes out as `slots[i]`: its gradients, then one flag per parameter and the had-batch
+    flag, at consecutive offsets of the `buffers`' wire buffer of its dtype."""
 
     def __init__(self, plan: list[list[nn.Parameter]], had_batch: bool, wire: torch.dtype | None,
                  buffers: _Buffers) -> None:
