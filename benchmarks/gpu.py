@@ -1,9 +1,9 @@
 """The GPU check: raymtl's training and prediction rates on one GPU against a bare PyTorch loop.
 
-    python3 -m benchmarks.gpu --json benchmarks/results/gpu.json     # one GPU, ~6 min in all
+    python3 -m benchmarks.gpu --json benchmarks/results/gpu.json     # one GPU, ~7 min in all
     python3 -m benchmarks.gpu --tiny --json /tmp/gpu_tiny.json        # CPU: a tiny configuration
 
-One call, time-boxed (`--budget-s`, 400 s by default, data generation included). It writes its own
+One call, time-boxed (`--budget-s`, 420 s by default, data generation included). It writes its own
 data first: noisy JPEGs of 400-800 px (a process pool, all cores) and two image tasks over them
 (10 and 4 classes, random labels: the rates are what is measured, not accuracy). Then five modes,
 each in a fresh subprocess with its own time limit, so that one mode's failure, hang or memory
@@ -26,8 +26,11 @@ epochs after the first (warm-up: cuDNN autotuning, allocator growth) only; the b
 `--steps` steps after `--warmup` steps between two CUDA synchronisations. Per mode: items/s, step
 time, data wait, peak GPU memory (the process's `torch.cuda.max_memory_allocated` where it
 trains, and the device's used memory sampled with nvidia-smi), peak host memory (summed PSS of
-the mode's process tree: its Ray processes too) and mean GPU utilisation. The JSON is rewritten
-after every mode, so a run cut short keeps what it measured; a failed mode records its error.
+the mode's process tree: its Ray processes too), mean GPU utilisation, and the tree's CPU time
+by process and thread (for the training modes also while the steps ran: what competed with the
+thread that launches the kernels). Each mode starts once the previous one's processes are gone.
+The JSON is rewritten after every mode, so a run cut short keeps what it measured; a failed mode
+records its error.
 
 `--tiny` (the default without CUDA) runs resnet18 at 32 px for a few steps on the CPU: a check
 that every mode still runs (tests/test_gpu_check.py), not a measurement.
@@ -47,12 +50,12 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.proc_tree import Sampler, descendants
+from benchmarks.proc_tree import Sampler, cores_busy, descendants, session_pids, thread_cpu_s, title
 
 MODES = ("bare", "in_process", "train_worker", "streamed", "predict")
 TARGET_RATIO, TARGET_WAIT = 0.95, 0.05
@@ -60,6 +63,7 @@ CHILD_START = time.perf_counter()  # a mode's subprocess: when it began (its tim
 # Seconds each mode may take at most (also cut to what is left of --budget-s).
 # Measured on an H200: bare 39 s; in_process 48 s (1536 images, 3 epochs), 69 s (4096, 4); train_worker 95 s,
 # streamed 50 s (1536 images).
+SETTLE_S = 20.0  # the most a mode's leftover processes are waited for before they are killed
 MODE_LIMIT_S = {"bare": 55, "in_process": 85, "train_worker": 120, "streamed": 75, "predict": 130}
 
 
@@ -323,16 +327,31 @@ def smi(query: str) -> list[str] | None:
 
 
 class GpuSampler(Sampler):
-    """The process tree's peak PSS plus the GPU's used memory and utilisation (nvidia-smi), every second."""
+    """The process tree's peak PSS, CPU time by process and by thread, and the GPU's used memory and
+    utilisation (nvidia-smi), every second. The CPU figures say what ran beside the training thread:
+    at ~30 ms a step a GPU waits for the thread that launches its kernels, so another busy thread or
+    process on its core shows up as a slower step. A process's last second before it exits is not
+    seen."""
 
     def __init__(self, root: int, every_s: float = 1.0) -> None:
         super().__init__(root, every_s)
         self.has_smi = shutil.which("nvidia-smi") is not None
         self.gpu_used_mb: list[float] = []
         self.gpu_util: list[float] = []
+        self.titles: dict[int, str] = {}
+        self.cpu: dict[tuple[int, int], tuple[str, str, float]] = {}  # (pid, tid) -> process, thread, CPU s so far
+        self.snapshots: list[tuple[float, dict]] = []  # (unix time, `cpu` then)
 
     def sample(self) -> None:
         super().sample()
+        for pid in self.procs:
+            name = title(pid)  # read again: a Ray worker takes its actor's title once it has one
+            if name == "?":  # exiting: the name it had
+                name = self.titles.get(pid, name)
+            self.titles[pid] = name
+            for tid, (thread, seconds) in thread_cpu_s(pid).items():
+                self.cpu[(pid, tid)] = (name, thread, seconds)
+        self.snapshots.append((time.time(), dict(self.cpu)))
         values = smi("memory.used,utilization.gpu") if self.has_smi else None
         try:
             used, util = (float(v) for v in values or ())
@@ -341,15 +360,44 @@ class GpuSampler(Sampler):
         self.gpu_used_mb.append(used)
         self.gpu_util.append(util)
 
+    def cores_between(self, t0: float, t1: float) -> dict | None:
+        """Cores used (CPU seconds per second) by process and by thread between the first sample at
+        or after `t0` and the last at or before `t1`; None without two such samples."""
+        inside = [(t, cpu) for t, cpu in self.snapshots if t0 <= t <= t1]
+        if len(inside) < 2:
+            return None
+        (a, before), (b, after) = inside[0], inside[-1]
+        spent = {key: (name, thread, seconds - before.get(key, ("", "", 0.0))[2])
+                 for key, (name, thread, seconds) in after.items()}
+        return {"window_s": round(b - a, 1), **_by_process_and_thread(spent.values(), b - a)}
+
     def summary(self) -> dict:
         busy = [u for u in self.gpu_util if u > 0]
+        totals = _by_process_and_thread(self.cpu.values())
         return {
             "host_peak_pss_mb": self.peak_pss / 2**20,
             "device_peak_used_mb": max(self.gpu_used_mb) if self.gpu_used_mb else None,
             "gpu_util_mean_busy": statistics.mean(busy) if busy else None,
+            "cpu_s": round(sum(totals["by_process"].values()), 1),
+            "cpu_s_by_process": totals["by_process"],
+            "cpu_s_by_thread": totals["by_thread"],
             "pss_samples": self.samples,
             "sampler_cpu_s": round(self.cpu_s, 2),
         }
+
+
+def _by_process_and_thread(spent, per_s: float = 1.0) -> dict:
+    """CPU seconds (divided by `per_s`) summed by process title and by process / thread name, largest first."""
+    by_process: dict[str, float] = {}
+    by_thread: dict[str, float] = {}
+    for name, thread, seconds in spent:
+        by_process[name] = by_process.get(name, 0.0) + seconds / per_s
+        by_thread[f"{name} / {thread}"] = by_thread.get(f"{name} / {thread}", 0.0) + seconds / per_s
+    return {"by_process": _top(by_process, 8), "by_thread": _top(by_thread, 12)}
+
+
+def _top(values: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in sorted(values.items(), key=lambda kv: -kv[1])[:n] if round(v, 2)}
 
 
 def steady_perf(run_dir: Path, batch_size: int) -> dict:
@@ -369,6 +417,9 @@ def steady_perf(run_dir: Path, batch_size: int) -> dict:
     peaks = [r["perf/peak_gpu_mb"] for r in rows if r.get("perf/peak_gpu_mb") is not None]
     if peaks:
         out["torch_peak_gpu_mb"] = max(peaks)
+    marks = [r.get("perf/first_step_unix") for r in rows[1:]]
+    if len(marks) >= 2 and None not in marks:  # the second epoch's first step to the last epoch's
+        out["steady_window_unix"] = [marks[0], marks[-1]]
     return out
 
 
@@ -378,6 +429,7 @@ def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -
     spec_file.write_text(json.dumps(spec))
     out_file.unlink(missing_ok=True)
     log = work / f"{mode}.log"
+    busy = cores_busy()
     start, load = time.perf_counter(), os.getloadavg()[0]
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu", "--child", mode, str(spec_file), str(out_file)],
@@ -391,8 +443,10 @@ def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -
                 error = f"timed out after {limit_s:.0f} s"
                 _kill_tree(proc)
         sampled = sampler.summary()
-    result: dict = {"wall_s": time.perf_counter() - start, "limit_s": limit_s, "load_before": load,
-                    "load_after": os.getloadavg()[0], **sampled}
+    wall = time.perf_counter() - start
+    stragglers = outlive(proc.pid)
+    result: dict = {"wall_s": wall, "limit_s": limit_s, "load_before": load, "cores_busy_before": round(busy, 2),
+                    "load_after": os.getloadavg()[0], **sampled, **stragglers}
     if out_file.is_file():
         result.update(json.loads(out_file.read_text()))
         if error:  # measured, then cut off while shutting down (Ray's processes)
@@ -401,10 +455,29 @@ def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -
         error = f"exit status {proc.returncode}"
     if mode in ("in_process", "train_worker", "streamed"):
         result.update(steady_perf(work / "runs" / mode, spec["setup"]["batch_size"]))
+        if "steady_window_unix" in result:  # what used the CPUs while the steps ran
+            result["steady_cores"] = sampler.cores_between(*result["steady_window_unix"])
     if error:
         result["error"] = error
         result["log_tail"] = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
     return result
+
+
+def outlive(sid: int, wait_s: float = SETTLE_S) -> dict:
+    """Wait for the processes the mode left in its session (Ray's daemons and workers shutting down),
+    killing what is left after `wait_s`, so that the next mode starts on a quiet machine."""
+    start = time.perf_counter()
+    left = session_pids(sid)
+    while left and time.perf_counter() - start < wait_s:
+        time.sleep(0.5)
+        left = session_pids(sid)
+    names = sorted({title(pid) for pid in left})
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    return {"settle_s": round(time.perf_counter() - start, 1), "killed_after_settle": names}
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -481,7 +554,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=420.0, help="the whole call, data generation included")
     p.add_argument("--work", type=Path, help="folder for data and runs (default: a temporary one, removed)")
     p.add_argument("--images", type=int, help="JPEGs to write (default 4096; tiny 64)")
+    p.add_argument("--rows", type=int, help="training rows per task (default 2048; tiny 32)")
     p.add_argument("--epochs", type=int, help="epochs of the cached training modes (default 5; tiny 2)")
+    p.add_argument("--batch-size", type=int, help="rows per step (default 64; tiny 8)")
+    p.add_argument("--image-size", type=int, help="pixels of each view's side (default 224; tiny 32)")
     p.add_argument("--verbose", action="store_true", help="the modes' own output on this terminal")
     return p.parse_args(argv)
 
@@ -494,10 +570,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     tiny = args.tiny or not torch.cuda.is_available()
     setup = TINY if tiny else Setup()
-    if args.images:
-        setup = Setup(**{**asdict(setup), "images": args.images, "rows": min(setup.rows, args.images // 2)})
-    if args.epochs:
-        setup = Setup(**{**asdict(setup), "epochs": args.epochs})
+    resized = {key: getattr(args, key) for key in ("images", "rows", "epochs", "batch_size", "image_size")
+               if getattr(args, key)}
+    if args.images and not args.rows:  # two tasks' rows fit in the images
+        resized["rows"] = min(setup.rows, args.images // 2)
+    setup = replace(setup, **resized)
     work = args.work or Path(tempfile.mkdtemp(prefix="raymtl_gpu_"))
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"benchmark": "gpu", "tiny": tiny, "setup": asdict(setup), "budget_s": budget,

@@ -40,17 +40,77 @@ def pss_bytes(pid: int) -> int:
 
 
 def title(pid: int) -> str:
-    """A process's name as `ps` shows it: Ray's workers retitle themselves `ray::<Actor>`."""
+    """A process's name as `ps` shows it, shortened: Ray's workers retitle themselves
+    `ray::<Actor>.<method running>` (kept: `ray::<Actor>`); an interpreter is named with its script
+    or module (`python log_monitor.py`, `python benchmarks.gpu`)."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "?"
     first = args[0].decode(errors="replace")
+    if not first:
+        return "?"  # exited: a zombie has no command line
     if first.startswith("ray::"):
-        return first.split()[0]
-    rest = [a.decode(errors="replace") for a in args[1:] if a]
-    name = rest[1] if rest[:1] == ["-m"] and len(rest) > 1 else (rest[0] if rest else "")
+        return first.split()[0].split(".")[0]
+    name, rest = "", [a.decode(errors="replace") for a in args[1:] if a]
+    for i, arg in enumerate(rest):
+        if arg in ("-m", "-c"):
+            name = rest[i + 1] if arg == "-m" and i + 1 < len(rest) else arg
+            break
+        if not arg.startswith("-"):
+            name = arg
+            break
     return Path(first).name + (f" {Path(name).name}" if name else "")
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) each thread of `pid` has used so far, with the thread's name
+    (torch's and Ray's threads name themselves: `pt_autograd_0`, `ray_import_thr`...); {} once gone."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / TICKS_PER_S)  # utime, stime
+    return out
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` still running (zombies left out): Ray's daemons stay in the session
+    of the process that started them, also once it has exited and they were re-parented."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                state, _, _, session = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:4]
+                if int(session) == sid and state != "Z":
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def cores_busy(window_s: float = 1.0) -> float:
+    """How many cores were busy (not idle or waiting for I/O) on average over the next `window_s`:
+    the machine now, where the 1-minute load still carries the last minute."""
+    def read() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values[:8]) - idle, idle
+
+    (busy0, idle0), _ = read(), time.sleep(window_s)
+    busy1, idle1 = read()
+    total = (busy1 - busy0) + (idle1 - idle0)
+    return (os.cpu_count() or 1) * (busy1 - busy0) / total if total else 0.0
 
 
 def pss_by_title(pids: list[int]) -> dict[str, float]:
@@ -78,6 +138,7 @@ class Sampler(threading.Thread):
         self.root, self.every_s = pid, every_s
         self.peak_processes = self.peak_pss = self.samples = 0
         self.cpu_s = 0.0
+        self.procs: list[int] = []  # the tree at the last sample
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -99,7 +160,7 @@ class Sampler(threading.Thread):
 
     def sample(self) -> None:
         """One reading of the tree (a subclass adds what else it watches)."""
-        procs = descendants(self.root)
+        procs = self.procs = descendants(self.root)
         self.peak_processes = max(self.peak_processes, len(procs))
         self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in procs))
 
