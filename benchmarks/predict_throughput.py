@@ -91,6 +91,7 @@ def main() -> None:
 
     import ray
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, items_file = make_model(root, args.items)
@@ -115,7 +116,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['method']:<30}{row['seconds']:>10.2f}{row['items_per_s']:>10.1f}")
     result = {"items": n, "batch_size": args.batch_size, "cpus": os.cpu_count(), "machine": platform.machine(),
-              "torch_threads": torch.get_num_threads(), "rows": rows}
+              "torch_threads": torch.get_num_threads(), "load_1m_before": load_before,
+              "load_1m_after": os.getloadavg()[0], "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
