@@ -37,6 +37,7 @@ from raymtl.models.build import build_model
 from raymtl.predict import predict
 from raymtl.predict.actors import Predict, Prepare
 from raymtl.predict.plan import make_plan
+from raymtl.ray_runtime import ensure_ray, release
 
 
 def make_model(root: Path, items: int) -> tuple[str, str]:
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default="predict_throughput.json")
     args = parser.parse_args()
 
-    import ray
+    import ray.data
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,14 +102,13 @@ def main() -> None:
             {"method": "in-process, per task", "seconds": timed(per_task_loop, model_dir, items, args.batch_size)},
             {"method": "in-process, predict stages", "seconds": timed(stages_loop, model_dir, items, args.batch_size)},
         ]
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
-                 logging_level="ERROR")
+        ensure_ray()  # the local cluster `raymtl predict` starts: one CPU slot per core, at least 4
         ray.data.DataContext.get_current().enable_progress_bars = False
         for pool in map(int, args.pools.split(",")):
             summary = predict(model_dir, items_file, str(root / f"out-{pool}"), batch_size=args.batch_size,
                               pool_size=pool)
             rows.append({"method": f"predict pool={pool}", "seconds": summary.seconds})
-        ray.shutdown()
+        release()
     for row in rows:
         row["items_per_s"] = n / row["seconds"]
     print(f"{n} items, batch size {args.batch_size}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
