@@ -445,7 +445,7 @@ def run_mode(mode: str, spec: dict, work: Path, limit_s: float, verbose: bool) -
         sampled = sampler.summary()
     wall = time.perf_counter() - start
     stragglers = outlive(proc.pid)
-    result: dict = {"wall_s": wall, "limit_s": limit_s, "load_before": load, "cores_busy_before": round(busy, 2),
+    result: dict = {"wall_s": wall, "limit_s": limit_s, "load_before": load, "cores_busy_before": busy if busy is None else round(busy, 2),
                     "load_after": os.getloadavg()[0], **sampled, **stragglers}
     if out_file.is_file():
         result.update(json.loads(out_file.read_text()))

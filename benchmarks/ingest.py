@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.proc_tree import Sampler, settle
+from benchmarks.proc_tree import Sampler, busy_cpu_s, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("color", "pattern", "season")
@@ -194,18 +194,6 @@ def run_dataloader(paths: list[str], cores: int, epochs: int = 1) -> dict:
         rates.append((done, time.perf_counter() - start))
         cpu = _since(busy) if epoch == 0 else cpu
     return {"items": rates[0][0], "seconds": rates[0][1], "cpu_s": cpu, "pinned": pinned, **per_epoch(rates)}
-
-
-def busy_cpu_s() -> float | None:
-    """CPU-seconds the whole machine has been busy (all processes, kernel included; not idle or
-    waiting on I/O), from /proc/stat; None where there is none. Over a timed epoch, divided by its
-    items: what an item costs in CPU wherever it was spent (decode workers, Ray's daemons, the consumer),
-    a figure that drifts less than items/s on a shared VM."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return None
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
 def _since(busy: float | None) -> float | None:

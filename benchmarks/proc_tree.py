@@ -10,13 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _stat(path: str) -> tuple[str, list[str]]:
+    """A /proc stat file: the name (between parentheses; it may hold spaces) and the fields after it
+    (fields[0] is the state, fields[1] the parent, fields[3] the session, fields[11:13] user and
+    system CPU ticks)."""
+    text = Path(path).read_text()
+    return text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+
+
 def descendants(root: int) -> list[int]:
     """`root` and every process below it."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                ppid = int(_stat(f"/proc/{entry}/stat")[1][1])
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
@@ -76,10 +84,9 @@ def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
         return out
     for tid in tids:
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name, fields = _stat(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
         out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / TICKS_PER_S)  # utime, stime
     return out
 
@@ -91,7 +98,7 @@ def session_pids(sid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                state, _, _, session = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:4]
+                state, _, _, session = _stat(f"/proc/{entry}/stat")[1][:4]
                 if int(session) == sid and state != "Z":
                     found.append(int(entry))
             except (OSError, IndexError, ValueError):
@@ -99,18 +106,24 @@ def session_pids(sid: int) -> list[int]:
     return found
 
 
-def cores_busy(window_s: float = 1.0) -> float:
-    """How many cores were busy (not idle or waiting for I/O) on average over the next `window_s`:
-    the machine now, where the 1-minute load still carries the last minute."""
-    def read() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = values[3] + values[4]
-        return sum(values[:8]) - idle, idle
+def busy_cpu_s() -> float | None:
+    """CPU-seconds the whole machine has been busy (all processes, kernel included; not idle or
+    waiting on I/O), from /proc/stat; None where there is none. Over a timed epoch, divided by its
+    items: what an item costs in CPU wherever it was spent (decode workers, Ray's daemons, the consumer),
+    a figure that drifts less than items/s on a shared VM."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS_PER_S  # less idle and iowait
 
-    (busy0, idle0), _ = read(), time.sleep(window_s)
-    busy1, idle1 = read()
-    total = (busy1 - busy0) + (idle1 - idle0)
-    return (os.cpu_count() or 1) * (busy1 - busy0) / total if total else 0.0
+
+def cores_busy(window_s: float = 1.0) -> float | None:
+    """How many cores were busy on average over the next `window_s` (None without /proc/stat): the
+    machine now, where the 1-minute load still carries the last minute."""
+    start = busy_cpu_s()
+    time.sleep(window_s)
+    return None if start is None else (busy_cpu_s() - start) / window_s
 
 
 def pss_by_title(pids: list[int]) -> dict[str, float]:

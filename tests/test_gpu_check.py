@@ -3,6 +3,8 @@ in the process and `raymtl predict` over its model (the Train-worker and streame
 in-process mode's code and are left out for time)."""
 
 import json
+import subprocess
+import time
 
 import pytest
 
@@ -37,9 +39,6 @@ def test_gpu_check_runs_its_modes_and_writes_their_numbers(tmp_path):
 def test_a_modes_leftover_processes_are_waited_for_then_killed():
     """A process the mode's command left running in its session (as Ray's daemons could) is killed
     after the wait, and named; a session with nothing left returns at once."""
-    import subprocess
-    import time
-
     proc = subprocess.Popen(["sh", "-c", "sleep 60 >/dev/null & echo $!"], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     orphan = int(proc.stdout.readline())
