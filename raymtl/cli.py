@@ -143,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from raymtl.evaluate import compare, evaluate, format_table, modality_table, write_results
 
     options = dict(split=args.split, tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
-                   pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address)
+                   pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address, local=args.local)
     modalities = ["both", "image", "text"] if args.modality == "all" else [args.modality]
     by_modality = {m: evaluate(args.model, args.config, modality=m, **options) for m in modalities}
     evaluation = by_modality[modalities[0]]
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_console_flags(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="per-task metrics of a saved model or ensemble on labelled data (Ray Data)")
+    p = sub.add_parser("evaluate", help="per-task metrics of a saved model or ensemble on labelled data")
     p.add_argument("model", help="saved model or ensemble folder or URI")
     p.add_argument("config", help="experiment YAML whose tasks name the labelled data (validation:/test: sources)")
     p.add_argument("--split", choices=["validation", "test"], default="validation")
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="items per model call")
     p.add_argument("--pool-size", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
+    p.add_argument("--local", action=argparse.BooleanOptionalAction,
+                   help="score in this process, not on Ray Data's actors (default: for a task whose split has "
+                        "at most raymtl.evaluate.LOCAL_ROWS rows, unless --num-gpus is given)")
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_evaluate)

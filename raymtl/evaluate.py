@@ -13,6 +13,10 @@ A masked modality is not computed and feeds zeros into its fusion slot (after th
 normalisation), exactly what a task without that modality feeds, and what modality dropout trains
 the model on; a task whose only modality is masked then predicts from zeros: its prior.
 
+A split of at most `LOCAL_ROWS` rows is scored by the same two stages in this process (no Ray
+cluster is started when every task's is): the actors' start-up, seconds per task, would cost more
+than its rows.
+
 With baselines, each task is compared with the baselines that predict it (several: their mean)
 and LibMTL's Δ% sums it up: the mean over tasks of the mean over the task's metrics of
 ±(model - baseline) / baseline, signed so that higher is better (the loss counts negated), x 100.
@@ -33,6 +37,7 @@ import numpy as np
 
 from raymtl import storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
+from raymtl.data.tables import read_table
 from raymtl.predict import gpus_per_actor, predictions
 from raymtl.predict.actors import Predict, Prepare
 from raymtl.predict.plan import LABEL, Plan, make_plan
@@ -47,6 +52,7 @@ SPLITS = {"validation": "validation", "test": "test"}  # --split -> TaskSpec fie
 LOWER_IS_BETTER = frozenset({"loss"})
 COUNTS = ("rows", "bad_rows")  # reported beside the metrics, not compared
 MASKED = {"both": None, "image": "text", "text": "image"}  # modality evaluated -> modality masked
+LOCAL_ROWS = 1024  # `local` by default: a task split of at most this many rows is scored in this process
 
 
 @dataclass
@@ -85,15 +91,16 @@ def evaluate(
     pool_size: int = 1,
     num_gpus: float | None = None,
     address: str | None = None,
-    local: bool = False,
+    local: bool | None = None,
     modality: str = "both",
 ) -> Evaluation:
     """Metrics of every task of `config` (a YAML path or an Experiment) that the model predicts.
 
     With `tasks` only those; without, a config task the model lacks is skipped, and a model with
     none of the config's tasks is a ConfigError, as is a task without the split's source or with a
-    label the model does not know. `local`: the same two stages in this process, for sets of a few
-    thousand rows, where starting Ray Data's actors (seconds per task) costs more than the rows.
+    label the model does not know. `local`: the same two stages in this process (on its GPU if it
+    has one) instead of on Ray Data's actors; None: for a task whose split has at most `LOCAL_ROWS`
+    rows, unless `num_gpus` asks for GPU actors.
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
@@ -102,27 +109,30 @@ def evaluate(
         raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(MASKED)}")
     exp = config if isinstance(config, Experiment) else load_experiment(config)
     saved = load(model_path)
-    specs = _task_specs(exp, saved.infos, split, tasks)
-    ensure_ray(address)
-    gpus = gpus_per_actor(num_gpus)
+    rows = _task_rows(exp, saved.infos, split, tasks)
+    here = {task: n <= LOCAL_ROWS and not num_gpus if local is None else local for task, n in rows.items()}
+    if not all(here.values()):
+        ensure_ray(address)
+        gpus = gpus_per_actor(num_gpus)
     start = time.perf_counter()
     metrics = {}
-    for spec in specs:
+    for spec in (exp.task(task) for task in rows):
         plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
                          text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
         plan = dataclasses.replace(plan, masked=MASKED[modality])
-        items = read_items(getattr(spec, SPLITS[split]), plan)
-        if local:
-            scored = _score_here(items.to_pandas(), plan, batch_size)
+        source = getattr(spec, SPLITS[split])
+        if here[spec.name]:
+            scored = _score_here(read_table(source, list(plan.required_columns)), plan, batch_size)
         else:
-            pipeline = predictions(items, plan, batch_size, pool_size, gpus, model_stage=_Score)
+            pipeline = predictions(read_items(source, plan), plan, batch_size, pool_size, gpus, model_stage=_Score)
             scored = pipeline.iter_batches(batch_format="numpy")
         metrics[spec.name] = task_metrics(saved.infos[spec.name], scored)
     return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start, modality)
 
 
-def _task_specs(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> list[TaskSpec]:
-    """The config's tasks to evaluate, checked against the model and the data before Ray starts."""
+def _task_rows(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> dict[str, int]:
+    """The config's tasks to evaluate and their split's rows, checked against the model and the data
+    before Ray starts."""
     from raymtl.data.inspection import inspect_tasks
 
     if split not in SPLITS:
@@ -145,7 +155,7 @@ def _task_specs(exp: Experiment, infos: dict, split: str, tasks: list[str] | Non
                 f"task {spec.name!r}: label {unknown[0]!r} of the data is not in the model's label map "
                 f"{infos[spec.name].labels[:20]}"
             )
-    return specs
+    return {spec.name: found[spec.name].n_val if split == "validation" else found[spec.name].n_test for spec in specs}
 
 
 def _row_id(spec: TaskSpec) -> str | None:
@@ -163,7 +173,9 @@ class _Score(Predict):
 
 def _score_here(items: pd.DataFrame, plan: Plan, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Prediction's decoding and scoring stages called batch by batch in this process."""
-    prepare, score = Prepare(plan), _Score(plan, use_gpu=False)
+    import torch
+
+    prepare, score = Prepare(plan), _Score(plan, use_gpu=torch.cuda.is_available())
     for start in range(0, len(items), batch_size):
         yield score(prepare(items.iloc[start : start + batch_size]))
 

@@ -1,7 +1,7 @@
 """`raymtl evaluate`: metrics equal to ones computed by hand, Δ% as LibMTL defines it.
 
-The model is tiny and untrained; the in-process tests run prediction's two stages without Ray, one
-slow test runs the command on Ray Data.
+The model is tiny and untrained; its small splits are scored by prediction's two stages without Ray,
+one slow test scores them on Ray Data's actors too.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from raymtl.cli import main
+from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.task_info import TaskInfo
-from raymtl.evaluate import Evaluation, _Score, _task_specs, compare, evaluate, task_metrics
+from raymtl import evaluate as evaluate_module
+from raymtl.evaluate import Evaluation, _Score, _task_rows, compare, evaluate, task_metrics
 from raymtl.predict.actors import Prepare
 from raymtl.predict.plan import make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny
@@ -93,15 +94,40 @@ def test_faults_are_named_before_ray_starts(setup):
 
     infos = raymtl.load(model).infos
     with pytest.raises(ConfigError, match="task 'a' has no `test:` source"):
-        _task_specs(exp, infos, "test", None)
+        _task_rows(exp, infos, "test", None)
     with pytest.raises(ConfigError, match="the model has no task 'b'"):
-        _task_specs(exp, {"a": infos["a"]}, "validation", ["b"])
+        _task_rows(exp, {"a": infos["a"]}, "validation", ["b"])
+    assert _task_rows(exp, infos, "validation", None) == {t.name: len(pd.read_parquet(t.validation)) for t in exp.tasks}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_cli_evaluates_on_ray_data_with_a_baseline(ray_cluster, setup, tmp_path, capsys):
+def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch):
+    """Splits of at most LOCAL_ROWS rows need no cluster (none is started); a larger one, `local=False`
+    or GPUs asked for go to Ray Data's actors."""
     model, exp = setup
+
+    def no_ray(address=None):
+        raise RuntimeError("Ray was asked for")
+
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    got = evaluate(model, exp, batch_size=8)
+    for spec in exp.tasks:
+        items = pd.read_parquet(spec.validation)
+        expected = by_hand(member_probs(model, items)[spec.name], items["label"].to_numpy())
+        assert got.tasks[spec.name]["rows"] == len(items)
+        for key, value in expected.items():
+            assert got.tasks[spec.name][key] == pytest.approx(value, abs=1e-5), key
+    for options in ({"local": False}, {"num_gpus": 1}):
+        with pytest.raises(RuntimeError, match="Ray was asked for"):
+            evaluate(model, exp, **options)
+    monkeypatch.setattr(evaluate_module, "LOCAL_ROWS", len(pd.read_parquet(exp.tasks[0].validation)) - 1)
+    with pytest.raises(RuntimeError, match="Ray was asked for"):
+        evaluate(model, exp)
+
+
+def test_cli_evaluates_with_a_baseline(setup, tmp_path, capsys, monkeypatch):
+    """Small splits: scored in the command's process, no Ray cluster started."""
+    model, exp = setup
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", lambda address=None: pytest.fail("Ray was started"))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(exp.to_dict()))
     out = tmp_path / "out"
@@ -115,6 +141,15 @@ def test_cli_evaluates_on_ray_data_with_a_baseline(ray_cluster, setup, tmp_path,
         for key, value in expected.items():
             assert report["tasks"][spec.name][key] == pytest.approx(value, abs=1e-5), key
     assert (out / "evaluation.csv").read_text().count("\n") == 1 + 2 * len(exp.tasks)
-    here = evaluate(model, exp, batch_size=8, local=True)  # the same stages without Ray Data's actors
-    for task, metrics in here.tasks.items():
-        assert metrics == pytest.approx(report["tasks"][task], abs=1e-6), task
+    flags = [build_parser().parse_args(["evaluate", "m", "c", *more]).local for more in ([], ["--local"], ["--no-local"])]
+    assert flags == [None, True, False]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_data_actors_score_as_this_process_does(ray_cluster, setup):
+    model, exp = setup
+    on_ray = evaluate(model, exp, tasks=["a"], batch_size=8, local=False)
+    here = evaluate(model, exp, tasks=["a"], batch_size=8)
+    assert on_ray.tasks["a"]["rows"] == len(pd.read_parquet(exp.task("a").validation))
+    assert on_ray.tasks["a"] == pytest.approx(here.tasks["a"], abs=1e-6)

@@ -137,8 +137,8 @@ def test_explicit_labels_keep_their_order_as_strings(tmp_path: Path) -> None:
 def test_multilabel_lists_from_parquet(tmp_path: Path) -> None:
     tags = [["casual"], ["sport", "casual"], [], ["formal"]]
     path = write(frame(tags), tmp_path / "t.parquet")
-    info = inspect_one(train=path, validation=frame([["sport"]]), kind="multilabel")
-    assert (info.labels, info.n_train, info.n_val) == (["casual", "formal", "sport"], 4, 1)
+    info = inspect_one(train=path, validation=frame([["sport"]]), test=frame([["formal"], ["sport"]]), kind="multilabel")
+    assert (info.labels, info.n_train, info.n_val, info.n_test) == (["casual", "formal", "sport"], 4, 1, 2)
     assert list(read_table(path)["label"].iloc[1]) == ["sport", "casual"]
 
 

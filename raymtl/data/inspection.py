@@ -46,6 +46,7 @@ def _inspect_task(task: TaskSpec, data: DataSpec) -> TaskInfo:
         has_text=task.text_column is not None,
         weight=task.weight,
         threshold=task.threshold,
+        n_test=test.rows,
     )
 
 

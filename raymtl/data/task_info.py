@@ -21,6 +21,7 @@ class TaskInfo:
     has_text: bool
     weight: float = 1.0
     threshold: float = 0.5  # multilabel decision threshold, kept with the model for prediction
+    n_test: int = 0  # rows of the test split (0: none; models saved before it was counted say 0 too)
 
     @property
     def num_labels(self) -> int:
