@@ -279,7 +279,7 @@ def child_predict(spec: dict) -> dict:
     # Two runs, N and k*N items: the second's rate includes the actors' start-up (a job's fixed
     # cost), the difference between the two is the rate a long job settles at.
     small, large = (predict(model, items, str(Path(spec["work"]) / "predictions"), batch_size=setup.batch_size,
-                            num_gpus=gpus, overwrite=True) for items in spec["predict_input"])
+                            num_gpus=gpus, overwrite=True, local=False) for items in spec["predict_input"])
     extra_s = large.seconds - small.seconds
     return {"items_per_s": large.items_per_s, "seconds": large.seconds, "rows": large.rows_out,
             "bad_rows": large.bad_rows, "num_gpus": gpus, "small_rows": small.rows_out, "small_seconds": small.seconds,

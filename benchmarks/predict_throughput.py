@@ -34,8 +34,7 @@ from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
 from raymtl.models.artifact import save_model
 from raymtl.models.build import build_model
-from raymtl.predict import predict
-from raymtl.predict.actors import Predict, Prepare
+from raymtl.predict import predict, stages_here
 from raymtl.predict.plan import make_plan
 from raymtl.ray_runtime import ensure_ray, release
 
@@ -70,10 +69,8 @@ def per_task_loop(model_dir: str, items: pd.DataFrame, batch_size: int) -> None:
 
 
 def stages_loop(model_dir: str, items: pd.DataFrame, batch_size: int) -> None:
-    plan = make_plan(model_dir, raymtl.load(model_dir))
-    prepare, model = Prepare(plan), Predict(plan, use_gpu=False)
-    for start in range(0, len(items), batch_size):
-        model(prepare(items.iloc[start : start + batch_size]))
+    for _ in stages_here(items, make_plan(model_dir, raymtl.load(model_dir)), batch_size):
+        pass
 
 
 def timed(fn, *args) -> float:
@@ -106,7 +103,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         for pool in map(int, args.pools.split(",")):
             summary = predict(model_dir, items_file, str(root / f"out-{pool}"), batch_size=args.batch_size,
-                              pool_size=pool)
+                              pool_size=pool, local=False)
             rows.append({"method": f"predict pool={pool}", "seconds": summary.seconds})
         release()
     for row in rows:

@@ -124,6 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         overwrite=args.overwrite,
         address=args.address,
+        local=args.local,
     )
     print(summary)
     return 0
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_console_flags(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("predict", help="predict every item of a table or image folder with a saved model (Ray Data)")
+    p = sub.add_parser("predict", help="predict every item of a table or image folder with a saved model")
     p.add_argument("model", help="saved model folder or URI (any checkpoint folder)")
     p.add_argument("input", help="parquet/CSV file, folder, glob or URI of items, or a folder of images")
     p.add_argument("output", help="parquet output folder or URI")
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", help="text column of the input (default: the one trained on)")
     p.add_argument("--id-column", help="id column of the input (default: the one trained on, else the image)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--local", action=argparse.BooleanOptionalAction,
+                   help="predict in this process, not on Ray Data's actors (default: an input of at most "
+                        "raymtl.predict.LOCAL_ROWS items, unless --num-gpus is given)")
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_predict)
@@ -228,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=1, help="model actors")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--local", action=argparse.BooleanOptionalAction,
-                   help="score in this process, not on Ray Data's actors (default: for a task whose split has "
-                        "at most raymtl.evaluate.LOCAL_ROWS rows, unless --num-gpus is given)")
+                   help="score in this process, not on Ray Data's actors (default: a task whose split has at most "
+                        "raymtl.predict.LOCAL_ROWS rows, unless --num-gpus is given)")
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_evaluate)

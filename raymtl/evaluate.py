@@ -29,30 +29,24 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from raymtl import storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
-from raymtl.data.tables import read_table
-from raymtl.predict import gpus_per_actor, predictions
-from raymtl.predict.actors import Predict, Prepare
-from raymtl.predict.plan import LABEL, Plan, make_plan
-from raymtl.predict.reading import read_items
+from raymtl.predict import LOCAL_ROWS, gpus_per_actor, predictions, stages_here
+from raymtl.predict.actors import Predict
+from raymtl.predict.plan import LABEL, make_plan
+from raymtl.predict.reading import items_here, read_items
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import primary_metric
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 SPLITS = {"validation": "validation", "test": "test"}  # --split -> TaskSpec field
 LOWER_IS_BETTER = frozenset({"loss"})
 COUNTS = ("rows", "bad_rows")  # reported beside the metrics, not compared
 MASKED = {"both": None, "image": "text", "text": "image"}  # modality evaluated -> modality masked
-LOCAL_ROWS = 1024  # `local` by default: a task split of at most this many rows is scored in this process
 
 
 @dataclass
@@ -122,7 +116,7 @@ def evaluate(
         plan = dataclasses.replace(plan, masked=MASKED[modality])
         source = getattr(spec, SPLITS[split])
         if here[spec.name]:
-            scored = _score_here(read_table(source, list(plan.required_columns)), plan, batch_size)
+            scored = stages_here(items_here(source, plan, None), plan, batch_size, _Score)
         else:
             pipeline = predictions(read_items(source, plan), plan, batch_size, pool_size, gpus, model_stage=_Score)
             scored = pipeline.iter_batches(batch_format="numpy")
@@ -169,15 +163,6 @@ class _Score(Predict):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ((probs, bad),) = self.probabilities(batch)
         return {"probs": probs, LABEL: batch[LABEL], "bad": bad}
-
-
-def _score_here(items: pd.DataFrame, plan: Plan, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Prediction's decoding and scoring stages called batch by batch in this process."""
-    import torch
-
-    prepare, score = Prepare(plan), _Score(plan, use_gpu=torch.cuda.is_available())
-    for start in range(0, len(items), batch_size):
-        yield score(prepare(items.iloc[start : start + batch_size]))
 
 
 def task_metrics(info, batches) -> dict[str, float]:

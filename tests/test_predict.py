@@ -28,7 +28,7 @@ from raymtl.predict import predict
 from raymtl.predict.actors import BadRowError, Predict, Prepare
 from raymtl.predict.output import output_columns
 from raymtl.predict.plan import Head, make_plan
-from raymtl.predict.reading import read_items
+from raymtl.predict.reading import items_here, read_items
 
 TOKENIZER = default_tokenizer_path()
 MISSING_IMAGE, EMPTY_TITLE = "color-missing-image", "color-empty-title"
@@ -90,7 +90,7 @@ def items_file(items, tmp_path_factory) -> str:
 def predicted(ray_cluster, model_dir, items_file, tmp_path_factory):
     """(summary, predictions by id) of one run over every task, with top-2 lists."""
     out = str(tmp_path_factory.mktemp("predictions") / "all")
-    summary = predict(model_dir, items_file, out, top_k=2, batch_size=4)
+    summary = predict(model_dir, items_file, out, top_k=2, batch_size=4, local=False)
     return summary, read(out)
 
 
@@ -150,9 +150,50 @@ def test_bad_rows_come_out_with_their_error_and_null_predictions(predicted, item
 
 
 def test_strict_run_fails_naming_the_bad_row(ray_cluster, model_dir, items, tmp_path):
-    with pytest.raises(BadRowError, match=MISSING_IMAGE):
-        predict(model_dir, items, str(tmp_path / "out"), tasks=["pattern"], strict=True)
-    assert not (tmp_path / "out").exists()
+    for local in (True, False):
+        with pytest.raises(BadRowError, match=MISSING_IMAGE):
+            predict(model_dir, items, str(tmp_path / "out"), tasks=["pattern"], strict=True, local=local)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_small_input_is_predicted_in_this_process_as_on_ray(predicted, model_dir, items_file, tmp_path, monkeypatch):
+    """At most LOCAL_ROWS items: the same rows as Ray Data's actors write, no Ray cluster asked for;
+    `overwrite` replaces the old output; more items, `local=False` or GPUs asked for go to Ray."""
+    def no_ray(address=None):
+        raise RuntimeError("Ray was asked for")
+
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    out = tmp_path / "here"
+    for overwrite in (False, True):
+        summary = predict(model_dir, items_file, str(out), top_k=2, batch_size=4, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["part-00000.parquet"]
+    ray_summary, on_ray = predicted
+    assert (summary.rows_out, summary.bad_rows, summary.bad_by_reason) == (
+        ray_summary.rows_out, ray_summary.bad_rows, ray_summary.bad_by_reason)
+    here = read(str(out))
+    assert list(here.columns) == list(on_ray.columns)
+    plain = [c for c in here.columns if not c.endswith(("_top_k", "style", "style_prob"))]
+    pd.testing.assert_frame_equal(here[plain], on_ray[plain], atol=1e-6)
+    for column in [c for c in here.columns if c not in plain]:
+        for ours, theirs in zip(here[column], on_ray[column]):
+            assert same_list(ours, theirs), (column, ours, theirs)
+    for options in ({"local": False}, {"num_gpus": 1.0}):
+        with pytest.raises(RuntimeError, match="Ray was asked for"):
+            predict(model_dir, items_file, str(tmp_path / "ray"), **options)
+    monkeypatch.setattr("raymtl.predict.LOCAL_ROWS", summary.rows_in - 1)
+    with pytest.raises(RuntimeError, match="Ray was asked for"):
+        predict(model_dir, items_file, str(tmp_path / "ray"))
+
+
+def same_list(ours, theirs) -> bool:
+    """Two list cells alike: labels equal, scores within float error (both null: alike)."""
+    if ours is None or theirs is None:
+        return ours is None and theirs is None
+    ours, theirs = list(ours), list(theirs)
+    if ours and isinstance(ours[0], dict):
+        return [t["label"] for t in ours] == [t["label"] for t in theirs] and np.allclose(
+            [t["score"] for t in ours], [t["score"] for t in theirs], atol=1e-6)
+    return ours == theirs if ours and isinstance(ours[0], str) else np.allclose(ours, theirs, atol=1e-6)
 
 
 def test_cli_writes_the_same_predictions_for_a_task_subset(predicted, model_dir, items_file, tmp_path):
@@ -172,9 +213,25 @@ def test_a_folder_of_images_is_one_row_per_image_with_its_path_as_id(ray_cluster
     for path in items.image[:3]:
         shutil.copy(path, tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
-    rows = read_items(str(tmp_path), make_plan(model_dir, raymtl.load(model_dir), tasks=["pattern"])).take_all()
+    plan = make_plan(model_dir, raymtl.load(model_dir), tasks=["pattern"])
+    rows = read_items(str(tmp_path), plan).take_all()
     assert sorted(r["id"] for r in rows) == sorted(str(tmp_path / Path(p).name) for p in items.image[:3])
     assert all(r["image"] == r["id"] for r in rows)
+    assert items_here(str(tmp_path), plan, None).to_dict("records") == sorted(rows, key=lambda r: r["id"])
+    assert items_here(str(tmp_path), plan, 2) is None  # more images than asked for
+
+
+def test_items_read_here_are_counted_only_from_a_small_source(model_dir, items, items_file, monkeypatch):
+    from raymtl.predict import reading
+
+    plan = make_plan(model_dir, raymtl.load(model_dir))
+    assert items_here(items_file, plan, len(items)).equals(items[list(plan.required_columns)])
+    assert items_here(items_file, plan, len(items) - 1) is None
+    monkeypatch.setattr(reading, "SMALL_BYTES", 0)  # too large to read for a count: Ray's
+    assert items_here(items_file, plan, 10**6) is None
+    assert len(items_here(items_file, plan, None)) == len(items)  # `local=True`: read whatever its size
+    with pytest.raises(ConfigError, match="image_column 'image'"):
+        items_here(items.drop(columns="image"), plan, None)
 
 
 def test_output_columns_choose_labels_by_threshold_and_null_bad_rows():

@@ -198,12 +198,13 @@ def _file_table(fs: pafs.FileSystem, info: pafs.FileInfo, name: str, columns: li
     return table.select(columns)
 
 
-def is_small(source: Any) -> bool:
-    """Whether the driver reads `source` (a DataFrame is in memory already; files: by size on disk)."""
+def is_small(source: Any, most_bytes: int | None = None) -> bool:
+    """Whether the driver reads `source` (a DataFrame is in memory already; files: at most
+    `most_bytes`, default DRIVER_READ_BYTES, on disk)."""
     if isinstance(source, pd.DataFrame):
         return True
     fs, files = _expand(source)
-    return sum(i.size or 0 for i in _infos(fs, files)) <= DRIVER_READ_BYTES
+    return sum(i.size or 0 for i in _infos(fs, files)) <= (DRIVER_READ_BYTES if most_bytes is None else most_bytes)
 
 
 def _infos(fs: pafs.FileSystem, files: list[tuple[str, str]]) -> list[pafs.FileInfo]:

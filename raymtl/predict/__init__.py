@@ -16,6 +16,10 @@
     <task>_top_k  list<struct<label: string, score: float>> the k best labels (top_k > 0)
     error         string                                    why the row is bad; null when it is not
 
+An input of at most `LOCAL_ROWS` items runs through the same two stages in this process and is
+written as one parquet file, without starting Ray: the actors' start-up (seconds) would cost more
+than its items.
+
 Bad rows are never dropped: a row whose image is missing or unreadable, or whose text is empty, is
 written with its `error` and null predictions for the tasks that read that input (a text-only task
 still predicts an item whose image is missing), so rows out == rows in. `strict` fails the run on
@@ -27,15 +31,18 @@ This module runs it; its parts: `plan` (what to read and predict, made on the dr
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raymtl import console, storage
 from raymtl.data.tables import source_paths
@@ -43,11 +50,15 @@ from raymtl.errors import ConfigError
 from raymtl.models.artifact import META_FILE
 from raymtl.predict.actors import BadRowError, Predict, Prepare
 from raymtl.predict.plan import ERROR, Plan, make_plan
-from raymtl.predict.reading import image_files, read_items
+from raymtl.predict.reading import image_files, items_here, read_items
 
 if TYPE_CHECKING:  # Ray and torch come with the run, after the inputs are checked (see `check_paths`)
+    from collections.abc import Callable, Iterator
+
+    import pandas as pd
     import ray.data
 
+LOCAL_ROWS = 1024  # `local` by default: an input (or a split to evaluate) of at most this many rows
 ROWS_PER_FILE = 100_000  # output rows are ~100 bytes: files of ~10 MB, not one tiny file per batch
 # Reason -> the phrase that marks it in an error message (Preprocessor's, and the empty-text check's).
 REASONS = {"unreadable image": "cannot read image", "empty text": "empty text"}
@@ -96,6 +107,7 @@ def predict(
     id_column: str | None = None,
     overwrite: bool = False,
     address: str | None = None,
+    local: bool | None = None,
 ) -> PredictSummary:
     """Predict every task (or `tasks`) of a saved model for every item of `input`; write parquet to `output`.
 
@@ -105,6 +117,8 @@ def predict(
     the nodes that offer it, which an autoscaling cluster starts for the pool).
     The model actors start `pool_size` strong and grow to `max_pool_size` (default: `pool_size`)
     while items queue and the cluster has room (an autoscaling cluster adds nodes for them).
+    `local`: the two stages in this process (on its GPU if it has one) instead of on Ray Data's
+    actors; None: for an input of at most `LOCAL_ROWS` items, unless `num_gpus` asks for GPU actors.
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
@@ -115,14 +129,21 @@ def predict(
     check_paths(model_path, input, output, overwrite)
     plan = make_plan(model_path, load(model_path), tasks=tasks, image_column=image_column, text_column=text_column,
                      id_column=id_column, strict=strict, top_k=top_k)
-    ensure_ray(address)
-    items = read_items(input, plan)
-    rows_in = items.count()
+    here = None if local is False or (local is None and num_gpus) else items_here(input, plan, None if local else LOCAL_ROWS)
+    if here is None:
+        ensure_ray(address)
+        items = read_items(input, plan)
+        rows_in = items.count()
+        pipeline = predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus),
+                               max_pool_size=max_pool_size, resources=resources_per_actor, rows=rows_in)
+        write = functools.partial(_write_parquet, pipeline, output, overwrite)
+    else:
+        rows_in = len(here)
+        write = functools.partial(_write_here, here, plan, batch_size, output, overwrite)
     if rows_in == 0:
         raise ConfigError(f"input {input!r} has no rows")
     start = time.perf_counter()
-    _write(predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus), max_pool_size=max_pool_size,
-                       resources=resources_per_actor, rows=rows_in), output, overwrite)
+    _write(write, output)
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
@@ -173,18 +194,43 @@ def predictions(
     )
 
 
-def _write(predictions: ray.data.Dataset, output: str, overwrite: bool) -> None:
-    """Write parquet to `output`.
+def stages_here(items: pd.DataFrame, plan: Plan, batch_size: int, model_stage: type | None = None) -> Iterator:
+    """Both stages (`Prepare`, then `model_stage` or `Predict`) called batch by batch in this process."""
+    import torch
 
-    A failed run leaves no output (with `overwrite`, not the old one either) rather than a partial
-    one that a downstream job could take for complete.
-    """
+    prepare, model = Prepare(plan), (model_stage or Predict)(plan, torch.cuda.is_available())
+    for start in range(0, len(items), batch_size):
+        yield model(prepare(items.iloc[start : start + batch_size]))
+
+
+def _write_parquet(predictions: ray.data.Dataset, output: str, overwrite: bool) -> None:
     import ray.data
 
     fs, path = storage.resolve(output)
     mode = ray.data.SaveMode.OVERWRITE if overwrite else ray.data.SaveMode.ERROR
+    predictions.write_parquet(path, filesystem=fs, mode=mode, min_rows_per_file=ROWS_PER_FILE)
+
+
+def _write_here(items: pd.DataFrame, plan: Plan, batch_size: int, output: str, overwrite: bool) -> None:
+    """The items predicted in this process, written as one parquet file in the `output` folder (as
+    Ray Data's writer lays it out; an old one replaced)."""
+    table = pa.concat_tables(stages_here(items, plan, batch_size))
+    fs, path = storage.resolve(output)
+    if overwrite and fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    fs.create_dir(path)
+    pq.write_table(table, f"{path.rstrip('/')}/part-00000.parquet", filesystem=fs)
+
+
+def _write(write: Callable[[], None], output: str) -> None:
+    """Run `write`, which writes parquet to `output`.
+
+    A failed run leaves no output (with `overwrite`, not the old one either) rather than a partial
+    one that a downstream job could take for complete.
+    """
+    fs, path = storage.resolve(output)
     try:
-        predictions.write_parquet(path, filesystem=fs, mode=mode, min_rows_per_file=ROWS_PER_FILE)
+        write()
     except Exception as e:
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir(path)

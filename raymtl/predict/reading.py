@@ -1,4 +1,5 @@
-"""The items to predict as a Ray Dataset: a table source, or a folder of images (one row per image)."""
+"""The items to predict: a table source, or a folder of images (one row per image); as a Ray Dataset,
+or as a DataFrame in this process when there are few."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raymtl import storage
-from raymtl.data.tables import check_columns
+from raymtl.data.tables import check_columns, concat_files, is_small, read_parts, source_paths
 from raymtl.errors import ConfigError
 from raymtl.predict.plan import Plan
 
 if TYPE_CHECKING:
     import ray.data
 
+SMALL_BYTES = 8 << 20  # a table source at most this large on disk is read to count its rows (a few hundred bytes each)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -36,11 +38,37 @@ def read_items(source: Any, plan: Plan) -> ray.data.Dataset:
         images = image_files(source) if isinstance(source, (str, os.PathLike)) else []
         if not images:
             raise
-        text = {inp.column for inp in plan.inputs if inp.kind == "text"}
-        return ray.data.from_items([{c: None if c in text else path for c in columns} for path in images])
+        return ray.data.from_items(_image_rows(images, plan))
     where = "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
     check_columns(items.schema().names, columns, where)
     return items.select_columns(list(columns))
+
+
+def items_here(source: Any, plan: Plan, most: int | None) -> pd.DataFrame | None:
+    """The items as `read_items` has them, read into this process; None when there are more than
+    `most` (None: no limit). Table files over SMALL_BYTES on disk are not read to count their rows."""
+    columns = plan.required_columns
+    if isinstance(source, pd.DataFrame):
+        check_columns(list(source.columns), columns, "the DataFrame")
+        items = source[list(columns)]
+    else:
+        try:
+            source_paths(source)
+        except ConfigError:
+            images = image_files(source)
+            if not images:
+                raise
+            return None if most is not None and len(images) > most else pd.DataFrame(_image_rows(images, plan))
+        if most is not None and not is_small(source, SMALL_BYTES):
+            return None
+        items = concat_files([df for _, df in read_parts(source, list(columns), columns)])
+    return None if most is not None and len(items) > most else items.reset_index(drop=True)
+
+
+def _image_rows(images: list[str], plan: Plan) -> list[dict[str, str | None]]:
+    """One row per image: its path in the id and image columns, no text."""
+    text = {inp.column for inp in plan.inputs if inp.kind == "text"}
+    return [{c: None if c in text else path for c in plan.required_columns} for path in images]
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:
