@@ -12,13 +12,19 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster shared by every test that needs one (started lazily, once).
+    """A local Ray cluster shared by every test that needs one (started lazily, once), as lean as the
+    one `raymtl` starts (`ray_runtime.LEAN_ENV`: no preemption watcher actor per run, no metrics), but
+    with the workers' logs shown.
 
     2 physical cores: 4 logical CPUs so Ray Data is not starved behind the train workers.
     """
     import ray
 
+    from raymtl.ray_runtime import LEAN_ENV
+
     if not ray.is_initialized():
+        for key, value in LEAN_ENV.items():
+            os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
