@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -212,14 +211,20 @@ def _write_parquet(predictions: ray.data.Dataset, output: str, overwrite: bool) 
 
 
 def _write_here(items: pd.DataFrame, plan: Plan, batch_size: int, output: str, overwrite: bool) -> None:
-    """The items predicted in this process, written as one parquet file in the `output` folder (as
-    Ray Data's writer lays it out; an old one replaced)."""
-    table = pa.concat_tables(stages_here(items, plan, batch_size))
+    """The items predicted in this process, written batch by batch into one parquet file in the
+    `output` folder (as Ray Data's writer lays it out; an old one replaced)."""
     fs, path = storage.resolve(output)
     if overwrite and fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
     fs.create_dir(path)
-    pq.write_table(table, f"{path.rstrip('/')}/part-00000.parquet", filesystem=fs)
+    writer = None
+    try:
+        for table in stages_here(items, plan, batch_size):
+            writer = writer or pq.ParquetWriter(f"{path.rstrip('/')}/part-00000.parquet", table.schema, filesystem=fs)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _write(write: Callable[[], None], output: str) -> None:
