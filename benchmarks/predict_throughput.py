@@ -9,6 +9,8 @@ Rows of the table:
 - `in-process, per task`: the loop a user writes around `raymtl.load` (a `Preprocessor` and a
   forward pass per task, so each image is decoded once per image task);
 - `in-process, predict stages`: predict's own decoding and model stages called in a loop, no Ray;
+- `predict, in this process`: `predict(..., local=True)`, what it does by default for at most
+  `LOCAL_ROWS` items: the same stages, the model loaded, one parquet file written, no Ray;
 - `predict pool=N`: the Ray Data pipeline (`predict`), on a local cluster, wall time from the first
   read to the last written file, actor start-up included.
 """
@@ -98,6 +100,8 @@ def main() -> None:
         rows = [
             {"method": "in-process, per task", "seconds": timed(per_task_loop, model_dir, items, args.batch_size)},
             {"method": "in-process, predict stages", "seconds": timed(stages_loop, model_dir, items, args.batch_size)},
+            {"method": "predict, in this process", "seconds": predict(
+                model_dir, items_file, str(root / "out-local"), batch_size=args.batch_size, local=True).seconds},
         ]
         ensure_ray()  # the local cluster `raymtl predict` starts: one CPU slot per core, at least 4
         ray.data.DataContext.get_current().enable_progress_bars = False
