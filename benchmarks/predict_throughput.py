@@ -10,7 +10,8 @@ Rows of the table:
   forward pass per task, so each image is decoded once per image task);
 - `in-process, predict stages`: predict's own decoding and model stages called in a loop, no Ray;
 - `predict, in this process`: `predict(..., local=True)`, what it does by default for at most
-  `LOCAL_ROWS` items: the same stages, the model loaded, one parquet file written, no Ray;
+  `LOCAL_ROWS` items: the same stages, the model loaded, one parquet file written, no Ray (the
+  input is read before its clock starts: milliseconds here; the pipeline reads it inside its own);
 - `predict pool=N`: the Ray Data pipeline (`predict`), on a local cluster, wall time from the first
   read to the last written file, actor start-up included.
 """

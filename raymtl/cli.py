@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--local", action=argparse.BooleanOptionalAction,
                    help="predict in this process, not on Ray Data's actors (default: an input of at most "
-                        "raymtl.predict.LOCAL_ROWS items, unless --num-gpus is given)")
+                        "raymtl.predict.LOCAL_ROWS items, unless --num-gpus, --max-pool-size or --address is given)")
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_predict)
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--local", action=argparse.BooleanOptionalAction,
                    help="score in this process, not on Ray Data's actors (default: a task whose split has at most "
-                        "raymtl.predict.LOCAL_ROWS rows, unless --num-gpus is given)")
+                        "raymtl.predict.LOCAL_ROWS rows, unless --num-gpus or --address is given)")
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_evaluate)

@@ -13,7 +13,7 @@ A masked modality is not computed and feeds zeros into its fusion slot (after th
 normalisation), exactly what a task without that modality feeds, and what modality dropout trains
 the model on; a task whose only modality is masked then predicts from zeros: its prior.
 
-A split of at most `LOCAL_ROWS` rows is scored by the same two stages in this process (no Ray
+A split of at most `raymtl.predict.LOCAL_ROWS` rows is scored by the same two stages in this process (no Ray
 cluster is started when every task's is): the actors' start-up, seconds per task, would cost more
 than its rows.
 
@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from raymtl import storage
+import raymtl.predict
+from raymtl import console, storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
-from raymtl.predict import LOCAL_ROWS, gpus_per_actor, predictions, stages_here
+from raymtl.predict import gpus_per_actor, local_choice, predictions, stages_here
 from raymtl.predict.actors import Predict
 from raymtl.predict.plan import LABEL, make_plan
 from raymtl.predict.reading import items_here, read_items
@@ -93,18 +94,23 @@ def evaluate(
     With `tasks` only those; without, a config task the model lacks is skipped, and a model with
     none of the config's tasks is a ConfigError, as is a task without the split's source or with a
     label the model does not know. `local`: the same two stages in this process (on its GPU if it
-    has one) instead of on Ray Data's actors; None: for a task whose split has at most `LOCAL_ROWS`
-    rows, unless `num_gpus` asks for GPU actors.
+    has one) instead of on Ray Data's actors; None: for a task whose split has at most
+    `raymtl.predict.LOCAL_ROWS` rows, unless `num_gpus` or `address` asks for Ray's actors.
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
 
     if modality not in MASKED:
         raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(MASKED)}")
+    local = local_choice(local, {"num_gpus": num_gpus, "address": address})
     exp = config if isinstance(config, Experiment) else load_experiment(config)
     saved = load(model_path)
     rows = _task_rows(exp, saved.infos, split, tasks)
-    here = {task: n <= LOCAL_ROWS and not num_gpus if local is None else local for task, n in rows.items()}
+    most = raymtl.predict.LOCAL_ROWS
+    here = {task: n <= most if local is None else local for task, n in rows.items()}
+    if local is None and any(here.values()):
+        console.say(f"[raymtl] {sum(here.values())} of {len(here)} task(s) with at most {most} rows: scored in this "
+                    "process (--no-local: on Ray Data's actors)")
     if not all(here.values()):
         ensure_ray(address)
         gpus = gpus_per_actor(num_gpus)

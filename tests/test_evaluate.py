@@ -17,7 +17,6 @@ from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.task_info import TaskInfo
-from raymtl import evaluate as evaluate_module
 from raymtl.evaluate import Evaluation, _Score, _task_rows, compare, evaluate, task_metrics
 from raymtl.predict.actors import Prepare
 from raymtl.predict.plan import make_plan
@@ -88,7 +87,7 @@ def test_delta_percent_is_the_sign_corrected_mean_relative_gain():
         compare(model, [stl_a])
 
 
-def test_faults_are_named_before_ray_starts(setup):
+def test_faults_are_named_before_ray_starts(setup, tmp_path):
     model, exp = setup
     import raymtl
 
@@ -98,6 +97,9 @@ def test_faults_are_named_before_ray_starts(setup):
     with pytest.raises(ConfigError, match="the model has no task 'b'"):
         _task_rows(exp, {"a": infos["a"]}, "validation", ["b"])
     assert _task_rows(exp, infos, "validation", None) == {t.name: len(pd.read_parquet(t.validation)) for t in exp.tasks}
+    tested = make_planted(tmp_path / "tested", clusters=[list(TASKS)], n_per_task=30, n_test=5)
+    tested_exp = planted_experiment(tested, str(tmp_path / "runs"))
+    assert _task_rows(tested_exp, infos, "test", None) == dict.fromkeys(TASKS, 5)
 
 
 def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch):
@@ -116,10 +118,10 @@ def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch)
         assert got.tasks[spec.name]["rows"] == len(items)
         for key, value in expected.items():
             assert got.tasks[spec.name][key] == pytest.approx(value, abs=1e-5), key
-    for options in ({"local": False}, {"num_gpus": 1}):
+    for options in ({"local": False}, {"num_gpus": 0}, {"address": "ray://head:10001"}):
         with pytest.raises(RuntimeError, match="Ray was asked for"):
             evaluate(model, exp, **options)
-    monkeypatch.setattr(evaluate_module, "LOCAL_ROWS", len(pd.read_parquet(exp.tasks[0].validation)) - 1)
+    monkeypatch.setattr("raymtl.predict.LOCAL_ROWS", len(pd.read_parquet(exp.tasks[0].validation)) - 1)
     with pytest.raises(RuntimeError, match="Ray was asked for"):
         evaluate(model, exp)
 
@@ -141,7 +143,8 @@ def test_cli_evaluates_with_a_baseline(setup, tmp_path, capsys, monkeypatch):
         for key, value in expected.items():
             assert report["tasks"][spec.name][key] == pytest.approx(value, abs=1e-5), key
     assert (out / "evaluation.csv").read_text().count("\n") == 1 + 2 * len(exp.tasks)
-    flags = [build_parser().parse_args(["evaluate", "m", "c", *more]).local for more in ([], ["--local"], ["--no-local"])]
+    parse = build_parser().parse_args
+    flags = [parse(["evaluate", "m", "c", *more]).local for more in ([], ["--local"], ["--no-local"])]
     assert flags == [None, True, False]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import raymtl
-from raymtl.cli import main
+from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data import device_inputs
 from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokenizer_path, make_catalogue
@@ -156,12 +156,38 @@ def test_strict_run_fails_naming_the_bad_row(ray_cluster, model_dir, items, tmp_
         assert not (tmp_path / "out").exists()
 
 
+def no_ray(address=None):
+    raise RuntimeError("Ray was asked for")
+
+
+def test_prediction_in_this_process_needs_no_ray(model_dir, items, tmp_path, monkeypatch, capsys):
+    """A DataFrame of few items is predicted here (and said so) without asking for Ray; a null id
+    stays null; a strict run that fails with `overwrite` leaves no output, not the old one either;
+    an empty input, and `local` with an option only actors take, are ConfigErrors."""
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    frame = items.copy()
+    frame.loc[0, "id"] = None
+    out = tmp_path / "out"
+    summary = predict(model_dir, frame, str(out), tasks=["pattern"], batch_size=4)
+    assert "predicted in this process" in capsys.readouterr().out
+    got = pd.read_parquet(out)
+    assert summary.rows_out == len(got) == len(frame) and got.id.isna().sum() == 1 and summary.bad_rows == 1
+    with pytest.raises(BadRowError, match=MISSING_IMAGE):
+        predict(model_dir, frame, str(out), tasks=["pattern"], strict=True, overwrite=True)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="has no rows"):
+        predict(model_dir, frame.head(0), str(out))
+    with pytest.raises(ConfigError, match="takes no num_gpus, address"):
+        predict(model_dir, frame, str(out), local=True, num_gpus=0, address="ray://head:10001")
+    parse = build_parser().parse_args
+    assert [parse(["predict", "m", "i", "o", *more]).local for more in ([], ["--local"], ["--no-local"])] == [
+        None, True, False]
+
+
 def test_a_small_input_is_predicted_in_this_process_as_on_ray(predicted, model_dir, items_file, tmp_path, monkeypatch):
     """At most LOCAL_ROWS items: the same rows as Ray Data's actors write, no Ray cluster asked for;
-    `overwrite` replaces the old output; more items, `local=False` or GPUs asked for go to Ray."""
-    def no_ray(address=None):
-        raise RuntimeError("Ray was asked for")
-
+    `overwrite` replaces the old output; more items, `local=False`, or an option only actors take
+    (GPUs, a cluster address) go to Ray."""
     monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
     out = tmp_path / "here"
     for overwrite in (False, True):
@@ -177,7 +203,7 @@ def test_a_small_input_is_predicted_in_this_process_as_on_ray(predicted, model_d
     for column in [c for c in here.columns if c not in plain]:
         for ours, theirs in zip(here[column], on_ray[column]):
             assert same_list(ours, theirs), (column, ours, theirs)
-    for options in ({"local": False}, {"num_gpus": 1.0}):
+    for options in ({"local": False}, {"num_gpus": 0.0}, {"address": "ray://head:10001"}):
         with pytest.raises(RuntimeError, match="Ray was asked for"):
             predict(model_dir, items_file, str(tmp_path / "ray"), **options)
     monkeypatch.setattr("raymtl.predict.LOCAL_ROWS", summary.rows_in - 1)

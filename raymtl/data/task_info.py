@@ -21,11 +21,12 @@ class TaskInfo:
     has_text: bool
     weight: float = 1.0
     threshold: float = 0.5  # multilabel decision threshold, kept with the model for prediction
-    n_test: int = 0  # rows of the test split (0: none; models saved before it was counted say 0 too)
+    n_test: int = 0  # rows of the test split (0: none), for evaluation; not saved with a model (`to_dict`)
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What a saved model keeps: no test split's size, which raymtl versions before it cannot read."""
+        return {key: value for key, value in asdict(self).items() if key != "n_test"}

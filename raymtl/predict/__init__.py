@@ -1,4 +1,5 @@
-"""Batch prediction at catalogue scale: a saved model over a table (or a folder) of items, on Ray Data.
+"""Batch prediction at catalogue scale: a saved model over a table (or a folder) of items, on Ray Data
+(or, for a few items, in this process).
 
     items ─► read, only the columns the model reads (parquet/CSV path, glob, URI, DataFrame,
     │        or a folder of images: one row per image, its path as id)
@@ -18,7 +19,8 @@
 
 An input of at most `LOCAL_ROWS` items runs through the same two stages in this process and is
 written as one parquet file, without starting Ray: the actors' start-up (seconds) would cost more
-than its items.
+than its items. Options only actors take (GPUs, resources, pool growth, a cluster address) send any
+input to Ray.
 
 Bad rows are never dropped: a row whose image is missing or unreadable, or whose text is empty, is
 written with its `error` and null predictions for the tasks that read that input (a text-only task
@@ -26,13 +28,13 @@ still predicts an item whose image is missing), so rows out == rows in. `strict`
 the first bad row instead. Rows come out in no particular order: join on `id`.
 
 This module runs it; its parts: `plan` (what to read and predict, made on the driver), `reading`
-(the items as a Dataset), `actors` (the two stages), `output` (a task's Arrow columns).
+(the items as a Dataset, or a DataFrame here), `actors` (the two stages), `output` (a task's Arrow
+columns).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -44,12 +46,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymtl import console, storage
-from raymtl.data.tables import source_paths
 from raymtl.errors import ConfigError
 from raymtl.models.artifact import META_FILE
 from raymtl.predict.actors import BadRowError, Predict, Prepare
 from raymtl.predict.plan import ERROR, Plan, make_plan
-from raymtl.predict.reading import image_files, items_here, read_items
+from raymtl.predict.reading import items_here, read_items, source_images
 
 if TYPE_CHECKING:  # Ray and torch come with the run, after the inputs are checked (see `check_paths`)
     from collections.abc import Callable, Iterator
@@ -117,7 +118,8 @@ def predict(
     The model actors start `pool_size` strong and grow to `max_pool_size` (default: `pool_size`)
     while items queue and the cluster has room (an autoscaling cluster adds nodes for them).
     `local`: the two stages in this process (on its GPU if it has one) instead of on Ray Data's
-    actors; None: for an input of at most `LOCAL_ROWS` items, unless `num_gpus` asks for GPU actors.
+    actors; None: for an input of at most `LOCAL_ROWS` items, unless an option only actors take is
+    given (`num_gpus`, `resources_per_actor`, `max_pool_size`, `address`).
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
@@ -125,13 +127,15 @@ def predict(
     if batch_size < 1 or pool_size < 1 or top_k < 0 or (max_pool_size is not None and max_pool_size < pool_size):
         raise ConfigError(f"need batch_size >= 1, 1 <= pool_size <= max_pool_size, top_k >= 0; got {batch_size}, "
                           f"{pool_size}, {max_pool_size}, {top_k}")
-    check_paths(model_path, input, output, overwrite)
+    local = local_choice(local, {"num_gpus": num_gpus, "resources_per_actor": resources_per_actor,
+                                 "max_pool_size": max_pool_size, "address": address})
+    images = check_paths(model_path, input, output, overwrite)
     plan = make_plan(model_path, load(model_path), tasks=tasks, image_column=image_column, text_column=text_column,
                      id_column=id_column, strict=strict, top_k=top_k)
-    here = None if local is False or (local is None and num_gpus) else items_here(input, plan, None if local else LOCAL_ROWS)
+    here = None if local is False else items_here(input, plan, None if local else LOCAL_ROWS, images)
     if here is None:
         ensure_ray(address)
-        items = read_items(input, plan)
+        items = read_items(input, plan, images)
         rows_in = items.count()
         pipeline = predictions(items, plan, batch_size, pool_size, gpus_per_actor(num_gpus),
                                max_pool_size=max_pool_size, resources=resources_per_actor, rows=rows_in)
@@ -139,6 +143,9 @@ def predict(
     else:
         rows_in = len(here)
         write = functools.partial(_write_here, here, plan, batch_size, output, overwrite)
+        if local is None:
+            console.say(f"[raymtl] {rows_in} items (at most {LOCAL_ROWS}): predicted in this process, without Ray "
+                        "(--no-local: on Ray Data's actors)")
     if rows_in == 0:
         raise ConfigError(f"input {input!r} has no rows")
     start = time.perf_counter()
@@ -146,18 +153,25 @@ def predict(
     return summarise(output, rows_in, time.perf_counter() - start)
 
 
-def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> None:
-    """The model folder, the input and a free output: named in a second, before torch and Ray load."""
+def local_choice(local: bool | None, for_actors: dict[str, Any]) -> bool | None:
+    """`local`, False when an option only Ray's actors take is given (not None); `local=True` with
+    one is a ConfigError naming both."""
+    given = [name for name, value in for_actors.items() if value is not None]
+    if local and given:
+        raise ConfigError(f"local (--local) runs in this process, which takes no {', '.join(given)}: "
+                          "those ask for Ray's actors; drop one or the other")
+    return False if given else local
+
+
+def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> list[str]:
+    """The model folder, the input and a free output: named in a second, before torch and Ray load.
+    The input's images when it is a folder of images (`source_images`)."""
     if not storage.exists(storage.join(storage.normalize(model_path), META_FILE)):
         raise ConfigError(f"{model_path!r} is not a raymtl model folder: it has no {META_FILE}")
-    if isinstance(input, (str, os.PathLike)):
-        try:
-            source_paths(input)
-        except ConfigError:
-            if not image_files(input):
-                raise
+    images = source_images(input)
     if storage.exists(output) and not overwrite:
         raise ConfigError(f"output {output!r} already exists; choose another path or overwrite it")
+    return images
 
 
 def predictions(
@@ -236,10 +250,10 @@ def _write(write: Callable[[], None], output: str) -> None:
     fs, path = storage.resolve(output)
     try:
         write()
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C too: a file closed early would look complete
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir(path)
-        bad_row = _bad_row(e)
+        bad_row = _bad_row(e) if isinstance(e, Exception) else None
         if bad_row is None:
             raise
         raise bad_row from e

@@ -38,7 +38,8 @@ class Prepare:
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         plan = self.plan
         batch = batch.reset_index(drop=True)
-        out: dict[str, np.ndarray] = {ID: batch[plan.id_column].astype(str).to_numpy(dtype=object)}
+        ids = batch[plan.id_column]  # an empty id stays null in the output (pandas keeps NaN as str)
+        out: dict[str, np.ndarray] = {ID: np.array([None if pd.isna(v) else str(v) for v in ids], dtype=object)}
         for i, (inp, prep) in enumerate(zip(plan.inputs, self.preprocessors)):
             arrays = prep(batch)
             if inp.kind == "text":

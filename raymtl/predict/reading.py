@@ -21,46 +21,57 @@ SMALL_BYTES = 8 << 20  # a table source at most this large on disk is read to co
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def read_items(source: Any, plan: Plan) -> ray.data.Dataset:
+def source_images(source: Any) -> list[str]:
+    """[] for a table source (a DataFrame, or files `source_paths` finds); else the images of the
+    folder `source`, a ConfigError naming it when it has neither tables nor images. A run lists
+    the folder once, here, and hands the list to `read_items` or `items_here`."""
+    if isinstance(source, pd.DataFrame):
+        return []
+    try:
+        source_paths(source)
+        return []
+    except ConfigError:
+        images = image_files(source) if isinstance(source, (str, os.PathLike)) else []
+        if not images:
+            raise
+        return images
+
+
+def read_items(source: Any, plan: Plan, images: list[str] | None = None) -> ray.data.Dataset:
     """The items as a Dataset of the columns the plan reads, checked before anything runs.
 
     A table source (see `read_source`) is read as is; a folder without tables but with images
-    becomes one row per image, its path in the id and image columns (and no text).
+    (`images`: `source_images`, when the caller has it) becomes one row per image, its path in the
+    id and image columns (and no text).
     """
     import ray.data
 
     from raymtl.data.datasets import read_source
 
-    columns = plan.required_columns
-    try:
-        items = read_source(source)
-    except ConfigError:
-        images = image_files(source) if isinstance(source, (str, os.PathLike)) else []
-        if not images:
-            raise
+    images = source_images(source) if images is None else images
+    if images:
         return ray.data.from_items(_image_rows(images, plan))
+    items = read_source(source)
     where = "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
-    check_columns(items.schema().names, columns, where)
-    return items.select_columns(list(columns))
+    check_columns(items.schema().names, plan.required_columns, where)
+    return items.select_columns(list(plan.required_columns))
 
 
-def items_here(source: Any, plan: Plan, most: int | None) -> pd.DataFrame | None:
+def items_here(source: Any, plan: Plan, most: int | None, images: list[str] | None = None) -> pd.DataFrame | None:
     """The items as `read_items` has them, read into this process; None when there are more than
     `most` (None: no limit). Table files over SMALL_BYTES on disk are not read to count their rows."""
+    images = source_images(source) if images is None else images
     columns = plan.required_columns
-    if isinstance(source, pd.DataFrame):
+    if images:
+        items = pd.DataFrame(_image_rows(images, plan))
+    elif isinstance(source, pd.DataFrame):
+        if most is not None and len(source) > most:
+            return None
         check_columns(list(source.columns), columns, "the DataFrame")
         items = source[list(columns)]
+    elif most is not None and not is_small(source, SMALL_BYTES):
+        return None
     else:
-        try:
-            source_paths(source)
-        except ConfigError:
-            images = image_files(source)
-            if not images:
-                raise
-            return None if most is not None and len(images) > most else pd.DataFrame(_image_rows(images, plan))
-        if most is not None and not is_small(source, SMALL_BYTES):
-            return None
         items = concat_files([df for _, df in read_parts(source, list(columns), columns)])
     return None if most is not None and len(items) > most else items.reset_index(drop=True)
 
