@@ -122,7 +122,7 @@ def evaluate(
         plan = dataclasses.replace(plan, masked=MASKED[modality])
         source = getattr(spec, SPLITS[split])
         if here[spec.name]:
-            scored = stages_here(items_here(source, plan, None), plan, batch_size, _Score)
+            scored = stages_here(items_here(source, plan, None), plan, batch_size, _Score, saved)
         else:
             pipeline = predictions(read_items(source, plan), plan, batch_size, pool_size, gpus, model_stage=_Score)
             scored = pipeline.iter_batches(batch_format="numpy")

@@ -18,6 +18,7 @@ from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.task_info import TaskInfo
 from raymtl.evaluate import Evaluation, _Score, _task_rows, compare, evaluate, task_metrics
+from raymtl.models import artifact
 from raymtl.predict.actors import Prepare
 from raymtl.predict.plan import make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny
@@ -111,7 +112,10 @@ def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch)
         raise RuntimeError("Ray was asked for")
 
     monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    loads, load = [], artifact.load
+    monkeypatch.setattr(artifact, "load", lambda *args, **kw: loads.append(args) or load(*args, **kw))
     got = evaluate(model, exp, batch_size=8)
+    assert len(loads) == 1  # the model, once for every task
     for spec in exp.tasks:
         items = pd.read_parquet(spec.validation)
         expected = by_hand(member_probs(model, items)[spec.name], items["label"].to_numpy())

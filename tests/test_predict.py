@@ -22,6 +22,7 @@ from raymtl.data.synthetic import COLORS, PATTERNS, STYLE_WORDS, default_tokeniz
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
+from raymtl.models import artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.predict import predict
@@ -161,15 +162,18 @@ def no_ray(address=None):
 
 
 def test_prediction_in_this_process_needs_no_ray(model_dir, items, tmp_path, monkeypatch, capsys):
-    """A DataFrame of few items is predicted here (and said so) without asking for Ray; a null id
-    stays null; a strict run that fails with `overwrite` leaves no output, not the old one either;
-    an empty input, and `local` with an option only actors take, are ConfigErrors."""
+    """A DataFrame of few items is predicted here (and said so), the model loaded once, without
+    asking for Ray; a null id stays null; a strict run that fails with `overwrite` leaves no output,
+    not the old one either; an empty input, and `local` with an option only actors take, are
+    ConfigErrors."""
     monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
     frame = items.copy()
     frame.loc[0, "id"] = None
     out = tmp_path / "out"
+    loads, load = [], artifact.load
+    monkeypatch.setattr(artifact, "load", lambda *args, **kw: loads.append(args) or load(*args, **kw))
     summary = predict(model_dir, frame, str(out), tasks=["pattern"], batch_size=4)
-    assert "predicted in this process" in capsys.readouterr().out
+    assert len(loads) == 1 and "predicted in this process" in capsys.readouterr().out
     got = pd.read_parquet(out)
     assert summary.rows_out == len(got) == len(frame) and got.id.isna().sum() == 1 and summary.bad_rows == 1
     with pytest.raises(BadRowError, match=MISSING_IMAGE):

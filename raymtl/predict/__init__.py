@@ -130,10 +130,12 @@ def predict(
     local = local_choice(local, {"num_gpus": num_gpus, "resources_per_actor": resources_per_actor,
                                  "max_pool_size": max_pool_size, "address": address})
     images = check_paths(model_path, input, output, overwrite)
-    plan = make_plan(model_path, load(model_path), tasks=tasks, image_column=image_column, text_column=text_column,
+    saved = load(model_path)
+    plan = make_plan(model_path, saved, tasks=tasks, image_column=image_column, text_column=text_column,
                      id_column=id_column, strict=strict, top_k=top_k)
     here = None if local is False else items_here(input, plan, None if local else LOCAL_ROWS, images)
     if here is None:
+        del saved  # each model actor loads its own
         ensure_ray(address)
         items = read_items(input, plan, images)
         rows_in = items.count()
@@ -142,7 +144,7 @@ def predict(
         write = functools.partial(_write_parquet, pipeline, output, overwrite)
     else:
         rows_in = len(here)
-        write = functools.partial(_write_here, here, plan, batch_size, output, overwrite)
+        write = functools.partial(_write_here, here, plan, batch_size, output, overwrite, saved)
         if local is None:
             console.say(f"[raymtl] {rows_in} items (at most {LOCAL_ROWS}): predicted in this process, without Ray "
                         "(--no-local: on Ray Data's actors)")
@@ -207,11 +209,14 @@ def predictions(
     )
 
 
-def stages_here(items: pd.DataFrame, plan: Plan, batch_size: int, model_stage: type | None = None) -> Iterator:
-    """Both stages (`Prepare`, then `model_stage` or `Predict`) called batch by batch in this process."""
+def stages_here(
+    items: pd.DataFrame, plan: Plan, batch_size: int, model_stage: type | None = None, saved: Any = None
+) -> Iterator:
+    """Both stages (`Prepare`, then `model_stage` or `Predict`) called batch by batch in this process;
+    `saved`: the model, when the caller has loaded it already."""
     import torch
 
-    prepare, model = Prepare(plan), (model_stage or Predict)(plan, torch.cuda.is_available())
+    prepare, model = Prepare(plan), (model_stage or Predict)(plan, torch.cuda.is_available(), saved)
     for start in range(0, len(items), batch_size):
         yield model(prepare(items.iloc[start : start + batch_size]))
 
@@ -224,7 +229,7 @@ def _write_parquet(predictions: ray.data.Dataset, output: str, overwrite: bool) 
     predictions.write_parquet(path, filesystem=fs, mode=mode, min_rows_per_file=ROWS_PER_FILE)
 
 
-def _write_here(items: pd.DataFrame, plan: Plan, batch_size: int, output: str, overwrite: bool) -> None:
+def _write_here(items: pd.DataFrame, plan: Plan, batch_size: int, output: str, overwrite: bool, saved: Any) -> None:
     """The items predicted in this process, written batch by batch into one parquet file in the
     `output` folder (as Ray Data's writer lays it out; an old one replaced)."""
     fs, path = storage.resolve(output)
@@ -233,7 +238,7 @@ def _write_here(items: pd.DataFrame, plan: Plan, batch_size: int, output: str, o
     fs.create_dir(path)
     writer = None
     try:
-        for table in stages_here(items, plan, batch_size):
+        for table in stages_here(items, plan, batch_size, saved=saved):
             writer = writer or pq.ParquetWriter(f"{path.rstrip('/')}/part-00000.parquet", table.schema, filesystem=fs)
             writer.write_table(table)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,8 @@ class Predict:
     to the device once, each member runs one pass per task group and inputs, under the training's
     autocast, and every head's probabilities come back in one device-to-host copy."""
 
-    def __init__(self, plan: Plan, use_gpu: bool) -> None:
+    def __init__(self, plan: Plan, use_gpu: bool, saved: Any = None) -> None:
+        """`saved`: the plan's model already loaded in this process (`raymtl.load`), else loaded here."""
         import torch
 
         from raymtl.data.device_inputs import DeviceInputs
@@ -100,7 +102,7 @@ class Predict:
         from raymtl.train.precision import for_inference
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        saved = load(plan.model_path)
+        saved = load(plan.model_path) if saved is None else saved
         self.model = saved.model.to(self.device)
         self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
         self.device_inputs = DeviceInputs(plan.data, self.device)
