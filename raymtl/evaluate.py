@@ -95,7 +95,8 @@ def evaluate(
     none of the config's tasks is a ConfigError, as is a task without the split's source or with a
     label the model does not know. `local`: the same two stages in this process (on its GPU if it
     has one) instead of on Ray Data's actors; None: for a task whose split has at most
-    `raymtl.predict.LOCAL_ROWS` rows, unless `num_gpus` or `address` asks for Ray's actors.
+    `raymtl.predict.LOCAL_ROWS` rows, unless `num_gpus` or `address` asks for Ray's actors or they
+    would have GPUs this process lacks (`raymtl.predict.actors_have_gpus`).
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
@@ -106,6 +107,8 @@ def evaluate(
     exp = config if isinstance(config, Experiment) else load_experiment(config)
     saved = load(model_path)
     rows = _task_rows(exp, saved.infos, split, tasks)
+    if local is None and raymtl.predict.actors_have_gpus():
+        local = False
     most = raymtl.predict.LOCAL_ROWS
     here = {task: n <= most if local is None else local for task, n in rows.items()}
     if local is None and any(here.values()):

@@ -125,6 +125,10 @@ def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch)
     for options in ({"local": False}, {"num_gpus": 0}, {"address": "ray://head:10001"}):
         with pytest.raises(RuntimeError, match="Ray was asked for"):
             evaluate(model, exp, **options)
+    with monkeypatch.context() as gpus:
+        gpus.setattr("raymtl.predict.actors_have_gpus", lambda: True)
+        with pytest.raises(RuntimeError, match="Ray was asked for"):
+            evaluate(model, exp)
     monkeypatch.setattr("raymtl.predict.LOCAL_ROWS", len(pd.read_parquet(exp.tasks[0].validation)) - 1)
     with pytest.raises(RuntimeError, match="Ray was asked for"):
         evaluate(model, exp)

@@ -183,9 +183,34 @@ def test_prediction_in_this_process_needs_no_ray(model_dir, items, tmp_path, mon
         predict(model_dir, frame.head(0), str(out))
     with pytest.raises(ConfigError, match="takes no num_gpus, address"):
         predict(model_dir, frame, str(out), local=True, num_gpus=0, address="ray://head:10001")
+    monkeypatch.setattr("raymtl.predict.actors_have_gpus", lambda: True)
+    with pytest.raises(RuntimeError, match="Ray was asked for"):
+        predict(model_dir, frame, str(out))
     parse = build_parser().parse_args
     assert [parse(["predict", "m", "i", "o", *more]).local for more in ([], ["--local"], ["--no-local"])] == [
         None, True, False]
+
+
+def test_actors_have_gpus_only_on_a_cluster_with_gpus_this_process_lacks(monkeypatch):
+    import ray
+
+    from raymtl import predict as prediction
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    assert not prediction.actors_have_gpus()  # a local cluster would have this machine's: none
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert prediction.actors_have_gpus()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not prediction.actors_have_gpus()  # this process has one too
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(RuntimeError, match="Ray was asked for"):  # a submitted job joins its cluster to look
+        prediction.actors_have_gpus()
 
 
 def test_a_small_input_is_predicted_in_this_process_as_on_ray(predicted, model_dir, items_file, tmp_path, monkeypatch):

@@ -19,8 +19,8 @@
 
 An input of at most `LOCAL_ROWS` items runs through the same two stages in this process and is
 written as one parquet file, without starting Ray: the actors' start-up (seconds) would cost more
-than its items. Options only actors take (GPUs, resources, pool growth, a cluster address) send any
-input to Ray.
+than its items. Options only actors take (GPUs, resources, pool growth, a cluster address), or a
+cluster whose GPUs this process lacks, send any input to Ray.
 
 Bad rows are never dropped: a row whose image is missing or unreadable, or whose text is empty, is
 written with its `error` and null predictions for the tasks that read that input (a text-only task
@@ -35,6 +35,7 @@ columns).
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def predict(
     while items queue and the cluster has room (an autoscaling cluster adds nodes for them).
     `local`: the two stages in this process (on its GPU if it has one) instead of on Ray Data's
     actors; None: for an input of at most `LOCAL_ROWS` items, unless an option only actors take is
-    given (`num_gpus`, `resources_per_actor`, `max_pool_size`, `address`).
+    given (`num_gpus`, `resources_per_actor`, `max_pool_size`, `address`) or the actors would have
+    GPUs this process lacks (`actors_have_gpus`).
     """
     from raymtl.models.artifact import load
     from raymtl.ray_runtime import ensure_ray
@@ -133,6 +135,8 @@ def predict(
     saved = load(model_path)
     plan = make_plan(model_path, saved, tasks=tasks, image_column=image_column, text_column=text_column,
                      id_column=id_column, strict=strict, top_k=top_k)
+    if local is None and actors_have_gpus():
+        local = False
     here = None if local is False else items_here(input, plan, None if local else LOCAL_ROWS, images)
     if here is None:
         del saved  # each model actor loads its own
@@ -163,6 +167,25 @@ def local_choice(local: bool | None, for_actors: dict[str, Any]) -> bool | None:
         raise ConfigError(f"local (--local) runs in this process, which takes no {', '.join(given)}: "
                           "those ask for Ray's actors; drop one or the other")
     return False if given else local
+
+
+def actors_have_gpus() -> bool:
+    """Whether Ray's actors would have GPUs this process lacks: those of the cluster it is connected
+    to (joined first when RAY_ADDRESS names one, as in a submitted job); a local cluster it would
+    start has this machine's. A few items are then scored faster on a GPU actor than on a head
+    node's CPUs."""
+    import ray
+    import torch
+
+    from raymtl.ray_runtime import ensure_ray
+
+    if torch.cuda.is_available():
+        return False
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return False
+        ensure_ray()
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> list[str]:
