@@ -149,11 +149,11 @@ def predict(
     else:
         rows_in = len(here)
         write = functools.partial(_write_here, here, plan, batch_size, output, overwrite, saved)
-        if local is None:
-            console.say(f"[raymtl] {rows_in} items (at most {LOCAL_ROWS}): predicted in this process, without Ray "
-                        "(--no-local: on Ray Data's actors)")
     if rows_in == 0:
         raise ConfigError(f"input {input!r} has no rows")
+    if here is not None and local is None:
+        console.say(f"[raymtl] {rows_in} items (at most {LOCAL_ROWS}): predicted in this process, without Ray "
+                    "(--no-local: on Ray Data's actors)")
     start = time.perf_counter()
     _write(write, output)
     return summarise(output, rows_in, time.perf_counter() - start)
