@@ -13,9 +13,9 @@ A masked modality is not computed and feeds zeros into its fusion slot (after th
 normalisation), exactly what a task without that modality feeds, and what modality dropout trains
 the model on; a task whose only modality is masked then predicts from zeros: its prior.
 
-A split of at most `raymtl.predict.LOCAL_ROWS` rows is scored by the same two stages in this process (no Ray
-cluster is started when every task's is): the actors' start-up, seconds per task, would cost more
-than its rows.
+A split of at most `raymtl.predict.LOCAL_ROWS` rows is scored by the same two stages in this
+process (no Ray cluster is started when every task's is): the actors' start-up, seconds per task,
+would cost more than its rows; not when the actors would have GPUs this process lacks.
 
 With baselines, each task is compared with the baselines that predict it (several: their mean)
 and LibMTL's Δ% sums it up: the mean over tasks of the mean over the task's metrics of

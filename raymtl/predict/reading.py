@@ -17,7 +17,9 @@ from raymtl.predict.plan import Plan
 if TYPE_CHECKING:
     import ray.data
 
-SMALL_BYTES = 8 << 20  # a table source at most this large on disk is read to count its rows (a few hundred bytes each)
+# A table source at most this large on disk is read to count its rows (rows of a few hundred bytes:
+# thousands); a larger one goes to Ray, uncounted (footers would cost a request per file).
+SMALL_BYTES = 8 << 20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
