@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.proc_tree import Sampler, cores_busy, descendants, session_pids, thread_cpu_s, title
+from benchmarks.proc_tree import Sampler, cores_busy, descendants, kill, session_pids, thread_cpu_s, title
 
 MODES = ("bare", "in_process", "train_worker", "streamed", "predict")
 TARGET_RATIO, TARGET_WAIT = 0.95, 0.05
@@ -472,11 +472,7 @@ def outlive(sid: int, wait_s: float = SETTLE_S) -> dict:
         time.sleep(0.5)
         left = session_pids(sid)
     names = sorted({title(pid) for pid in left})
-    for pid in left:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    kill(left)
     return {"settle_s": round(time.perf_counter() - start, 1), "killed_after_settle": names}
 
 
@@ -487,11 +483,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, 9)
     except OSError:
         pass
-    for pid in pids:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    kill(pids)
     proc.wait()
 
 

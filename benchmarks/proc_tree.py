@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -104,6 +105,15 @@ def session_pids(sid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def kill(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to each of `pids`, those already gone skipped."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
 
 
 def busy_cpu_s() -> float | None:

@@ -18,10 +18,10 @@ from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.task_info import TaskInfo
 from raymtl.evaluate import Evaluation, _Score, _task_rows, compare, evaluate, task_metrics
-from raymtl.models import artifact
 from raymtl.predict.actors import Prepare
 from raymtl.predict.plan import make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny
+from test_predict import counted_loads, no_ray
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +107,8 @@ def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch)
     """Splits of at most LOCAL_ROWS rows need no cluster (none is started); a larger one, `local=False`
     or GPUs asked for go to Ray Data's actors."""
     model, exp = setup
-
-    def no_ray(address=None):
-        raise RuntimeError("Ray was asked for")
-
     monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
-    loads, load = [], artifact.load
-    monkeypatch.setattr(artifact, "load", lambda *args, **kw: loads.append(args) or load(*args, **kw))
+    loads = counted_loads(monkeypatch)
     got = evaluate(model, exp, batch_size=8)
     assert len(loads) == 1  # the model, once for every task
     for spec in exp.tasks:
@@ -137,7 +132,7 @@ def test_a_small_split_is_scored_in_this_process_without_ray(setup, monkeypatch)
 def test_cli_evaluates_with_a_baseline(setup, tmp_path, capsys, monkeypatch):
     """Small splits: scored in the command's process, no Ray cluster started."""
     model, exp = setup
-    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", lambda address=None: pytest.fail("Ray was started"))
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(exp.to_dict()))
     out = tmp_path / "out"

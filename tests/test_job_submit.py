@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import raymtl
+from benchmarks.proc_tree import kill, session_pids
 
 # Starts its own Ray head. Timeout: head <= 240 s, job <= SUBMIT_TIMEOUT_S + 60 s, teardown <= 30 s.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -55,28 +56,12 @@ def clean_env(token: str) -> dict[str, str]:
     return env
 
 
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def stop_session(sid: int, grace_s: float = 3) -> None:
     """SIGTERM every process of the head's session (Ray's workers put themselves in their own process
     groups, never in another session), then SIGKILL what is left after `grace_s` (the GCS server and
     the raylet outlast 12 s of it; nothing of this throwaway cluster needs a clean exit)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        kill(session_pids(sid), sig)
         deadline = time.monotonic() + grace_s
         while session_pids(sid) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -158,7 +158,15 @@ def test_strict_run_fails_naming_the_bad_row(ray_cluster, model_dir, items, tmp_
 
 
 def no_ray(address=None):
+    """`ensure_ray`'s stand-in where nothing may ask for a cluster."""
     raise RuntimeError("Ray was asked for")
+
+
+def counted_loads(monkeypatch) -> list:
+    """The calls of `raymtl.models.artifact.load` from now on (each still loads)."""
+    loads, load = [], artifact.load
+    monkeypatch.setattr(artifact, "load", lambda *args, **kw: loads.append(args) or load(*args, **kw))
+    return loads
 
 
 def test_prediction_in_this_process_needs_no_ray(model_dir, items, tmp_path, monkeypatch, capsys):
@@ -170,8 +178,7 @@ def test_prediction_in_this_process_needs_no_ray(model_dir, items, tmp_path, mon
     frame = items.copy()
     frame.loc[0, "id"] = None
     out = tmp_path / "out"
-    loads, load = [], artifact.load
-    monkeypatch.setattr(artifact, "load", lambda *args, **kw: loads.append(args) or load(*args, **kw))
+    loads = counted_loads(monkeypatch)
     summary = predict(model_dir, frame, str(out), tasks=["pattern"], batch_size=4)
     assert len(loads) == 1 and "predicted in this process" in capsys.readouterr().out
     got = pd.read_parquet(out)
