@@ -48,6 +48,15 @@ def wait_for(what, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
+def look_at_the_cluster_every_second() -> None:
+    """Ray Train's elastic policy grows a group from the reservations of Ray Data's autoscaling
+    coordinator, which looks at the cluster every 20 s: a returned node was seen 1-20 s late, and the
+    run had to last long enough for that. The coordinator is an actor of this job: every 1 s here."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+
+    _AutoscalingCoordinatorActor.TICK_INTERVAL_S = 1
+
+
 def main(config: str, rows: str, out: str) -> None:
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # the controller's watcher of node drains
     os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
@@ -55,6 +64,11 @@ def main(config: str, rows: str, out: str) -> None:
     # A node that vanishes is found dead in ~1.5 s, not ~15 s.
     os.environ.update(RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
                       RAY_health_check_failure_threshold="3")
+    # Ray Train restarts a group at the size the reservations say, and they still count a node that
+    # died within a second or two: looking at the workers at Ray's default pace (2 s, not the suite's
+    # 0.5) leaves that time, and a group that cannot start is given up after 30 s, not 60.
+    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
     import ray
     from ray.cluster_utils import Cluster
     from ray.core.generated import autoscaler_pb2
@@ -67,7 +81,8 @@ def main(config: str, rows: str, out: str) -> None:
         "num_cpus": 3, "resources": SLOT, "object_store_memory": store, "include_dashboard": False})
     second = cluster.add_node(num_cpus=2, resources=SLOT, object_store_memory=store)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    ray.init(address=cluster.address, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": look_at_the_cluster_every_second})
     timeline: list[str] = []
 
     def spot_node() -> None:
@@ -96,7 +111,7 @@ def main(config: str, rows: str, out: str) -> None:
     try:
         exp = load_experiment(config)
         training = dataclasses.replace(
-            exp.training, num_workers=[1, 2], epochs=4, checkpoint_every_steps=4, worker_resources=SLOT,
+            exp.training, num_workers=[1, 2], epochs=2, checkpoint_every_steps=4, worker_resources=SLOT,
             max_failures=0, collective_timeout_s=60, preemption_check_steps=1, elastic_resize_interval_s=1.0,
             preemption_grace_s=20.0)
         exp = dataclasses.replace(exp, name="elastic", training=training)
@@ -126,7 +141,7 @@ def test_an_elastic_run_loses_a_node_and_regains_it_reading_every_row_once(tmp_p
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
     assert result["timeline"] == ["drain accepted=True", "removed", "added"]
-    assert [row["epoch"] for row in result["history"]] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
     events = result["events"]
     notice = [e for e in events if e["event"] == "preemption"]
     resizes = [(e["old_world"], e["world"]) for e in events if e["event"] == "resize"]
@@ -136,7 +151,7 @@ def test_an_elastic_run_loses_a_node_and_regains_it_reading_every_row_once(tmp_p
     steps = kept_steps(rows)
     assert {s["world"] for s in steps} == {1, 2}
     read = rows_read(steps)
-    assert sorted(read) == [(e, t) for e in range(4) for t in ("color", "style")]
+    assert sorted(read) == [(e, t) for e in range(2) for t in ("color", "style")]
     assert all(counts == Counter(range(256)) for counts in read.values())  # every row once, every epoch
 
 
