@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -114,12 +115,27 @@ def test_every_collective_goes_through_the_helper_on_the_group_device(straight):
         assert not bad, bad[:3]
 
 
-def test_two_group_two_worker_run_resumes_exactly(ray_cluster, config, straight):
-    result, history, _, _ = straight
-    exp = two_groups(config, "interrupted2", epochs=2, affinity_every_steps=4, max_failures=0)
-    with crash_at(11):
+@pytest.fixture(scope="module")
+def crashed(ray_cluster, config, tmp_path_factory):
+    """2 workers crash at step 11 (epoch 2, step 3), every step's rows logged; the run folder is
+    copied under a second name at once, so that one crash is resumed twice: as it was (2 workers)
+    and on 1 worker.
+
+    Checkpoints at steps 3, 6, 8 (epoch 1's end) and 9; the crash may come before Ray Train has
+    registered the step-9 one, so a resume starts from step 8 or 9.
+    """
+    exp = two_groups(config, "crashed", epochs=2, affinity_every_steps=4, max_failures=0)
+    rows = tmp_path_factory.mktemp("crash_rows")
+    with logging_rows(rows), crash_at(11):
         failed = fit(exp, raise_on_error=False)
     assert failed.error is not None and len(failed.history) == 1
+    shutil.copytree(failed.run_dir, Path(failed.run_dir).with_name("shrink"))  # checkpoints are named relative to it
+    return exp, failed, rows
+
+
+def test_two_group_two_worker_run_resumes_exactly(crashed, straight):
+    result, history, _, _ = straight
+    exp, _, _ = crashed
     resumed = fit(exp)  # the step-9 checkpoint (epoch 2, step 1): same world size, exact position
     assert without_timings(resumed.history) == without_timings(history)
     expected = weights(result.checkpoint.path)
@@ -142,18 +158,12 @@ def test_two_worker_crash_is_recovered_and_resumes_exactly(ray_cluster, config, 
 
 
 @pytest.fixture(scope="module")
-def shrunk(ray_cluster, config, tmp_path_factory):
-    """2 workers crash at step 11 (epoch 2, step 3); resumed with 1 worker, every step's rows logged.
-
-    Checkpoints at steps 3, 6, 8 (epoch 1's end) and 9; the crash may come before Ray Train has
-    registered the step-9 one, so the resume starts from step 8 or 9.
-    """
-    exp = two_groups(config, "shrink", epochs=2, max_failures=0)
-    with logging_rows(tmp_path_factory.mktemp("shrink_rows")) as rows:
-        with crash_at(11):
-            failed = fit(exp, raise_on_error=False)
-        assert failed.error is not None and len(failed.history) == 1
-        resumed = fit(dataclasses.replace(exp, training=dataclasses.replace(exp.training, num_workers=1)))
+def shrunk(crashed):
+    """The crashed run's copy resumed with 1 worker, its steps' rows logged beside the crash's."""
+    exp, failed, rows = crashed
+    exp = dataclasses.replace(exp, name="shrink", training=dataclasses.replace(exp.training, num_workers=1))
+    with logging_rows(rows):
+        resumed = fit(exp)
     return exp, failed, resumed, kept_steps(rows)
 
 
