@@ -402,6 +402,24 @@ def test_a_folder_of_parquet_and_csv_files_is_read_file_by_file(ray_cluster, tmp
     assert blocks.take(np.array([8, 4, 0]))["label"].tolist() == ["c", "b", "a"]
 
 
+def test_a_parquet_read_starts_footer_readers_for_its_files_not_32(tmp_path, monkeypatch):
+    """Ray Data plans a parquet read with as many footer-reading actors as the environment says when
+    it is called: one per 100 files here (a few for a task's split), Ray's 32 at most; a count the
+    user set stays theirs, and the environment is as it was after."""
+    seen = []
+    monkeypatch.setattr(ray.data, "read_parquet", lambda files, filesystem: seen.append(
+        (len(files), os.environ.get(datasets.FOOTER_ACTORS_ENV))) or "a dataset")
+    monkeypatch.delenv(datasets.FOOTER_ACTORS_ENV, raising=False)
+    for i in range(3):
+        pd.DataFrame({"id": [i]}).to_parquet(tmp_path / f"part-{i}.parquet")
+    read_source_parts(str(tmp_path))
+    assert seen == [(3, "1")] and datasets.FOOTER_ACTORS_ENV not in os.environ
+    assert [datasets.footer_actors(n) for n in (1, 100, 101, 3199, 5000)] == [1, 1, 2, 32, 32]
+    monkeypatch.setenv(datasets.FOOTER_ACTORS_ENV, "8")
+    read_source_parts(str(tmp_path / "part-0.parquet"))
+    assert seen[-1] == (1, "8") and os.environ[datasets.FOOTER_ACTORS_ENV] == "8"
+
+
 def test_ranks_of_a_node_share_the_cached_blocks(ray_cluster):
     """Two ranks on one node read a 64 MB cache: neither holds a private copy of it (a copy would)."""
     from benchmarks.cache_sharing import make_chunks, run

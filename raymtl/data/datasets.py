@@ -50,6 +50,8 @@ _CACHE_SHARE = 0.25  # data.cache "auto": cache when the decoded inputs fit in t
 _CACHE_BLOCK_ROWS = 4096  # at most this many rows in all: a cache decoded in the driver, no Ray tasks
 _DEFAULT_STORE_SHARE = 0.3  # Ray's default object store: 30 % of the machine's memory
 _PREFETCH_STEPS = 2  # decoded steps waiting for the loop, per rank, beyond those being decoded
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # Ray Data's, read when a parquet read is planned
+FILES_PER_FOOTER_ACTOR = 100
 T = TypeVar("T")
 
 
@@ -83,9 +85,34 @@ def read_source_parts(source: Any, columns: list[str] | None = None) -> list[ray
         bounds = [len(frame) * i // blocks for i in range(blocks + 1)]
         return [ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds, bounds[1:])])]
     fs, paths = source_paths(source)
-    readers = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv}
+    readers = {"parquet": _read_parquet, "csv": ray.data.read_csv}
     parts = [readers[fmt](list(files), filesystem=fs) for fmt, files in itertools.groupby(paths, key=file_format)]
     return [ds.select_columns(columns) for ds in parts] if columns else parts
+
+
+def _read_parquet(files: list[str], filesystem: Any) -> ray.data.Dataset:
+    """`ray.data.read_parquet`, its footer readers sized to the files (`footer_actors`)."""
+    previous = os.environ.get(FOOTER_ACTORS_ENV)
+    if previous is None:  # one the user set is theirs
+        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(files)))
+    try:
+        return ray.data.read_parquet(files, filesystem=filesystem)
+    finally:
+        if previous is None:
+            del os.environ[FOOTER_ACTORS_ENV]
+
+
+def footer_actors(files: int) -> int:
+    """Actors to read the footers of `files` parquet files: one per `FILES_PER_FOOTER_ACTOR`, at most Ray's 32.
+
+    Ray Data lists a parquet read by starting a pool of footer-reading actors, 32 whatever the
+    files (sized for thousands on object storage), and stopping it once listed: a process each, a
+    second or so of a core to start. A run reads each task's splits, a few files each: on a 2-core
+    box 32 per read held an evaluation of 4 tasks in one stream 35-38 s, one per read 24-26 s
+    (benchmarks/evaluate_tasks.py). `read_parquet` reads the count from this process's
+    environment when it plans the read.
+    """
+    return min(32, max(1, -(-files // FILES_PER_FOOTER_ACTOR)))
 
 
 @dataclass
