@@ -4,6 +4,11 @@ Each task of a training config is read from its `validation:` (or `test:`) sourc
 prediction's Ray Data stages (`raymtl.predict`: the training `Preprocessor` on CPU actors, the
 model in a pool of actors) with its labels encoded alongside; the driver feeds the probabilities
 into the training metric code (`make_accumulator`), so the numbers are the ones training reports.
+Every task's rows go through one stream, tagged with their task (`tagged`): one start of the
+actors however many tasks, and a batch may hold rows of several. The tasks' tables differ in
+columns and types, and their decoded arrays and probabilities in shapes, so a row travels pickled
+between the stages (`_PrepareEach`, `_ScoreEach`) and each stage runs each task's rows as that
+task's own stage would.
 
 The loss is the negative log-likelihood of the predicted probabilities (cross-entropy or BCE,
 without label smoothing or task weight). Rows whose image cannot be read are left out and counted.
@@ -14,8 +19,8 @@ normalisation), exactly what a task without that modality feeds, and what modali
 the model on; a task whose only modality is masked then predicts from zeros: its prior.
 
 A split of at most `raymtl.predict.LOCAL_ROWS` rows is scored by the same two stages in this
-process (no Ray cluster is started when every task's is): the actors' start-up, seconds per task,
-would cost more than its rows; not when the actors would have GPUs this process lacks.
+process (no Ray cluster is started when every task's is): the actors' start-up, seconds, would
+cost more than its rows; not when the actors would have GPUs this process lacks.
 
 With baselines, each task is compared with the baselines that predict it (several: their mean)
 and LibMTL's Δ% sums it up: the mean over tasks of the mean over the task's metrics of
@@ -28,18 +33,20 @@ import csv
 import dataclasses
 import io
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import raymtl.predict
 from raymtl import console, storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
 from raymtl.predict import gpus_per_actor, local_choice, predictions, stages_here
-from raymtl.predict.actors import Predict
-from raymtl.predict.plan import LABEL, make_plan
+from raymtl.predict.actors import Predict, Prepare
+from raymtl.predict.plan import LABEL, Plan, make_plan
 from raymtl.predict.reading import items_here, read_items
 from raymtl.train.metrics import summary_table
 from raymtl.train.report import primary_metric
@@ -48,6 +55,7 @@ SPLITS = {"validation": "validation", "test": "test"}  # --split -> TaskSpec fie
 LOWER_IS_BETTER = frozenset({"loss"})
 COUNTS = ("rows", "bad_rows")  # reported beside the metrics, not compared
 MASKED = {"both": None, "image": "text", "text": "image"}  # modality evaluated -> modality masked
+TASK, ROW = "task", "row"  # the columns of the stream of every task: the task's index, the row pickled
 
 
 @dataclass
@@ -118,19 +126,36 @@ def evaluate(
         ensure_ray(address)
         gpus = gpus_per_actor(num_gpus)
     start = time.perf_counter()
-    metrics = {}
-    for spec in (exp.task(task) for task in rows):
-        plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
-                         text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
-        plan = dataclasses.replace(plan, masked=MASKED[modality])
-        source = getattr(spec, SPLITS[split])
-        if here[spec.name]:
-            scored = stages_here(items_here(source, plan, None), plan, batch_size, _Score, saved)
+    scores = {task: TaskScore(saved.infos[task]) for task in rows}
+    for in_process in (True, False):
+        names = [task for task in rows if here[task] == in_process]
+        if not names:
+            continue
+        plans = [_plan(model_path, saved, exp.task(task), modality) for task in names]
+        sources = [getattr(exp.task(task), SPLITS[split]) for task in names]
+        if in_process:
+            items = pd.concat([tagged(items_here(source, plan, None), k)
+                               for k, (source, plan) in enumerate(zip(sources, plans))], ignore_index=True)
+            scored = stages_here(items, plans, batch_size, _ScoreEach, saved, prepare_stage=_PrepareEach)
         else:
-            pipeline = predictions(read_items(source, plan), plan, batch_size, pool_size, gpus, model_stage=_Score)
+            streams = [read_items(source, plan).map_batches(tagged, fn_args=(k,), batch_format="pandas")
+                       for k, (source, plan) in enumerate(zip(sources, plans))]
+            pipeline = predictions(streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0], plans,
+                                   batch_size, pool_size, gpus, model_stage=_ScoreEach, prepare_stage=_PrepareEach,
+                                   rows=sum(rows[task] for task in names))
             scored = pipeline.iter_batches(batch_format="numpy")
-        metrics[spec.name] = task_metrics(saved.infos[spec.name], scored)
+        for batch in scored:
+            for k, arrays in by_task(batch).items():
+                scores[names[k]].update(arrays)
+    metrics = {task: score.metrics() for task, score in scores.items()}
     return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start, modality)
+
+
+def _plan(model_path: str, saved: Any, spec: TaskSpec, modality: str) -> Plan:
+    """The prediction plan of one task's split: its columns, its labels encoded, a modality masked."""
+    plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
+                     text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
+    return dataclasses.replace(plan, masked=MASKED[modality])
 
 
 def _task_rows(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> dict[str, int]:
@@ -166,33 +191,95 @@ def _row_id(spec: TaskSpec) -> str | None:
     return spec.id_column or spec.image_column
 
 
-class _Score(Predict):
-    """Model actor of an evaluation: per row the probabilities of the plan's task, its label, badness."""
+# ---------------------------------------------------------------- the stream of every task
+
+
+def tagged(items: pd.DataFrame, task: int) -> pd.DataFrame:
+    """The rows of the stream's `task`-th task: its index, and each row pickled (whatever its columns)."""
+    return pd.DataFrame({TASK: np.full(len(items), task, np.int32),
+                         ROW: [pickle.dumps(row, protocol=5) for row in items.to_dict("records")]})
+
+
+class _PrepareEach:
+    """Decoding actor of an evaluation: each task's rows of a batch through that task's `Prepare`,
+    every row's arrays (inputs, label, errors) pickled."""
+
+    def __init__(self, plans: list[Plan]) -> None:
+        self.prepares = [Prepare(plan) for plan in plans]
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        tasks = batch[TASK].to_numpy()
+        return _by_row(tasks, {k: self.prepares[k](pd.DataFrame([pickle.loads(r) for r in rows]))
+                               for k, rows in _rows_by_task(tasks, batch[ROW].to_numpy()).items()})
+
+
+class _ScoreEach(Predict):
+    """Model actor of an evaluation: per row the probabilities of its task, its label and whether it
+    is bad (pickled); the model loaded once for every task."""
+
+    def __init__(self, plans: list[Plan], use_gpu: bool, saved: Any = None) -> None:
+        super().__init__(plans[0], use_gpu, saved)  # the plans differ in their task and columns only
+        self.task_heads = [plan.heads for plan in plans]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ((probs, bad),) = self.probabilities(batch)
-        return {"probs": probs, LABEL: batch[LABEL], "bad": bad}
+        scored = {}
+        for k, arrays in by_task(batch).items():
+            ((probs, bad),) = self.probabilities(arrays, self.task_heads[k])
+            scored[k] = {"probs": probs, LABEL: arrays[LABEL], "bad": bad}
+        return _by_row(batch[TASK], scored)
 
 
-def task_metrics(info, batches) -> dict[str, float]:
-    """The training metrics of one task from batches of {"probs", "label", "bad"} numpy arrays."""
-    import torch
+def by_task(batch: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """A batch of the stream as each task's arrays (the rows of a task stacked, in batch order)."""
+    out = {}
+    for k, rows in _rows_by_task(batch[TASK], batch[ROW]).items():
+        rows = [pickle.loads(r) for r in rows]
+        out[k] = {key: _stack([row[key] for row in rows]) for key in rows[0]}
+    return out
 
-    from raymtl.models.ensemble import as_logits
-    from raymtl.train.losses import task_loss
-    from raymtl.train.metrics import make_accumulator
 
-    accumulator = make_accumulator(info, info.threshold)
-    loss = task_loss(TaskSpec(info.name, train=None, kind=info.kind), info)
-    rows = bad_rows = 0
-    for batch in batches:
+def _rows_by_task(tasks: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+    return {int(k): rows[tasks == k] for k in np.unique(tasks)}
+
+
+def _by_row(tasks: np.ndarray, arrays: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each task's arrays back as the stream's rows (task, pickled row), in the batch's order."""
+    rows = np.empty(len(tasks), dtype=object)
+    for k, values in arrays.items():
+        rows[tasks == k] = [pickle.dumps(dict(zip(values, row)), protocol=5) for row in zip(*values.values())]
+    return {TASK: np.asarray(tasks, np.int32), ROW: rows}
+
+
+def _stack(values: list) -> np.ndarray:
+    return np.array(values, dtype=object) if isinstance(values[0], str) or values[0] is None else np.stack(values)
+
+
+class TaskScore:
+    """The training metrics of one task, fed batches of {"probs", "label", "bad"} numpy arrays."""
+
+    def __init__(self, info: Any) -> None:
+        from raymtl.train.losses import task_loss
+        from raymtl.train.metrics import make_accumulator
+
+        self.info = info
+        self.accumulator = make_accumulator(info, info.threshold)
+        self.loss = task_loss(TaskSpec(info.name, train=None, kind=info.kind), info)
+        self.rows = self.bad_rows = 0
+
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        import torch
+
+        from raymtl.models.ensemble import as_logits
+
         good = ~batch["bad"]
-        rows, bad_rows = rows + len(good), bad_rows + int((~good).sum())
+        self.rows, self.bad_rows = self.rows + len(good), self.bad_rows + int((~good).sum())
         if good.any():
-            logits = as_logits(torch.as_tensor(batch["probs"][good]), info.kind)
+            logits = as_logits(torch.as_tensor(batch["probs"][good]), self.info.kind)
             target = torch.as_tensor(batch[LABEL][good])
-            accumulator.update(logits, target, loss(logits, target) * int(good.sum()))
-    return {**accumulator.compute(), "rows": rows, "bad_rows": bad_rows}
+            self.accumulator.update(logits, target, self.loss(logits, target) * int(good.sum()))
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.accumulator.compute(), "rows": self.rows, "bad_rows": self.bad_rows}
 
 
 # ---------------------------------------------------------------- comparing

@@ -17,8 +17,7 @@ from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.task_info import TaskInfo
-from raymtl.evaluate import Evaluation, _Score, _task_rows, compare, evaluate, task_metrics
-from raymtl.predict.actors import Prepare
+from raymtl.evaluate import Evaluation, TaskScore, _PrepareEach, _ScoreEach, _task_rows, by_task, compare, evaluate, tagged
 from raymtl.predict.plan import make_plan
 from test_ensemble_model import TASKS, member_probs, save_tiny
 from test_predict import counted_loads, no_ray
@@ -32,6 +31,18 @@ def setup(tmp_path_factory):
     catalogue = make_planted(root / "data", clusters=[list(TASKS)], n_per_task=30)
     exp = planted_experiment(catalogue, str(root / "runs"), name="eval")
     return model, exp
+
+
+def scored(plan, items: pd.DataFrame) -> dict[str, np.ndarray]:
+    """One task's rows through evaluation's two stages, in this process: its probs, labels, bad rows."""
+    return by_task(_ScoreEach([plan], use_gpu=False)(_PrepareEach([plan])(tagged(items, 0))))[0]
+
+
+def task_metrics(info, batches) -> dict[str, float]:
+    score = TaskScore(info)
+    for batch in batches:
+        score.update(batch)
+    return score.metrics()
 
 
 def by_hand(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -54,12 +65,36 @@ def test_metrics_of_the_scoring_stage_match_metrics_by_hand(setup):
     for spec in exp.tasks:
         items = pd.read_parquet(spec.validation)
         plan = make_plan(model, saved, tasks=[spec.name], image_column="image", id_column="id", label_column="label")
-        scored = _Score(plan, use_gpu=False)(Prepare(plan)(items))
-        got = task_metrics(saved.infos[spec.name], [scored, scored])  # two batches: counts add up
+        batch = scored(plan, items)
+        got = task_metrics(saved.infos[spec.name], [batch, batch])  # two batches: counts add up
         expected = by_hand(member_probs(model, items)[spec.name], items["label"].to_numpy())
         assert got["rows"] == 2 * len(items) and got["bad_rows"] == 0
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_rows_of_tasks_mixed_in_a_batch_are_scored_as_each_tasks_own(tmp_path):
+    """The stream of every task: a batch interleaving a 2-label and a 3-label task's rows gives each
+    task the probabilities, labels and bad rows it gets alone, in its rows' order."""
+    import raymtl
+
+    model = save_tiny(tmp_path / "model", 1, {"all": list(TASKS)}, labels={"b": ["0", "1", "2"]})
+    catalogue = make_planted(tmp_path / "data", clusters=[list(TASKS)], n_per_task=30)
+    exp = planted_experiment(catalogue, str(tmp_path / "runs"))
+    saved = raymtl.load(model)
+    plans = [make_plan(model, saved, tasks=[t], image_column="image", id_column="id", label_column="label") for t in TASKS]
+    items = [pd.read_parquet(exp.task(t).validation) for t in TASKS]
+    items[1].loc[1, "image"] = str(tmp_path / "missing.jpg")  # a bad row of b
+    mixed = pd.concat([tagged(items[0], 0), tagged(items[1], 1)]).sort_index(kind="stable").reset_index(drop=True)
+    assert mixed["task"].tolist()[:4] == [0, 1, 0, 1]
+    both = by_task(_ScoreEach(plans, use_gpu=False, saved=saved)(_PrepareEach(plans)(mixed)))
+    for k, plan in enumerate(plans):
+        alone = scored(plan, items[k])
+        assert both[k].keys() == alone.keys() == {"probs", "label", "bad"}
+        for key in alone:
+            assert np.array_equal(both[k][key], alone[key]), (k, key)
+    assert both[0]["probs"].shape == (len(items[0]), 2) and both[1]["probs"].shape == (len(items[1]), 3)
+    assert both[1]["bad"].tolist() == [i == 1 for i in range(len(items[1]))]
 
 
 def test_multilabel_metrics_threshold_the_probabilities():
@@ -153,9 +188,19 @@ def test_cli_evaluates_with_a_baseline(setup, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ray_data_actors_score_as_this_process_does(ray_cluster, setup):
-    model, exp = setup
-    on_ray = evaluate(model, exp, tasks=["a"], batch_size=8, local=False)
-    here = evaluate(model, exp, tasks=["a"], batch_size=8)
-    assert on_ray.tasks["a"]["rows"] == len(pd.read_parquet(exp.task("a").validation))
-    assert on_ray.tasks["a"] == pytest.approx(here.tasks["a"], abs=1e-6)
+def test_ray_data_actors_score_every_task_in_one_stream_as_this_process_does(ray_cluster, setup, tmp_path, monkeypatch):
+    """Two tasks (2 and 3 labels) through one pipeline of Ray Data's actors: each task's numbers are
+    the ones this process computes."""
+    import raymtl.evaluate
+
+    _, exp = setup
+    model = save_tiny(tmp_path / "model", 1, {"all": list(TASKS)}, labels={"b": ["0", "1", "2"]})
+    pipelines = []
+    real = raymtl.evaluate.predictions
+    monkeypatch.setattr(raymtl.evaluate, "predictions", lambda *args, **kw: pipelines.append(args[1]) or real(*args, **kw))
+    on_ray = evaluate(model, exp, batch_size=8, local=False)
+    assert [[plan.heads[0].task for plan in plans] for plans in pipelines] == [list(TASKS)]  # one stream
+    here = evaluate(model, exp, batch_size=8)
+    for task in TASKS:
+        assert on_ray.tasks[task]["rows"] == len(pd.read_parquet(exp.task(task).validation))
+        assert on_ray.tasks[task] == pytest.approx(here.tasks[task], abs=1e-6)

@@ -206,10 +206,10 @@ def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
     from raymtl.config import Experiment, ModelSpec, TaskSpec
     from raymtl.data.synthetic import make_catalogue
     from raymtl.data.task_info import TaskInfo
-    from raymtl.evaluate import MASKED, _Score
+    from raymtl.evaluate import MASKED
     from raymtl.models.multitask import MultiTaskModel
-    from raymtl.predict.actors import Prepare
     from raymtl.predict.plan import make_plan
+    from test_evaluate import scored
 
     paths = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 12})["color"]
     items = pd.read_parquet(paths["train"])
@@ -231,7 +231,7 @@ def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
     def probs(modality, rows):
         plan = make_plan(str(tmp_path / "model"), saved, tasks=["color"], label_column="label")
         plan = dataclasses.replace(plan, masked=MASKED[modality])
-        return _Score(plan, use_gpu=False)(Prepare(plan)(rows))["probs"]
+        return scored(plan, rows)["probs"]
 
     both = probs("both", items)
     assert np.array_equal(probs("image", items), probs("image", other_titles))

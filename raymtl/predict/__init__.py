@@ -200,21 +200,24 @@ def check_paths(model_path: str, input: Any, output: str, overwrite: bool) -> li
 
 
 def predictions(
-    items: ray.data.Dataset, plan: Plan, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None,
+    items: ray.data.Dataset, plan: Any, batch_size: int, pool_size: int, gpus: float, model_stage: type | None = None,
     max_pool_size: int | None = None, resources: dict[str, float] | None = None, rows: int | None = None,
+    prepare_stage: type | None = None,
 ) -> ray.data.Dataset:
     """Items -> output rows: decoding on CPU actors, then the model on a pool of `pool_size` to
     `max_pool_size` actors.
 
-    `model_stage` replaces `Predict` (same constructor) to turn model outputs into other rows;
-    `resources`: custom resources per model actor; `rows`: the items' count, when the caller has it.
+    `prepare_stage` and `model_stage` replace `Prepare` and `Predict` (constructors taking `plan`,
+    and `plan, use_gpu`) to decode other rows or turn model outputs into other rows (evaluation:
+    every task's rows in one stream); `resources`: custom resources per model actor; `rows`: the
+    items' count, when the caller has it.
     """
     import ray.data
 
     # Blocks of one batch: a decode actor takes a block at a time, and a single input file read as
     # one block would otherwise be decoded by one actor while the others idle.
     return items.repartition(target_num_rows_per_block=batch_size).map_batches(
-        Prepare,
+        prepare_stage or Prepare,
         fn_constructor_args=(plan,),
         batch_format="pandas",
         batch_size=batch_size,
@@ -233,13 +236,15 @@ def predictions(
 
 
 def stages_here(
-    items: pd.DataFrame, plan: Plan, batch_size: int, model_stage: type | None = None, saved: Any = None
+    items: pd.DataFrame, plan: Any, batch_size: int, model_stage: type | None = None, saved: Any = None,
+    prepare_stage: type | None = None,
 ) -> Iterator:
-    """Both stages (`Prepare`, then `model_stage` or `Predict`) called batch by batch in this process;
-    `saved`: the model, when the caller has loaded it already."""
+    """Both stages (`prepare_stage` or `Prepare`, then `model_stage` or `Predict`: see `predictions`)
+    called batch by batch in this process; `saved`: the model, when the caller has loaded it already."""
     import torch
 
-    prepare, model = Prepare(plan), (model_stage or Predict)(plan, torch.cuda.is_available(), saved)
+    prepare = (prepare_stage or Prepare)(plan)
+    model = (model_stage or Predict)(plan, torch.cuda.is_available(), saved)
     for start in range(0, len(items), batch_size):
         yield model(prepare(items.iloc[start : start + batch_size]))
 

@@ -118,9 +118,12 @@ class Predict:
         columns[ERROR] = pa.array(errors, pa.string(), mask=errors == "")
         return pa.table(columns)
 
-    def probabilities(self, batch: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per head: softmax (multiclass) or sigmoid (multilabel) probabilities, zeros on its bad rows,
-        and the bad rows (an input of the head has an error). An ensemble's are its members' weighted mean.
+    def probabilities(
+        self, batch: dict[str, np.ndarray], heads: tuple[Head, ...] | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per head (the plan's, or `heads`): softmax (multiclass) or sigmoid (multilabel) probabilities,
+        zeros on its bad rows, and the bad rows (an input of the head has an error). An ensemble's are
+        its members' weighted mean.
 
         Bad rows run through the model with the others (their placeholder inputs cost less than a
         selection of rows per head; in eval mode every row is computed on its own) and are zeroed after.
@@ -129,11 +132,12 @@ class Predict:
 
         from raymtl.models.ensemble import members_of, probabilities
 
+        heads = self.heads if heads is None else heads
         arrays = self._on_device(batch)
         features: dict[tuple, torch.Tensor] = {}  # tasks of one group with the same inputs share one pass
         outputs = []
         with torch.inference_mode(), self.precision.autocast():
-            for head in self.heads:
+            for head in heads:
                 prefixes = tuple(f"{i}/" for i in head.inputs)
                 inputs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(prefixes)}
                 total = 0.0
@@ -145,7 +149,7 @@ class Predict:
                 outputs.append(total)
         host = torch.cat(outputs, dim=1).cpu().numpy()  # the batch's one copy back
         out, start = [], 0
-        for head in self.heads:
+        for head in heads:
             probs = host[:, start : start + len(head.labels)].copy()
             start += len(head.labels)
             bad = np.zeros(len(batch[ID]), dtype=bool)
