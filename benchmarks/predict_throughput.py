@@ -32,6 +32,7 @@ import torch
 import raymtl
 from raymtl.config import TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
+from raymtl.data.datasets import FOOTER_ACTORS_ENV
 from raymtl.data.inspection import inspect_tasks
 from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
@@ -118,7 +119,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['method']:<30}{row['seconds']:>10.2f}{row['items_per_s']:>10.1f}")
     result = {"items": n, "batch_size": args.batch_size, "cpus": os.cpu_count(), "machine": platform.machine(),
-              "torch_threads": torch.get_num_threads(), "load_1m_before": load_before,
+              "torch_threads": torch.get_num_threads(), "footer_actors_env": os.environ.get(FOOTER_ACTORS_ENV),
+              "load_1m_before": load_before,
               "load_1m_after": os.getloadavg()[0], "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
