@@ -16,6 +16,7 @@ import yaml
 from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment
+from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.data.task_info import TaskInfo
 from raymtl.evaluate import Evaluation, TaskScore, _PrepareEach, _ScoreEach, _task_rows, by_task, compare, evaluate, tagged
 from raymtl.predict.plan import make_plan
@@ -95,6 +96,30 @@ def test_rows_of_tasks_mixed_in_a_batch_are_scored_as_each_tasks_own(tmp_path):
             assert np.array_equal(both[k][key], alone[key]), (k, key)
     assert both[0]["probs"].shape == (len(items[0]), 2) and both[1]["probs"].shape == (len(items[1]), 3)
     assert both[1]["bad"].tolist() == [i == 1 for i in range(len(items[1]))]
+
+
+@pytest.mark.skipif(default_tokenizer_path() is None, reason="the MiniLM tokenizer is not installed")
+def test_tasks_of_every_shape_in_one_stream_score_as_each_alone(tmp_path, monkeypatch):
+    """An image + text multiclass task and a text-only multilabel one (the demo's color and style),
+    their rows mixed in the stream's batches, score as each task evaluated on its own."""
+    from raymtl.config import load_experiment
+    from raymtl.data.inspection import inspect_tasks
+    from raymtl.data.synthetic import make_catalogue, write_demo_config
+    from raymtl.models.artifact import save_model
+    from raymtl.models.build import build_model
+
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    catalogue = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 40, "style": 40})
+    exp = load_experiment(write_demo_config(tmp_path / "data", catalogue, storage_path=str(tmp_path / "runs"),
+                                            data={"image_size": 16}, model={"hidden_dim": 8}))
+    model = str(save_model(tmp_path / "model", build_model(exp, inspect_tasks(exp)), model_spec=exp.model,
+                           data=exp.data, experiment=exp.to_dict()))
+    together = evaluate(model, exp, batch_size=6)  # 8 + 8 rows: the second batch holds both tasks
+    for task in exp.task_names:
+        alone = evaluate(model, exp, tasks=[task], batch_size=6)
+        assert together.tasks[task] == pytest.approx(alone.tasks[task], abs=1e-6), task
+        assert together.tasks[task]["rows"] == len(pd.read_parquet(exp.task(task).validation))
+    assert {"micro_f1", "exact_match"} <= together.tasks["style"].keys()
 
 
 def test_multilabel_metrics_threshold_the_probabilities():
