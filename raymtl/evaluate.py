@@ -219,7 +219,7 @@ class _ScoreEach(Predict):
 
     def __init__(self, plans: list[Plan], use_gpu: bool, saved: Any = None) -> None:
         super().__init__(plans[0], use_gpu, saved)  # the plans differ in their task and columns only
-        self.task_heads = [plan.heads for plan in plans]
+        self.heads, self.task_heads = (), [plan.heads for plan in plans]  # a row's heads are its task's
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scored = {}

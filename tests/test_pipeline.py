@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -407,13 +411,24 @@ def test_a_parquet_read_starts_footer_readers_for_its_files_not_32(tmp_path, mon
     it is called: one per 100 files here (a few for a task's split), Ray's 32 at most; a count the
     user set stays theirs, and the environment is as it was after."""
     seen = []
-    monkeypatch.setattr(ray.data, "read_parquet", lambda files, filesystem: seen.append(
-        (len(files), os.environ.get(datasets.FOOTER_ACTORS_ENV))) or "a dataset")
+
+    def read_parquet(files, filesystem):
+        time.sleep(0.002)  # a read being planned, while other threads start theirs
+        seen.append((len(files), os.environ.get(datasets.FOOTER_ACTORS_ENV)))
+        return "a dataset"
+
+    monkeypatch.setattr(ray.data, "read_parquet", read_parquet)
     monkeypatch.delenv(datasets.FOOTER_ACTORS_ENV, raising=False)
     for i in range(3):
         pd.DataFrame({"id": [i]}).to_parquet(tmp_path / f"part-{i}.parquet")
     read_source_parts(str(tmp_path))
     assert seen == [(3, "1")] and datasets.FOOTER_ACTORS_ENV not in os.environ
+    (many := tmp_path / "many").mkdir()
+    for i in range(101):
+        pq.write_table(pa.table({"id": [i]}), many / f"part-{i:03d}.parquet")
+    with ThreadPoolExecutor(8) as pool:  # as build_inputs reads its sources: each read plans alone
+        list(pool.map(lambda k: read_source_parts(str(many if k % 2 else tmp_path / "part-0.parquet")), range(32)))
+    assert sorted(set(seen[1:])) == [(1, "1"), (101, "2")] and datasets.FOOTER_ACTORS_ENV not in os.environ
     assert [datasets.footer_actors(n) for n in (1, 100, 101, 3199, 5000)] == [1, 1, 2, 32, 32]
     monkeypatch.setenv(datasets.FOOTER_ACTORS_ENV, "8")
     read_source_parts(str(tmp_path / "part-0.parquet"))

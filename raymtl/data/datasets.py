@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ _DEFAULT_STORE_SHARE = 0.3  # Ray's default object store: 30 % of the machine's 
 _PREFETCH_STEPS = 2  # decoded steps waiting for the loop, per rank, beyond those being decoded
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # Ray Data's, read when a parquet read is planned
 FILES_PER_FOOTER_ACTOR = 100
+_FOOTER_ENV_LOCK = threading.Lock()
 T = TypeVar("T")
 
 
@@ -91,15 +93,18 @@ def read_source_parts(source: Any, columns: list[str] | None = None) -> list[ray
 
 
 def _read_parquet(files: list[str], filesystem: Any) -> ray.data.Dataset:
-    """`ray.data.read_parquet`, its footer readers sized to the files (`footer_actors`)."""
-    previous = os.environ.get(FOOTER_ACTORS_ENV)
-    if previous is None:  # one the user set is theirs
-        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(files)))
-    try:
-        return ray.data.read_parquet(files, filesystem=filesystem)
-    finally:
-        if previous is None:
-            del os.environ[FOOTER_ACTORS_ENV]
+    """`ray.data.read_parquet`, its footer readers sized to the files (`footer_actors`). One read
+    plans at a time (`build_inputs` reads sources from a thread pool): the count is in the
+    environment only while its read is planned (milliseconds: the footers are read when it runs)."""
+    with _FOOTER_ENV_LOCK:
+        previous = os.environ.get(FOOTER_ACTORS_ENV)
+        if previous is None:  # one the user set is theirs
+            os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(files)))
+        try:
+            return ray.data.read_parquet(files, filesystem=filesystem)
+        finally:
+            if previous is None:
+                os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
 def footer_actors(files: int) -> int:
