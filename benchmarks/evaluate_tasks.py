@@ -2,7 +2,7 @@
 stream, against one evaluation per task (what `evaluate` did before the stream: a pipeline, and a
 start of the decode and model actors, per task).
 
-    python benchmarks/evaluate_tasks.py --rows 500 --out evaluate_tasks.json
+    python -m benchmarks.evaluate_tasks --rows 500 --out evaluate_tasks.json
 
 The model is the demo's architecture (ResNet-18 over two 64 px views, a small BERT over titles with
 the MiniLM tokenizer, four tasks), built untrained: the time does not depend on the weights. Both
@@ -20,13 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from raymtl.config import load_experiment
+from benchmarks.predict_throughput import demo_model
 from raymtl.data.datasets import FOOTER_ACTORS_ENV
-from raymtl.data.inspection import inspect_tasks
-from raymtl.data.synthetic import make_catalogue, write_demo_config
 from raymtl.evaluate import evaluate
-from raymtl.models.artifact import save_model
-from raymtl.models.build import build_model
 from raymtl.ray_runtime import ensure_ray, release
 
 
@@ -43,11 +39,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sizes = dict.fromkeys(("color", "pattern", "season", "style"), args.rows)
-        catalogue = make_catalogue(root / "data", seed=0, image_size=64, sizes=sizes)
-        exp = load_experiment(write_demo_config(root / "data", catalogue, storage_path=str(root / "runs")))
-        model = str(save_model(root / "model", build_model(exp, inspect_tasks(exp)), model_spec=exp.model,
-                               data=exp.data, experiment=exp.to_dict()))
+        exp, model, _ = demo_model(root, dict.fromkeys(("color", "pattern", "season", "style"), args.rows))
         ensure_ray()  # the local cluster `raymtl evaluate` starts: one CPU slot per core, at least 4
         ray.data.DataContext.get_current().enable_progress_bars = False
         stream_s, per_task_s = [], []

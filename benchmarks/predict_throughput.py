@@ -25,12 +25,13 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
 import raymtl
-from raymtl.config import TaskSpec, load_experiment
+from raymtl.config import Experiment, TaskSpec, load_experiment
 from raymtl.data.synthetic import make_catalogue, write_demo_config
 from raymtl.data.datasets import FOOTER_ACTORS_ENV
 from raymtl.data.inspection import inspect_tasks
@@ -43,16 +44,23 @@ from raymtl.predict.plan import make_plan
 from raymtl.ray_runtime import ensure_ray, release
 
 
-def make_model(root: Path, items: int) -> tuple[str, str]:
-    """(saved model folder, items parquet): the demo config's model over a catalogue of `items` items."""
-    sizes = {"color": items, "pattern": 40, "season": 40, "style": 40}
-    catalogue = make_catalogue(root / "data", seed=0, image_size=64, sizes=sizes)
-    exp = load_experiment(write_demo_config(root / "data", catalogue, storage_path=str(root / "runs")))
+def demo_model(root: Path, sizes: dict[str, int], image_size: int = 64,
+               **overrides: Any) -> tuple[Experiment, str, dict[str, dict[str, str]]]:
+    """(experiment, saved model folder, catalogue): the demo config (`overrides` merged into its
+    sections) over a catalogue of `sizes` rows per task, its model built and saved untrained."""
+    catalogue = make_catalogue(root / "data", seed=0, image_size=image_size, sizes=sizes)
+    exp = load_experiment(write_demo_config(root / "data", catalogue, storage_path=str(root / "runs"), **overrides))
     folder = save_model(root / "model", build_model(exp, inspect_tasks(exp)), model_spec=exp.model, data=exp.data,
                         experiment=exp.to_dict())
+    return exp, str(folder), catalogue
+
+
+def make_model(root: Path, items: int) -> tuple[str, str]:
+    """(saved model folder, items parquet): the demo config's model over a catalogue of `items` items."""
+    _, folder, catalogue = demo_model(root, {"color": items, "pattern": 40, "season": 40, "style": 40})
     table = pd.concat([pd.read_parquet(catalogue["color"][split]) for split in ("train", "val")], ignore_index=True)
     table.drop(columns="label").to_parquet(root / "items.parquet")
-    return str(folder), str(root / "items.parquet")
+    return folder, str(root / "items.parquet")
 
 
 def per_task_loop(model_dir: str, items: pd.DataFrame, batch_size: int) -> None:

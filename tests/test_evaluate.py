@@ -102,18 +102,11 @@ def test_rows_of_tasks_mixed_in_a_batch_are_scored_as_each_tasks_own(tmp_path):
 def test_tasks_of_every_shape_in_one_stream_score_as_each_alone(tmp_path, monkeypatch):
     """An image + text multiclass task and a text-only multilabel one (the demo's color and style),
     their rows mixed in the stream's batches, score as each task evaluated on its own."""
-    from raymtl.config import load_experiment
-    from raymtl.data.inspection import inspect_tasks
-    from raymtl.data.synthetic import make_catalogue, write_demo_config
-    from raymtl.models.artifact import save_model
-    from raymtl.models.build import build_model
+    from benchmarks.predict_throughput import demo_model
 
     monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
-    catalogue = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 40, "style": 40})
-    exp = load_experiment(write_demo_config(tmp_path / "data", catalogue, storage_path=str(tmp_path / "runs"),
-                                            data={"image_size": 16}, model={"hidden_dim": 8}))
-    model = str(save_model(tmp_path / "model", build_model(exp, inspect_tasks(exp)), model_spec=exp.model,
-                           data=exp.data, experiment=exp.to_dict()))
+    exp, model, _ = demo_model(tmp_path, {"color": 40, "style": 40}, image_size=16, data={"image_size": 16},
+                               model={"hidden_dim": 8})
     together = evaluate(model, exp, batch_size=6)  # 8 + 8 rows: the second batch holds both tasks
     for task in exp.task_names:
         alone = evaluate(model, exp, tasks=[task], batch_size=6)
