@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
-NOT_LOCKED = {"pip", "raymtl"}  # the installer itself, and the project (installed from the checkout)
+NOT_LOCKED = {"raymtl"}  # the project (installed from the checkout)
 
 
 def canonical(name: str) -> str:
@@ -55,9 +55,13 @@ def test_the_venv_equals_the_lock():
 
 
 def test_every_install_of_the_project_goes_through_the_lock():
+    """The packages, pip itself (first: the venv's own pip is whatever Python bundled) and the build backend
+    that installs the checkout (`--build-constraint`: an isolated build would take the newest setuptools)."""
     makefile = (REPO / "Makefile").read_text()
     target = makefile.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
-    installs = re.findall(r"\$\(PIP\)|pip install[^\n]*", target)
-    assert "PIP := $(PY) -m pip install -q -c $(LOCK)" in makefile and "LOCK := requirements.lock" in makefile
-    assert [i for i in installs if i != "pip install -q --upgrade pip"] == ["$(PIP)", "$(PIP)"], installs
+    installs = re.findall(r"\$\(PIP\)|pip install[^\n#]*", target)
+    assert "PIP := $(PY) -m pip install -q -c $(LOCK) --build-constraint $(LOCK)" in makefile
+    assert "LOCK := requirements.lock" in makefile
+    assert [i.strip() for i in installs] == ["pip install -q --upgrade -c $(LOCK) pip", "$(PIP)", "$(PIP)"], installs
+    assert "pip" in locked() and "setuptools" in locked(), "the lock pins the installer and the build backend"
     assert "make lock" in (REPO / "README.md").read_text(), "the README says how to refresh the lock"
