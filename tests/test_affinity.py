@@ -321,3 +321,13 @@ def test_lookahead_step_keeps_the_lr_ratio_of_groups_during_a_warmup_at_lr_zero(
     grad = torch.ones(3, 3)
     first, second = update("0.weight", grad), update("1.weight", torch.ones(2, 3))
     assert torch.isfinite(first).all() and torch.allclose(second[0, 0] / first[0, 0], torch.tensor(0.1))
+
+
+@pytest.mark.parametrize("lookahead_rows", [None, 6])
+def test_affinity_is_computed_on_the_parameters_device(lookahead_rows):
+    """On a GPU the losses are there: Z must be made there too, with or without a row cap (with one, the
+    losses before any step are measured again on the capped rows). The meta device stands in for a GPU."""
+    model = LinearMTL(TASKS).to("meta")
+    data = {t: {k: v.to("meta") for k, v in b.items()} for t, b in batches(TASKS, n=8).items()}
+    tasks, z = lookahead_affinity(model, data, {t: mse for t in TASKS}, 0.1, lookahead_rows=lookahead_rows)
+    assert tasks == TASKS and z.device.type == "meta" and z.shape == (3, 3) and z.dtype == torch.float64

@@ -80,8 +80,9 @@ def lookahead_affinity(
     keep = None if lookahead_rows is None else max(1, lookahead_rows // len(tasks))
     targets = {t: _latest(batches[t], keep) for t in tasks}
     subset = any(len(targets[t]["label"]) < len(batches[t]["label"]) for t in tasks)
-    after = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
-    before = torch.zeros(len(tasks), dtype=torch.float64)
+    device = next(iter(theta.values())).device  # the losses' (a GPU's): Z is made there, no copy per step
+    after = torch.zeros(len(tasks), len(tasks), dtype=torch.float64, device=device)
+    before = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     with _deterministic(model):
         for i, source in enumerate(tasks):
             loss = _task_loss(model, theta, batches[source], source, losses[source])
