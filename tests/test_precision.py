@@ -88,10 +88,34 @@ def test_fp16_scaler_skips_an_overflowing_step_and_its_state_is_checkpointed_and
     meta = RunMeta(model={}, schedule={})
     save_train_state(tmp_path, position=Position(), stage=0, optimizer=optimizer, scaler=scaler.state_dict(),
                      lr_schedule_state={}, ewma={}, affinity=None, rng_states=[], meta=meta)
-    resumed = Precision("fp16", "cpu").scaler()
-    resumed.load_state_dict(load_train_state(tmp_path)["scaler"])
+    resumed = Precision("fp16", "cpu").scaler(load_train_state(tmp_path)["scaler"])
     assert resumed.state_dict() == scaler.state_dict()
     assert resumed.state_dict()["_growth_tracker"] == 1
+
+
+@pytest.mark.parametrize("saved", [None, {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                          "growth_interval": 2000, "_growth_tracker": 3}])
+def test_a_rank_without_a_batch_steps_the_synchronised_gradients_as_a_rank_with_one(saved):
+    """Its first step of the run (or of a resume) has no batch: it never called scale(), the gradient
+    sync filled its gradients (the other ranks', scaled); it unscales, clips and steps as they do."""
+    ranks = []
+    for has_batch in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scaler = Precision("fp16", "cpu").scaler(saved)
+        if has_batch:
+            scaler.scale(model(torch.ones(3, 4)).sum()).backward()
+            synced = [p.grad.clone() for p in model.parameters()]
+        else:
+            for p, g in zip(model.parameters(), synced):
+                p.grad = g.clone()
+        _step(model, optimizer, scaler, grad_clip=1.0)
+        ranks.append((model.state_dict(), scaler.state_dict()))
+    (weights, state), (empty_weights, empty_state) = ranks
+    assert state == empty_state and state["scale"] == (saved or {}).get("scale", 2.0**16)
+    for key, value in weights.items():
+        assert torch.equal(value, empty_weights[key]), key
 
 
 @pytest.fixture

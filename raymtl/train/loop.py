@@ -101,7 +101,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = _device(tr.use_gpu) if in_process else ray.train.torch.get_device()
     configure_kernels(device, tr.deterministic)
     precision = Precision.on(device, tr.precision, tr.mixed_precision)
-    scaler = precision.scaler()  # fp16 only
     slots = decode_slots(world, tr.cpus_per_worker) if inputs.cached is None else 0
     if slots:
         warm_decoders(inputs, slots)  # their start-up overlaps the model's
@@ -162,11 +161,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for name, s in state["ewma"].items():
             ewma[name].load_state_dict(s)
         elastic.restore_rng(state["rng"], seed=exp.seed, epoch=position.epoch, rank=rank, world=world)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
         if affinity is not None and state.get("affinity"):
             affinity.load_state_dict(state["affinity"])
 
+    scaler = precision.scaler(state.get("scaler") if state is not None else None)  # fp16 only
     total_epochs = sum(s.epochs for s in stages)
     stage_idx = None
     preempting = False  # a preemption notice was seen (and checkpointed) by this worker group

@@ -68,9 +68,21 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=_DTYPES[self.name])
 
-    def scaler(self) -> torch.amp.GradScaler | None:
-        """A gradient scaler for fp16; None for formats that need none."""
-        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
+    def scaler(self, state: dict | None = None) -> torch.amp.GradScaler | None:
+        """A gradient scaler for fp16, from its checkpointed `state` if any; None for formats that need none.
+
+        Its scale tensor is made here, not at its first `scale()` as torch makes it: a rank whose first
+        step (of the run or of a resume) has no batch of its own still unscales and steps the gradients
+        the other ranks synchronised, with the scale they used.
+        """
+        if self.name != "fp16":
+            return None
+        scaler = torch.amp.GradScaler(self.device_type)
+        if state:
+            scaler.load_state_dict(state)
+        if scaler.is_enabled():  # torch disables it where the device is missing
+            scaler.scale(torch.zeros((), device=self.device_type))
+        return scaler
 
 
 def for_inference(device: torch.device, experiment: dict | None) -> Precision:
