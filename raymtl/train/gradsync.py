@@ -129,7 +129,7 @@ class _Step:
         for j, p in enumerate(bucket):
             if p.grad is None:
                 _view(flat, offset, p).zero_()
-                flags[j] = 0.0
+                flags[j : j + 1].zero_()  # not `= 0.0`: on a GPU, a host-to-device copy that syncs
             else:
                 torch.mul(p.grad, 1 / self.world, out=_view(flat, offset, p))
             offset += p.numel()
