@@ -63,3 +63,25 @@ def test_position_is_kept_and_a_resize_re_plans_the_rest_of_the_epoch(saved_run,
     reseeded = RunMeta(two.model, dict(two.schedule, seed=7))
     assert resume_position(two, reseeded, mid) == dataclasses.replace(mid, step=0, worlds=[])
     assert "changed task order (seed 0 -> 7): epoch 2 restarts from its first step" in caplog.text
+
+
+def test_a_ranks_gpu_generator_is_saved_and_restored_with_the_rank_not_the_device_index(monkeypatch):
+    """A rank sees every GPU of its node but draws only on its own: its state is that device's, and a
+    resumed rank restores it onto the GPU it now has (simulated CUDA: generators by device index)."""
+    import torch
+
+    from raymtl.train.checkpoint import rng_state, set_rng_state
+
+    generators = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([7], dtype=torch.uint8)}
+    current = {"device": 1}
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(cuda, "get_rng_state", lambda device="cuda": generators[device].clone())
+    monkeypatch.setattr(cuda, "set_rng_state", lambda state, device="cuda": generators.__setitem__(device, state))
+    saved = rng_state()  # rank on GPU 1, whose generator it advanced
+    assert torch.equal(saved["cuda"], torch.tensor([7], dtype=torch.uint8))
+    generators.update({0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([0], dtype=torch.uint8)})
+    current["device"] = 0  # resumed on GPU 0
+    set_rng_state(saved)
+    assert generators[0].item() == 7 and generators[1].item() == 0

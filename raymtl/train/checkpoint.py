@@ -119,9 +119,14 @@ class RunMeta:
 
 
 def rng_state() -> dict:
+    """This process's generators; of the GPUs, only its own device's (the current one).
+
+    A rank sees every GPU of its node but advances only its device's generator, and a resumed rank
+    may land on another GPU: the state goes with the rank, not with a device index.
+    """
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -130,7 +135,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 def save_train_state(
