@@ -118,6 +118,16 @@ class StageSpec:
     freeze: list[str] = field(default_factory=list)  # image | text | fusion | heads
 
 
+def check_gpus_per_worker(gpus: float, workers: int, where: str) -> None:
+    """A run of several workers needs whole GPUs per worker: NCCL runs one rank per GPU, and Ray puts
+    fractional requests on one GPU until it is full, so a fraction would put two ranks on one."""
+    if workers > 1 and (gpus < 1 or gpus != int(gpus)):
+        raise ConfigError(
+            f"{where}: {gpus:g} GPU per worker with up to {workers} workers; a run of several workers needs "
+            "a whole number of GPUs per worker (NCCL runs one rank per GPU). GPUs are shared by one-worker runs only"
+        )
+
+
 def worker_range(tr: TrainingSpec) -> tuple[int, int]:
     """(min, max) workers: equal for a fixed worker count."""
     if isinstance(tr.num_workers, int):
@@ -343,6 +353,8 @@ def _validate(exp: Experiment) -> None:
         raise ConfigError(f"training.batch_size: a global batch of {tr.batch_size} leaves some of {hi} workers no row")
     if tr.in_process == "always" and tr.num_workers != 1:
         raise ConfigError(f"training.in_process: always trains in one process; num_workers is {tr.num_workers}")
+    if tr.use_gpu and "GPU" in tr.worker_resources:
+        check_gpus_per_worker(tr.worker_resources["GPU"], hi, "training.worker_resources.GPU")
     _check_ranges(exp)
     for key in ("stages", "fusion_stages"):
         for i, s in enumerate(getattr(tr, key)):

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from raymtl.config import ConfigError, Experiment, TaskSpec, TrainingSpec
+from raymtl.tune.spec import SweepSpec
 from raymtl.tune.resources import (
     TRIAL_DRIVER_CPUS,
     concurrency,
@@ -33,12 +34,28 @@ def test_a_one_worker_trial_reserves_its_worker_and_a_quarter_gpu_packs_four():
 
 
 def test_a_train_run_trial_reserves_its_driver_and_counts_its_workers():
-    exp = with_trial_gpus(exp_with(num_workers=2), 1.0)
+    exp = with_trial_gpus(exp_with(num_workers=2), 2.0)
     assert not trains_in_trial(exp) and not trains_in_trial(exp_with("s3://bucket/runs"))
     assert tune_resources(exp) == {"CPU": TRIAL_DRIVER_CPUS}
-    assert exp.training.worker_resources == {"GPU": 0.5}  # one trial's GPU split over its two workers
-    assert trial_bundles(exp)[1:] == [{"CPU": 1.0, "GPU": 0.5}] * 2
-    assert concurrency(trial_bundles(exp), [{"CPU": 8.0, "GPU": 4.0}]) == 3  # 7 spare CPUs / 2.25 per trial
+    assert exp.training.worker_resources == {"GPU": 1.0}  # one trial's GPUs split over its two workers
+    assert trial_bundles(exp)[1:] == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert concurrency(trial_bundles(exp), [{"CPU": 8.0, "GPU": 4.0}]) == 2  # the GPUs bound it: 4 / 2 per trial
+    assert concurrency(trial_bundles(exp), [{"CPU": 8.0, "GPU": 8.0}]) == 3  # then the CPUs: 7 spare / 2.25
+
+
+def test_a_trial_of_several_workers_gets_whole_gpus_per_worker():
+    """NCCL runs one rank per GPU, and Ray fills one GPU with fractional requests: 0.5 GPU per worker
+    would put a trial's two ranks on one GPU. Refused with the config, before any data is read."""
+    two = exp_with(num_workers=2)
+    for gpus in (1.0, 3.0, 0.5):
+        with pytest.raises(ConfigError, match=rf"sweep.gpus_per_trial \({gpus:g} over a trial's 2 workers\): "
+                                              rf"{gpus / 2:g} GPU per worker.*whole number of GPUs per worker"):
+            SweepSpec(gpus_per_trial=gpus).validate(two)
+    SweepSpec(gpus_per_trial=4.0).validate(two)  # two GPUs each
+    SweepSpec(gpus_per_trial=0.25).validate(exp_with())  # one-worker trials share GPUs
+    with pytest.raises(ConfigError, match=r"training.worker_resources.GPU: 0.5 GPU per worker with up to 4 workers"):
+        exp_with(num_workers=[2, 4], use_gpu=True, worker_resources={"GPU": 0.5})
+    exp_with(num_workers=1, use_gpu=True, worker_resources={"GPU": 0.5})
 
 
 def test_a_trial_that_can_never_fit_is_an_error_before_tune_starts():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raymtl.config import ConfigError, Experiment, read_config
+from raymtl.config import ConfigError, Experiment, check_gpus_per_worker, read_config, worker_range
 from raymtl.convert import from_dict
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class SweepSpec:
     mode: str = "max"
     asha: AshaSpec | None = None
     max_concurrent: int | None = None  # None = as many as the cluster holds (`raymtl.tune.resources.concurrency`)
-    gpus_per_trial: float | None = None  # GPUs per trial, fractions allowed (0.25: four trials share a GPU)
+    gpus_per_trial: float | None = None  # GPUs per trial; fractions for one-worker trials (0.25: four share a GPU)
     affinity_epochs: int = 1  # search run length
     affinity_every_steps: int | None = None  # search run: measure Z every N steps; None = `affinity_interval`
     affinity_share: float = 0.1  # ... the default N keeps the measurements' compute at most this share of the run
@@ -94,6 +94,10 @@ class SweepSpec:
                 raise ConfigError(f"sweep.{key}: must be >= 1, got {getattr(self, key)}")
         if self.gpus_per_trial is not None and self.gpus_per_trial <= 0:
             raise ConfigError(f"sweep.gpus_per_trial: must be > 0, got {self.gpus_per_trial}")
+        if self.gpus_per_trial is not None:  # split over a trial's workers (`with_trial_gpus`)
+            workers = worker_range(exp.training)[1]
+            check_gpus_per_worker(self.gpus_per_trial / workers, workers,
+                                  f"sweep.gpus_per_trial ({self.gpus_per_trial:g} over a trial's {workers} workers)")
         if not 0 < self.affinity_share <= 1:
             raise ConfigError(f"sweep.affinity_share: must be in (0, 1], got {self.affinity_share}")
         _check_metric(self.metric, exp)
