@@ -84,6 +84,38 @@ def test_sweep_compares_joint_and_staged():
         apply_config(exp, {"recipe": "sequential"}).validate()
 
 
+def test_a_one_worker_trial_trains_its_parts_in_its_own_process_and_tells_tune_nothing(monkeypatch, tmp_path):
+    """In a Tune trial's actor `fit` would start a Train run for each part (the actor joined the
+    cluster), waiting for the GPU share the trial itself holds; a one-worker trial trains them as it
+    trains itself, in its process, and their reports do not reach Tune. A trial of several workers
+    (a Train run itself) keeps `fit`."""
+    import ray.train
+    from ray import tune
+    from ray.tune.trainable import trainable_fn_utils
+
+    from raymtl.train import trainer
+    from raymtl.tune.sweep import part_fit
+
+    staged = load_experiment(CONFIG)
+    one = dataclasses.replace(staged.training, num_workers=1)
+    exp = dataclasses.replace(staged, storage_path=str(tmp_path), training=one)
+    calls, trained, tuned = [], [], []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, *a, **k: trained.append(metrics))
+    monkeypatch.setattr(tune, "report", lambda metrics, *a, **k: tuned.append(metrics))
+
+    def fit(part, **kwargs):
+        calls.append((part.name, kwargs, trainable_fn_utils._in_tune_session()))
+        ray.train.report({"val/loss": 1.0})
+        return "trained"
+
+    monkeypatch.setattr(trainer, "fit", fit)
+    assert part_fit(exp)(part_experiment(exp, "image")) == "trained"
+    assert calls == [("catalogue-staged-image", {"here": True}, False)]  # in this process, Train's API allowed
+    assert trained == [{"val/loss": 1.0}] and tuned == []
+    several = dataclasses.replace(exp, training=dataclasses.replace(exp.training, num_workers=2))
+    assert part_fit(several) is fit
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(default_tokenizer_path() is None, reason="the MiniLM tokenizer is not installed")
 def test_staged_config_trains_end_to_end(tmp_path):

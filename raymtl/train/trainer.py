@@ -218,19 +218,21 @@ def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in (CRASH_ENV, ROWS_ENV) if os.environ.get(name)}
 
 
-def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True) -> TrainResult:
+def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = True, here: bool | None = None
+        ) -> TrainResult:
     """Train `exp` on Ray; re-running the same experiment name resumes from its latest checkpoint.
 
     One worker on a local machine trains in this process (`training.in_process`, see
-    `raymtl.train.in_process`); otherwise on Ray Train's workers. With `raise_on_error=False` a
-    failed run returns its error (and what it saved) instead.
+    `raymtl.train.in_process`); otherwise on Ray Train's workers. `here=True`: in this process
+    whatever cluster it joined (a sweep's one-worker trial, in its actor). With
+    `raise_on_error=False` a failed run returns its error (and what it saved) instead.
     """
     from ray.train import TrainingFailedError
 
     from raymtl.train.in_process import trains_in_process
 
     exp, infos = prepare(exp)
-    here = trains_in_process(exp, address)
+    here = trains_in_process(exp, address) if here is None else here
     if not here:
         ensure_ray(address)
     run_dir = storage.join(storage.normalize(exp.storage_path), exp.name)

@@ -44,6 +44,8 @@ from raymtl.tune.spec import SEARCH, SweepSpec, affinity_interval, n_trials, par
 
 if TYPE_CHECKING:
     from raymtl.data.task_info import TaskInfo
+    from raymtl.train.recipes import Fit
+    from raymtl.train.trainer import TrainResult
     from raymtl.tune.groupings import Grouping
 
 def sweep_dir_of(exp: Experiment) -> str:
@@ -160,13 +162,13 @@ def shared_inputs(exp: Experiment, infos: dict[str, TaskInfo]):
 
 
 @contextlib.contextmanager
-def _train_in_trial() -> Iterator[None]:
-    """Ray Train's local mode inside a Tune trial, its reports also sent to Tune.
+def _train_in_trial(to_tune: bool = True) -> Iterator[None]:
+    """Ray Train's local mode inside a Tune trial, its reports also sent to Tune (`to_tune`).
 
     Ray Train refuses its own API (`ray.train.get_context`, `report`) in a function Tune runs:
     that guard is for code moved from Train into Tune. A local-mode run here is a Train run, so
     the guard is lifted for it; its reports go to Tune too, as `TuneReportCallback` sends a Train
-    run's, so schedulers and the trial table see each one.
+    run's, so schedulers and the trial table see each one (not a staged recipe's part models').
     """
     import ray.train
     from ray import tune
@@ -176,13 +178,30 @@ def _train_in_trial() -> Iterator[None]:
 
     def both(metrics: dict, *args: Any, **kwargs: Any) -> None:
         report(metrics, *args, **kwargs)
-        tune.report(dict(metrics))
+        if to_tune:
+            tune.report(dict(metrics))
 
     ray.train.report, trainable_fn_utils._in_tune_session = both, lambda: False
     try:
         yield
     finally:
         ray.train.report, trainable_fn_utils._in_tune_session = report, in_tune
+
+
+def part_fit(trial: Experiment) -> Fit:
+    """How a staged trial trains its part models: as the trial trains. A one-worker trial trains in
+    its actor, holding its worker's CPUs and GPU share; a Train run for a part would wait for
+    another such share, for ever on a sweep that fills the cluster's GPUs."""
+    from raymtl.train.trainer import fit
+
+    if not trains_in_trial(trial):
+        return fit
+
+    def in_trial(part: Experiment) -> TrainResult:
+        with _train_in_trial(to_tune=False):
+            return fit(part, here=True)
+
+    return in_trial
 
 
 def _trial_dirname(trial) -> str:
@@ -202,12 +221,12 @@ def _train_trial(
     from ray import tune
 
     from raymtl.train.recipes import train_parts
-    from raymtl.train.trainer import fit, fit_here, make_trainer
+    from raymtl.train.trainer import fit_here, make_trainer
 
     os.environ.update(env)
     trial = trial_experiment(exp, spec, groupings, config, tune.get_context().get_trial_id(), runs_dir)
     if trial.training.recipe == "staged":  # the part models train first, reporting nothing to Tune
-        trial = train_parts(trial, fit)
+        trial = train_parts(trial, part_fit(trial))
     if trains_in_trial(trial):
         with _train_in_trial():
             fit_here(trial, infos, inputs)
