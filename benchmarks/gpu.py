@@ -326,6 +326,14 @@ def smi(query: str) -> list[str] | None:
     return values if len(values) == len(query.split(",")) else None
 
 
+def number(value: str) -> float | None:
+    """An nvidia-smi figure; None where the GPU reports none ("[N/A]": MIG slices, some virtual GPUs)."""
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 class GpuSampler(Sampler):
     """The process tree's peak PSS, CPU time by process and by thread, and the GPU's used memory and
     utilisation (nvidia-smi), every second. The CPU figures say what ran beside the training thread:
@@ -353,9 +361,8 @@ class GpuSampler(Sampler):
                 self.cpu[(pid, tid)] = (name, thread, seconds)
         self.snapshots.append((time.time(), dict(self.cpu)))
         values = smi("memory.used,utilization.gpu") if self.has_smi else None
-        try:
-            used, util = (float(v) for v in values or ())
-        except ValueError:
+        used, util = map(number, values) if values else (None, None)
+        if used is None or util is None:
             return
         self.gpu_used_mb.append(used)
         self.gpu_util.append(util)
@@ -498,8 +505,8 @@ def environment() -> dict:
             "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0], "cuda_available": torch.cuda.is_available(),
             "unix_time": time.time()}
     if idle:
-        info.update(gpu=idle[0], driver=idle[1], gpu_used_mb_idle=float(idle[2]), gpu_memory_mb=float(idle[3]),
-                    gpu_util_idle=float(idle[4]), gpu_count=torch.cuda.device_count())
+        info.update(gpu=idle[0], driver=idle[1], gpu_used_mb_idle=number(idle[2]), gpu_memory_mb=number(idle[3]),
+                    gpu_util_idle=number(idle[4]), gpu_count=torch.cuda.device_count())
     try:
         import ray
 

@@ -3,6 +3,7 @@ in the process and `raymtl predict` over its model (the Train-worker and streame
 in-process mode's code and are left out for time)."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -71,3 +72,19 @@ def test_cores_used_between_two_samples_by_process_and_thread():
                                   "raylet / raylet": 0.05}
     assert cores["by_process"] == {"ray::RayTrainWorker": 0.75, "raylet": 0.05}
     assert sampler.cores_between(10.5, 13.0) is None
+
+
+def test_a_gpu_without_some_figures_is_described_not_crashed_on(tmp_path, monkeypatch):
+    """nvidia-smi says [N/A] for utilisation on a MIG slice (and some virtual GPUs): the check records
+    None there, before any mode runs, and the sampler skips that second."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncase \"$1\" in *name*) echo 'NVIDIA H100 MIG 3g.40gb, 580.95, 12, 40192, [N/A]';; "
+                   "*) echo '12, [N/A]';; esac\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    info = gpu.environment()
+    assert (info["gpu"], info["gpu_used_mb_idle"], info["gpu_memory_mb"], info["gpu_util_idle"]) == (
+        "NVIDIA H100 MIG 3g.40gb", 12.0, 40192.0, None)
+    sampler = gpu.GpuSampler(root=os.getpid())
+    sampler.sample()
+    assert sampler.gpu_util == [] and sampler.gpu_used_mb == []
