@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import raymtl
+from ops import Ops
 from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.planted import make_planted
@@ -81,7 +82,10 @@ def test_ensemble_forward_is_the_weighted_mean_of_member_probabilities(members, 
 def test_prediction_stage_averages_members_in_one_actor(members, items, tmp_path):
     out = build_ensemble(members, str(tmp_path / "ens"))
     plan = make_plan(out, raymtl.load(out))
-    rows = Predict(plan, use_gpu=False)(Prepare(plan)(items)).to_pandas()
+    predictor, batch = Predict(plan, use_gpu=False), Prepare(plan)(items)
+    with Ops() as ops:  # on a GPU each value read back (an ensemble weight, say) waits for the device
+        rows = predictor(batch).to_pandas()
+    assert ops.host_reads == 0
     expected = [member_probs(m, items) for m in members]
     for task in TASKS:
         mean = (expected[0][task] + expected[1][task]) / 2

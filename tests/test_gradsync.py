@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from ops import Ops
 from raymtl.train import collectives
 from raymtl.train.gradsync import GradSync, buckets
 
@@ -51,20 +51,6 @@ class Conv(nn.Module):
         return list(self.conv.parameters())
 
 
-class HostValues(TorchDispatchMode):
-    """Records each tensor made from a Python value (`lift_fresh`): written into a GPU tensor, such a
-    value is a host-to-device copy that waits for the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.lift_fresh.default:
-            self.made.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _step(model: nn.Module, sync: GradSync, task: str, loss_fn, trace: dict) -> bool:
     """One step as the training loop runs it; `trace["backward"]` is True while backward runs."""
     model.zero_grad(set_to_none=True)
@@ -96,9 +82,9 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     results["none"] = (_step(model, sync, "b", None, trace), model.b.weight.grad)
 
     # No Python value reaches the buckets: unused_a gets no gradient, rank 1 no batch (every flag 0).
-    with HostValues() as host:
+    with Ops() as ops:
         _step(model, sync, "a", (lambda: model.a(x).sum()) if rank == 0 else None, trace)
-    results["host_values"] = host.made
+    results["host_values"] = ops.host_values
 
     # Hooks act only for the step's parameters: b carries a hook (its own step), then a step of
     # task 'a' whose loss also reaches b leaves b's gradient local and sends only a's bucket.
@@ -185,7 +171,7 @@ def test_no_batch_on_any_rank_skips_the_step_everywhere(two_ranks):
 
 def test_a_step_writes_no_python_value_into_the_buckets(two_ranks):
     """On a GPU each would be a host-to-device copy that waits for the device, inside backward."""
-    assert [res["host_values"] for res in two_ranks] == [[], []]
+    assert [res["host_values"] for res in two_ranks] == [0, 0]
 
 
 def test_hooks_act_only_for_the_step_parameters(two_ranks):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import raymtl
+from ops import Ops
 from raymtl.cli import build_parser, main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data import device_inputs
@@ -336,7 +337,9 @@ def test_a_batch_goes_to_the_device_once_and_its_probabilities_come_back_in_one_
 
     monkeypatch.setattr(device_inputs, "host_tensor", counting_host_tensor)
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
-    results = predictor.probabilities(batch)
+    with Ops() as ops:
+        results = predictor.probabilities(batch)
+    assert ops.host_reads == 0  # no value read back into Python: on a GPU each would wait for the device
     assert sorted(converted) == inputs  # each input once per batch, whatever reads it
     assert copied_back == [(len(items), sum(len(h.labels) for h in plan.heads))]
     monkeypatch.undo()

@@ -104,9 +104,10 @@ class Predict:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         saved = load(plan.model_path) if saved is None else saved
         self.model = saved.model.to(self.device)
+        self.members = members_of(self.model)  # an ensemble's weights read once: on a GPU each read is a sync
         self.precision = for_inference(self.device, saved.experiment)  # the training's autocast
         self.device_inputs = DeviceInputs(plan.data, self.device)
-        for _, member in members_of(self.model):
+        for _, member in self.members:
             member.mask(plan.masked)
         self.heads, self.top_k = plan.heads, plan.top_k
 
@@ -130,7 +131,7 @@ class Predict:
         """
         import torch
 
-        from raymtl.models.ensemble import members_of, probabilities
+        from raymtl.models.ensemble import probabilities
 
         heads = self.heads if heads is None else heads
         arrays = self._on_device(batch)
@@ -141,7 +142,7 @@ class Predict:
                 prefixes = tuple(f"{i}/" for i in head.inputs)
                 inputs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(prefixes)}
                 total = 0.0
-                for k, (weight, member) in enumerate(members_of(self.model)):
+                for k, (weight, member) in enumerate(self.members):
                     key = (k, member.feature_key(head.task), head.inputs)
                     if key not in features:
                         features[key] = member.features(inputs, head.task)
