@@ -83,7 +83,9 @@ class MulticlassAccumulator(Accumulator):
 
     def _stats(self, logits: Tensor, target: Tensor) -> Tensor:
         c = self.num_labels
-        return torch.bincount(target.long() * c + logits.argmax(1), minlength=c * c)
+        cells = target.long() * c + logits.argmax(1)
+        # Not bincount: on a GPU it reads the cells' min and max back to size its output, a sync per batch.
+        return torch.zeros(c * c, dtype=torch.long, device=cells.device).index_add_(0, cells, torch.ones_like(cells))
 
     def _metrics(self, stats: Tensor, count: float) -> dict[str, float]:
         confusion = stats.view(self.num_labels, self.num_labels)
