@@ -65,6 +65,18 @@ def test_unshuffled_plan_reads_rows_in_stored_order():
 
 def test_validation_covers_each_rank_shard_with_a_short_last_batch():
     steps = val_steps({"b": 10, "a": 5}, 3, rank=0, world=2)
-    assert [(s.task, s.rows.tolist()) for s in steps] == [("a", [0, 2]), ("b", [0, 2, 4]), ("b", [6, 8])]
+    assert [(s.task, s.rows.tolist()) for s in steps] == [("a", [0, 2, 4]), ("b", [0, 2, 4]), ("b", [6, 8])]
     other = val_steps({"b": 10, "a": 5}, 3, rank=1, world=2)
     assert [(s.task, s.rows.tolist()) for s in other] == [("a", [1, 3]), ("b", [1, 3, 5]), ("b", [7, 9])]
+
+
+@pytest.mark.parametrize("world", [1, 3, 8, 64])
+def test_validation_reads_every_row_once_whatever_the_world(world):
+    """The metrics are the whole set's at any world size (an elastic run's epochs compare), a task
+    smaller than the world included: some ranks then have none of it."""
+    n_rows = {"a": 50, "b": 7, "c": 200}
+    read = {task: [] for task in n_rows}
+    for rank in range(world):
+        for step in val_steps(n_rows, 16, rank=rank, world=world):
+            read[step.task] += step.rows.tolist()
+    assert {task: sorted(rows) for task, rows in read.items()} == {task: list(range(n)) for task, n in n_rows.items()}

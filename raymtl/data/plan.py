@@ -167,11 +167,13 @@ def consumed_rows(steps: list[GlobalStep]) -> dict[str, int]:
 def val_steps(n_rows: dict[str, int], batch_size: int, *, rank: int, world: int) -> list[Step]:
     """This rank's validation batches: every W-th row from position `rank`, tasks in name order.
 
-    Each rank gets `n // world` rows (equal shards: the last `n % world` rows are left out when the
-    world does not divide them, as Ray's equal split did); the last batch of a task may be short.
+    Every row is read once, whatever the world size (ranks differ by at most a row per task, and a
+    rank may have none of a small task's): the metrics are the whole validation set's at any world
+    size, so an elastic run's epochs compare. Validation's collectives do not depend on the batches
+    (`raymtl.train.evaluation`). The last batch of a task may be short.
     """
     steps = []
     for task in sorted(n_rows):
-        mine = np.arange(rank, (n_rows[task] // world) * world, world, dtype=np.int64)
+        mine = np.arange(rank, n_rows[task], world, dtype=np.int64)
         steps += [Step(task, mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
     return steps
