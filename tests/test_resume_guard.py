@@ -85,3 +85,9 @@ def test_a_ranks_gpu_generator_is_saved_and_restored_with_the_rank_not_the_devic
     current["device"] = 0  # resumed on GPU 0
     set_rng_state(saved)
     assert generators[0].item() == 7 and generators[1].item() == 0
+    # a checkpoint from before: every visible GPU's state by index; this rank's device's is restored
+    set_rng_state({**saved, "cuda": [torch.tensor([3], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]})
+    assert generators[0].item() == 3 and generators[1].item() == 0
+    current["device"] = 2  # a device the old checkpoint has no state for: left as it is
+    set_rng_state({**saved, "cuda": [torch.tensor([3], dtype=torch.uint8)]})
+    assert 2 not in generators

@@ -135,7 +135,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+        device, cuda = torch.cuda.current_device(), state["cuda"]
+        if isinstance(cuda, list):  # an older checkpoint: every visible GPU's state, by index
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def save_train_state(
