@@ -362,10 +362,10 @@ class GpuSampler(Sampler):
         self.snapshots.append((time.time(), dict(self.cpu)))
         values = smi("memory.used,utilization.gpu") if self.has_smi else None
         used, util = map(number, values) if values else (None, None)
-        if used is None or util is None:
-            return
-        self.gpu_used_mb.append(used)
-        self.gpu_util.append(util)
+        if used is not None:
+            self.gpu_used_mb.append(used)
+        if util is not None:
+            self.gpu_util.append(util)
 
     def cores_between(self, t0: float, t1: float) -> dict | None:
         """Cores used (CPU seconds per second) by process and by thread between the first sample at

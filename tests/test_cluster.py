@@ -382,6 +382,10 @@ def test_dockerfile_builds_raymtl_on_the_pinned_ray_gpu_image_with_every_package
     installs = re.findall(r"pip install ([^\n&\\]+)", DOCKERFILE)
     assert any(re.search(r"\s'?\.(\[[\w,]+\])?'?(\s|$)", i) for i in installs), "the image must install raymtl"
     assert all("-c requirements.lock" in i for i in installs), installs
+    assert installs[0].split() == ["--no-cache-dir", "--upgrade", "-c", "requirements.lock", "pip"], (
+        "the locked pip first: it reads --build-constraint")
+    project = [i for i in installs if re.search(r"\s'?\.(\[[\w,]+\])?'?(\s|$)", i)]
+    assert all("--build-constraint requirements.lock" in i for i in project), "raymtl built with the locked setuptools"
     assert "R580" in DOCKERFILE, "the CUDA 13 torch needs NVIDIA driver R580+: say so"
 
 

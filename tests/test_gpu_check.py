@@ -76,7 +76,7 @@ def test_cores_used_between_two_samples_by_process_and_thread():
 
 def test_a_gpu_without_some_figures_is_described_not_crashed_on(tmp_path, monkeypatch):
     """nvidia-smi says [N/A] for utilisation on a MIG slice (and some virtual GPUs): the check records
-    None there, before any mode runs, and the sampler skips that second."""
+    None there, before any mode runs, and the sampler keeps the memory it does report."""
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\ncase \"$1\" in *name*) echo 'NVIDIA H100 MIG 3g.40gb, 580.95, 12, 40192, [N/A]';; "
                    "*) echo '12, [N/A]';; esac\n")
@@ -87,4 +87,4 @@ def test_a_gpu_without_some_figures_is_described_not_crashed_on(tmp_path, monkey
         "NVIDIA H100 MIG 3g.40gb", 12.0, 40192.0, None)
     sampler = gpu.GpuSampler(root=os.getpid())
     sampler.sample()
-    assert sampler.gpu_util == [] and sampler.gpu_used_mb == []
+    assert sampler.gpu_util == [] and sampler.gpu_used_mb == [12.0]

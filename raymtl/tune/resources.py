@@ -33,7 +33,8 @@ def trains_in_trial(exp: Experiment) -> bool:
 
 
 def with_trial_gpus(exp: Experiment, gpus_per_trial: float | None) -> Experiment:
-    """`exp` with each trial's `gpus_per_trial` GPUs split over its workers (fractions allowed)."""
+    """`exp` with each trial's `gpus_per_trial` GPUs split over its workers (a fraction only for one
+    worker: `SweepSpec.validate` refuses a fraction per worker of several)."""
     if not gpus_per_trial:
         return exp
     tr = exp.training
