@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from raymtl import storage
-from raymtl.config import ConfigError, Experiment, worker_range
+from raymtl.config import ConfigError, Experiment, check_gpus_per_worker, worker_range
 
 # A Train-run trial's own process only waits on its Train run, whose workers reserve their own CPUs.
 TRIAL_DRIVER_CPUS = 0.25
@@ -33,13 +33,15 @@ def trains_in_trial(exp: Experiment) -> bool:
 
 
 def with_trial_gpus(exp: Experiment, gpus_per_trial: float | None) -> Experiment:
-    """`exp` with each trial's `gpus_per_trial` GPUs split over its workers (a fraction only for one
-    worker: `SweepSpec.validate` refuses a fraction per worker of several)."""
+    """`exp` with each trial's `gpus_per_trial` GPUs split over its workers: a fraction only for one
+    worker (`check_gpus_per_worker`; `SweepSpec.validate` calls this to refuse it with the config)."""
     if not gpus_per_trial:
         return exp
     tr = exp.training
-    share = {"GPU": gpus_per_trial / worker_range(tr)[1]}
-    return dataclasses.replace(exp, training=dataclasses.replace(tr, use_gpu=True, worker_resources={**tr.worker_resources, **share}))
+    workers = worker_range(tr)[1]
+    share = gpus_per_trial / workers
+    check_gpus_per_worker(share, workers, f"sweep.gpus_per_trial ({gpus_per_trial:g} over a trial's {workers} workers)")
+    return dataclasses.replace(exp, training=dataclasses.replace(tr, use_gpu=True, worker_resources={**tr.worker_resources, "GPU": share}))
 
 
 def trial_bundles(exp: Experiment) -> list[Bundle]:

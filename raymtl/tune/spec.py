@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raymtl.config import ConfigError, Experiment, check_gpus_per_worker, read_config, worker_range
+from raymtl.config import ConfigError, Experiment, read_config
 from raymtl.convert import from_dict
+from raymtl.tune.resources import with_trial_gpus
 
 if TYPE_CHECKING:
     from raymtl.tune.groupings import Grouping
@@ -94,10 +95,8 @@ class SweepSpec:
                 raise ConfigError(f"sweep.{key}: must be >= 1, got {getattr(self, key)}")
         if self.gpus_per_trial is not None and self.gpus_per_trial <= 0:
             raise ConfigError(f"sweep.gpus_per_trial: must be > 0, got {self.gpus_per_trial}")
-        if self.gpus_per_trial is not None:  # split over a trial's workers (`with_trial_gpus`)
-            workers = worker_range(exp.training)[1]
-            check_gpus_per_worker(self.gpus_per_trial / workers, workers,
-                                  f"sweep.gpus_per_trial ({self.gpus_per_trial:g} over a trial's {workers} workers)")
+        if self.gpus_per_trial is not None:
+            with_trial_gpus(exp, self.gpus_per_trial)  # refuses a fraction of a GPU per worker of several
         if not 0 < self.affinity_share <= 1:
             raise ConfigError(f"sweep.affinity_share: must be in (0, 1], got {self.affinity_share}")
         _check_metric(self.metric, exp)
