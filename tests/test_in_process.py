@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from raymtl.config import ConfigError, Experiment, TaskSpec, TrainingSpec
-from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE
+from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, Position
 from raymtl.train.in_process import Retention, trains_in_process
+from raymtl.train.loop import _unmeasured_metrics
 
 
 def exp_with(storage_path: str = "/tmp/runs", **training) -> Experiment:
@@ -37,7 +39,6 @@ def test_one_worker_on_a_local_machine_trains_in_this_process(monkeypatch, train
 
 def test_a_process_connected_to_a_cluster_trains_on_its_workers(monkeypatch):
     """A notebook that ran ray.init(address=...) (or a sweep on a cluster) never trains in the driver."""
-    import sys
     import types
 
     context = types.SimpleNamespace(gcs_address="10.0.0.1:6379")
@@ -92,14 +93,38 @@ def test_retention_keeps_the_best_and_the_latest(tmp_path):
     assert maximize.best(str(tmp_path)) == str(folders[4])
 
 
-def test_retention_ties_keep_the_newer_and_name_the_older_best(tmp_path):
-    """A mid-epoch checkpoint carries the last epoch's metrics: the older one is where they were
-    measured (the best); Ray Train keeps the newer of equal scores, and so does the pruning."""
-    folders = checkpoints(tmp_path, [0.5, 0.2, 0.2, 0.2, 0.7])
-    rule = Retention(keep=2, metric="val/mean_loss", mode="min")
-    assert rule.best(str(tmp_path)) == str(folders[1])
+def test_retention_ties_keep_the_newer(tmp_path):
+    """Ray Train keeps the newer of equal scores, and so do the pruning and the best."""
+    folders = checkpoints(tmp_path, [0.5, 0.2, 0.2, 0.7])
+    rule = Retention(keep=1, metric="val/mean_loss", mode="min")
+    assert rule.best(str(tmp_path)) == str(folders[2])
     rule.prune(str(tmp_path))
-    assert sorted(tmp_path.iterdir()) == [folders[2], folders[3], folders[4]]
+    assert sorted(tmp_path.iterdir()) == [folders[2], folders[3]]
+
+
+def test_mid_epoch_checkpoints_never_displace_the_evaluated_one(tmp_path):
+    """A mid-epoch checkpoint's weights were never evaluated: it scores worst, so the epoch's
+    checkpoint stays the best and is kept (it once carried the epoch's score, and the tie deleted it)."""
+    exp = exp_with(checkpoint_metric="val/mean_loss", checkpoint_mode="min")
+    mid = _unmeasured_metrics(exp, Position(epoch=1, history=[{"epoch": 1, "val/mean_loss": 0.2}]))
+    assert mid == {"val/mean_loss": sys.float_info.max, "epoch": 1}
+    folders = checkpoints(tmp_path, [0.5, 0.2, mid["val/mean_loss"], mid["val/mean_loss"]])
+    rule = Retention(keep=2, metric="val/mean_loss", mode="min")
+    rule.prune(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [folders[0], folders[1], folders[3]]  # the two epochs, the latest
+    assert rule.best(str(tmp_path)) == str(folders[1])
+
+
+def test_a_nan_score_is_never_the_best_nor_kept_over_a_number(tmp_path):
+    """A diverged epoch (NaN) ranks last, as in Ray Train; with no number at all there is no best."""
+    folders = checkpoints(tmp_path, [float("nan"), 0.5, 0.4, float("nan")])
+    rule = Retention(keep=1, metric="val/mean_loss", mode="min")
+    assert rule.best(str(tmp_path)) == str(folders[2])
+    rule.prune(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [folders[2], folders[3]]  # the best and the latest
+    only_nan = tmp_path / "nan"
+    checkpoints(only_nan, [float("nan")])
+    assert rule.best(str(only_nan)) is None
 
 
 def test_retention_without_a_metric_keeps_the_newest(tmp_path):

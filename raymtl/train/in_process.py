@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -76,15 +77,24 @@ class Retention:
                 found.append((folder, json.loads(file.read_text())))
         return found
 
-    def ranked(self, found: list[tuple[Path, dict]], *, older_first: bool = False) -> list[Path]:
-        """The folders of `found` (`checkpoints`), best first; among equal scores the newer first,
-        as Ray Train keeps them (`older_first`: the older, where those metrics were measured: a
-        mid-epoch checkpoint carries the last epoch's)."""
+    def ranked(self, found: list[tuple[Path, dict]]) -> list[Path]:
+        """The folders of `found` (`checkpoints`), best first: among equal scores the newer first, a
+        NaN or missing score last (as Ray Train ranks them; an evaluated score is never a tie with a
+        mid-epoch checkpoint's, which is the worst possible)."""
         if self.metric is None:
             return [folder for folder, _ in reversed(found)]
-        sign, age = (1 if self.mode == "min" else -1), (1 if older_first else -1)
-        scored = [(sign * m[self.metric], age * i, folder) for i, (folder, m) in enumerate(found) if self.metric in m]
-        return [folder for *_, folder in sorted(scored)]
+        sign = 1 if self.mode == "min" else -1
+
+        def key(item: tuple[int, tuple[Path, dict]]) -> tuple[bool, float, int]:
+            i, (_, metrics) = item
+            score = self.score(metrics)
+            return math.isnan(score), 0.0 if math.isnan(score) else sign * score, -i
+
+        return [folder for _, (folder, _) in sorted(enumerate(found), key=key)]
+
+    def score(self, metrics: dict) -> float:
+        """A checkpoint's score by `metric`: NaN when it has none."""
+        return float(metrics.get(self.metric, math.nan))
 
     def prune(self, run_dir: str) -> None:
         """Delete the checkpoints neither among the `keep` best nor the latest."""
@@ -97,9 +107,13 @@ class Retention:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def best(self, run_dir: str) -> str | None:
-        """The best checkpoint by `metric`; None without a metric (no validation data)."""
-        ranked = self.ranked(self.checkpoints(run_dir), older_first=True) if self.metric else []
-        return str(ranked[0]) if ranked else None
+        """The best checkpoint by `metric`; None without a metric (no validation data) or a checkpoint scored."""
+        if self.metric is None:
+            return None
+        found = self.checkpoints(run_dir)
+        scores = {folder: self.score(metrics) for folder, metrics in found}
+        best = [folder for folder in self.ranked(found) if not math.isnan(scores[folder])]
+        return str(best[0]) if best else None
 
 
 def fit_in_process(exp: Experiment, config: dict, retention: Retention):

@@ -278,14 +278,14 @@ def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batch
     return optimizer, lr_schedule
 
 
-def _carried_metrics(exp: Experiment, position: Position) -> dict:
-    """A mid-epoch checkpoint carries the last epoch's metrics, so best-k ranking stays meaningful.
+def _unmeasured_metrics(exp: Experiment, position: Position) -> dict:
+    """A mid-epoch checkpoint's metrics: its weights were never evaluated, so it scores worst and
+    ranks below every epoch's checkpoint (were it to carry the last epoch's score, the tie would
+    keep it, the newer, and delete the checkpoint that score was measured on).
 
-    Before the first epoch ends it scores worst: the largest finite float, since Ray Train keeps
-    scores in a JSON snapshot where infinity does not survive (a resumed run would then fail to rank).
+    Worst is the largest finite float: Ray Train keeps scores in a JSON snapshot where infinity does
+    not survive (a resumed run would then fail to rank).
     """
-    if position.history:
-        return dict(position.history[-1], epoch=position.epoch)
     worst = sys.float_info.max if exp.training.checkpoint_mode == "min" else -sys.float_info.max
     return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
 
@@ -296,7 +296,7 @@ def _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position
     see `checkpoint.report_checkpoint`)."""
     sync_buffers(model)
     rng_states = gather_rng()
-    metrics = {**_carried_metrics(exp, position), **row, "global_step": position.global_step}
+    metrics = {**(row or _unmeasured_metrics(exp, position)), "global_step": position.global_step}
     if files is None:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -302,7 +302,7 @@ def _records(grid, runs_dir: str, spec: SweepSpec) -> list[TrialRecord]:
     for result in grid:
         trial_id = Path(result.path).name  # the trial's folder is its id (`_trial_dirname`)
         row = best.get(trial_id)
-        # A checkpoint before the first epoch ends reports epoch 0 and a worst-possible score: no best epoch.
+        # A mid-epoch checkpoint reports a worst-possible score; before the first epoch ends (epoch 0) no best epoch.
         row = row if row and row.get("epoch", 0) >= 1 and row.get(spec.metric) is not None else None
         run_dir = storage.join(runs_dir, trial_id)
         records.append(TrialRecord(
