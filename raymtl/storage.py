@@ -53,6 +53,12 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
 
+def checkpoint_in(run_dir: str, checkpoint) -> str:
+    """Where a Ray Train `Checkpoint` of the run `run_dir` lies, as a path `load` reads: its `.path`
+    drops a URI's scheme (s3://bucket/run/checkpoint_x gives bucket/run/checkpoint_x)."""
+    return join(run_dir, posixpath.basename(checkpoint.path.rstrip("/")))
+
+
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound

@@ -61,6 +61,33 @@ def test_a_run_folder_in_remote_storage_trains_on_workers(monkeypatch):
         trains_in_process(exp_with("s3://bucket/runs", in_process="always"), None)
 
 
+def test_a_remote_run_names_its_checkpoints_by_uri(monkeypatch):
+    """Ray's `Checkpoint.path` drops a URI's scheme (bucket/runs/r/...): the paths `fit` returns, which
+    `raymtl predict` and a staged recipe's `init_from` load, keep it."""
+    import contextlib
+    import types
+
+    from raymtl.train import trainer
+
+    def checkpoint(name):
+        return types.SimpleNamespace(path=f"bucket/runs/r/{name}")
+
+    result = types.SimpleNamespace(
+        checkpoint=checkpoint("checkpoint_2"), metrics={"epoch": 2},
+        best_checkpoints=[(checkpoint("checkpoint_1"), {"val/mean_loss": 0.1})],
+        get_best_checkpoint=lambda metric, mode: checkpoint("checkpoint_1"))
+    monkeypatch.setattr(trainer, "prepare", lambda exp: (exp, {}))
+    monkeypatch.setattr(trainer, "ensure_ray", lambda address: None)
+    monkeypatch.setattr(trainer, "make_trainer", lambda exp, infos: types.SimpleNamespace(fit=lambda: result))
+    monkeypatch.setattr(trainer.console, "progress", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(trainer, "read_history", lambda run_dir: [])
+    monkeypatch.setattr(trainer, "read_rows", lambda run_dir: [])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = trainer.fit(exp_with("s3://bucket/runs"))
+    assert (out.run_dir, out.checkpoint, out.best_checkpoint) == (
+        "s3://bucket/runs/r", "s3://bucket/runs/r/checkpoint_2", "s3://bucket/runs/r/checkpoint_1")
+
+
 def test_always_in_process_refuses_what_one_process_cannot_do(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match="it cannot join cluster 'ray://head:10001'"):

@@ -242,14 +242,14 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
                 result, best = fit_here(exp, infos)
             else:
                 result = make_trainer(exp, infos).fit()
-                best = _best(result, exp)
+                best = _best(result, exp, run_dir)
     except TrainingFailedError as e:
         if raise_on_error:
             raise
         return TrainResult(run_dir, None, None, {}, read_history(run_dir), error=e, events=_events(run_dir))
     return TrainResult(
         run_dir=run_dir,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=storage.checkpoint_in(run_dir, result.checkpoint) if result.checkpoint else None,
         best_checkpoint=best,
         metrics=dict(result.metrics or {}),
         history=read_history(run_dir),
@@ -261,12 +261,12 @@ def _events(run_dir: str) -> list[dict[str, Any]]:
     return [row for row in read_rows(run_dir) if "event" in row]
 
 
-def _best(result, exp: Experiment) -> str | None:
+def _best(result, exp: Experiment, run_dir: str) -> str | None:
     """The kept checkpoint best by `training.checkpoint_metric`; None when none reported it (no validation data)."""
     metric = exp.training.checkpoint_metric
     if not any(metric in metrics for _, metrics in result.best_checkpoints or []):
         return None
-    return result.get_best_checkpoint(metric, exp.training.checkpoint_mode).path
+    return storage.checkpoint_in(run_dir, result.get_best_checkpoint(metric, exp.training.checkpoint_mode))
 
 
 def print_summary(result: TrainResult) -> None:

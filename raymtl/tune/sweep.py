@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import posixpath
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,4 +337,4 @@ def _best_checkpoint(run_dir: str, spec: SweepSpec) -> str | None:
     if not result.best_checkpoints:
         return None
     checkpoint = result.get_best_checkpoint(spec.metric, spec.mode)
-    return storage.join(run_dir, posixpath.basename(checkpoint.path))  # keeps a URI's scheme
+    return storage.checkpoint_in(run_dir, checkpoint)
