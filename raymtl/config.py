@@ -21,6 +21,8 @@ from raymtl.convert import from_dict, join_path
 from raymtl.errors import ConfigError, did_you_mean
 
 TASK_KINDS = ("multiclass", "multilabel")
+TASK_METRICS = {"multiclass": ("loss", "accuracy", "macro_f1"),  # a task's validation metrics, by kind
+                "multilabel": ("loss", "micro_f1", "macro_f1", "exact_match")}
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("none", "warmup_cosine", "step", "plateau")
@@ -362,6 +364,24 @@ def _validate(exp: Experiment) -> None:
                 _choice(part, MODEL_PARTS, f"training.{key}[{i}].freeze")
     if m.groups is not None:
         check_groups(m.groups, exp.task_names)
+    check_metric(tr.checkpoint_metric, exp, "training.checkpoint_metric")
+
+
+def epoch_metrics(exp: Experiment) -> list[str]:
+    """What each epoch reports that checkpoints and trials can be ranked by (`raymtl.train.report.epoch_row`)."""
+    names = ["val/mean_loss", "val/mean_score", "train/mean_loss_ewma"]
+    for t in exp.tasks:
+        names += [f"val/{t.name}/{key}" for key in TASK_METRICS[t.kind]] + [f"train/{t.name}/loss_ewma"]
+    return names
+
+
+def check_metric(metric: str, exp: Experiment, path: str, prefix: str = "") -> None:
+    """`metric` is one the epochs report (starting with `prefix`): a typo, or accuracy of a multilabel
+    task, would rank nothing and keep only the latest checkpoint."""
+    kinds = ", ".join(f"val/<task>/{{{','.join(keys)}}} ({kind})" for kind, keys in TASK_METRICS.items())
+    listed = [name for name in epoch_metrics(exp) if name.startswith(prefix)]
+    hint = "val/mean_loss, val/mean_score, " + kinds + ("" if prefix else ", train/mean_loss_ewma, train/<task>/loss_ewma")
+    _choice(metric, listed, path, listed=hint)
 
 
 def check_groups(groups: Mapping[str, Sequence[str]], tasks: Sequence[str], where: str = "model.groups") -> None:

@@ -119,6 +119,18 @@ def test_unknown_grad_compression() -> None:
         load_experiment(minimal(training={"grad_compression": "fp8"}))
 
 
+@pytest.mark.parametrize("metric, expected", [
+    ("val/colour/accuracy", r"unknown value 'val/colour/accuracy' \(did you mean 'val/color/accuracy'\?\)"),
+    ("val/style/accuracy", r"unknown value 'val/style/accuracy'.*\{loss,micro_f1,macro_f1,exact_match\} \(multilabel\)"),
+])
+def test_checkpoint_metric_is_one_the_epochs_report(metric: str, expected: str) -> None:
+    """A metric no epoch reports would rank no checkpoint: the run would keep only the latest."""
+    with pytest.raises(ConfigError, match="training.checkpoint_metric: " + expected):
+        load_experiment(minimal(training={"checkpoint_metric": metric}))
+    for metric in ("val/style/micro_f1", "val/color/macro_f1", "val/mean_score", "train/color/loss_ewma"):
+        assert load_experiment(minimal(training={"checkpoint_metric": metric})).training.checkpoint_metric == metric
+
+
 def test_task_without_input_column() -> None:
     with pytest.raises(ConfigError, match=r"tasks\[0\] \('a'\): set `image_column` and/or `text_column`"):
         load_experiment({"name": "exp", "tasks": [{"name": "a", "train": "a.csv"}]})

@@ -213,3 +213,19 @@ def test_a_gpu_run_in_this_process_needs_a_visible_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="training.use_gpu: this process sees no CUDA device"):
         fit_here(exp_with(use_gpu=True), {})
+
+
+def test_a_task_metric_needs_that_tasks_validation_data():
+    """Ranking by a task without validation rows ranks nothing; with no validation at all, recency ranks."""
+    from raymtl.data.task_info import TaskInfo
+    from raymtl.train.trainer import check_measured
+
+    infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 4, True, False),
+             "style": TaskInfo("style", "multiclass", ["a", "b"], 10, 0, True, False)}
+    with pytest.raises(ConfigError, match="training.checkpoint_metric: 'val/style/accuracy' is never measured: "
+                                          "task 'style' has no validation data"):
+        check_measured("val/style/accuracy", infos, "training.checkpoint_metric")
+    for metric in ("val/color/accuracy", "val/mean_loss"):
+        check_measured(metric, infos, "training.checkpoint_metric")
+    infos["color"].n_val = 0
+    check_measured("val/style/accuracy", infos, "training.checkpoint_metric")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from raymtl.config import TASK_METRICS
 from raymtl.data.task_info import TaskInfo
 
 
@@ -75,7 +76,7 @@ class Accumulator(ABC):
 class MulticlassAccumulator(Accumulator):
     """Confusion matrix (rows: true class, columns: predicted class) -> accuracy, macro-F1."""
 
-    keys = ("loss", "accuracy", "macro_f1")
+    keys = TASK_METRICS["multiclass"]
 
     def __init__(self, num_labels: int, device: torch.device | str | None = None) -> None:
         super().__init__(num_labels * num_labels, device)
@@ -99,7 +100,7 @@ class MulticlassAccumulator(Accumulator):
 class MultilabelAccumulator(Accumulator):
     """Per-label tp/fp/fn and exact-match count -> micro-F1, macro-F1, exact_match."""
 
-    keys = ("loss", "micro_f1", "macro_f1", "exact_match")
+    keys = TASK_METRICS["multilabel"]
 
     def __init__(self, num_labels: int, threshold: float = 0.5, device: torch.device | str | None = None) -> None:
         super().__init__(3 * num_labels + 1, device)

@@ -82,12 +82,21 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
     """
     exp = with_base_labels(resolve_models(exp))
     infos = preflight.check(exp)
+    check_measured(exp.training.checkpoint_metric, infos, "training.checkpoint_metric")
     check_resume(exp, infos, check_schedule(exp, infos))
     if exp.model.base or exp.model.init_from:
         from raymtl.models.build import build_model
 
         build_model(exp, infos)
     return exp, infos
+
+
+def check_measured(metric: str, infos: dict[str, TaskInfo], path: str) -> None:
+    """A task's validation metric needs its validation data (with none at all, checkpoints are kept
+    by recency: `checkpoint_score`)."""
+    parts = metric.split("/")
+    if len(parts) == 3 and parts[0] == "val" and not infos[parts[1]].n_val and any(i.n_val for i in infos.values()):
+        raise ConfigError(f"{path}: {metric!r} is never measured: task {parts[1]!r} has no validation data")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raymtl.config import ConfigError, Experiment, read_config
+from raymtl.config import ConfigError, Experiment, check_metric, read_config
 from raymtl.convert import from_dict
 from raymtl.tune.resources import with_trial_gpus
 
@@ -99,7 +99,7 @@ class SweepSpec:
             with_trial_gpus(exp, self.gpus_per_trial)  # refuses a fraction of a GPU per worker of several
         if not 0 < self.affinity_share <= 1:
             raise ConfigError(f"sweep.affinity_share: must be in (0, 1], got {self.affinity_share}")
-        _check_metric(self.metric, exp)
+        check_metric(self.metric, exp, "sweep.metric", prefix="val/")
         if self.num_samples > 1 and not isinstance(self.lr, Range):
             raise ConfigError(
                 "sweep.num_samples: repeats would be identical trials when nothing is sampled; "
@@ -138,14 +138,6 @@ class SweepSpec:
 def hashable(value: Any) -> str:
     """A value's JSON text: equal for equal configs, lists and dicts included."""
     return json.dumps(value, sort_keys=True)
-
-
-def _check_metric(metric: str, exp: Experiment) -> None:
-    parts = metric.split("/")
-    if len(parts) == 3 and parts[0] == "val" and parts[1] not in exp.task_names:
-        raise ConfigError(f"sweep.metric: {metric!r} names no task; tasks are {exp.task_names}")
-    if not metric.startswith("val/"):
-        raise ConfigError(f"sweep.metric: compare trials on a validation metric (val/...), got {metric!r}")
 
 
 def _check_range(lr: Any) -> None:

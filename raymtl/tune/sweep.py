@@ -58,10 +58,11 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
     unfinished and failed ones continue from their latest checkpoint.
     """
     from raymtl.ray_runtime import ensure_ray
-    from raymtl.train.trainer import check_schedule, prepare
+    from raymtl.train.trainer import check_measured, check_schedule, prepare
 
     spec.validate(exp)
     exp, infos = prepare(exp)
+    check_measured(spec.metric, infos, "sweep.metric")
     for where, variant in spec.variants(exp):
         try:
             check_schedule(variant, infos)
