@@ -21,6 +21,7 @@ from raymtl.convert import from_dict, join_path
 from raymtl.errors import ConfigError, did_you_mean
 
 TASK_KINDS = ("multiclass", "multilabel")
+PREDICTION_COLUMNS = ("id", "error")  # every prediction's own columns; a task's are <task>, <task>_prob, <task>_top_k
 TASK_METRICS = {"multiclass": ("loss", "accuracy", "macro_f1"),  # a task's validation metrics, by kind
                 "multilabel": ("loss", "micro_f1", "macro_f1", "exact_match")}
 SAMPLERS = ("shuffled", "proportional", "uniform", "temperature")
@@ -320,6 +321,8 @@ def _validate(exp: Experiment) -> None:
             )
         if t.name in seen:
             raise ConfigError(f"duplicate task name {t.name!r}: task names must be unique")
+        if t.name in PREDICTION_COLUMNS:
+            raise ConfigError(f"{where}: task name {t.name!r} is a column of every prediction; rename the task")
         seen.add(t.name)
         _choice(t.kind, TASK_KINDS, f"{where}.kind")
         if t.train is None:
@@ -328,6 +331,11 @@ def _validate(exp: Experiment) -> None:
             raise ConfigError(f"{where}: set `image_column` and/or `text_column`: the task has no input")
         if t.labels is not None and len(set(map(str, t.labels))) != len(t.labels):
             raise ConfigError(f"{where}.labels: duplicate labels in {t.labels}")
+    for name in seen:
+        for clash in (f"{name}_prob", f"{name}_top_k"):
+            if clash in seen:
+                raise ConfigError(f"tasks {name!r} and {clash!r} would write the same prediction column {clash!r}; "
+                                  "rename one")
     view_names = [v.name for v in exp.data.views]
     if len(set(view_names)) != len(view_names):
         raise ConfigError(f"data.views: duplicate view names {view_names}")

@@ -107,6 +107,21 @@ def test_duplicate_task_name() -> None:
         load_experiment(raw)
 
 
+@pytest.mark.parametrize("names, expected", [
+    (["id", "style"], r"tasks\[0\] \('id'\): task name 'id' is a column of every prediction"),
+    (["color", "error"], r"tasks\[1\] \('error'\): task name 'error' is a column of every prediction"),
+    (["color", "color_prob"], "tasks 'color' and 'color_prob' would write the same prediction column 'color_prob'"),
+    (["color_top_k", "color"], "tasks 'color' and 'color_top_k' would write the same prediction column"),
+])
+def test_task_names_do_not_clash_with_prediction_columns(names: list[str], expected: str) -> None:
+    """A task named `id` would overwrite the ids predictions are joined on."""
+    raw = minimal()
+    for task, name in zip(raw["tasks"], names):
+        task["name"] = name
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(raw)
+
+
 def test_unknown_kind_suggests_closest() -> None:
     raw = minimal()
     raw["tasks"][1]["kind"] = "multilable"

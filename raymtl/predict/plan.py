@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raymtl import storage
-from raymtl.config import DataSpec, TaskSpec
+from raymtl.config import PREDICTION_COLUMNS, DataSpec, TaskSpec
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 from raymtl.errors import ConfigError, did_you_mean
@@ -18,7 +18,8 @@ from raymtl.errors import ConfigError, did_you_mean
 if TYPE_CHECKING:
     from raymtl.models.artifact import SavedModel
 
-ID, ERROR, LABEL = "id", "error", "label"  # the output's id and error columns; evaluation's label key
+ID, ERROR = PREDICTION_COLUMNS  # the output's id and error columns
+LABEL = "label"  # evaluation's label key
 
 
 @dataclass(frozen=True)
