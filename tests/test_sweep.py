@@ -415,3 +415,23 @@ def test_a_sweep_reads_and_decodes_its_inputs_once_for_all_trials(exp, monkeypat
     assert built == [True]  # read once, decoded once
     assert [name for name, _ in handed] == ["t0", "t1"]  # one_group, one_per_task: both in their trial's process
     assert handed[0][1] is handed[1][1] is not None  # the same inputs object
+
+
+@pytest.mark.timeout(300)
+def test_a_trial_in_its_own_process_decodes_outside_its_placement_group(ray_cluster, tmp_path):
+    """Tune's trial captures the tasks it starts into its placement group, whose one bundle its own
+    process holds: a one-worker trial streaming its data (data.cache: never, or data too large) would
+    wait for ever on its first decode task. Decode tasks run on the cluster's free CPUs instead."""
+    import ray
+    from ray import tune
+
+    from raymtl.data import datasets
+
+    def trial(config):
+        assert ray.util.get_current_placement_group() is not None  # the capture this test is about
+        tune.report({"decoded": ray.get(datasets._warm_decoder.remote([]), timeout=60)})
+
+    tuner = tune.Tuner(tune.with_resources(trial, {"CPU": 1}),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="capture"))
+    [result] = tuner.fit()
+    assert result.error is None and result.metrics["decoded"] == 0

@@ -334,12 +334,17 @@ def decode_rows(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preproc
     return Decoded({k: v for k, v in out.items() if v.dtype.kind in "biuf"}, bad)
 
 
-@ray.remote(num_cpus=1)
+# Decode tasks run on any node's free CPUs, never in their caller's placement group: a Tune trial
+# captures the tasks it starts into its own, whose one bundle the trial's process holds.
+DECODE_TASK = {"num_cpus": 1, "scheduling_strategy": "DEFAULT"}
+
+
+@ray.remote(**DECODE_TASK)
 def _decode_step(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> Decoded:
     return decode_rows(source, rows, prep)
 
 
-@ray.remote(num_cpus=1, num_returns=2)
+@ray.remote(**DECODE_TASK, num_returns=2)
 def _decode_chunk(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preprocessor) -> tuple[Decoded, int]:
     """A cached chunk, and its count of unreadable rows: small, for the driver to wait on."""
     decoded = decode_rows(source, rows, prep)
@@ -356,7 +361,7 @@ def decode_slots(world: int, cpus_per_rank: float) -> int:
     return max(1, int(free // world))
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(**DECODE_TASK)
 def _warm_decoder(preprocessors: list[Preprocessor]) -> int:
     """Nothing decoded: running it loads this module (a decode task's imports) and what the
     preprocessors use (`Preprocessor.load`) into a worker process. Returns the tokenizers it holds."""
