@@ -74,6 +74,8 @@ def check_images(task: TaskSpec, exp: Experiment) -> None:
                 if isinstance(data, Exception):
                     raise data
                 decode_image(data)
+            except storage.TransientReadError:  # the store's fault, not the image's: fail, do not judge the sample
+                raise
             except Exception as e:  # noqa: BLE001 -- whatever PIL or the filesystem raise, name the file
                 errors.append(f"task {task.name!r}: cannot read image {uri!r} in column {column!r}: "
                               f"{type(e).__name__}: {e}")

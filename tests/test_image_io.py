@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
 import io
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,10 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from raymtl import storage, urls
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec, load_experiment
 from raymtl.data import image_io
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
+from raymtl.train.failures import is_data_error
 
 SIZE = 8
 N = 16
@@ -190,3 +195,110 @@ def test_read_concurrency_must_be_positive():
     with pytest.raises(ConfigError, match="read_concurrency"):
         load_experiment({"name": "x", "tasks": [{"name": "t", "train": "t.parquet", "image_column": "image"}],
                               "data": {"read_concurrency": 0}})
+
+
+class _Replies:
+    """A scripted HTTP layer (`urls._request`, no network): each GET of a path gets the next (status, Retry-After)
+    of its script, the last one repeating; a 200 carries a PNG of red value 10 * its digit. Counts the requests
+    and records the backoff's waits instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list[tuple[int, str | None]]] = {}
+        self.requests: Counter[str] = Counter()
+        self.waits: list[float] = []
+
+    def request(self, parts, timeout: float) -> tuple[int, str, http.client.HTTPMessage, bytes]:
+        self.requests[parts.path] += 1
+        script = self.scripts.get(parts.path, [(200, None)])
+        status, retry_after = script[min(self.requests[parts.path], len(script)) - 1]
+        headers = http.client.HTTPMessage()
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        body = _png(10 * int(parts.path[1:].removesuffix(".png"))) if status == 200 else b""
+        return status, http.client.responses[status], headers, body
+
+
+@pytest.fixture
+def replies(monkeypatch) -> _Replies:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):  # a proxy of the box running the tests
+        monkeypatch.delenv(name, raising=False)
+    fake = _Replies()
+    monkeypatch.setattr(urls, "_request", fake.request)
+    monkeypatch.setattr(storage, "RETRY", dataclasses.replace(storage.RETRY, sleep=fake.waits.append))
+    return fake
+
+
+def _cdn(i: int) -> str:
+    return f"https://cdn.example/{i}.png"
+
+
+@pytest.mark.parametrize("on_bad", ["mark", "skip"])
+def test_a_throttled_or_unavailable_read_is_retried_and_its_row_kept(replies, on_bad):
+    replies.scripts["/2.png"] = [(503, None), (200, None)]
+    replies.scripts["/4.png"] = [(429, "1"), (429, "1"), (200, None)]
+    out = _prep(concurrency=4, on_bad=on_bad)(pd.DataFrame({"image": [_cdn(i) for i in range(6)]}))
+    np.testing.assert_array_equal(_red(out["view_full"]), 10 * np.arange(6))  # no row dropped
+    if on_bad == "mark":
+        assert list(out["error"]) == [""] * 6
+    assert replies.requests["/2.png"] == 2 and replies.requests["/4.png"] == 3
+    backoff, *retry_after = sorted(replies.waits)
+    assert 0.25 <= backoff <= 0.5 and retry_after == [1.0, 1.0]  # half to all of base_delay_s; the server's word
+
+
+def test_a_missing_image_is_bad_at_once_without_a_retry(replies):
+    replies.scripts["/3.png"] = [(404, None)]
+    out = _prep(concurrency=4, on_bad="mark")(pd.DataFrame({"image": [_cdn(i) for i in range(5)]}))
+    assert [bool(e) for e in out["error"]] == [False, False, False, True, False]
+    assert "HTTP 404" in out["error"][3] and "/3.png" in out["error"][3]
+    assert replies.requests["/3.png"] == 1 and replies.waits == []
+
+
+@pytest.mark.parametrize("on_bad", ["mark", "skip", "raise"])
+def test_a_read_that_keeps_failing_fails_the_task_as_retryable_not_as_a_bad_image(replies, on_bad):
+    """After the retries the decode fails with an error naming the URL and its last status; no row is marked
+    or dropped, and it is no data error: `training.max_failures` resumes the run from its checkpoint."""
+    replies.scripts["/1.png"] = [(503, None)]
+    with pytest.raises(storage.TransientReadError) as raised:
+        _prep(concurrency=4, on_bad=on_bad)(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
+    assert "https://cdn.example/1.png" in str(raised.value) and "HTTP 503" in str(raised.value)
+    assert not is_data_error(raised.value)
+    policy = storage.RETRY
+    assert replies.requests["/1.png"] == policy.attempts
+    assert len(replies.waits) == policy.attempts - 1 and sum(replies.waits) <= policy.max_total_wait_s
+
+
+def test_retry_after_is_honoured_up_to_the_cap_and_the_waits_are_bounded(replies, monkeypatch):
+    replies.scripts["/7.png"] = [(429, "3"), (503, "120"), (200, None)]
+    assert storage.read_bytes(_cdn(7)) == _png(70)
+    assert replies.waits == [3.0, storage.RETRY.max_delay_s]
+
+    replies.waits.clear()
+    monkeypatch.setattr(storage, "RETRY", dataclasses.replace(storage.RETRY, max_total_wait_s=12.0))
+    replies.scripts["/8.png"] = [(503, "10")]
+    with pytest.raises(storage.TransientReadError, match=r"failed 3 times over 12\.0 s"):
+        storage.read_bytes(_cdn(8))
+    assert replies.waits == [10.0, 2.0]  # the last wait cut to what the budget had left
+
+
+@pytest.mark.parametrize("error, transient", [
+    (OSError("When reading information for key 'a.png' in bucket 'b': AWS Error SLOW_DOWN during HeadObject "
+             "operation: Please reduce your request rate."), True),
+    (OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 28, Timeout was reached"), True),
+    (OSError("AWS Error UNKNOWN (HTTP status 503) during GetObject operation: No response body."), True),
+    (OSError("google::cloud::Status(UNAVAILABLE: Retry policy exhausted in GetObjectMetadata)"), True),
+    (OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."), False),
+    (OSError("AWS Error UNKNOWN (HTTP status 400) during HeadObject operation: No response body."), False),
+    (FileNotFoundError("Path does not exist 'b/a.png'"), False),
+    (urls.GetError("HTTP 503 Service Unavailable: https://x/a.png", transient=True), True),
+    (urls.GetError("HTTP 403 Forbidden: https://x/a.png"), False),
+])
+def test_object_store_failures_that_may_pass_are_told_from_the_image_s_own(error, transient):
+    assert storage.is_transient(error) is transient
+
+
+def test_a_local_file_that_is_missing_is_not_retried(tmp_path, monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(storage, "RETRY", dataclasses.replace(storage.RETRY, sleep=waits.append))
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "gone.png"))
+    assert waits == []

@@ -1,9 +1,11 @@
 """http(s) reads: one kept-alive connection per host and thread, reopened when the server closed it,
-redirects followed, failures naming the URL."""
+redirects followed, failures naming the URL and saying whether a retry may help."""
 
 from __future__ import annotations
 
+import email.utils
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -36,6 +38,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/moved":
             self.send_response(302)
             self.send_header("Location", "/7")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.endswith("/busy"):  # a throttled CDN: come back in 7 s
+            self.send_response(503)
+            self.send_header("Retry-After", "7")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -83,14 +91,19 @@ def test_a_connection_the_server_closed_is_reopened_once(server):
 
 def test_redirects_are_followed_and_failures_name_the_url(server):
     assert urls.get(_url(server, "moved")) == b"body 7"
-    with pytest.raises(OSError, match=r"HTTP 404 Not Found: http://127\.0\.0\.1:\d+/missing"):
+    with pytest.raises(OSError, match=r"HTTP 404 Not Found: http://127\.0\.0\.1:\d+/missing") as missing:
         urls.get(_url(server, "missing"))
+    assert not missing.value.transient
+    with pytest.raises(urls.GetError, match=r"HTTP 503 Service Unavailable: http://127\.0\.0\.1:\d+/busy") as busy:
+        urls.get(_url(server, "busy"))
+    assert busy.value.transient and busy.value.retry_after == 7.0
     port = server.server_address[1]
     server.shutdown()
     server.server_close()
     urls._local.__dict__.clear()
-    with pytest.raises(OSError, match=rf"ConnectionRefusedError .*: http://127\.0\.0\.1:{port}/1"):
+    with pytest.raises(OSError, match=rf"ConnectionRefusedError .*: http://127\.0\.0\.1:{port}/1") as refused:
         urls.get(f"http://127.0.0.1:{port}/1")
+    assert refused.value.transient
 
 
 def test_each_thread_keeps_its_own_connection(server):
@@ -109,3 +122,16 @@ def test_each_thread_keeps_its_own_connection(server):
 def test_a_proxy_from_the_environment_is_used(server, monkeypatch):
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_address[1]}")
     assert urls.get("http://catalogue.invalid/images/3") == b"body 3"  # a host only the proxy reaches
+    with pytest.raises(urls.GetError, match=r"HTTP 503 .*: http://catalogue\.invalid/busy") as busy:
+        urls.get("http://catalogue.invalid/busy")
+    assert busy.value.transient and busy.value.retry_after == 7.0
+
+
+@pytest.mark.parametrize("header, seconds", [("7", 7.0), (" 120 ", 120.0), ("-3", None), ("soon", None), (None, None)])
+def test_retry_after_in_seconds(header, seconds):
+    assert urls._seconds(header) == seconds
+
+
+def test_retry_after_as_a_date():
+    assert 25 <= urls._seconds(email.utils.formatdate(time.time() + 30, usegmt=True)) <= 30
+    assert urls._seconds(email.utils.formatdate(time.time() - 30, usegmt=True)) == 0.0  # already past

@@ -102,7 +102,9 @@ def _pooled(uris: Iterator[Any], concurrency: int) -> Iterator[bytes | Exception
             if uri is not _END:
                 pending.append(pool.submit(_read, uri))
             yield result
-    finally:
+    finally:  # a consumer that stopped (a bad image, a read that kept failing) leaves the pool no queued reads
+        for future in pending:
+            future.cancel()
         release_free_memory()
 
 

@@ -37,7 +37,8 @@ from raymtl.errors import DataError
 logger = logging.getLogger(__name__)
 
 ON_BAD = ("raise", "skip", "mark")
-# What a missing, truncated, corrupt or oversized image raises (PIL and pyarrow alike).
+# What a missing, truncated, corrupt or oversized image raises (PIL and pyarrow alike). A remote read that kept
+# failing for a passing reason raises `storage.TransientReadError`, none of these: it fails the task, not the row.
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
