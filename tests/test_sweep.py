@@ -120,13 +120,13 @@ def test_grid_is_groupings_times_seeds_times_backbones(exp):
 
     spec = SweepSpec(seeds=[0, 1, 2], backbones=["resnet18", "resnet34"], lr=Range(1e-4, 1e-2)).validate(exp)
     groupings = {"one_group": {"g0": TASKS}, "pairs": {"a": TASKS[:2], "b": TASKS[2:]}}
-    space = param_space(spec, list(groupings))
+    space = param_space(spec, list(groupings), exp.seed)
     configs = [config for _, config in generate_variants(space)]
-    assert n_trials(space, spec.num_samples) == len(configs) == 2 * 3 * 2
+    assert n_trials(space) == len(configs) == 2 * 3 * 2
     assert {(c["grouping"], c["seed"], c["backbone"]) for c in configs} == {
         (g, s, b) for g in groupings for s in (0, 1, 2) for b in ("resnet18", "resnet34")
     }
-    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)  # sampled from the log-uniform range
+    assert len({c["lr"] for c in configs}) == 1 and 1e-4 <= configs[0]["lr"] <= 1e-2  # one draw of the range
     trial = trial_experiment(exp, spec, groupings, configs[0], "t0", "/runs")
     assert trial.task_groups() == groupings[configs[0]["grouping"]]
     assert (trial.seed, trial.model.image_backbone, trial.training.lr) == (
@@ -136,8 +136,25 @@ def test_grid_is_groupings_times_seeds_times_backbones(exp):
     assert (trial.training.checkpoint_metric, trial.training.checkpoint_mode) == ("val/mean_score", "max")
 
 
+def test_a_drawn_learning_rate_trains_every_seed_so_the_choice_averages_them(exp):
+    """Tune sampled a range per trial, so each seed had its own lr and no configuration had two seeds:
+    the "mean over seeds" was one trial's luck and its ensemble had one member."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = SweepSpec(seeds=[0, 1, 2], lr=Range(1e-4, 1e-2), num_samples=2).validate(exp)
+    space = param_space(spec, ["one_group"], exp.seed)
+    configs = [config for _, config in generate_variants(space)]
+    lrs = sorted({c["lr"] for c in configs})
+    assert n_trials(space) == len(configs) == 6 and len(lrs) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert all(sorted(c["seed"] for c in configs if c["lr"] == lr) == [0, 1, 2] for lr in lrs)
+    assert param_space(spec, ["one_group"], exp.seed) == space  # a resumed sweep draws the same values
+    trials = [TrialRecord(f"t{i}", c, 1.0, {"val/mean_score": 0.5 + c["lr"]}, 1, None) for i, c in enumerate(configs)]
+    choice = choose(trials, "val/mean_score", "max")
+    assert choice.config == {"grouping": "one_group", "lr": lrs[1]} and len(choice.members) == 3
+
+
 def test_unlisted_axes_keep_the_experiment_values(exp):
-    space = param_space(SweepSpec(), ["config"])
+    space = param_space(SweepSpec(), ["config"], exp.seed)
     assert list(space) == ["grouping"]
     same = apply_config(exp, {})
     assert same == exp

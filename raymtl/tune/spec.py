@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,17 @@ TRAINING_KEYS = ("lr", "batch_size", "sampler", "temperature", "recipe")
 
 @dataclass
 class Range:
-    """A continuous range for a hyperparameter: sampled per trial (log-uniform unless `log: false`)."""
+    """A continuous range for a hyperparameter: `sweep.num_samples` draws (log-uniform unless `log: false`)."""
 
     min: float
     max: float
     log: bool = True
+
+    def draw(self, n: int, rng: random.Random) -> list[float]:
+        """`n` values, uniform in the range (in its logarithm with `log`)."""
+        if self.log:
+            return [math.exp(rng.uniform(math.log(self.min), math.log(self.max))) for _ in range(n)]
+        return [rng.uniform(self.min, self.max) for _ in range(n)]
 
 
 @dataclass
@@ -70,7 +77,7 @@ class SweepSpec:
     sampler: list[str] | None = None
     temperature: list[float] | None = None
     recipes: list[str] | None = None  # training.recipe per trial: [joint, staged] compares the two
-    num_samples: int = 1  # repeats of the grid (draws of the ranges)
+    num_samples: int = 1  # draws of a range (each a grid value: every seed and grouping trains each)
     metric: str = "val/mean_score"
     mode: str = "max"
     asha: AshaSpec | None = None
@@ -194,22 +201,27 @@ def trial_experiment(
     return dataclasses.replace(trial, name=name, storage_path=storage_path, training=training).validate()
 
 
-def param_space(spec: SweepSpec, grouping_names: Sequence[str]) -> dict[str, Any]:
-    """Tune's search space: a grid over every listed value, ranges sampled (num_samples per grid point)."""
+def param_space(spec: SweepSpec, grouping_names: Sequence[str], seed: int) -> dict[str, Any]:
+    """Tune's search space: a grid over every listed value and over `num_samples` draws of a range.
+
+    A range is drawn here, once (from `seed`), not by Tune per trial: every seed and grouping of a
+    draw then trains with the same value, so a configuration has all its seeds (ensemble members)
+    to average, and groupings are compared at equal learning rates.
+    """
     from ray import tune
 
     space: dict[str, Any] = {"grouping": tune.grid_search(list(grouping_names))}
     for key, spec_field in AXES.items():
         values = getattr(spec, spec_field)
         if isinstance(values, Range):
-            space[key] = (tune.loguniform if values.log else tune.uniform)(values.min, values.max)
+            space[key] = tune.grid_search(values.draw(spec.num_samples, random.Random(f"{seed}/{key}")))
         elif values is not None:
             space[key] = tune.grid_search(values)
     return space
 
 
-def n_trials(space: dict[str, Any], num_samples: int) -> int:
-    return num_samples * math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict))
+def n_trials(space: dict[str, Any]) -> int:
+    return math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict))
 
 
 def affinity_interval(

@@ -262,15 +262,15 @@ def _run_trials(
     from raymtl import console
     from raymtl.tune.progress import TrialLines
 
-    space = param_space(spec, list(groupings))
-    total = n_trials(space, spec.num_samples)
+    space = param_space(spec, list(groupings), exp.seed)
+    total = n_trials(space)
     at_once = min(spec.max_concurrent or fitting, total)
     console.say(f"sweep: {total} trials, {at_once} at a time ({show(tune_resources(exp))} each), in {sweep_dir}")
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, scheduler=scheduler(exp, spec), num_samples=spec.num_samples,
+            metric=spec.metric, mode=spec.mode, scheduler=scheduler(exp, spec),
             max_concurrent_trials=at_once, trial_dirname_creator=_trial_dirname,
         ),
         # Tune's status tables only with --verbose; by default one line per finished trial.
