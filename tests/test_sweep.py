@@ -452,3 +452,21 @@ def test_a_trial_in_its_own_process_decodes_outside_its_placement_group(ray_clus
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="capture"))
     [result] = tuner.fit()
     assert result.error is None and result.metrics["decoded"] == 0
+
+
+def test_a_trial_that_diverged_leaves_the_others_records(tmp_path):
+    """A trial whose metric is NaN at every epoch has no best epoch; it failed the whole sweep's
+    records before (Tune's filtered get_dataframe raises on an all-NaN column)."""
+    import types
+
+    def result(trial_id, scores):
+        frame = pd.DataFrame({"val/mean_loss": scores, "epoch": list(range(1, len(scores) + 1)),
+                              "trial_id": [trial_id] * len(scores)})
+        return types.SimpleNamespace(path=str(tmp_path / trial_id), config={"grouping": trial_id}, error=None,
+                                     metrics_dataframe=frame, metrics={**frame.iloc[-1].to_dict(), "time_total_s": 5.0})
+
+    grid = [result("t0", [float("nan"), float("nan")]), result("t1", [0.9, 0.4, 0.6])]
+    diverged, fine = sweep._records(grid, str(tmp_path), SweepSpec(metric="val/mean_loss", mode="min"))
+    assert (diverged.best, diverged.epochs) == (None, 2)
+    assert (fine.best["val/mean_loss"], fine.best["epoch"], fine.epochs, fine.wall_s) == (0.4, 2, 3, 5.0)
+    assert choose([diverged, fine], "val/mean_loss", "min").trial_id == "t1"

@@ -294,36 +294,41 @@ def scheduler(exp: Experiment, spec: SweepSpec):
 
 
 def _records(grid, runs_dir: str, spec: SweepSpec) -> list[TrialRecord]:
-    """Every trial's record, by trial id: its best and last epoch as Tune saw them (`get_dataframe`), and
-    the checkpoint its Train run kept for the best."""
-    best = _rows_by_trial(grid.get_dataframe(filter_metric=spec.metric, filter_mode=spec.mode))
-    last = _rows_by_trial(grid.get_dataframe())
+    """Every trial's record, by trial id: its best and last epoch as Tune saw them, and the checkpoint
+    its Train run kept for the best."""
     records = []
     for result in grid:
         trial_id = Path(result.path).name  # the trial's folder is its id (`_trial_dirname`)
-        row = best.get(trial_id)
+        row = _best_row(result.metrics_dataframe, spec.metric, spec.mode)
         # A mid-epoch checkpoint reports a worst-possible score; before the first epoch ends (epoch 0) no best epoch.
-        row = row if row and row.get("epoch", 0) >= 1 and row.get(spec.metric) is not None else None
+        row = row if row and row.get("epoch", 0) >= 1 else None
         run_dir = storage.join(runs_dir, trial_id)
         records.append(TrialRecord(
             trial_id=trial_id,
             config=dict(result.config),
             wall_s=float((result.metrics or {}).get("time_total_s", 0.0)),
             best=row,
-            epochs=int(last.get(trial_id, {}).get("epoch", 0)),
+            epochs=int((result.metrics or {}).get("epoch", 0)),
             checkpoint=_best_checkpoint(run_dir, spec) if row else None,
             error=str(result.error) if result.error else None,
         ))
     return sorted(records, key=lambda t: t.trial_id)
 
 
-def _rows_by_trial(frame) -> dict[str, dict[str, Any]]:
-    """Tune's one-row-per-trial DataFrame as {trial id: row}: plain Python values, missing ones left out."""
-    rows = {}
-    for row in frame.to_dict("records"):
-        plain = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
-        rows[plain["trial_id"]] = {k: v for k, v in plain.items() if not (isinstance(v, float) and math.isnan(v))}
-    return rows
+def _best_row(frame, metric: str, mode: str) -> dict[str, Any] | None:
+    """A trial's report best by `metric` (the first of equals), as plain Python values, missing ones left
+    out; None when no report has a number for it (a trial that diverged: NaN at every epoch, which
+    Tune's own `get_dataframe(filter_metric=...)` fails on, for the whole sweep)."""
+    import pandas as pd
+
+    if frame is None or metric not in frame:
+        return None
+    scores = pd.to_numeric(frame[metric], errors="coerce")
+    if not scores.notna().any():
+        return None
+    row = frame.loc[scores.idxmax() if mode == "max" else scores.idxmin()]
+    plain = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+    return {k: v for k, v in plain.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 def _best_checkpoint(run_dir: str, spec: SweepSpec) -> str | None:
