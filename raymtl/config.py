@@ -204,6 +204,11 @@ class TrainingSpec:
     compile: bool = False  # torch.compile each group's image trunk and the text encoder (see docs/performance.md)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker (e.g. {"gpu_node": 1})
 
+    @property
+    def total_epochs(self) -> int:
+        """The epochs one run trains: its `stages`' when it has stages."""
+        return sum(s.epochs for s in self.stages) if self.stages else self.epochs
+
 
 @dataclass
 class Experiment:

@@ -286,7 +286,7 @@ class ProgressView:
 
     def __init__(self, exp: Experiment, out: Any = None):
         tr = exp.training
-        self.epochs = sum(s.epochs for s in tr.stages) if tr.stages else tr.epochs
+        self.epochs = tr.total_epochs
         self.samples_per_step = global_batch(tr, worker_range(tr)[1])  # an elastic run's at its most workers
         self.out = out or sys.stderr
         self.bar: Any = None

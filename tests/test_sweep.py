@@ -168,6 +168,25 @@ def test_without_asha_every_trial_runs_to_the_end(exp):
     assert sweep.scheduler(exp, SweepSpec()) is None
 
 
+def test_asha_lets_a_staged_trial_finish_its_fusion_stages(exp):
+    """A staged trial reports its fusion stages' epochs (4 here), more than `epochs` (2): ASHA's
+    horizon is the longest trial's, so it no longer stops every staged trial after its frozen stage."""
+    import types
+
+    from raymtl.config import StageSpec
+
+    training = dataclasses.replace(exp.training, epochs=2, fusion_stages=[
+        StageSpec(epochs=2, freeze=["image", "text"]), StageSpec(epochs=2)])
+    asha = sweep.scheduler(dataclasses.replace(exp, training=training),
+                           SweepSpec(recipes=["joint", "staged"], asha=AshaSpec(grace_period=3)))
+    asha.set_search_properties("val/mean_score", "max")
+    trial = types.SimpleNamespace(trial_id="staged")
+    asha.on_trial_add(None, trial)
+    assert [asha.on_trial_result(None, trial, {"epoch": e, "val/mean_score": 0.5}) for e in (2, 3)] == [
+        "CONTINUE", "CONTINUE"]
+    assert asha.on_trial_result(None, trial, {"epoch": 4, "val/mean_score": 0.5}) == "STOP"  # its last epoch
+
+
 # ---------------------------------------------------------------- groupings and the search step
 
 

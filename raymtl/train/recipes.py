@@ -55,6 +55,15 @@ def default_fusion_stages(epochs: int) -> list[StageSpec]:
     return [frozen, StageSpec(epochs=epochs - 1)] if epochs > 1 else [frozen]
 
 
+def reported_epochs(exp: Experiment) -> int:
+    """The epochs of the run whose reports a sweep sees: the fusion stages of a staged recipe (its
+    part models report nothing), the run itself otherwise."""
+    tr = exp.training
+    if tr.recipe == "staged":
+        return sum(s.epochs for s in tr.fusion_stages or default_fusion_stages(tr.epochs))
+    return tr.total_epochs
+
+
 def compose(exp: Experiment, image: str | None, text: str | None) -> Experiment:
     """`exp` as the staged recipe's last step: its backbones from the part models `image` and
     `text` (saved-model folders; None = as `exp.model.init_from` says), trained in `fusion_stages`.

@@ -39,7 +39,9 @@ from raymtl.tune.records import SweepResult, TrialRecord, choose, write_summary
 from raymtl.tune.resources import (
     cluster_nodes, concurrency, show, trains_in_trial, trial_bundles, tune_resources, with_trial_gpus,
 )
-from raymtl.tune.spec import SEARCH, SweepSpec, affinity_interval, n_trials, param_space, trial_experiment
+from raymtl.tune.spec import (
+    SEARCH, SweepSpec, affinity_interval, apply_config, n_trials, param_space, trial_experiment,
+)
 
 if TYPE_CHECKING:
     from raymtl.data.task_info import TaskInfo
@@ -281,12 +283,15 @@ def _run_trials(
 
 
 def scheduler(exp: Experiment, spec: SweepSpec):
-    """ASHA by finished epochs (`max_t` defaults to the experiment's), or None: every trial runs to the end."""
+    """ASHA by finished epochs (`max_t` defaults to the longest trial's), or None: every trial runs to the end."""
     from ray.tune.schedulers import ASHAScheduler
+
+    from raymtl.train.recipes import reported_epochs
 
     if spec.asha is None:
         return None
-    max_t = spec.asha.max_t or sum(s.epochs for s in exp.training.stages) or exp.training.epochs
+    max_t = spec.asha.max_t or max(reported_epochs(apply_config(exp, {"recipe": recipe}))
+                                   for recipe in spec.recipes or [exp.training.recipe])
     return ASHAScheduler(
         time_attr="epoch", max_t=max_t, grace_period=spec.asha.grace_period,
         reduction_factor=spec.asha.reduction_factor,
