@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,34 @@ def test_a_ranks_gpu_generator_is_saved_and_restored_with_the_rank_not_the_devic
     current["device"] = 2  # a device the old checkpoint has no state for: left as it is
     set_rng_state({**saved, "cuda": [torch.tensor([3], dtype=torch.uint8)]})
     assert 2 not in generators
+
+
+def test_a_checkpoint_whose_upload_did_not_finish_is_skipped_for_the_newest_complete_one(saved_run, tmp_path, caplog):
+    """Ray Train uploads a URI run's checkpoint file by file into its final folder: a job that dies
+    mid-upload leaves a folder with some files (run.json perhaps among them) that every retry would fail to load."""
+    from raymtl.train.checkpoint import TRAIN_STATE_FILE, newest_checkpoint
+
+    exp, infos = saved_run
+    meta = RunMeta.of(exp, infos, check_schedule(exp, infos), 2)
+    names = ["checkpoint_2026-01-01_00-00-00.000001", "checkpoint_2026-01-02_00-00-00.000001",
+             "checkpoint_2026-01-03_00-00-00.000001"]
+    for name in names:
+        folder = tmp_path / name
+        (folder / "tokenizer").mkdir(parents=True)
+        for file in ("model.safetensors", "raymtl_model.json", TRAIN_STATE_FILE, "metrics.json", "tokenizer/vocab.txt"):
+            (folder / file).write_bytes(b"x" * 100)
+        meta.save(folder)
+    (tmp_path / names[1] / "model.safetensors").unlink()  # only run.json and a few others arrived
+    (tmp_path / names[2] / "tokenizer/vocab.txt").write_bytes(b"x" * 10)  # one cut short
+    assert newest_checkpoint(str(tmp_path)) == str(tmp_path / names[0])
+    assert f"skipping the incomplete checkpoint {tmp_path / names[2]} (its upload did not finish: " \
+           "tokenizer/vocab.txt missing or short)" in caplog.text
+    assert f"{tmp_path / names[1]} (its upload did not finish: model.safetensors missing or short)" in caplog.text
+    # a checkpoint from before run.json listed its files: the ones a resume reads
+    old = tmp_path / "checkpoint_2026-01-04_00-00-00.000001"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"model": meta.model, "schedule": meta.schedule}))
+    assert newest_checkpoint(str(tmp_path)) == str(tmp_path / names[0])
+    for file in ("model.safetensors", "raymtl_model.json", TRAIN_STATE_FILE):
+        (old / file).write_bytes(b"x")
+    assert newest_checkpoint(str(tmp_path)) == str(old)

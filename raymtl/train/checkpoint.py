@@ -4,7 +4,9 @@ A checkpoint folder is a complete `raymtl.load`-able model (see `raymtl.models.a
 extra files: `metrics.json` (the metrics it was reported with, which rank it), `train_state.pt` (optimizer, LR schedule, position in the task schedule, EWMA losses
 and every rank's CPU and CUDA RNG states, so a resumed run continues the identical sequence of
 tasks) and `run.json` (`RunMeta`: what the run's schedule and model were built from), which the
-driver reads to refuse an incompatible resume before Ray starts.
+driver reads to refuse an incompatible resume before Ray starts. `run.json` is written last and
+lists every other file with its size: Ray Train uploads a URI run's checkpoint file by file into
+its final folder, so a folder missing one of them is a checkpoint whose upload did not finish.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import posixpath
 import random
 import shutil
 import tempfile
@@ -26,6 +29,7 @@ import torch
 
 from raymtl.config import Experiment, global_batch
 from raymtl.data.task_info import TaskInfo
+from raymtl.models.artifact import META_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger("raymtl")
 
@@ -66,6 +70,7 @@ class RunMeta:
 
     model: dict[str, Any]
     schedule: dict[str, Any]
+    files: dict[str, int] | None = None  # the checkpoint's other files and sizes (`save`; None: from before)
 
     @classmethod
     def of(cls, exp: Experiment, infos: dict[str, TaskInfo], batches: dict[str, int], world_size: int) -> RunMeta:
@@ -111,7 +116,11 @@ class RunMeta:
         return None
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / RUN_META_FILE).write_text(json.dumps(asdict(self), indent=1))
+        """Write `run.json`, the checkpoint's last file: it lists the others (`missing_files`)."""
+        folder = Path(folder)
+        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != RUN_META_FILE}
+        (folder / RUN_META_FILE).write_text(json.dumps(asdict(dataclasses.replace(self, files=files)), indent=1))
 
     @classmethod
     def from_json(cls, text: str) -> RunMeta:
@@ -191,8 +200,8 @@ def report_checkpoint(
     from raymtl import storage
 
     def write_all(folder: Path) -> None:
-        write(folder)
         (folder / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
+        write(folder)  # run.json last (`RunMeta.save`), listing the rest
 
     if storage.is_uri(run_dir):
         tmp = Path(tempfile.mkdtemp(prefix="raymtl_checkpoint_"))
@@ -229,10 +238,28 @@ def load_train_state(folder: Path) -> dict:
     return state
 
 
-def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
-    """(folder, meta) of the newest checkpoint with a `run.json` in a run folder; None when there is none.
+def missing_files(folder: str, meta: RunMeta) -> list[str]:
+    """The files of checkpoint `folder` that its `run.json` (`meta`) lists and the folder lacks or
+    holds at another size: an upload cut short. A checkpoint from before the list needs the files a
+    resume reads."""
+    import pyarrow.fs as pafs
 
-    Ray Train names checkpoint folders `checkpoint_<date>_<time.microseconds>`, so the newest sorts last.
+    from raymtl import storage
+
+    fs, path = storage.resolve(folder)
+    sizes = {posixpath.relpath(e.path, path): e.size
+             for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if e.type == pafs.FileType.File}
+    wanted = meta.files if meta.files is not None else dict.fromkeys((WEIGHTS_FILE, META_FILE, TRAIN_STATE_FILE))
+    return sorted(name for name, size in wanted.items()
+                  if name not in sizes or size is not None and size != sizes[name])
+
+
+def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
+    """(folder, meta) of the newest complete checkpoint in a run folder; None when there is none.
+
+    Ray Train names checkpoint folders `checkpoint_<date>_<time.microseconds>`, so the newest sorts
+    last. A folder without `run.json` or missing a file it lists (`missing_files`) is skipped, in one
+    log line: its resume would fail the same way at every retry.
     """
     import pyarrow.fs as pafs
 
@@ -243,8 +270,14 @@ def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
     names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
     for name in reversed(names):
         meta = storage.join(run_dir, name, RUN_META_FILE)
-        if storage.exists(meta):
-            return storage.join(run_dir, name), RunMeta.from_json(storage.read_text(meta))
+        if not storage.exists(meta):
+            continue
+        folder, found = storage.join(run_dir, name), RunMeta.from_json(storage.read_text(meta))
+        missing = missing_files(folder, found)
+        if not missing:
+            return folder, found
+        logger.warning("[raymtl] skipping the incomplete checkpoint %s (its upload did not finish: %s missing "
+                       "or short)", folder, ", ".join(missing))
     return None
 
 
