@@ -66,6 +66,32 @@ def test_position_is_kept_and_a_resize_re_plans_the_rest_of_the_epoch(saved_run,
     assert "changed task order (seed 0 -> 7): epoch 2 restarts from its first step" in caplog.text
 
 
+
+def test_changed_training_rows_refuse_a_mid_epoch_resume_naming_the_task(saved_run, caplog):
+    """The epoch's plan is a permutation of each task's row count: another count would re-read rows
+    and skip others for the rest of the epoch. A resize keeps the rows; a new epoch plans on the new ones."""
+    from raymtl.errors import DataError
+
+    exp, infos = saved_run
+    two = RunMeta.of(exp, infos, {"color": 4, "style": 4}, 2)
+    n = two.schedule["rows"]["color"]
+    assert two.schedule["rows"] == {name: info.n_train for name, info in infos.items()}
+    grown = RunMeta(two.model, dict(two.schedule, rows=dict(two.schedule["rows"], color=n + 10)))
+    mid = Position(epoch=1, step=3, global_step=11, worlds=[[2, 32, 0]])
+    with pytest.raises(DataError, match=rf"cannot resume epoch 2 at step 3: the training rows changed \(task 'color' "
+                                        rf"{n} -> {n + 10}\), .* restore the data the checkpoint was trained on, or "
+                                        "train under a new name"):
+        resume_position(two, grown, mid)
+    one = RunMeta.of(exp, infos, {"color": 8, "style": 8}, 1)  # a resize: the same rows
+    assert resume_position(two, one, mid).worlds == [[2, 32, 0], [1, 16, 3]]
+    boundary = Position(epoch=1, step=0, global_step=8, worlds=[[2, 32, 0]])
+    assert resume_position(two, grown, boundary) == dataclasses.replace(boundary, worlds=[])
+    before = RunMeta(two.model, {k: v for k, v in two.schedule.items() if k not in ("rows", "shuffle")})
+    assert resume_position(before, grown, mid) == mid  # a checkpoint from before the rows were recorded
+    unshuffled = RunMeta(two.model, dict(two.schedule, shuffle=False))
+    assert resume_position(two, unshuffled, mid) == dataclasses.replace(mid, step=0, worlds=[])
+    assert "changed task order (shuffle True -> False): epoch 2 restarts from its first step" in caplog.text
+
 def test_a_ranks_gpu_generator_is_saved_and_restored_with_the_rank_not_the_device_index(monkeypatch):
     """A rank sees every GPU of its node but draws only on its own: its state is that device's, and a
     resumed rank restores it onto the GPU it now has (simulated CUDA: generators by device index)."""

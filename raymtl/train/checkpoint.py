@@ -29,6 +29,7 @@ import torch
 
 from raymtl.config import Experiment, global_batch
 from raymtl.data.task_info import TaskInfo
+from raymtl.errors import DataError
 from raymtl.models.artifact import META_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger("raymtl")
@@ -65,7 +66,8 @@ class RunMeta:
     """What a checkpoint's run was: its model's identity and the inputs of its task schedule.
 
     `model` (task names, label maps, groups, architecture) must match to resume at all; `schedule`
-    (world size, batches per task and rank, seed, sampler) must match to resume mid-epoch exactly.
+    (world size, batches per task and rank, seed, sampler, each task's training rows, shuffle) says
+    how a mid-epoch resume continues (`resume_position`).
     """
 
     model: dict[str, Any]
@@ -96,6 +98,8 @@ class RunMeta:
                 "seed": exp.seed,
                 "sampler": exp.training.sampler,
                 "temperature": exp.training.temperature,
+                "rows": {name: info.n_train for name, info in sorted(infos.items())},
+                "shuffle": exp.data.shuffle,
                 "batch_size": exp.training.batch_size,
                 "global_batch": global_batch(exp.training, world_size),
             },
@@ -292,22 +296,33 @@ def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, ran
 
     Another world size or global batch continues mid-epoch exactly: the checkpoint's epoch plan is
     re-cut for the new world from its step on (a `worlds` entry, see `plan.epoch_plan`), so every
-    row of the epoch is still read once. A changed order (seed, sampler, temperature) has no
+    row of the epoch is still read once. A changed order (seed, sampler, temperature, shuffle) has no
     equivalent mid-epoch: the epoch restarts at its first step, with the checkpoint's weights and
-    optimizer state (one warning line).
+    optimizer state (one warning line). A task whose training rows changed in number is a `DataError`
+    mid-epoch: the plan's row indices no longer name the rows the epoch read (a new epoch plans on the
+    new rows). A checkpoint from before a field was recorded is not checked on it.
     """
     if saved is None or position.step == 0:
         return dataclasses.replace(position, worlds=[])  # a new epoch: planned for the world it runs on
     world, size = now.schedule["world_size"], now.schedule["global_batch"]
     old = saved.schedule
+    rows = {task: (n, now.schedule["rows"][task]) for task, n in old.get("rows", {}).items()
+            if n != now.schedule["rows"][task]}
+    if rows:
+        changes = ", ".join(f"task {task!r} {n} -> {m}" for task, (n, m) in sorted(rows.items()))
+        raise DataError(
+            f"cannot resume epoch {position.epoch + 1} at step {position.step}: the training rows changed "
+            f"({changes}), so the rest of the epoch would read some rows twice and skip others; restore the "
+            "data the checkpoint was trained on, or train under a new name"
+        )
     worlds = position.worlds or [[old["world_size"], old.get("global_batch", old["batch_size"] * old["world_size"]), 0]]
-    changed = [k for k in ("seed", "sampler", "temperature") if saved.schedule.get(k) != now.schedule[k]]
+    changed = [k for k in ("seed", "sampler", "temperature", "shuffle") if k in old and old[k] != now.schedule[k]]
     if changed:
         if rank == 0:
             logger.warning(
                 "[raymtl] resuming with a changed task order (%s): epoch %d restarts from its first step "
                 "(%d of its steps were taken before the checkpoint)",
-                ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
+                ", ".join(f"{k} {old[k]} -> {now.schedule[k]}" for k in changed),
                 position.epoch + 1, position.step,
             )
         return dataclasses.replace(position, step=0, worlds=[], consumed={})
