@@ -3,6 +3,7 @@ reads every row once, in each task's order; the LR is a function of global sampl
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import numpy as np
@@ -83,16 +84,17 @@ def test_rechunk_at_the_same_size_is_the_identity_and_a_short_tail_gives_a_rank_
 
 
 def lr_trace(worlds: list[tuple[int, int]], total_steps: int = 12, warmup: int = 3) -> dict[int, float]:
-    """{global samples before a step: the LR of that step} of a run on `worlds` [(world, steps), ...]
-    (a fresh schedule would count `total_steps` of the new world: only the saved one knows the stage),
-    its optimizer and schedule saved and loaded into fresh ones at each change (as a resume does)."""
-    from raymtl.train.optim import build_lr_schedule
+    """{global samples before a step: the LR of that step} of a run on `worlds` [(world, steps), ...],
+    its optimizer and schedule saved and loaded into fresh ones at each change, built as the loop
+    builds a resumed stage's: `total_steps` of the step size the stage started on (`stage_step`)."""
+    from raymtl.train.optim import build_lr_schedule, stage_step
 
     training = TrainingSpec(lr_schedule="warmup_cosine", warmup_steps=warmup, batch_size=B)
     state, samples, out = None, 0, {}
     for world, steps in worlds:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        schedule = build_lr_schedule(opt, training, total_steps=total_steps, step_samples=B * world)
+        step = stage_step(state[1]) if state else B * world
+        schedule = build_lr_schedule(opt, training, total_steps=total_steps, step_samples=step)
         if state is not None:
             opt.load_state_dict(state[0])
             schedule.load_state_dict(state[1])
@@ -113,17 +115,32 @@ def test_the_learning_rate_is_a_function_of_global_samples_across_resizes():
     assert resized[5 * 8 + 4] not in (resized[5 * 8], resized[6 * 8])  # the W=1 step in between has its own
 
 
-def test_a_global_batch_keeps_the_steps_across_a_resize_and_splits_them_among_the_ranks():
-    from raymtl.config import ConfigError, Experiment, TaskSpec, global_batch
+def test_a_rerun_with_more_epochs_goes_on_along_the_longer_cosine_not_the_finished_one():
+    """A warmup-cosine schedule saved at its end (lr 0) and loaded into the schedule of a longer
+    config gives the longer schedule's lr at the saved sample count, saying so; an unchanged one loads as saved."""
+    from raymtl.train.optim import build_lr_schedule
 
-    assert global_batch(TrainingSpec(batch_size=16), 3) == 48
-    assert global_batch(TrainingSpec(batch_size=16, batch_scope="global"), 3) == 16
-    steps = epoch_plan(schedule_for(2), N, [[2, 8, 0], [3, 8, 5]])  # the step stays 8 rows on 3 ranks
-    assert steps == global_steps(schedule_for(2), N, 8)
-    sizes = [len(s.rows) for r in range(3) for s in rank_steps(steps[5:6], N, seed=3, epoch=0, rank=r, world=3)]
-    assert sizes == [3, 3, 2]
-    with pytest.raises(ConfigError, match="a global batch of 2 leaves some of 4 workers no row"):
-        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet", image_column="image")],
-                   training=TrainingSpec(batch_size=2, batch_scope="global", num_workers=[1, 4])).validate()
-    with pytest.raises(ConfigError, match=r"expected N >= 1 or \[min, max\] with 1 <= min <= max, got \[3, 2\]"):
-        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet", image_column="image")], training=TrainingSpec(num_workers=[3, 2])).validate()
+    training = TrainingSpec(lr_schedule="warmup_cosine", warmup_steps=2, batch_size=B)
+
+    def run(total_steps: int, steps: int, state: tuple | None = None) -> tuple[float, str | None, tuple]:
+        """The lr after `steps` steps of a schedule over `total_steps` resumed from `state`, what
+        loading it said, and the state to save."""
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        schedule = build_lr_schedule(opt, training, total_steps=total_steps, step_samples=B)
+        change = None
+        if state is not None:
+            opt.load_state_dict(state[0])
+            change = schedule.load_state_dict(state[1])
+        for _ in range(steps):
+            opt.step()
+            schedule.after_step(B)
+        return opt.param_groups[0]["lr"], change, copy.deepcopy((opt.state_dict(), schedule.state_dict()))
+
+    lr, _, saved = run(10, 10)
+    assert lr == 0.0
+    lr, change, _ = run(20, 0, saved)
+    assert 0 < lr == run(20, 10)[0]
+    assert change == "the LR schedule changed with the config (warmup 8 -> 8, total 40 -> 80 global samples): " \
+                     "it goes on along the new one from sample 40"
+    assert run(20, 5, saved)[0] == run(20, 15)[0]
+    assert run(10, 0, saved)[:2] == (0.0, None)  # unchanged: as saved

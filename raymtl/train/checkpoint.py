@@ -4,7 +4,9 @@ A checkpoint folder is a complete `raymtl.load`-able model (see `raymtl.models.a
 extra files: `metrics.json` (the metrics it was reported with, which rank it), `train_state.pt` (optimizer, LR schedule, position in the task schedule, EWMA losses
 and every rank's CPU and CUDA RNG states, so a resumed run continues the identical sequence of
 tasks) and `run.json` (`RunMeta`: what the run's schedule and model were built from), which the
-driver reads to refuse an incompatible resume before Ray starts.
+driver reads to refuse an incompatible resume before Ray starts. `run.json` is written last and
+lists every other file with its size: Ray Train uploads a URI run's checkpoint file by file into
+its final folder, so a folder missing one of them is a checkpoint whose upload did not finish.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import posixpath
 import random
 import shutil
 import tempfile
@@ -26,6 +29,8 @@ import torch
 
 from raymtl.config import Experiment, global_batch
 from raymtl.data.task_info import TaskInfo
+from raymtl.errors import DataError
+from raymtl.models.artifact import META_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger("raymtl")
 
@@ -61,11 +66,13 @@ class RunMeta:
     """What a checkpoint's run was: its model's identity and the inputs of its task schedule.
 
     `model` (task names, label maps, groups, architecture) must match to resume at all; `schedule`
-    (world size, batches per task and rank, seed, sampler) must match to resume mid-epoch exactly.
+    (world size, batches per task and rank, seed, sampler, each task's training rows, shuffle) says
+    how a mid-epoch resume continues (`resume_position`).
     """
 
     model: dict[str, Any]
     schedule: dict[str, Any]
+    files: dict[str, int] | None = None  # the checkpoint's other files and sizes (`save`; None: from before)
 
     @classmethod
     def of(cls, exp: Experiment, infos: dict[str, TaskInfo], batches: dict[str, int], world_size: int) -> RunMeta:
@@ -91,6 +98,8 @@ class RunMeta:
                 "seed": exp.seed,
                 "sampler": exp.training.sampler,
                 "temperature": exp.training.temperature,
+                "rows": {name: info.n_train for name, info in sorted(infos.items())},
+                "shuffle": exp.data.shuffle,
                 "batch_size": exp.training.batch_size,
                 "global_batch": global_batch(exp.training, world_size),
             },
@@ -111,7 +120,11 @@ class RunMeta:
         return None
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / RUN_META_FILE).write_text(json.dumps(asdict(self), indent=1))
+        """Write `run.json`, the checkpoint's last file: it lists the others (`missing_files`)."""
+        folder = Path(folder)
+        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != RUN_META_FILE}
+        (folder / RUN_META_FILE).write_text(json.dumps(asdict(dataclasses.replace(self, files=files)), indent=1))
 
     @classmethod
     def from_json(cls, text: str) -> RunMeta:
@@ -191,8 +204,8 @@ def report_checkpoint(
     from raymtl import storage
 
     def write_all(folder: Path) -> None:
-        write(folder)
         (folder / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
+        write(folder)  # run.json last (`RunMeta.save`), listing the rest
 
     if storage.is_uri(run_dir):
         tmp = Path(tempfile.mkdtemp(prefix="raymtl_checkpoint_"))
@@ -229,10 +242,28 @@ def load_train_state(folder: Path) -> dict:
     return state
 
 
-def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
-    """(folder, meta) of the newest checkpoint with a `run.json` in a run folder; None when there is none.
+def missing_files(folder: str, meta: RunMeta) -> list[str]:
+    """The files of checkpoint `folder` that its `run.json` (`meta`) lists and the folder lacks or
+    holds at another size: an upload cut short. A checkpoint from before the list needs the files a
+    resume reads."""
+    import pyarrow.fs as pafs
 
-    Ray Train names checkpoint folders `checkpoint_<date>_<time.microseconds>`, so the newest sorts last.
+    from raymtl import storage
+
+    fs, path = storage.resolve(folder)
+    sizes = {posixpath.relpath(e.path, path): e.size
+             for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if e.type == pafs.FileType.File}
+    wanted = meta.files if meta.files is not None else dict.fromkeys((WEIGHTS_FILE, META_FILE, TRAIN_STATE_FILE))
+    return sorted(name for name, size in wanted.items()
+                  if name not in sizes or size is not None and size != sizes[name])
+
+
+def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
+    """(folder, meta) of the newest complete checkpoint in a run folder; None when there is none.
+
+    Ray Train names checkpoint folders `checkpoint_<date>_<time.microseconds>`, so the newest sorts
+    last. A folder without `run.json` or missing a file it lists (`missing_files`) is skipped, in one
+    log line: its resume would fail the same way at every retry.
     """
     import pyarrow.fs as pafs
 
@@ -243,8 +274,14 @@ def latest_run_meta(run_dir: str) -> tuple[str, RunMeta] | None:
     names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
     for name in reversed(names):
         meta = storage.join(run_dir, name, RUN_META_FILE)
-        if storage.exists(meta):
-            return storage.join(run_dir, name), RunMeta.from_json(storage.read_text(meta))
+        if not storage.exists(meta):
+            continue
+        folder, found = storage.join(run_dir, name), RunMeta.from_json(storage.read_text(meta))
+        missing = missing_files(folder, found)
+        if not missing:
+            return folder, found
+        logger.warning("[raymtl] skipping the incomplete checkpoint %s (its upload did not finish: %s missing "
+                       "or short)", folder, ", ".join(missing))
     return None
 
 
@@ -259,22 +296,33 @@ def resume_position(saved: RunMeta | None, now: RunMeta, position: Position, ran
 
     Another world size or global batch continues mid-epoch exactly: the checkpoint's epoch plan is
     re-cut for the new world from its step on (a `worlds` entry, see `plan.epoch_plan`), so every
-    row of the epoch is still read once. A changed order (seed, sampler, temperature) has no
+    row of the epoch is still read once. A changed order (seed, sampler, temperature, shuffle) has no
     equivalent mid-epoch: the epoch restarts at its first step, with the checkpoint's weights and
-    optimizer state (one warning line).
+    optimizer state (one warning line). A task whose training rows changed in number is a `DataError`
+    mid-epoch: the plan's row indices no longer name the rows the epoch read (a new epoch plans on the
+    new rows). A checkpoint from before a field was recorded is not checked on it.
     """
     if saved is None or position.step == 0:
         return dataclasses.replace(position, worlds=[])  # a new epoch: planned for the world it runs on
     world, size = now.schedule["world_size"], now.schedule["global_batch"]
     old = saved.schedule
+    rows = {task: (n, now.schedule["rows"][task]) for task, n in old.get("rows", {}).items()
+            if n != now.schedule["rows"][task]}
+    if rows:
+        changes = ", ".join(f"task {task!r} {n} -> {m}" for task, (n, m) in sorted(rows.items()))
+        raise DataError(
+            f"cannot resume epoch {position.epoch + 1} at step {position.step}: the training rows changed "
+            f"({changes}), so the rest of the epoch would read some rows twice and skip others; restore the "
+            "data the checkpoint was trained on, or train under a new name"
+        )
     worlds = position.worlds or [[old["world_size"], old.get("global_batch", old["batch_size"] * old["world_size"]), 0]]
-    changed = [k for k in ("seed", "sampler", "temperature") if saved.schedule.get(k) != now.schedule[k]]
+    changed = [k for k in ("seed", "sampler", "temperature", "shuffle") if k in old and old[k] != now.schedule[k]]
     if changed:
         if rank == 0:
             logger.warning(
                 "[raymtl] resuming with a changed task order (%s): epoch %d restarts from its first step "
                 "(%d of its steps were taken before the checkpoint)",
-                ", ".join(f"{k} {saved.schedule.get(k)} -> {now.schedule[k]}" for k in changed),
+                ", ".join(f"{k} {old[k]} -> {now.schedule[k]}" for k in changed),
                 position.epoch + 1, position.step,
             )
         return dataclasses.replace(position, step=0, worlds=[], consumed={})

@@ -49,7 +49,7 @@ from raymtl.train.faults import maybe_crash
 from raymtl.train.gradsync import GradSync
 from raymtl.train.losses import task_loss
 from raymtl.train.metrics import Ewma
-from raymtl.train.optim import build_lr_schedule, build_optimizer
+from raymtl.train.optim import build_lr_schedule, build_optimizer, stage_step
 from raymtl.train.precision import Precision, configure_kernels
 from raymtl.train.report import RunFiles, epoch_row
 from raymtl.train.timing import StepTimer
@@ -175,11 +175,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stage_idx = stage_at(stages, epoch)
             stage = stages[stage_idx]
             resumed = state is not None and state["stage"] == stage_idx
-            optimizer, lr_schedule = _start_stage(model, exp, stage, batches, size,
-                                                  state["optimizer"] if resumed else None)
+            optimizer, lr_schedule = _start_stage(model, exp, stage, n_train, size, state if resumed else None)
             if resumed:
                 optimizer.load_state_dict(state["optimizer"])
-                lr_schedule.load_state_dict(state["lr_schedule"])
+                change = lr_schedule.load_state_dict(state["lr_schedule"])
+                if change and rank == 0:
+                    logger.warning("[raymtl] %s", change)
             state = None
 
         if not position.worlds:  # the epoch's plan: for the world it starts on, re-cut at each resize
@@ -265,16 +266,18 @@ def _step(model: MultiTaskModel, optimizer: torch.optim.Optimizer, scaler, grad_
     scaler.update()
 
 
-def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, batches: dict[str, int], size: int,
-                 saved_optimizer: dict | None = None):
-    """Freeze this stage's parts and build its optimizer (in the layout of `saved_optimizer`, when
-    resuming) and LR schedule (in global samples, for the world the stage starts on; a resumed stage
-    keeps its saved schedule)."""
+def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, n_train: dict[str, int], size: int,
+                 saved: dict | None = None):
+    """Freeze this stage's parts and build its optimizer (in the layout of `saved`'s, the train state
+    of a resumed stage) and LR schedule: in global samples, over the stage's epochs of the current
+    config and rows, in steps of `size` (this world's global batch) or, resumed, of the size the
+    stage started on, so a resize keeps the schedule and a longer config lengthens it."""
     model.freeze(stage.freeze)
     lr = stage.lr if stage.lr is not None else exp.training.lr
-    optimizer = build_optimizer(model, exp.training, lr, saved=saved_optimizer)
-    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=stage.epochs * sum(batches.values()),
-                                    step_samples=size)
+    optimizer = build_optimizer(model, exp.training, lr, saved=saved["optimizer"] if saved else None)
+    step = (stage_step(saved["lr_schedule"]) if saved else None) or size
+    total_steps = stage.epochs * sum(n // step for n in n_train.values())
+    lr_schedule = build_lr_schedule(optimizer, exp.training, total_steps=total_steps, step_samples=step)
     return optimizer, lr_schedule
 
 

@@ -87,9 +87,35 @@ class LrSchedule:
     def state_dict(self) -> dict:
         return self.scheduler.state_dict() if self.scheduler is not None else {}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None and state:
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue a saved schedule where it was; returns how its length changed, in words (None: it did not).
+
+        A per-batch factor (`WarmupCosine`) stays the one built from the current config, on the step
+        size its stage started on (`stage_step`), not the saved one: a run rerun with more epochs goes
+        on along the longer cosine (the saved one has reached zero), from the lr it gives at the
+        saved sample count. With the config unchanged the two factors are equal and nothing moves.
+        """
+        if self.scheduler is None or not state:
+            return None
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             self.scheduler.load_state_dict(state)
+            return None
+        saved = state["lr_lambdas"]
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(saved)})
+        now = vars(self.scheduler.lr_lambdas[0])
+        if saved[0] is None or saved[0] == now:
+            return None
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()  # the optimizer's lrs: the current factor's at the saved sample count
+        return (f"the LR schedule changed with the config (warmup {saved[0]['warmup']} -> {now['warmup']}, "
+                f"total {saved[0]['total']} -> {now['total']} global samples): it goes on along the new one "
+                f"from sample {self.scheduler.last_epoch}")
+
+
+def stage_step(state: dict) -> int | None:
+    """The step size (global samples) that a saved per-batch schedule's stage started on; None for others."""
+    factors = state.get("lr_lambdas") or [None]
+    return factors[0]["step"] if factors[0] else None
 
 
 @dataclass
@@ -97,7 +123,8 @@ class WarmupCosine:
     """The LR factor after `samples` global samples: linear warmup over `warmup` samples, then a
     cosine to zero at `total`. `step` is one step's samples when the stage started (the warmup's
     first factor is step / warmup). An object, not a closure: LambdaLR's state_dict saves its
-    fields, so a run resumed on another world size keeps the stage's schedule."""
+    fields, so a resume knows the step size its stage started on (`stage_step`) and whether the
+    config changed its length (`LrSchedule.load_state_dict`)."""
 
     warmup: int
     total: int
