@@ -116,3 +116,18 @@ def test_members_with_other_preprocessing_or_weights_are_refused(members, tmp_pa
         build_ensemble([members[0], bigger], str(tmp_path / "ens"))
     assert main(["ensemble", *members, "--out", str(tmp_path / "e2"), "--weights", "1"]) == 2
     assert "1 ensemble weights for 2 members" in capsys.readouterr().err
+
+
+def test_members_that_differ_only_in_grouping_order_build_one_ensemble(members, items, tmp_path):
+    rev = save_tiny(tmp_path / "rev", 2, {"gb": ["b"], "ga": ["a"]})
+    assert list(raymtl.load(rev).infos) == ["b", "a"]  # saved in the grouping's order, unlike the others
+    folders = [rev, *members]
+    out = build_ensemble(folders, str(tmp_path / "ens"))
+    expected = [member_probs(m, items) for m in folders]
+    means = {task: sum(e[task] for e in expected) / len(folders) for task in TASKS}
+    got = member_probs(out, items)
+    plan = make_plan(out, raymtl.load(out))
+    rows = Predict(plan, use_gpu=False)(Prepare(plan)(items)).to_pandas()
+    for task in TASKS:
+        np.testing.assert_allclose(got[task], means[task], atol=1e-5)
+        np.testing.assert_allclose(rows[f"{task}_prob"], means[task].max(1), atol=1e-5)

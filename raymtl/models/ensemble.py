@@ -83,7 +83,10 @@ def normalized(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
-    """Same tasks, label maps, kinds and thresholds, and the same preprocessing, in every member."""
+    """Same tasks, label maps, kinds and thresholds, and the same preprocessing, in every member.
+
+    Tasks are matched by name: a member saves them in its grouping's order, which members may differ in.
+    """
     from raymtl.models.artifact import TOKENIZER_DIR
 
     if len(metas) < 1:
@@ -92,9 +95,9 @@ def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None
     for meta, name in zip(metas, names):
         if ENSEMBLE_KEY in meta:
             raise ConfigError(f"member {name} is itself an ensemble; list its members instead")
-        if list(meta["tasks"]) != list(first["tasks"]):
+        if set(meta["tasks"]) != set(first["tasks"]):  # a set: the saved order follows the member's grouping
             raise ConfigError(
-                f"member {name} has tasks {list(meta['tasks'])}, member {first_name} has {list(first['tasks'])}; "
+                f"member {name} has tasks {sorted(meta['tasks'])}, member {first_name} has {sorted(first['tasks'])}; "
                 "ensemble members must predict the same tasks"
             )
         for task, info in meta["tasks"].items():
