@@ -130,7 +130,25 @@ def test_adam_lookahead_is_the_optimizers_own_step(kind):
         optimizer.step()
         for n, p in stepped.items():
             torch.testing.assert_close(p.detach() - before[n], expected[n], rtol=1e-4, atol=1e-7)
-    assert optimizer_update(torch.optim.SGD(model.parameters(), lr=0.1), model) is None
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_lookahead_steps_each_parameter_at_its_groups_lr(momentum):
+    """The text encoder's group runs at a tenth of the lr: its lookahead step is lr/10 * g, as SGD's own step."""
+    torch.manual_seed(0)
+    model, data = LinearMTL(TASKS), batches(TASKS)
+    optimizer = torch.optim.SGD([{"params": model.shared.parameters(), "lr": 1.0},
+                                 {"params": model.heads.parameters(), "lr": 0.1}], momentum=momentum)
+    update = optimizer_update(optimizer, model)
+    mse(model(data["a"], "a"), data["a"]["label"]).backward()
+    stepped = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    lookahead = {n: -optimizer.param_groups[0]["lr"] * update(n, p.grad) for n, p in stepped.items()}
+    before = snapshot(model)
+    optimizer.step()  # the first step of momentum SGD is its gradient too
+    for n, p in stepped.items():
+        lr = 1.0 if n.startswith("shared") else 0.1
+        torch.testing.assert_close(lookahead[n], -lr * p.grad)
+        torch.testing.assert_close(p.detach() - before[n], lookahead[n])
 
 
 def test_adam_lookahead_does_not_depend_on_the_gradients_scale():

@@ -6,6 +6,7 @@ Members are tiny untrained planted-task models (built, not fitted), so the test 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from ops import Ops
 from raymtl.cli import main
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, TaskSpec, ViewSpec
 from raymtl.data.planted import make_planted
+from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.device_inputs import DeviceInputs
 from raymtl.data.transforms import Preprocessor
@@ -27,6 +29,7 @@ from raymtl.predict.actors import Predict, Prepare
 from raymtl.predict.plan import make_plan
 
 TASKS = ("a", "b")
+TOKENIZER = default_tokenizer_path()  # a real tokenizer folder, for members that read text
 
 
 def save_tiny(folder, seed: int, groups: dict, labels: dict | None = None, image_size: int = 16) -> str:
@@ -116,3 +119,47 @@ def test_members_with_other_preprocessing_or_weights_are_refused(members, tmp_pa
         build_ensemble([members[0], bigger], str(tmp_path / "ens"))
     assert main(["ensemble", *members, "--out", str(tmp_path / "e2"), "--weights", "1"]) == 2
     assert "1 ensemble weights for 2 members" in capsys.readouterr().err
+
+
+def test_members_that_differ_only_in_grouping_order_build_one_ensemble(members, items, tmp_path):
+    rev = save_tiny(tmp_path / "rev", 2, {"gb": ["b"], "ga": ["a"]})
+    assert list(raymtl.load(rev).infos) == ["b", "a"]  # saved in the grouping's order, unlike the others
+    folders = [rev, *members]
+    out = build_ensemble(folders, str(tmp_path / "ens"))
+    expected = [member_probs(m, items) for m in folders]
+    means = {task: sum(e[task] for e in expected) / len(folders) for task in TASKS}
+    got = member_probs(out, items)
+    plan = make_plan(out, raymtl.load(out))
+    rows = Predict(plan, use_gpu=False)(Prepare(plan)(items)).to_pandas()
+    for task in TASKS:
+        np.testing.assert_allclose(got[task], means[task], atol=1e-5)
+        np.testing.assert_allclose(rows[f"{task}_prob"], means[task].max(1), atol=1e-5)
+
+
+def save_text(folder, seed: int, tokenizer: str) -> str:
+    """A saved untrained text-only model over TASKS that tokenizes with `tokenizer`."""
+    tasks = [TaskSpec(t, train="unused.parquet", text_column="title") for t in TASKS]
+    text = {"model_type": "bert", "vocab_size": 64, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}
+    exp = Experiment("tiny", tasks, data=DataSpec(tokenizer=tokenizer, max_length=16),
+                     model=ModelSpec(image_backbone=None, text_config=text, hidden_dim=8, dropout=0.0))
+    infos = {t: TaskInfo(t, "multiclass", ["0", "1"], 10, 0, False, True) for t in TASKS}
+    torch.manual_seed(seed)
+    model = MultiTaskModel(exp.model, infos, ["full"], {"all": list(TASKS)})
+    save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    return str(folder)
+
+
+@pytest.mark.skipif(TOKENIZER is None, reason="needs the MiniLM tokenizer package")
+def test_members_with_another_tokenizer_are_refused_naming_both(tmp_path):
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(TOKENIZER, do_lower_case=False).save_pretrained(tmp_path / "cased")
+    uncased, same = save_text(tmp_path / "uncased", 0, TOKENIZER), save_text(tmp_path / "same", 1, TOKENIZER)
+    cased = save_text(tmp_path / "cased_model", 2, str(tmp_path / "cased"))
+    refusal = rf"member {re.escape(cased)} tokenizes text differently from member {re.escape(uncased)} \(tokenizer"
+    with pytest.raises(ConfigError, match=refusal):
+        build_ensemble([uncased, cased], str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    out = build_ensemble([uncased, same], str(tmp_path / "ens"))  # the same tokenizer: one ensemble
+    assert isinstance(raymtl.load(out).model, EnsembleModel)

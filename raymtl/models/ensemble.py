@@ -6,15 +6,17 @@
     tokenizer/          the first member's tokenizer, when the members read text
 
 Members may differ in task groups, backbone or seed; they must predict the same tasks with the
-same label maps (and kinds and thresholds), and preprocess inputs alike (the same data spec but
-for the tokenizer folder), since prediction decodes every item once for all of them. An ensemble
-of K members costs about K times one member: all of them run in the same actor.
+same label maps (and kinds and thresholds), and preprocess inputs alike (the same data spec, and
+tokenizer folders with the same files), since prediction decodes every item once for all of them.
+An ensemble of K members costs about K times one member: all of them run in the same actor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import posixpath
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -82,19 +84,26 @@ def normalized(weights: Sequence[float] | None, n: int) -> list[float]:
 # ---------------------------------------------------------------- building the folder
 
 
-def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
-    """Same tasks, label maps, kinds and thresholds, and the same preprocessing, in every member."""
+def check_members(
+    metas: Sequence[dict[str, Any]], names: Sequence[str], tokenizers: Sequence[Mapping[str, str]]
+) -> None:
+    """Same tasks, label maps, kinds and thresholds, and the same preprocessing, in every member.
+
+    Tasks are matched by name: a member saves them in its grouping's order, which members may differ in.
+    `tokenizers` are the members' `tokenizer_files`: every saved model names its tokenizer "tokenizer",
+    so only the files tell a BERT member's token ids from a RoBERTa member's, and the ensemble keeps one.
+    """
     from raymtl.models.artifact import TOKENIZER_DIR
 
     if len(metas) < 1:
         raise ConfigError("an ensemble needs at least one member")
     first, first_name = metas[0], names[0]
-    for meta, name in zip(metas, names):
+    for meta, name, tokenizer in zip(metas, names, tokenizers):
         if ENSEMBLE_KEY in meta:
             raise ConfigError(f"member {name} is itself an ensemble; list its members instead")
-        if list(meta["tasks"]) != list(first["tasks"]):
+        if set(meta["tasks"]) != set(first["tasks"]):  # a set: the saved order follows the member's grouping
             raise ConfigError(
-                f"member {name} has tasks {list(meta['tasks'])}, member {first_name} has {list(first['tasks'])}; "
+                f"member {name} has tasks {sorted(meta['tasks'])}, member {first_name} has {sorted(first['tasks'])}; "
                 "ensemble members must predict the same tasks"
             )
         for task, info in meta["tasks"].items():
@@ -111,6 +120,27 @@ def check_members(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None
                 f"member {name} preprocesses inputs differently from member {first_name} "
                 f"(data spec {meta['data']} vs {first['data']}); ensemble members must share it"
             )
+        if tokenizer != tokenizers[0]:
+            differ = sorted(f for f in {*tokenizer, *tokenizers[0]} if tokenizer.get(f) != tokenizers[0].get(f))
+            raise ConfigError(
+                f"member {name} tokenizes text differently from member {first_name} (tokenizer files {differ} "
+                "differ); ensemble members must share the tokenizer, since each text is tokenized once for all"
+            )
+
+
+def tokenizer_files(member: str, meta: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each file of the member's own tokenizer folder, by its path there ({} without one)."""
+    from raymtl.models.artifact import TOKENIZER_DIR
+
+    if meta["data"].get("tokenizer") != TOKENIZER_DIR:
+        return {}
+    fs, root = storage.resolve(storage.join(member, TOKENIZER_DIR))
+    files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    digests: dict[str, str] = {}
+    for f in files:
+        with fs.open_input_stream(f.path) as stream:
+            digests[posixpath.relpath(f.path, root)] = hashlib.sha256(stream.read()).hexdigest()
+    return digests
 
 
 def build_ensemble(members: Sequence[str], out: str, weights: Sequence[float] | None = None) -> str:
@@ -120,7 +150,7 @@ def build_ensemble(members: Sequence[str], out: str, weights: Sequence[float] | 
     if not members:
         raise ConfigError("an ensemble needs at least one member")
     metas = [read_meta_at(m) for m in members]
-    check_members(metas, list(members))
+    check_members(metas, list(members), [tokenizer_files(m, meta) for m, meta in zip(members, metas)])
     weights = normalized(weights, len(members))
     if storage.exists(out):
         raise ConfigError(f"output {out!r} already exists; choose another folder")

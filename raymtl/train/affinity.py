@@ -10,10 +10,11 @@ each task's loss is measured on its own batch. The measurement is side-effect fr
 parameters live in a dict passed to `torch.func.functional_call`; the model and optimizer are never
 written to, so it can run inside the training loop between two steps.
 
-The paper's step is the optimizer's update for g_i. With SGD that is lr * g_i. With Adam it is the
-share of Adam's next update that g_i makes, ~ lr * (1 - b1) * g_i / (sqrt(v) + eps): a raw-gradient
-step at an Adam learning rate (~1e-3) moves the weights far less than Adam does, and the measured Z
-is then noise. `optimizer_update` gives that map for the optimizers raymtl builds.
+The paper's step is the optimizer's update for g_i, each parameter at its group's lr. With SGD that
+is lr * g_i. With Adam it is the share of Adam's next update that g_i makes,
+~ lr * (1 - b1) * g_i / (sqrt(v) + eps): a raw-gradient step at an Adam learning rate (~1e-3) moves
+the weights far less than Adam does, and the measured Z is then noise. `optimizer_update` gives that
+map for the optimizers raymtl builds.
 """
 
 from __future__ import annotations
@@ -107,21 +108,22 @@ def lookahead_affinity(
     return tasks, 1.0 - after / before.clamp_min(_EPS)
 
 
-def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Update | None:
-    """The lookahead step direction of `optimizer` (see the module doc); None for plain gradients.
+def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Update:
+    """The lookahead step direction of `optimizer` (see the module doc), at each parameter's group lr.
 
-    Adam/AdamW: the part of Adam's next update that g itself makes,
+    The lookahead's lr is the first group's; another group's parameters step at their group's lr as a
+    ratio to it (the text encoder's 0.1x, `raymtl.train.optim`), taken from the lrs the schedule scales
+    (`initial_lr`: a warm-up's first step has lr 0 in every group, the ratio still holds).
+    SGD (momentum or not): g. Adam/AdamW: the part of Adam's next update that g itself makes,
     (1 - b1) / (1 - b1^(t+1)) * g / (sqrt(v_hat) + eps), v_hat = (b2 * v + (1 - b2) * g^2) / (1 - b2^(t+1)),
     with v and t the parameter's state (zero before its first step). The rest of the update, the
     momentum, is the same whichever task steps, and weight decay too: they would only hide how the
-    tasks differ. SGD (momentum or not): None.
+    tasks differ.
     """
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return None
+    adam = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
     by_param = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     params = {n: p for n, p in model.named_parameters() if id(p) in by_param}
-    # The lookahead's lr is the first group's; other groups' as a ratio to it, taken from the lrs the
-    # schedule scales (`initial_lr`: a warm-up's first step has lr 0 in every group, the ratio still holds).
+
     def lr_of(group: dict) -> float:
         return group.get("initial_lr", group["lr"])
 
@@ -131,10 +133,14 @@ def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Upda
         p = params.get(name)
         if p is None:  # not optimized (frozen): the optimizer would not move it
             return torch.zeros_like(grad)
-        group, state = by_param[id(p)], optimizer.state.get(p, {})
+        group = by_param[id(p)]
+        ratio = lr_of(group) / base_lr
+        if not adam:
+            return grad * ratio
+        state = optimizer.state.get(p, {})
         beta1, beta2 = group["betas"]
         t = float(state["step"]) if "step" in state else 0.0
-        share = (1 - beta1) / (1 - beta1 ** (t + 1)) * lr_of(group) / base_lr
+        share = (1 - beta1) / (1 - beta1 ** (t + 1)) * ratio
         # One buffer per parameter, worked in place: the measurement's peak stays near one copy of
         # the shared parameters (a chain of temporaries held three of the largest layer at once).
         out = grad.square().mul_(1 - beta2)
