@@ -23,6 +23,7 @@ from raymtl.data import datasets
 from raymtl.data.datasets import (DecodedCache, build_inputs, dataset_key, decoded_nbytes, in_order, read_source,
                                   read_source_parts, should_cache)
 from raymtl.data.device_inputs import DeviceInputs
+from raymtl.data.inspection import inspect_tasks
 from raymtl.data.plan import Step
 from raymtl.data.source_blocks import SourceBlocks
 from raymtl.data.tables import read_table
@@ -116,6 +117,22 @@ def test_multilabel_lists_become_multi_hot(images):
     out = prep(_table(images, [["red", "blue"], [], np.array([1])]))
     assert out["label"].dtype == np.float32
     np.testing.assert_array_equal(out["label"], [[0, 1, 1], [0, 0, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("tags, labels", [
+    ([[1, 2], [3, None], [2]], ["1", "2", "3"]),  # Arrow reads the whole list<int64> as floats, row 1's batch as ints
+    ([["a", "b"], ["c", None], ["b"]], ["a", "b", "c"]),
+])
+def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(images, tmp_path, tags, labels):
+    _table(images, tags).to_parquet(tmp_path / "tags.parquet", index=False)
+    exp = Experiment(name="tags", tasks=[TaskSpec("tags", train=str(tmp_path / "tags.parquet"), kind="multilabel",
+                                                  image_column="image")], data=DataSpec(image_size=SIZE))
+    infos = inspect_tasks(exp)
+    assert infos["tags"].labels == labels
+    inputs = build_inputs(exp, infos)
+    decode = lambda rows: datasets.decode_rows(inputs.sources["tags.train"], np.array(rows), inputs.preprocessors["tags"])
+    np.testing.assert_array_equal(decode([0, 2]).arrays["label"], [[1, 1, 0], [0, 1, 0]])  # a batch without the null
+    np.testing.assert_array_equal(decode([1]).arrays["label"], [[0, 0, 1]])
 
 
 def test_unknown_label_names_task_and_label(images):

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -262,6 +263,28 @@ def concat_files(frames: list[pd.DataFrame]) -> pd.DataFrame:
         if len({str(f[name].dtype) for f in frames}) > 1:
             frames = [f.assign(**{name: f[name].astype(str)}) for f in frames]
     return pd.concat(frames, ignore_index=True)
+
+
+def label_names(values: pd.Series, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every label of a label column: (its row, its name). The one way cells become label names, for
+    inspection's label maps and the preprocessor's encoding alike.
+
+    A label's name is its text (`str(value)`). A multilabel cell is a list of labels: a null element
+    is no label (a missing tag), and a whole-number float is named as the integer ('1', not '1.0'),
+    because Arrow reads a list of integers holding a null as floats, and a batch of its rows without
+    the null as integers. A multilabel cell that is not a list is one label; a null cell, none.
+    """
+    values = values.reset_index(drop=True)
+    if multilabel:
+        values = values.explode().dropna()
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    names = np.array([_tag_name(u) if multilabel else str(u) for u in uniques], dtype=object)
+    return values.index.to_numpy(), names[codes]
+
+
+def _tag_name(tag: Any) -> str:
+    whole = isinstance(tag, (float, np.floating)) and float(tag).is_integer()
+    return str(int(tag)) if whole else str(tag)
 
 
 def read_parts(

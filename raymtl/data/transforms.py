@@ -31,6 +31,7 @@ from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
 from raymtl.data import image_io
+from raymtl.data.tables import label_names
 from raymtl.data.task_info import TaskInfo
 from raymtl.errors import DataError
 
@@ -160,9 +161,9 @@ class Preprocessor:
     # ------------------------------------------------------------ labels, text
 
     def _encode_labels(self, values: pd.Series) -> np.ndarray:
-        """Label names (str(value)) -> class ids, or multi-hot rows for list-valued multilabel cells."""
-        rows = [_label_list(v) for v in values] if self.kind == "multilabel" else [[v] for v in values]
-        names = [str(x) for row in rows for x in row]
+        """Label names (`tables.label_names`, as inspection named them) -> class ids, or multi-hot rows
+        for list-valued multilabel cells."""
+        rows, names = label_names(values, self.kind == "multilabel")
         codes = pd.Index(self.labels).get_indexer(names)
         if (codes < 0).any():
             bad = names[int(np.argmax(codes < 0))]
@@ -172,8 +173,8 @@ class Preprocessor:
             )
         if self.kind != "multilabel":
             return codes.astype(np.int64)
-        hot = np.zeros((len(rows), len(self.labels)), np.float32)
-        hot[np.repeat(np.arange(len(rows)), [len(r) for r in rows]), codes] = 1.0
+        hot = np.zeros((len(values), len(self.labels)), np.float32)
+        hot[rows, codes] = 1.0
         return hot
 
     def _tokenize(self, texts: pd.Series) -> dict[str, np.ndarray]:
@@ -190,13 +191,6 @@ def _resolve_view(view: ViewSpec, task: TaskSpec) -> ViewSpec:
     if column is None:
         raise ConfigError(f"task {task.name!r}: view {view.name!r} has no column and the task no image_column")
     return ViewSpec(view.name, column, view.crop)
-
-
-def _label_list(value: Any) -> list[Any]:
-    """A multilabel cell as a list: list/array cells as is, a scalar as one label, missing as none."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return list(value)
-    return [] if pd.isna(value) else [value]
 
 
 def _crop_resize(image: Image.Image, crop: float, size: int) -> np.ndarray:
