@@ -429,7 +429,7 @@ def test_a_parquet_read_starts_footer_readers_for_its_files_not_32(tmp_path, mon
     user set stays theirs, and the environment is as it was after."""
     seen = []
 
-    def read_parquet(files, filesystem):
+    def read_parquet(files, filesystem, **_):
         time.sleep(0.002)  # a read being planned, while other threads start theirs
         seen.append((len(files), os.environ.get(datasets.FOOTER_ACTORS_ENV)))
         return "a dataset"

@@ -34,7 +34,7 @@ from raymtl.errors import ConfigError, did_you_mean
 # `?` starts a URI's query string, so only `*` and `[` are glob characters in URIs.
 _LOCAL_MAGIC = re.compile(r"[*?\[]")
 _URI_MAGIC = re.compile(r"[*\[]")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def source_files(source: str | os.PathLike) -> list[str]:
@@ -137,7 +137,7 @@ def _reading(name: str) -> Iterator[None]:
 
 def _file_format(name: str) -> str | None:
     suffixes = PurePosixPath(name).suffixes
-    if suffixes and suffixes[-1] in _PARQUET_SUFFIXES:
+    if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
         return "parquet"
     if ".csv" in suffixes[-2:]:  # data.csv or data.csv.gz
         return "csv"
