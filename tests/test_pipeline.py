@@ -119,6 +119,13 @@ def test_multilabel_lists_become_multi_hot(images):
     np.testing.assert_array_equal(out["label"], [[0, 1, 1], [0, 0, 0], [1, 0, 0]])
 
 
+def test_row_nbytes_counts_a_multilabel_tasks_multi_hot_row(images):
+    prep = _prep(kind="multilabel", labels=[str(i) for i in range(5000)])
+    out = prep(_table(images, [["1"], ["2", "3"], []]))
+    decoded = sum(v.nbytes for v in out.values() if v.dtype.kind in "biuf")  # what the cache holds
+    assert prep.row_nbytes >= decoded / 3 > 5000 * 4
+
+
 @pytest.mark.parametrize("tags, labels", [
     ([[1, 2], [3, None], [2]], ["1", "2", "3"]),  # Arrow reads the whole list<int64> as floats, row 1's batch as ints
     ([["a", "b"], ["c", None], ["b"]], ["a", "b", "c"]),
@@ -375,7 +382,7 @@ def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_each_nodes_object_store(m
     exp = Experiment(name="c", tasks=[TaskSpec("color", train="x.parquet", image_column="image")],
                      data=DataSpec(image_size=SIZE, cache=mode))
     infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 2, has_image=True, has_text=False)}
-    assert decoded_nbytes(exp, infos) == 12 * (3 * SIZE * SIZE + 64)  # rows x uint8 view + overhead
+    assert decoded_nbytes(exp, infos) == 12 * (3 * SIZE * SIZE + 8 + 64)  # rows x (uint8 view + int64 label + overhead)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: [_node(s) for s in stores])
     assert should_cache(exp, decoded_nbytes(exp, infos)) is expected

@@ -97,8 +97,10 @@ class Preprocessor:
 
     @property
     def row_nbytes(self) -> int:
-        """Output bytes per row (uint8 pixels, int32 ids + uint8 mask, label and overhead), for sizing."""
-        return 3 * self.image_size**2 * len(self.views) + (5 * self.max_length if self.text_column else 0) + 64
+        """Output bytes per row (uint8 pixels, int32 ids + uint8 mask, the label: int64, or a multilabel
+        task's float32 multi-hot row, and overhead), for sizing."""
+        label = 0 if self.label_column is None else 4 * len(self.labels) if self.kind == "multilabel" else 8
+        return 3 * self.image_size**2 * len(self.views) + (5 * self.max_length if self.text_column else 0) + label + 64
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         batch = batch.reset_index(drop=True)
