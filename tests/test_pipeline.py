@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from raymtl.data.tables import read_table
 from raymtl.errors import DataError
 from raymtl.train.batches import Prefetcher, TaskBatches
 from raymtl.data.task_info import TaskInfo
-from raymtl.data.transforms import BadImageError, Preprocessor, load_tokenizer
+from raymtl.data.transforms import BadImageError, Preprocessor, decode_image, load_tokenizer
 
 SIZE = 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -145,6 +146,15 @@ def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(im
 def test_unknown_label_names_task_and_label(images):
     with pytest.raises(ConfigError, match=r"task 'color'.*unknown label 'zebra'"):
         _prep()(_table(images, ["a", "zebra", "b"]))
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I", "TIFF")])  # Pillow < 10 opened 16-bit PNGs as "I"
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(mode, fmt):
+    encoded = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).convert(mode).save(encoded, format=fmt)
+    assert Image.open(encoded).mode == mode
+    pixels = np.asarray(decode_image(encoded.getvalue()))
+    assert pixels.shape == (16, 16, 3) and (pixels == 128).all()  # mid-grey, not white
 
 
 def test_centre_crop_crops_the_shorter_side(images):

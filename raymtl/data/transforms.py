@@ -217,11 +217,15 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     """An encoded image's bytes as RGB.
 
     JPEGs decode at the smallest power-of-two scale that keeps both sides >= `min_side`
-    (PIL draft mode): several times faster, and the pixels are resized down anyway.
+    (PIL draft mode): several times faster, and the pixels are resized down anyway. 16-bit grey
+    images (a PNG opens as "I;16", or "I" in older Pillow) keep their top 8 bits: PIL's RGB
+    conversion would clip them at 255, nearly white.
     """
     image = Image.open(io.BytesIO(data))
     if min_side:
         image.draft("RGB", (min_side, min_side))
+    if image.mode.startswith("I"):
+        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
