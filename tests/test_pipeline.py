@@ -143,6 +143,22 @@ def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(im
     np.testing.assert_array_equal(decode([1]).arrays["label"], [[0, 0, 1]])
 
 
+def test_dataframe_columns_mixing_numbers_and_words_are_read_as_text(images):
+    """Arrow cannot type [1, "other"]: the task inputs hold such a column as text, as inspection named it."""
+    color = _table(images, [1, "other", 2]).assign(id=[7, "x8", 9])
+    tags = _table(images, [[1, "a"], ["b", None], []])
+    exp = Experiment(name="mixed", tasks=[TaskSpec("color", train=color, image_column="image", id_column="id"),
+                                          TaskSpec("tags", train=tags, kind="multilabel", image_column="image")],
+                     data=DataSpec(image_size=SIZE))
+    infos = inspect_tasks(exp)
+    assert (infos["color"].labels, infos["tags"].labels) == (["1", "2", "other"], ["1", "a", "b"])
+    inputs = build_inputs(exp, infos)
+    color_out = inputs.preprocessors["color"](datasets._table(inputs.sources["color.train"]).to_pandas())
+    assert color_out["label"].tolist() == [0, 2, 1] and color_out["id"].tolist() == ["7", "x8", "9"]
+    tags_out = inputs.preprocessors["tags"](datasets._table(inputs.sources["tags.train"]).to_pandas())
+    np.testing.assert_array_equal(tags_out["label"], [[1, 1, 0], [0, 0, 1], [0, 0, 0]])
+
+
 def test_unknown_label_names_task_and_label(images):
     with pytest.raises(ConfigError, match=r"task 'color'.*unknown label 'zebra'"):
         _prep()(_table(images, ["a", "zebra", "b"]))

@@ -39,7 +39,7 @@ import ray.data
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.plan import Step
 from raymtl.data.source_blocks import SourceBlocks
-from raymtl.data.tables import PARQUET_SUFFIXES, file_format, is_small, read_table, source_paths
+from raymtl.data.tables import PARQUET_SUFFIXES, arrow_table, file_format, is_small, read_table, source_paths
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
@@ -230,7 +230,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         if ray.is_initialized() and not is_small(source):
             table = SourceBlocks.read(read_source_parts(source, columns))  # by the cluster, never in this process
         else:  # read by inspection already (`tables.read_parts` keeps small files): not opened again
-            table = pa.Table.from_pandas(read_table(source, columns), preserve_index=False)
+            table = arrow_table(read_table(source, columns))
         expected = infos[task].n_train if key.endswith(".train") else infos[task].n_val
         if table.num_rows != expected:
             raise ConfigError(f"task {task!r}: {key.rsplit('.', 1)[1]} source has {table.num_rows} rows now, "

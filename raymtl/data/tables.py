@@ -265,6 +265,31 @@ def concat_files(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def arrow_table(frame: pd.DataFrame) -> pa.Table:
+    """A DataFrame as Arrow. A column Arrow cannot type (an object column mixing numbers and words,
+    [1, "other"], which only a DataFrame source holds: files are typed as they are read) becomes text,
+    as inspection reads it: each value's `str` (nulls kept), or each list's label names (`label_names`)."""
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        frame = frame.copy(deep=False)  # the caller's frame keeps its columns
+    for name in frame.columns:
+        try:
+            pa.array(frame[name], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            frame[name] = _as_text(frame[name])
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """A column of scalars as their text, or of lists as their label names, one list per row."""
+    if not values.map(lambda cell: isinstance(cell, (list, tuple, np.ndarray))).any():
+        return values.map(str, na_action="ignore")
+    rows, names = label_names(values, multilabel=True)
+    lists = np.split(names, np.searchsorted(rows, np.arange(1, len(values))))
+    return pd.Series([list(part) for part in lists], index=values.index, dtype=object)
+
+
 def label_names(values: pd.Series, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
     """Every label of a label column: (its row, its name). The one way cells become label names, for
     inspection's label maps and the preprocessor's encoding alike.
