@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import os
 import time
@@ -23,13 +24,14 @@ from raymtl.data import datasets
 from raymtl.data.datasets import (DecodedCache, build_inputs, dataset_key, decoded_nbytes, in_order, read_source,
                                   read_source_parts, should_cache)
 from raymtl.data.device_inputs import DeviceInputs
+from raymtl.data.inspection import inspect_tasks
 from raymtl.data.plan import Step
 from raymtl.data.source_blocks import SourceBlocks
 from raymtl.data.tables import read_table
 from raymtl.errors import DataError
 from raymtl.train.batches import Prefetcher, TaskBatches
 from raymtl.data.task_info import TaskInfo
-from raymtl.data.transforms import BadImageError, Preprocessor, load_tokenizer
+from raymtl.data.transforms import BadImageError, Preprocessor, decode_image, load_tokenizer
 
 SIZE = 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -118,9 +120,57 @@ def test_multilabel_lists_become_multi_hot(images):
     np.testing.assert_array_equal(out["label"], [[0, 1, 1], [0, 0, 0], [1, 0, 0]])
 
 
+def test_row_nbytes_counts_a_multilabel_tasks_multi_hot_row(images):
+    prep = _prep(kind="multilabel", labels=[str(i) for i in range(5000)])
+    out = prep(_table(images, [["1"], ["2", "3"], []]))
+    decoded = sum(v.nbytes for v in out.values() if v.dtype.kind in "biuf")  # what the cache holds
+    assert prep.row_nbytes >= decoded / 3 > 5000 * 4
+
+
+@pytest.mark.parametrize("tags, labels", [
+    ([[1, 2], [3, None], [2]], ["1", "2", "3"]),  # Arrow reads the whole list<int64> as floats, row 1's batch as ints
+    ([["a", "b"], ["c", None], ["b"]], ["a", "b", "c"]),
+])
+def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(images, tmp_path, tags, labels):
+    _table(images, tags).to_parquet(tmp_path / "tags.parquet", index=False)
+    exp = Experiment(name="tags", tasks=[TaskSpec("tags", train=str(tmp_path / "tags.parquet"), kind="multilabel",
+                                                  image_column="image")], data=DataSpec(image_size=SIZE))
+    infos = inspect_tasks(exp)
+    assert infos["tags"].labels == labels
+    inputs = build_inputs(exp, infos)
+    decode = lambda rows: datasets.decode_rows(inputs.sources["tags.train"], np.array(rows), inputs.preprocessors["tags"])
+    np.testing.assert_array_equal(decode([0, 2]).arrays["label"], [[1, 1, 0], [0, 1, 0]])  # a batch without the null
+    np.testing.assert_array_equal(decode([1]).arrays["label"], [[0, 0, 1]])
+
+
+def test_dataframe_columns_mixing_numbers_and_words_are_read_as_text(images):
+    """Arrow cannot type [1, "other"]: the task inputs hold such a column as text, as inspection named it."""
+    color = _table(images, [1, "other", 2]).assign(id=[7, "x8", 9])
+    tags = _table(images, [[1, "a"], ["b", None], []])
+    exp = Experiment(name="mixed", tasks=[TaskSpec("color", train=color, image_column="image", id_column="id"),
+                                          TaskSpec("tags", train=tags, kind="multilabel", image_column="image")],
+                     data=DataSpec(image_size=SIZE))
+    infos = inspect_tasks(exp)
+    assert (infos["color"].labels, infos["tags"].labels) == (["1", "2", "other"], ["1", "a", "b"])
+    inputs = build_inputs(exp, infos)
+    color_out = inputs.preprocessors["color"](datasets._table(inputs.sources["color.train"]).to_pandas())
+    assert color_out["label"].tolist() == [0, 2, 1] and color_out["id"].tolist() == ["7", "x8", "9"]
+    tags_out = inputs.preprocessors["tags"](datasets._table(inputs.sources["tags.train"]).to_pandas())
+    np.testing.assert_array_equal(tags_out["label"], [[1, 1, 0], [0, 0, 1], [0, 0, 0]])
+
+
 def test_unknown_label_names_task_and_label(images):
     with pytest.raises(ConfigError, match=r"task 'color'.*unknown label 'zebra'"):
         _prep()(_table(images, ["a", "zebra", "b"]))
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I", "TIFF")])  # Pillow < 10 opened 16-bit PNGs as "I"
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(mode, fmt):
+    encoded = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).convert(mode).save(encoded, format=fmt)
+    assert Image.open(encoded).mode == mode
+    pixels = np.asarray(decode_image(encoded.getvalue()))
+    assert pixels.shape == (16, 16, 3) and (pixels == 128).all()  # mid-grey, not white
 
 
 def test_centre_crop_crops_the_shorter_side(images):
@@ -358,7 +408,7 @@ def test_cache_auto_keeps_inputs_that_fit_a_quarter_of_each_nodes_object_store(m
     exp = Experiment(name="c", tasks=[TaskSpec("color", train="x.parquet", image_column="image")],
                      data=DataSpec(image_size=SIZE, cache=mode))
     infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 2, has_image=True, has_text=False)}
-    assert decoded_nbytes(exp, infos) == 12 * (3 * SIZE * SIZE + 64)  # rows x uint8 view + overhead
+    assert decoded_nbytes(exp, infos) == 12 * (3 * SIZE * SIZE + 8 + 64)  # rows x (uint8 view + int64 label + overhead)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: [_node(s) for s in stores])
     assert should_cache(exp, decoded_nbytes(exp, infos)) is expected
@@ -412,7 +462,7 @@ def test_a_parquet_read_starts_footer_readers_for_its_files_not_32(tmp_path, mon
     user set stays theirs, and the environment is as it was after."""
     seen = []
 
-    def read_parquet(files, filesystem):
+    def read_parquet(files, filesystem, **_):
         time.sleep(0.002)  # a read being planned, while other threads start theirs
         seen.append((len(files), os.environ.get(datasets.FOOTER_ACTORS_ENV)))
         return "a dataset"

@@ -151,3 +151,24 @@ def test_files_that_type_a_column_differently_are_read_as_text(ray_cluster, tmp_
     decoded = datasets.decode_rows(source if by_cluster else datasets._table(source), rows, inputs.preprocessors["size"])
     assert decoded.arrays["label"].tolist() == [3, 0, 3, 0]  # S, 1, S, 1
     np.testing.assert_array_equal(decoded.arrays["view_full"][:, 0, 0, 0], 20 * rows)
+
+
+def test_a_large_source_reads_pq_parts_and_compressed_csv_like_the_driver(ray_cluster, tmp_path, monkeypatch):
+    """Every file the driver reads is read by the cluster too: Ray Data's parquet reader skips names
+    not ending in .parquet unless told otherwise, which would lose a source's .pq parts."""
+    for i in range(8):
+        Image.new("RGB", (12, 10), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    frame = pd.DataFrame({"id": [f"i{i}" for i in range(8)], "image": [str(tmp_path / f"{i}.png") for i in range(8)],
+                          "label": ["a", "b"] * 4})
+    (tmp_path / "size").mkdir()
+    frame.iloc[:3].to_parquet(tmp_path / "size" / "part-0.pq", index=False)
+    frame.iloc[3:5].to_parquet(tmp_path / "size" / "part-1.pq", index=False)
+    frame.iloc[5:].to_csv(tmp_path / "size" / "part-2.csv.bz2", index=False)
+    exp = load_experiment({"name": "names", "storage_path": str(tmp_path / "runs"), "data": {"image_size": 8},
+                           "tasks": [{"name": "size", "train": str(tmp_path / "size"), "image_column": "image",
+                                      "id_column": "id"}]})
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 0)
+    inputs = datasets.build_inputs(exp, preflight.check(exp))
+    blocks = inputs.sources["size.train"]
+    assert isinstance(blocks, SourceBlocks)
+    assert blocks.take(np.arange(8))["id"].tolist() == frame["id"].tolist()

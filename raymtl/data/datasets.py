@@ -39,7 +39,7 @@ import ray.data
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.plan import Step
 from raymtl.data.source_blocks import SourceBlocks
-from raymtl.data.tables import file_format, is_small, read_table, source_paths
+from raymtl.data.tables import PARQUET_SUFFIXES, arrow_table, file_format, is_small, read_table, source_paths
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
@@ -95,13 +95,15 @@ def read_source_parts(source: Any, columns: list[str] | None = None) -> list[ray
 def _read_parquet(files: list[str], filesystem: Any) -> ray.data.Dataset:
     """`ray.data.read_parquet`, its footer readers sized to the files (`footer_actors`). One read
     plans at a time (`build_inputs` reads sources from a thread pool): the count is in the
-    environment only while its read is planned (milliseconds: the footers are read when it runs)."""
+    environment only while its read is planned (milliseconds: the footers are read when it runs).
+    Ray's own filter by name would drop `.pq` files: it is given every suffix `tables.file_format`
+    reads as parquet."""
     with _FOOTER_ENV_LOCK:
         previous = os.environ.get(FOOTER_ACTORS_ENV)
         if previous is None:  # one the user set is theirs
             os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(files)))
         try:
-            return ray.data.read_parquet(files, filesystem=filesystem)
+            return ray.data.read_parquet(files, filesystem=filesystem, file_extensions=list(PARQUET_SUFFIXES))
         finally:
             if previous is None:
                 os.environ.pop(FOOTER_ACTORS_ENV, None)
@@ -228,7 +230,7 @@ def build_inputs(exp: Experiment, infos: dict[str, TaskInfo], *, cache: bool = F
         if ray.is_initialized() and not is_small(source):
             table = SourceBlocks.read(read_source_parts(source, columns))  # by the cluster, never in this process
         else:  # read by inspection already (`tables.read_parts` keeps small files): not opened again
-            table = pa.Table.from_pandas(read_table(source, columns), preserve_index=False)
+            table = arrow_table(read_table(source, columns))
         expected = infos[task].n_train if key.endswith(".train") else infos[task].n_val
         if table.num_rows != expected:
             raise ConfigError(f"task {task!r}: {key.rsplit('.', 1)[1]} source has {table.num_rows} rows now, "

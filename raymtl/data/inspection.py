@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from raymtl.config import ConfigError, DataSpec, Experiment, TaskSpec
-from raymtl.data.tables import check_source, is_small, label_batches, read_parts
+from raymtl.data.tables import check_source, is_small, label_batches, label_names, read_parts
 from raymtl.data.task_info import TaskInfo
 
 
@@ -106,7 +106,7 @@ def _describe(source: Any) -> str:
 
 def _cell_labels(values: pd.Series, task: TaskSpec, where: str, first_row: int = 0) -> set[str]:
     """Label names in the label column of one file (`where`; `values` from its row `first_row` on),
-    after checking each cell's shape."""
+    after checking each cell's shape; named as the preprocessor names them (`tables.label_names`)."""
     column = task.label_column
     is_list = values.map(lambda cell: isinstance(cell, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
     if task.kind == "multilabel":
@@ -117,7 +117,7 @@ def _cell_labels(values: pd.Series, task: TaskSpec, where: str, first_row: int =
                 f"(a parquet list column or a DataFrame of lists; CSV cannot hold lists); "
                 f"row {first_row + row} of {where} holds {values.iloc[row]!r} ({type(values.iloc[row]).__name__})"
             )
-        return {str(v) for v in values.explode().dropna().unique()}
+        return set(label_names(values, multilabel=True)[1])
     if is_list.any():
         row = int(np.flatnonzero(is_list)[0])
         raise ConfigError(
@@ -129,7 +129,7 @@ def _cell_labels(values: pd.Series, task: TaskSpec, where: str, first_row: int =
         raise ConfigError(
             f"label_column {column!r} is empty in {len(missing)} row(s) of {where} (first: row {first_row + missing[0]})"
         )
-    return {str(v) for v in values.unique()}
+    return set(label_names(values, multilabel=False)[1])
 
 
 def _label_names(task: TaskSpec, train: _Split, val: _Split, test: _Split) -> list[str]:

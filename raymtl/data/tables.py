@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -33,7 +34,7 @@ from raymtl.errors import ConfigError, did_you_mean
 # `?` starts a URI's query string, so only `*` and `[` are glob characters in URIs.
 _LOCAL_MAGIC = re.compile(r"[*?\[]")
 _URI_MAGIC = re.compile(r"[*\[]")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def source_files(source: str | os.PathLike) -> list[str]:
@@ -136,7 +137,7 @@ def _reading(name: str) -> Iterator[None]:
 
 def _file_format(name: str) -> str | None:
     suffixes = PurePosixPath(name).suffixes
-    if suffixes and suffixes[-1] in _PARQUET_SUFFIXES:
+    if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
         return "parquet"
     if ".csv" in suffixes[-2:]:  # data.csv or data.csv.gz
         return "csv"
@@ -262,6 +263,53 @@ def concat_files(frames: list[pd.DataFrame]) -> pd.DataFrame:
         if len({str(f[name].dtype) for f in frames}) > 1:
             frames = [f.assign(**{name: f[name].astype(str)}) for f in frames]
     return pd.concat(frames, ignore_index=True)
+
+
+def arrow_table(frame: pd.DataFrame) -> pa.Table:
+    """A DataFrame as Arrow. A column Arrow cannot type (an object column mixing numbers and words,
+    [1, "other"], which only a DataFrame source holds: files are typed as they are read) becomes text,
+    as inspection reads it: each value's `str` (nulls kept), or each list's label names (`label_names`)."""
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        frame = frame.copy(deep=False)  # the caller's frame keeps its columns
+    for name in frame.columns:
+        try:
+            pa.array(frame[name], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            frame[name] = _as_text(frame[name])
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """A column of scalars as their text, or of lists as their label names, one list per row."""
+    if not values.map(lambda cell: isinstance(cell, (list, tuple, np.ndarray))).any():
+        return values.map(str, na_action="ignore")
+    rows, names = label_names(values, multilabel=True)
+    lists = np.split(names, np.searchsorted(rows, np.arange(1, len(values))))
+    return pd.Series([list(part) for part in lists], index=values.index, dtype=object)
+
+
+def label_names(values: pd.Series, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every label of a label column: (its row, its name). The one way cells become label names, for
+    inspection's label maps and the preprocessor's encoding alike.
+
+    A label's name is its text (`str(value)`). A multilabel cell is a list of labels: a null element
+    is no label (a missing tag), and a whole-number float is named as the integer ('1', not '1.0'),
+    because Arrow reads a list of integers holding a null as floats, and a batch of its rows without
+    the null as integers. A multilabel cell that is not a list is one label; a null cell, none.
+    """
+    values = values.reset_index(drop=True)
+    if multilabel:
+        values = values.explode().dropna()
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    names = np.array([_tag_name(u) if multilabel else str(u) for u in uniques], dtype=object)
+    return values.index.to_numpy(), names[codes]
+
+
+def _tag_name(tag: Any) -> str:
+    whole = isinstance(tag, (float, np.floating)) and float(tag).is_integer()
+    return str(int(tag)) if whole else str(tag)
 
 
 def read_parts(

@@ -31,6 +31,7 @@ from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
 from raymtl.data import image_io
+from raymtl.data.tables import label_names
 from raymtl.data.task_info import TaskInfo
 from raymtl.errors import DataError
 
@@ -97,8 +98,10 @@ class Preprocessor:
 
     @property
     def row_nbytes(self) -> int:
-        """Output bytes per row (uint8 pixels, int32 ids + uint8 mask, label and overhead), for sizing."""
-        return 3 * self.image_size**2 * len(self.views) + (5 * self.max_length if self.text_column else 0) + 64
+        """Output bytes per row (uint8 pixels, int32 ids + uint8 mask, the label: int64, or a multilabel
+        task's float32 multi-hot row, and overhead), for sizing."""
+        label = 0 if self.label_column is None else 4 * len(self.labels) if self.kind == "multilabel" else 8
+        return 3 * self.image_size**2 * len(self.views) + (5 * self.max_length if self.text_column else 0) + label + 64
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         batch = batch.reset_index(drop=True)
@@ -161,9 +164,9 @@ class Preprocessor:
     # ------------------------------------------------------------ labels, text
 
     def _encode_labels(self, values: pd.Series) -> np.ndarray:
-        """Label names (str(value)) -> class ids, or multi-hot rows for list-valued multilabel cells."""
-        rows = [_label_list(v) for v in values] if self.kind == "multilabel" else [[v] for v in values]
-        names = [str(x) for row in rows for x in row]
+        """Label names (`tables.label_names`, as inspection named them) -> class ids, or multi-hot rows
+        for list-valued multilabel cells."""
+        rows, names = label_names(values, self.kind == "multilabel")
         codes = pd.Index(self.labels).get_indexer(names)
         if (codes < 0).any():
             bad = names[int(np.argmax(codes < 0))]
@@ -173,8 +176,8 @@ class Preprocessor:
             )
         if self.kind != "multilabel":
             return codes.astype(np.int64)
-        hot = np.zeros((len(rows), len(self.labels)), np.float32)
-        hot[np.repeat(np.arange(len(rows)), [len(r) for r in rows]), codes] = 1.0
+        hot = np.zeros((len(values), len(self.labels)), np.float32)
+        hot[rows, codes] = 1.0
         return hot
 
     def _tokenize(self, texts: pd.Series) -> dict[str, np.ndarray]:
@@ -191,13 +194,6 @@ def _resolve_view(view: ViewSpec, task: TaskSpec) -> ViewSpec:
     if column is None:
         raise ConfigError(f"task {task.name!r}: view {view.name!r} has no column and the task no image_column")
     return ViewSpec(view.name, column, view.crop)
-
-
-def _label_list(value: Any) -> list[Any]:
-    """A multilabel cell as a list: list/array cells as is, a scalar as one label, missing as none."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return list(value)
-    return [] if pd.isna(value) else [value]
 
 
 def _crop_resize(image: Image.Image, crop: float, size: int) -> np.ndarray:
@@ -222,11 +218,15 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     """An encoded image's bytes as RGB.
 
     JPEGs decode at the smallest power-of-two scale that keeps both sides >= `min_side`
-    (PIL draft mode): several times faster, and the pixels are resized down anyway.
+    (PIL draft mode): several times faster, and the pixels are resized down anyway. 16-bit grey
+    images (a PNG opens as "I;16", or "I" in older Pillow) keep their top 8 bits: PIL's RGB
+    conversion would clip them at 255, nearly white.
     """
     image = Image.open(io.BytesIO(data))
     if min_side:
         image.draft("RGB", (min_side, min_side))
+    if image.mode.startswith("I"):
+        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
