@@ -138,7 +138,8 @@ def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(im
     infos = inspect_tasks(exp)
     assert infos["tags"].labels == labels
     inputs = build_inputs(exp, infos)
-    decode = lambda rows: datasets.decode_rows(inputs.sources["tags.train"], np.array(rows), inputs.preprocessors["tags"])
+    source = datasets._table(inputs.sources["tags.train"])  # an object-store ref once a test started Ray
+    decode = lambda rows: datasets.decode_rows(source, np.array(rows), inputs.preprocessors["tags"])  # noqa: E731
     np.testing.assert_array_equal(decode([0, 2]).arrays["label"], [[1, 1, 0], [0, 1, 0]])  # a batch without the null
     np.testing.assert_array_equal(decode([1]).arrays["label"], [[0, 0, 1]])
 
