@@ -61,12 +61,22 @@ def ensure_ray(address: str | None = None, *, dashboard: bool | None = None, num
             # box), else one per core. More than the cores start more decode tasks than can run: on a
             # 16-core H200 box with 32 slots streamed steps took 38 ms against 31 ms cached, and on 2
             # cores 4 decode processes spent 4 % more CPU per item than 2 (alternated epochs).
-            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            num_cpus=num_cpus or max(4, usable_cpus()),
             include_dashboard=dashboard,
             **console.ray_logging(),
         )
     if dashboard and getattr(context, "dashboard_url", None):
         console.say(f"[raymtl] Ray dashboard: http://{context.dashboard_url}")
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity and its container's CPU quota (which Ray's own
+    default reads). `os.cpu_count()` counts the host's: in a 2-CPU container on a 64-core host a local
+    cluster would offer 64 decode slots for 2 cores."""
+    from ray._private.utils import get_num_cpus
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, int(get_num_cpus())))
 
 
 def started_here() -> bool:

@@ -1,5 +1,6 @@
 """Shared fixtures: one local Ray cluster for the whole test session."""
 
+import logging
 import os
 import shutil
 
@@ -47,6 +48,24 @@ def _module_tmp_folders_removed(request, tmp_path_factory):
         for path in set(base.iterdir()) - before:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _command_log_closed():
+    """A `raymtl` command opens its run's log once per process (`console.open_log`); in a test
+    session each test's stays with it: its file handlers are closed and no later error line names it."""
+    from raymtl import console
+
+    loggers = [logging.getLogger(name) for name in ("raymtl.logfile", "py.warnings", "raymtl", "ray")]
+    before = [set(logger.handlers) for logger in loggers]
+    yield
+    for logger, kept in zip(loggers, before):
+        for handler in set(logger.handlers) - kept:
+            if not isinstance(handler, logging.FileHandler):  # Ray's own, set up on its first import
+                continue
+            logger.removeHandler(handler)
+            handler.close()
+    console._state["log_path"] = None
 
 
 def pytest_collection_modifyitems(items):

@@ -240,6 +240,16 @@ def test_kuberay_clusters_pin_ray_and_keep_gpu_and_cpu_pods_apart():
             assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), (path, group["groupName"])
             limits = pod["containers"][0]["resources"]["limits"]
             assert int(limits.get("nvidia.com/gpu", 0)) >= 1, f"{path}: group {group['groupName']} has no GPU"
+            # An 8-vCPU 32-GiB GPU node (g5.2xlarge, aws-gpu.yaml's) allocates less than that to pods: a
+            # pod asking for all of it stays Pending, and the cluster autoscaler adds no node for it.
+            requests = pod["containers"][0]["resources"]["requests"]
+            assert float(requests["cpu"]) <= 7.5 and gib(requests["memory"]) <= 28, (path, requests)
+
+
+def gib(quantity: str) -> float:
+    """A Kubernetes memory quantity (Gi, Mi or bytes) in GiB."""
+    units = {"Gi": 1.0, "Mi": 1 / 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else float(quantity) / 2**30
 
 
 def shared_objects(kind: str) -> dict[str, dict]:

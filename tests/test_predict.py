@@ -26,7 +26,7 @@ from raymtl.data.transforms import Preprocessor
 from raymtl.models import artifact
 from raymtl.models.artifact import save_model
 from raymtl.models.multitask import MultiTaskModel
-from raymtl.predict import predict
+from raymtl.predict import DECODERS_PER_GPU_NODE, predict
 from raymtl.predict.actors import BadRowError, Predict, Prepare
 from raymtl.predict.output import output_columns
 from raymtl.predict.plan import Head, make_plan
@@ -383,6 +383,22 @@ def test_the_decoding_pool_starts_on_the_free_cpus_and_grows_with_the_model_pool
     assert sizes(1, 4, 100, 64) == (2, 2)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
     assert sizes(1, 2, 10_000, 64) == (1, 2)  # at least one, even on a cluster without a CPU to spare
+    assert sizes(1, 2, 10_000, 64, 1.0) == (1, 2 * DECODERS_PER_GPU_NODE)  # GPU nodes will join for the models
+
+
+def test_a_decoding_pool_grows_onto_the_gpu_nodes_an_autoscaler_starts_for_the_model(monkeypatch):
+    """On a cluster at rest (a CPU-0 head, GPU workers at 0 replicas) the CPUs now are none: the
+    decoding pool was one actor for the whole run, however many GPU nodes joined for the model."""
+    import ray
+
+    from raymtl.predict import _prepare_pool
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    pool = _prepare_pool(4, None, 1_000_000, 64, 1.0)
+    assert (pool.min_size, pool.max_size) == (1, 4 * DECODERS_PER_GPU_NODE)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 28.0, "GPU": 4.0})  # they joined: as before
+    pool = _prepare_pool(4, None, 1_000_000, 64, 1.0)
+    assert (pool.min_size, pool.max_size) == (23, 23)
 
 
 def test_a_model_pool_that_cannot_grow_to_its_size_is_refused(model_dir, items_file, tmp_path):

@@ -31,6 +31,18 @@ def test_local_cluster_starts_without_dashboard_usage_stats_or_metrics(init_call
     assert os.environ["RAY_enable_metrics_collection"] == "1"
 
 
+@pytest.mark.parametrize("affinity, quota, expected", [(range(2), 64, 4), (range(64), 6, 6), (range(8), 8, 8)])
+def test_a_local_cluster_offers_the_cores_this_process_may_use(init_calls, monkeypatch, affinity, quota, expected):
+    """Its affinity and its container's quota, not the host's cores (`os.cpu_count()`); 4 at least."""
+    import ray._private.utils
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: quota)
+    ray_runtime.ensure_ray()
+    assert init_calls[0]["num_cpus"] == expected
+
+
 @pytest.mark.parametrize("env, arg, expected", [("1", None, True), ("", True, True), ("1", False, False)])
 def test_dashboard_on_request(init_calls, monkeypatch, env, arg, expected):
     monkeypatch.setenv(ray_runtime.DASHBOARD_ENV, env)

@@ -290,6 +290,23 @@ def test_choice_averages_ensemble_members_and_picks_the_best_member():
     assert choose([record("x", "one_group", 0, None)], "val/mean_score", "max") is None
 
 
+def test_a_configuration_with_a_diverged_seed_is_not_chosen_on_its_survivors():
+    """A seed that trained and never scored (NaN) would leave the lucky survivor's score as the mean;
+    a seed lost to a failure (an error) is only left out."""
+    trials = [
+        record("a0", "search1", 0, [0.91] * 4),
+        record("a1", "search1", 1, None, epochs=2),  # diverged: it ran, no number
+        record("b0", "one_group", 0, [0.89] * 4),
+        record("b1", "one_group", 1, [0.9] * 4),
+        record("c0", "one_per_task", 0, [0.95] * 4),
+        record("c1", "one_per_task", 1, None, epochs=0, error="node lost"),
+    ]
+    choice = choose(trials, "val/mean_score", "max")
+    assert choice.config == {"grouping": "one_per_task"} and choice.members == ["c0"]
+    assert choose(trials[:4], "val/mean_score", "max").config == {"grouping": "one_group"}
+    assert choose(trials[:2], "val/mean_score", "max").members == ["a0"]  # nothing else to choose
+
+
 def test_summary_table_json_and_csv(tmp_path):
     result = fake_result()
     result.sweep_dir = str(tmp_path)

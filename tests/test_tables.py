@@ -183,10 +183,21 @@ def test_unreadable_parquet(tmp_path: Path) -> None:
         inspect_one(train=str(bad))
 
 
-def test_unsupported_file_type(tmp_path: Path) -> None:
-    (tmp_path / "t.json").write_text("{}")
-    with raises("unsupported file type", "t.json"):
-        inspect_one(train=str(tmp_path / "t.json"))
+@pytest.mark.parametrize("name", ["t.json", "t.csv.xz", "t.csv.zip"])
+def test_unsupported_file_type(tmp_path: Path, name: str) -> None:
+    """A CSV compressed in a way Arrow cannot open by the name (xz, zip) is refused by its name, not
+    read as text and failed on its bytes."""
+    (tmp_path / name).write_bytes(b"\xfd7zXZ\x00\x00")
+    with raises("unsupported file type", name):
+        inspect_one(train=str(tmp_path / name))
+
+
+def test_compressed_csv_reads_like_plain(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"image": ["a.jpg", "b.jpg"], "label": ["red", "blue"]})
+    for suffix in (".gz", ".bz2"):
+        path = tmp_path / f"t.csv{suffix}"
+        frame.to_csv(path, index=False)  # pandas compresses by the name
+        assert inspect_one(train=str(path)).labels == ["blue", "red"]
 
 
 def test_source_of_wrong_type() -> None:

@@ -35,6 +35,7 @@ from raymtl.errors import ConfigError, did_you_mean
 _LOCAL_MAGIC = re.compile(r"[*?\[]")
 _URI_MAGIC = re.compile(r"[*\[]")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_COMPRESSIONS = (".gz", ".bz2", ".br", ".lz4", ".zst")  # what Arrow opens by the name (compression="detect")
 
 
 def source_files(source: str | os.PathLike) -> list[str]:
@@ -139,7 +140,7 @@ def _file_format(name: str) -> str | None:
     suffixes = PurePosixPath(name).suffixes
     if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
         return "parquet"
-    if ".csv" in suffixes[-2:]:  # data.csv or data.csv.gz
+    if suffixes[-1:] == [".csv"] or suffixes[-2:-1] == [".csv"] and suffixes[-1] in CSV_COMPRESSIONS:
         return "csv"
     return None
 
@@ -148,7 +149,8 @@ def file_format(name: str) -> str:
     """'parquet' or 'csv' by the file's own name; anything else is a ConfigError."""
     fmt = _file_format(name)
     if fmt is None:
-        raise ConfigError(f"unsupported file type {name!r}: expected .parquet/.pq or .csv (optionally compressed)")
+        raise ConfigError(f"unsupported file type {name!r}: expected .parquet/.pq or .csv, optionally compressed "
+                          f"({'/'.join(CSV_COMPRESSIONS)})")
     return fmt
 
 

@@ -60,6 +60,9 @@ if TYPE_CHECKING:  # Ray and torch come with the run, after the inputs are check
     import ray.data
 
 LOCAL_ROWS = 1024  # `local` by default: an input (or a split to evaluate) of at most this many rows
+# Decoding actors one joining GPU node adds at most: its CPUs beside its model actor (the shipped
+# manifests' GPU pods have 7, aws-gpu.yaml's nodes 8); Ray Data starts them only as CPUs join.
+DECODERS_PER_GPU_NODE = 6
 ROWS_PER_FILE = 100_000  # output rows are ~100 bytes: files of ~10 MB, not one tiny file per batch
 # Reason -> the phrase that marks it in an error message (Preprocessor's, and the empty-text check's).
 REASONS = {"unreadable image": "cannot read image", "empty text": "empty text"}
@@ -221,7 +224,7 @@ def predictions(
         fn_constructor_args=(plan,),
         batch_format="pandas",
         batch_size=batch_size,
-        compute=_prepare_pool(pool_size, max_pool_size, items.count() if rows is None else rows, batch_size),
+        compute=_prepare_pool(pool_size, max_pool_size, items.count() if rows is None else rows, batch_size, gpus),
         udf_modifying_row_count=False,
     ).map_batches(
         model_stage or Predict,
@@ -324,10 +327,12 @@ def gpus_per_actor(num_gpus: float | None) -> float:
     return 0.0
 
 
-def _prepare_pool(pool_size: int, max_pool_size: int | None, rows: int, batch_size: int):
+def _prepare_pool(pool_size: int, max_pool_size: int | None, rows: int, batch_size: int, gpus: float = 0.0):
     """Decoding actors: at first the CPUs left by the model actors and one for the read and write
     tasks, at most one per batch of the input; growing with the model pool in proportion (to at most
-    one per batch), so the nodes that join for model actors also decode for them.
+    one per batch), so the nodes that join for model actors also decode for them. When the cluster
+    lacks the GPUs of the model pool (an autoscaling cluster at rest: its nodes join for the model
+    actors), the CPUs now say nothing of those nodes: each model actor may bring `DECODERS_PER_GPU_NODE`.
 
     The first ones start at once: grown from one on demand, the first GPU check's pool was still one
     actor with a third of the items done (78 items/s on 16 cores), and the model waited.
@@ -335,6 +340,10 @@ def _prepare_pool(pool_size: int, max_pool_size: int | None, rows: int, batch_si
     import ray
 
     batches = -(-rows // batch_size)
-    first = max(1, min(int(ray.cluster_resources().get("CPU", 1)) - pool_size - 1, batches))
-    most = min(batches, -(-first * max(pool_size, max_pool_size or 0) // pool_size))
-    return ray.data.ActorPoolStrategy(min_size=first, max_size=max(first, most))
+    now = ray.cluster_resources()
+    first = max(1, min(int(now.get("CPU", 1)) - pool_size - 1, batches))
+    models = max(pool_size, max_pool_size or 0)
+    most = -(-first * models // pool_size)
+    if gpus and now.get("GPU", 0) < gpus * models:
+        most = max(most, DECODERS_PER_GPU_NODE * models)
+    return ray.data.ActorPoolStrategy(min_size=first, max_size=max(first, min(batches, most)))

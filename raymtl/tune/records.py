@@ -101,18 +101,28 @@ def best_by(items: Iterable[T], score: Callable[[T], float], mode: str) -> T:
 
 
 def choose(trials: Sequence[TrialRecord], metric: str, mode: str) -> Choice | None:
-    """Best configuration by the metric averaged over its seeds; ties go to the earlier trial."""
+    """Best configuration by the metric averaged over its seeds; ties go to the earlier trial.
+
+    A seed that failed (an error: a lost worker) is left out of its configuration's mean; one that
+    trained an epoch and never scored a number (it diverged: NaN) rules its configuration out while
+    another has none such: the mean of the seeds that survived would hide it.
+    """
+    def key(t: TrialRecord) -> str:
+        return hashable({k: v for k, v in t.config.items() if k != "seed"})
+
+    diverged = {key(t) for t in trials if t.error is None and t.epochs >= 1 and (t.best or {}).get(metric) is None}
     by_config: dict[str, list[TrialRecord]] = {}
     for t in trials:
         if t.best is not None and t.best.get(metric) is not None:
-            by_config.setdefault(hashable({k: v for k, v in t.config.items() if k != "seed"}), []).append(t)
+            by_config.setdefault(key(t), []).append(t)
     if not by_config:
         return None
 
     def mean(members: list[TrialRecord]) -> float:
         return sum(t.best[metric] for t in members) / len(members)
 
-    members = best_by(by_config.values(), mean, mode)
+    stable = [members for config, members in by_config.items() if config not in diverged]
+    members = best_by(stable or by_config.values(), mean, mode)
     winner = best_by(members, lambda t: t.best[metric], mode)
     config = {k: v for k, v in winner.config.items() if k != "seed"}
     return Choice(config, mean(members), winner.trial_id, [t.trial_id for t in members])
