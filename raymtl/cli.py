@@ -141,8 +141,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from raymtl.evaluate import compare, evaluate, format_table, modality_table, write_results
+    from raymtl.evaluate import check_models, compare, evaluate, format_table, modality_table, write_results
 
+    check_models(args.model, args.baseline or [])
     options = dict(split=args.split, tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
                    pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address, local=args.local)
     modalities = ["both", "image", "text"] if args.modality == "all" else [args.modality]

@@ -151,6 +151,15 @@ def evaluate(
     return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start, modality)
 
 
+def check_models(model_path: str, baselines: list[str]) -> None:
+    """The model and every baseline are saved models: their meta files read (no weights) before anything
+    is scored, so a mistyped path is a ConfigError naming it in a second, not a failure after the scoring."""
+    from raymtl.models.artifact import read_meta_at
+
+    for path in (model_path, *baselines):
+        read_meta_at(path)
+
+
 def _plan(model_path: str, saved: Any, spec: TaskSpec, modality: str) -> Plan:
     """The prediction plan of one task's split: its columns, its labels encoded, a modality masked."""
     plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,

@@ -204,6 +204,27 @@ def test_cli_evaluates_with_a_baseline(setup, tmp_path, capsys, monkeypatch):
     assert flags == [None, True, False]
 
 
+def not_scored(*args, **kwargs):
+    """Evaluation's scoring stages' stand-in where nothing may be scored."""
+    raise AssertionError("scored")
+
+
+def test_cli_names_a_path_that_is_no_model_before_scoring_anything(setup, tmp_path, monkeypatch, capsys):
+    """A mistyped model or baseline path is a config fault (exit 2) found before the model, and every
+    --modality pass of it, is scored."""
+    model, exp = setup
+    for stage in ("stages_here", "predictions"):
+        monkeypatch.setattr(f"raymtl.evaluate.{stage}", not_scored)
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(exp.to_dict()))
+    missing = str(tmp_path / "no_such_model")
+    for args in ([missing, str(config)], [model, str(config), "--modality", "all", "--baseline", model, missing]):
+        assert main(["evaluate", *args, "--out", str(tmp_path / "out")]) == 2
+        assert f"{missing} is not a raymtl model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ray_data_actors_score_every_task_in_one_stream_as_this_process_does(ray_cluster, setup, tmp_path, monkeypatch):
