@@ -141,14 +141,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from raymtl.evaluate import compare, evaluate, format_table, modality_table, write_results
+    from raymtl.evaluate import check_models, compare, evaluate, format_table, modality_table, write_results
 
-    options = dict(split=args.split, tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
-                   pool_size=args.pool_size, num_gpus=args.num_gpus, address=args.address, local=args.local)
+    exp = load_experiment(args.config)
+    tasks = args.tasks.split(",") if args.tasks else None
+    shares = check_models(exp, args.model, args.baseline or [], tasks)
+    options = dict(split=args.split, batch_size=args.batch_size, pool_size=args.pool_size, num_gpus=args.num_gpus,
+                   address=args.address, local=args.local)
     modalities = ["both", "image", "text"] if args.modality == "all" else [args.modality]
-    by_modality = {m: evaluate(args.model, args.config, modality=m, **options) for m in modalities}
+    by_modality = {m: evaluate(args.model, exp, modality=m, tasks=tasks, **options) for m in modalities}
     evaluation = by_modality[modalities[0]]
-    baselines = [evaluate(b, args.config, modality=modalities[0], **options) for b in args.baseline or []]
+    baselines = [evaluate(b, exp, modality=modalities[0], tasks=share, **options)
+                 for b, share in zip(args.baseline or [], shares)]
     comparison = compare(evaluation, baselines) if baselines else None
     print(format_table(evaluation, comparison))
     if len(by_modality) > 1:
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML whose tasks name the labelled data (validation:/test: sources)")
     p.add_argument("--split", choices=["validation", "test"], default="validation")
     p.add_argument("--out", default="evaluation", help="folder for evaluation.json and evaluation.csv")
-    p.add_argument("--baseline", nargs="+", help="models to compare with (per task: those that predict it)")
+    p.add_argument("--baseline", nargs="+", help="models to compare with, each scored on the evaluated tasks it predicts "
+                   "(per task: the mean of those that predict it)")
     p.add_argument("--tasks", help="comma-separated tasks to evaluate (default: the model's tasks in the config)")
     p.add_argument("--modality", choices=["both", "image", "text", "all"], default="both",
                    help="inputs the model sees: image (text masked), text (image masked), both, or a report of all "

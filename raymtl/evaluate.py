@@ -151,6 +151,33 @@ def evaluate(
     return Evaluation(storage.normalize(model_path), split, metrics, time.perf_counter() - start, modality)
 
 
+def check_models(exp: Experiment, model_path: str, baselines: list[str], tasks: list[str] | None) -> list[list[str]]:
+    """Each baseline's tasks to score: the evaluated ones it predicts (single-task baselines of a multi-task
+    model). From the meta files (no weights), before anything is scored: a mistyped path, a baseline that
+    predicts none of those tasks or a task no baseline predicts is a ConfigError in a second, not a failure
+    after the scoring."""
+    evaluated = [spec.name for spec in _selected(exp, model_tasks(model_path), tasks)]
+    shares = []
+    for path in baselines:
+        predicted = model_tasks(path)
+        shares.append([task for task in evaluated if task in predicted])
+        if not shares[-1]:
+            raise ConfigError(f"baseline {path!r} predicts none of the evaluated tasks {evaluated}; "
+                              f"its tasks are {predicted}")
+    uncovered = [task for task in evaluated if not any(task in share for share in shares)]
+    if baselines and uncovered:
+        raise ConfigError(f"no baseline predicts task {uncovered[0]!r}; baselines: {baselines}")
+    return shares
+
+
+def model_tasks(path: str) -> list[str]:
+    """The tasks a saved model or ensemble predicts, from its meta file; a path that is no saved model is a
+    ConfigError naming it."""
+    from raymtl.models.artifact import read_meta_at
+
+    return list(read_meta_at(path)["tasks"])
+
+
 def _plan(model_path: str, saved: Any, spec: TaskSpec, modality: str) -> Plan:
     """The prediction plan of one task's split: its columns, its labels encoded, a modality masked."""
     plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
@@ -165,13 +192,7 @@ def _task_rows(exp: Experiment, infos: dict, split: str, tasks: list[str] | None
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    for name in tasks or []:
-        exp.task(name)  # names the unknown task
-        if name not in infos:
-            raise ConfigError(f"the model has no task {name!r}; its tasks are {list(infos)}")
-    specs = [t for t in exp.tasks if (t.name in tasks if tasks else t.name in infos)]
-    if not specs:
-        raise ConfigError(f"the model predicts none of the config's tasks {exp.task_names}; its tasks are {list(infos)}")
+    specs = _selected(exp, list(infos), tasks)
     for spec in specs:
         if getattr(spec, SPLITS[split]) is None:
             raise ConfigError(f"task {spec.name!r} has no `{SPLITS[split]}:` source to evaluate on")
@@ -184,6 +205,18 @@ def _task_rows(exp: Experiment, infos: dict, split: str, tasks: list[str] | None
                 f"{infos[spec.name].labels[:20]}"
             )
     return {spec.name: found[spec.name].n_val if split == "validation" else found[spec.name].n_test for spec in specs}
+
+
+def _selected(exp: Experiment, predicted: list[str], tasks: list[str] | None) -> list[TaskSpec]:
+    """The config's tasks to evaluate: `tasks`, each of which the model must predict, else those it predicts."""
+    for name in tasks or []:
+        exp.task(name)  # names the unknown task
+        if name not in predicted:
+            raise ConfigError(f"the model has no task {name!r}; its tasks are {predicted}")
+    specs = [t for t in exp.tasks if (t.name in tasks if tasks else t.name in predicted)]
+    if not specs:
+        raise ConfigError(f"the model predicts none of the config's tasks {exp.task_names}; its tasks are {predicted}")
+    return specs
 
 
 def _row_id(spec: TaskSpec) -> str | None:

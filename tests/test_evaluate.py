@@ -204,6 +204,59 @@ def test_cli_evaluates_with_a_baseline(setup, tmp_path, capsys, monkeypatch):
     assert flags == [None, True, False]
 
 
+def not_scored(*args, **kwargs):
+    """Evaluation's scoring stages' stand-in where nothing may be scored."""
+    raise AssertionError("scored")
+
+
+def test_cli_names_a_path_that_is_no_model_before_scoring_anything(setup, tmp_path, monkeypatch, capsys):
+    """A mistyped model or baseline path is a config fault (exit 2) found before the model, and every
+    --modality pass of it, is scored."""
+    model, exp = setup
+    for stage in ("stages_here", "predictions"):
+        monkeypatch.setattr(f"raymtl.evaluate.{stage}", not_scored)
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(exp.to_dict()))
+    missing = str(tmp_path / "no_such_model")
+    for args in ([missing, str(config)], [model, str(config), "--modality", "all", "--baseline", model, missing]):
+        assert main(["evaluate", *args, "--out", str(tmp_path / "out")]) == 2
+        assert f"{missing} is not a raymtl model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_scores_each_baseline_on_the_selected_tasks_it_predicts(setup, tmp_path, monkeypatch, capsys):
+    """Single-task baselines of `--tasks a,b`: each scored on its own task, each task compared with its
+    own; a baseline that predicts none of the selected tasks, or a task none predicts, is named before
+    anything is scored."""
+    import test_ensemble_model
+
+    model, exp = setup
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    stl = []
+    for k, task in enumerate(TASKS):
+        with monkeypatch.context() as one_task:
+            one_task.setattr(test_ensemble_model, "TASKS", (task,))
+            stl.append(save_tiny(tmp_path / f"stl_{task}", 2 + k, {"all": [task]}))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(exp.to_dict()))
+    out = tmp_path / "out"
+    assert main(["evaluate", model, str(config), "--tasks", "a,b", "--out", str(out), "--baseline", *stl,
+                 "--batch-size", "8"]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [list(b["tasks"]) for b in report["baselines"]] == [["a"], ["b"]]
+    for baseline, task in zip(report["baselines"], TASKS):
+        accuracy = report["tasks"][task]["accuracy"] - baseline["tasks"][task]["accuracy"]
+        assert report["comparison"]["deltas"][task]["accuracy"] == pytest.approx(accuracy)
+    for stage in ("stages_here", "predictions"):
+        monkeypatch.setattr(f"raymtl.evaluate.{stage}", not_scored)
+    capsys.readouterr()
+    assert main(["evaluate", model, str(config), "--tasks", "a", "--baseline", *stl, "--out", str(out / "2")]) == 2
+    assert f"baseline {stl[1]!r} predicts none of the evaluated tasks ['a']" in capsys.readouterr().err
+    assert main(["evaluate", model, str(config), "--baseline", stl[0], "--out", str(out / "2")]) == 2
+    assert "no baseline predicts task 'b'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ray_data_actors_score_every_task_in_one_stream_as_this_process_does(ray_cluster, setup, tmp_path, monkeypatch):

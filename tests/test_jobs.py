@@ -57,6 +57,20 @@ def test_a_sweep_fails_when_every_trial_failed_or_none_reported_the_metric():
         "no trial reported val/mean_score (0 of 1 failed; see /runs/s-sweep/summary.json)")
 
 
+def test_demo_job_writes_its_storage_and_name_into_the_config_it_trains(tmp_path, monkeypatch):
+    """`jobs/train.py --config <out>/demo.yaml` re-runs or resumes the demo job's run: the config
+    holds the job's --storage and --name, not the pod's home."""
+    calls = []
+    monkeypatch.setattr("raymtl.cli.main", lambda argv: calls.append(argv) or 0)
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--sizes", "color=20", "--image-size", "16", "--storage", "/mnt/shared/runs",
+            "--name", "demo-b", "--workers", "2"]
+    assert run_job("demo_data.py", *args, monkeypatch=monkeypatch) == 0
+    config = yaml.safe_load((out / "demo.yaml").read_text())
+    assert (config["storage_path"], config["name"]) == ("/mnt/shared/runs", "demo-b")
+    assert calls == [["train", str(out / "demo.yaml"), "--workers", "2"]]
+
+
 # ---------------------------------------------------------------- on Ray
 
 

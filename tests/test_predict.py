@@ -284,6 +284,23 @@ def test_a_folder_of_images_is_one_row_per_image_with_its_path_as_id(ray_cluster
     assert items_here(str(tmp_path), plan, 2) is None  # more images than asked for
 
 
+def test_image_uris_of_a_folder_with_a_query_keep_it_after_the_file_name(tmp_path, monkeypatch):
+    """A query configures the folder's filesystem (`?endpoint_override=...`): each image's URI is the
+    folder's path, the file's relative path, then the query, as `storage.resolve` reads it."""
+    import pyarrow.fs as pafs
+
+    from raymtl.predict import reading
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "sub" / "b.png").write_bytes(b"")
+    monkeypatch.setattr(reading.storage, "resolve", lambda path: (pafs.LocalFileSystem(), str(tmp_path)))
+    monkeypatch.setattr(reading.storage, "is_uri", lambda path: True)
+    assert reading.image_files("s3://b/imgs/?endpoint_override=x") == [
+        "s3://b/imgs/a.jpg?endpoint_override=x", "s3://b/imgs/sub/b.png?endpoint_override=x"]
+    assert reading.image_files("s3://b/imgs") == ["s3://b/imgs/a.jpg", "s3://b/imgs/sub/b.png"]
+
+
 def test_items_read_here_are_counted_only_from_a_small_source(model_dir, items, items_file, monkeypatch):
     from raymtl.predict import reading
 
