@@ -55,7 +55,11 @@ def normalize(path: str | os.PathLike) -> str:
 
 
 def join(base: str, *parts: str) -> str:
-    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+    """`parts` below `base`; a URI's query (`?region=...`, which configures its filesystem) stays at the end."""
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    path, mark, query = base.partition("?")
+    return posixpath.join(path, *parts) + mark + query
 
 
 def checkpoint_in(run_dir: str, checkpoint) -> str:

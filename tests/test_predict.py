@@ -301,6 +301,16 @@ def test_image_uris_of_a_folder_with_a_query_keep_it_after_the_file_name(tmp_pat
     assert reading.image_files("s3://b/imgs") == ["s3://b/imgs/a.jpg", "s3://b/imgs/sub/b.png"]
 
 
+def test_a_uri_with_a_query_keeps_it_at_the_end_of_every_path_joined_to_it():
+    """A model or run folder at `s3://b/m?endpoint_override=x`: its files are `s3://b/m/<file>?endpoint_override=x`
+    (joined after the query, the file's name was read as part of the query)."""
+    from raymtl import storage
+
+    joined = storage.join("s3://b/m?endpoint_override=x", "raymtl_model.json")
+    assert joined == "s3://b/m/raymtl_model.json?endpoint_override=x"
+    assert storage.join("s3://b/runs", "r", "checkpoint_1") == "s3://b/runs/r/checkpoint_1"
+
+
 def test_items_read_here_are_counted_only_from_a_small_source(model_dir, items, items_file, monkeypatch):
     from raymtl.predict import reading
 

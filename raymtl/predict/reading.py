@@ -94,5 +94,4 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_SUFFIXES))
     if not storage.is_uri(folder):
         return paths
-    base, mark, query = folder.partition("?")  # a query configures the filesystem: it ends each file's URI too
-    return [base.rstrip("/") + p[len(root.rstrip("/")):] + mark + query for p in paths]
+    return [storage.join(folder, p[len(root.rstrip("/")):].lstrip("/")) for p in paths]
