@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 import torch
+from torchvision import models
 
 from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, StageSpec, TaskSpec, ViewSpec
@@ -104,6 +105,25 @@ def test_growing_a_saved_model_keeps_its_tasks_and_adds_heads(tmp_path):
     apart = build_model(experiment(["pattern"], groups={"new": ["pattern"]}, base=str(path)),
                         {"pattern": info("pattern", ("solid", "striped"))})
     assert set(apart.image_backbones) == {"all", "new"}
+
+
+def test_a_grown_model_trains_with_the_configs_dropout_and_a_new_group_starts_from_its_weights(tmp_path):
+    base_exp = experiment(["color"])
+    base = build_model(base_exp, {"color": info("color")})
+    path = save(base, base_exp, tmp_path / "base")
+    torch.manual_seed(123)
+    weights = models.resnet18().state_dict()
+    torch.save(weights, tmp_path / "w.pth")
+    exp = experiment(["pattern"], groups={"new": ["pattern"]}, base=str(path), image_weights=str(tmp_path / "w.pth"),
+                     modality_dropout=0.2)
+    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, dropout=0.3))
+    grown = build_model(exp, {"pattern": info("pattern")})
+    trunk = grown.image_backbones["new"].trunk.state_dict()
+    assert trunk and all(torch.equal(v, weights[k]) for k, v in trunk.items())
+    assert_same(state(grown.image_backbones["all"]), state(base.image_backbones["all"]))  # as trained
+    layers = [*(b.fuse for b in grown.image_backbones.values()), *(f.net for f in grown.fusion.values())]
+    assert {m.p for seq in layers for m in seq if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert {f.modality_dropout for f in grown.fusion.values()} == {0.2}
 
 
 def test_compose_from_parts_loads_each_parts_backbone_exactly(tmp_path):

@@ -18,13 +18,11 @@ from raymtl.models.multitask import MultiTaskModel
 
 
 def build_model(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
-    view_names = [v.name for v in exp.data.views]
-    groups = exp.task_groups()
     if exp.model.base:
-        model = grow(exp.model.base, infos, groups, view_names, exp.seed)
+        model = grow(exp, infos)
     else:
         torch.manual_seed(exp.seed)
-        model = MultiTaskModel(exp.model, infos, view_names, groups)
+        model = MultiTaskModel(exp.model, infos, [v.name for v in exp.data.views], exp.task_groups())
     for part, path in (exp.model.init_from or {}).items():
         load_part(model, part, path, with_heads=exp.model.init_heads)
     return model
@@ -35,13 +33,18 @@ def base_label_maps(path: str) -> dict[str, list[str]]:
     return {name: info.labels for name, info in load(path).infos.items()}
 
 
-def grow(path: str, infos: dict[str, TaskInfo], groups: dict[str, list[str]], view_names: list[str],
-         seed: int) -> MultiTaskModel:
-    """The saved model at `path` with a new head for every task of `infos` it does not have yet."""
+def grow(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
+    """The saved model `model.base` with a new head for every task of `infos` it does not have yet.
+
+    Its architecture is the base's; it trains with the config's dropout settings, and a new group's
+    image backbone starts from the config's `image_weights`.
+    """
+    path, view_names, groups = exp.model.base, [v.name for v in exp.data.views], exp.task_groups()
     model = load(path).model
     if list(model.view_names) != view_names:
         raise ConfigError(f"data.views {view_names} differ from the base model's views {model.view_names} ({path})")
-    torch.manual_seed(seed)
+    model.train_with(exp.model)
+    torch.manual_seed(exp.seed)
     for name, info in infos.items():
         if name in model.infos:
             continue

@@ -191,6 +191,18 @@ class MultiTaskModel(nn.Module):
                 module.eval()
         return self
 
+    def train_with(self, spec: ModelSpec) -> None:
+        """Go on training as `spec` says where a trained model may: dropout and modality dropout (in
+        every group: they are no weights, and a resume rebuilds all groups from one spec) and a new
+        group's pretrained `image_weights`. The architecture stays this model's."""
+        self.spec = dataclasses.replace(self.spec, image_weights=spec.image_weights, dropout=spec.dropout,
+                                        modality_dropout=spec.modality_dropout)
+        layers = [*(b.fuse for b in self.image_backbones.values()), *(f.net for f in self.fusion.values())]
+        for layer in (m for seq in layers for m in seq if isinstance(m, nn.Dropout)):
+            layer.p = spec.dropout
+        for fusion in self.fusion.values():
+            fusion.modality_dropout = spec.modality_dropout
+
     def add_task(self, info: TaskInfo, group: str) -> None:
         """Add a task to a (trained) model: a new head in `group`, or a new group of its own.
 
