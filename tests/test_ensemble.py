@@ -47,7 +47,7 @@ def batch(n=4, seed=0):
 
 
 def save(model, exp, path):
-    return save_model(path, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    return save_model(path, model, data=exp.data, experiment=exp.to_dict())
 
 
 def state(module):
@@ -105,6 +105,20 @@ def test_growing_a_saved_model_keeps_its_tasks_and_adds_heads(tmp_path):
     apart = build_model(experiment(["pattern"], groups={"new": ["pattern"]}, base=str(path)),
                         {"pattern": info("pattern", ("solid", "striped"))})
     assert set(apart.image_backbones) == {"all", "new"}
+
+
+def test_a_grown_model_saves_the_bases_architecture_not_its_configs(tmp_path):
+    """A config that names only the base and the new task leaves hidden_dim and text_pooling at their defaults."""
+    base_exp = experiment(["color"], text_pooling="cls")
+    base_exp = dataclasses.replace(base_exp, model=dataclasses.replace(base_exp.model, hidden_dim=32))
+    path = save(build_model(base_exp, {"color": info("color")}), base_exp, tmp_path / "base")
+    grown_exp = experiment(["pattern"], groups={"all": ["pattern"]}, base=str(path))
+    grown = build_model(grown_exp, {"pattern": info("pattern", ("solid", "striped"))}).eval()
+    loaded = load(save(grown, grown_exp, tmp_path / "grown")).model
+    assert (loaded.spec.hidden_dim, loaded.spec.text_pooling) == (32, "cls")
+    b = batch()
+    for task in ("color", "pattern"):
+        assert torch.equal(loaded(b, task), grown(b, task))
 
 
 def test_a_grown_model_trains_with_the_configs_dropout_and_a_new_group_starts_from_its_weights(tmp_path):
