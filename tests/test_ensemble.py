@@ -140,6 +140,21 @@ def test_a_grown_model_trains_with_the_configs_dropout_and_a_new_group_starts_fr
     assert {f.modality_dropout for f in grown.fusion.values()} == {0.2}
 
 
+def test_a_grown_model_takes_the_configs_threshold_and_weight_for_the_bases_tasks(tmp_path):
+    tags = info("tags", kind="multilabel")
+    base_exp = experiment(["tags"])
+    path = save(build_model(base_exp, {"tags": tags}), base_exp, tmp_path / "base")
+    grown_exp = experiment(["tags", "pattern"], base=str(path))
+    again = dataclasses.replace(tags, threshold=0.3, weight=2.0)  # as inspection builds it from the config
+    saved = load(save(build_model(grown_exp, {"tags": again, "pattern": info("pattern")}), grown_exp, tmp_path / "g"))
+    assert (saved.thresholds["tags"], saved.infos["tags"].weight) == (0.3, 2.0)  # as the run validated it
+    image_only = {"tags": dataclasses.replace(tags, has_text=False)}
+    path = save(build_model(base_exp, image_only), base_exp, tmp_path / "image")
+    with pytest.raises(ConfigError, match=r"task 'tags': the base model's head is multilabel on image; this config "
+                                          r"makes it multilabel on image \+ text"):
+        build_model(experiment(["tags"], base=str(path)), {"tags": tags})  # its head would never read the text
+
+
 def test_compose_from_parts_loads_each_parts_backbone_exactly(tmp_path):
     parts = {}
     for seed, (task, group) in enumerate([("color", "cp"), ("sleeve", "sl")]):

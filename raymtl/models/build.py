@@ -34,7 +34,8 @@ def base_label_maps(path: str) -> dict[str, list[str]]:
 
 
 def grow(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
-    """The saved model `model.base` with a new head for every task of `infos` it does not have yet.
+    """The saved model `model.base` with a new head for every task of `infos` it does not have yet, and
+    the config's threshold and weight for those it has.
 
     Its architecture is the base's; it trains with the config's dropout settings, and a new group's
     image backbone starts from the config's `image_weights`.
@@ -47,9 +48,9 @@ def grow(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
     torch.manual_seed(exp.seed)
     for name, info in infos.items():
         if name in model.infos:
-            continue
-        group = next(g for g, tasks in groups.items() if name in tasks)
-        model.add_task(info, group)
+            model.update_task(info)
+        else:
+            model.add_task(info, next(g for g, tasks in groups.items() if name in tasks))
     return model.train()
 
 

@@ -216,6 +216,15 @@ class MultiTaskModel(nn.Module):
         else:
             self._add_group(group, [info])
 
+    def update_task(self, info: TaskInfo) -> None:
+        """Take a run's threshold and weight for a task this model has, so that the saved model decides as
+        the run's validation did. Its head stays as trained: the run must give it the same kind and inputs."""
+        old = self.infos[info.name]
+        if (info.kind, info.has_image, info.has_text) != (old.kind, old.has_image, old.has_text):
+            raise ConfigError(f"task {info.name!r}: the base model's head is {_described(old)}; this config makes "
+                              f"it {_described(info)}: list it as the base has it, or under a new name for a new head")
+        self.infos[info.name] = dataclasses.replace(old, threshold=info.threshold, weight=info.weight)
+
     def _add_group(self, group: str, infos: Sequence[TaskInfo]) -> None:
         inputs = [self._inputs(info) for info in infos]
         image_dim = text_dim = 0
@@ -352,6 +361,12 @@ class MultiTaskModel(nn.Module):
         """
         image, text = self._inputs(self.infos[task])
         return self.group_of(task), image and self.masked != "image", text and self.masked != "text"
+
+
+def _described(info: TaskInfo) -> str:
+    """A task's kind and inputs, in words: "multiclass on image + text"."""
+    inputs = [m for m, given in (("image", info.has_image), ("text", info.has_text)) if given]
+    return f"{info.kind} on {' + '.join(inputs) or 'no input'}"
 
 
 def _rows(batch: Mapping[str, Any]) -> int:
