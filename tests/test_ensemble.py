@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 
 import pytest
@@ -172,6 +173,23 @@ def test_compose_from_parts_loads_each_parts_backbone_exactly(tmp_path):
     assert_same(state(ensemble.text_encoder), state(parts["cp"][0].text_encoder))
     # heads start fresh unless asked for
     assert not torch.equal(ensemble.heads["color"].weight, parts["cp"][0].heads["color"].weight)
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"views": VIEWS[::-1]}, r"data.views is \['crop \(crop 0.5\)', 'full'\] here but \['full', 'crop \(crop 0.5\)'\]"),
+    ({"views": [VIEWS[0], ViewSpec("crop", crop=0.8)]}, r"data.views is \['full', 'crop \(crop 0.8\)'\] here"),
+    ({"image_size": 32}, "data.image_size is 32 here but 16 in that model"),
+    ({"mean": [0.5] * 3, "std": [0.5] * 3}, r"data.mean / std is \[\[0.5, 0.5, 0.5\], \[0.5, 0.5, 0.5\]\] here"),
+])
+def test_a_saved_backbone_is_taken_only_for_the_images_it_was_trained_on(tmp_path, data, match):
+    """Its fuse layer's weights are per view: views swapped with equal shapes would load and read the wrong ones."""
+    src_exp = experiment(["color"])
+    path = str(save(build_model(src_exp, {"color": info("color")}), src_exp, tmp_path / "src"))
+    for model, what in (({"init_from": {"all": path}}, "model.init_from.all"), ({"base": path}, "model.base")):
+        exp = experiment(["color"], **model)
+        exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **data))
+        with pytest.raises(ConfigError, match=re.escape(f"{what} ({path}): ") + match):
+            build_model(exp, {"color": info("color")})
 
 
 def test_compose_names_a_group_that_does_not_exist(tmp_path):
