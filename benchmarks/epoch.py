@@ -161,7 +161,7 @@ def plain_child(exp, with_ray: bool) -> dict:
         marks["eval_s"].append(time.perf_counter() - start)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            save_model(tmp, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+            save_model(tmp, model, data=exp.data, experiment=exp.to_dict())
             torch.save({"optimizer": optimizer.state_dict()}, Path(tmp) / "train_state.pt")
         marks["checkpoint_s"].append(time.perf_counter() - start)
         marks["epoch_end"].append(time.time())

@@ -50,8 +50,7 @@ def demo_model(root: Path, sizes: dict[str, int], image_size: int = 64,
     sections) over a catalogue of `sizes` rows per task, its model built and saved untrained."""
     catalogue = make_catalogue(root / "data", seed=0, image_size=image_size, sizes=sizes)
     exp = load_experiment(write_demo_config(root / "data", catalogue, storage_path=str(root / "runs"), **overrides))
-    folder = save_model(root / "model", build_model(exp, inspect_tasks(exp)), model_spec=exp.model, data=exp.data,
-                        experiment=exp.to_dict())
+    folder = save_model(root / "model", build_model(exp, inspect_tasks(exp)), data=exp.data, experiment=exp.to_dict())
     return exp, str(folder), catalogue
 
 

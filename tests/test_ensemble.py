@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 
 import pytest
 import torch
+from torchvision import models
 
 from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, Experiment, ModelSpec, StageSpec, TaskSpec, ViewSpec
@@ -46,7 +48,7 @@ def batch(n=4, seed=0):
 
 
 def save(model, exp, path):
-    return save_model(path, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    return save_model(path, model, data=exp.data, experiment=exp.to_dict())
 
 
 def state(module):
@@ -106,6 +108,54 @@ def test_growing_a_saved_model_keeps_its_tasks_and_adds_heads(tmp_path):
     assert set(apart.image_backbones) == {"all", "new"}
 
 
+def test_a_grown_model_saves_the_bases_architecture_not_its_configs(tmp_path):
+    """A config that names only the base and the new task leaves hidden_dim and text_pooling at their defaults."""
+    base_exp = experiment(["color"], text_pooling="cls")
+    base_exp = dataclasses.replace(base_exp, model=dataclasses.replace(base_exp.model, hidden_dim=32))
+    path = save(build_model(base_exp, {"color": info("color")}), base_exp, tmp_path / "base")
+    grown_exp = experiment(["pattern"], groups={"all": ["pattern"]}, base=str(path))
+    grown = build_model(grown_exp, {"pattern": info("pattern", ("solid", "striped"))}).eval()
+    loaded = load(save(grown, grown_exp, tmp_path / "grown")).model
+    assert (loaded.spec.hidden_dim, loaded.spec.text_pooling) == (32, "cls")
+    b = batch()
+    for task in ("color", "pattern"):
+        assert torch.equal(loaded(b, task), grown(b, task))
+
+
+def test_a_grown_model_trains_with_the_configs_dropout_and_a_new_group_starts_from_its_weights(tmp_path):
+    base_exp = experiment(["color"])
+    base = build_model(base_exp, {"color": info("color")})
+    path = save(base, base_exp, tmp_path / "base")
+    torch.manual_seed(123)
+    weights = models.resnet18().state_dict()
+    torch.save(weights, tmp_path / "w.pth")
+    exp = experiment(["pattern"], groups={"new": ["pattern"]}, base=str(path), image_weights=str(tmp_path / "w.pth"),
+                     modality_dropout=0.2)
+    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, dropout=0.3))
+    grown = build_model(exp, {"pattern": info("pattern")})
+    trunk = grown.image_backbones["new"].trunk.state_dict()
+    assert trunk and all(torch.equal(v, weights[k]) for k, v in trunk.items())
+    assert_same(state(grown.image_backbones["all"]), state(base.image_backbones["all"]))  # as trained
+    layers = [*(b.fuse for b in grown.image_backbones.values()), *(f.net for f in grown.fusion.values())]
+    assert {m.p for seq in layers for m in seq if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert {f.modality_dropout for f in grown.fusion.values()} == {0.2}
+
+
+def test_a_grown_model_takes_the_configs_threshold_and_weight_for_the_bases_tasks(tmp_path):
+    tags = info("tags", kind="multilabel")
+    base_exp = experiment(["tags"])
+    path = save(build_model(base_exp, {"tags": tags}), base_exp, tmp_path / "base")
+    grown_exp = experiment(["tags", "pattern"], base=str(path))
+    again = dataclasses.replace(tags, threshold=0.3, weight=2.0)  # as inspection builds it from the config
+    saved = load(save(build_model(grown_exp, {"tags": again, "pattern": info("pattern")}), grown_exp, tmp_path / "g"))
+    assert (saved.thresholds["tags"], saved.infos["tags"].weight) == (0.3, 2.0)  # as the run validated it
+    image_only = {"tags": dataclasses.replace(tags, has_text=False)}
+    path = save(build_model(base_exp, image_only), base_exp, tmp_path / "image")
+    with pytest.raises(ConfigError, match=r"task 'tags': the base model's head is multilabel on image; this config "
+                                          r"makes it multilabel on image \+ text"):
+        build_model(experiment(["tags"], base=str(path)), {"tags": tags})  # its head would never read the text
+
+
 def test_compose_from_parts_loads_each_parts_backbone_exactly(tmp_path):
     parts = {}
     for seed, (task, group) in enumerate([("color", "cp"), ("sleeve", "sl")]):
@@ -123,6 +173,23 @@ def test_compose_from_parts_loads_each_parts_backbone_exactly(tmp_path):
     assert_same(state(ensemble.text_encoder), state(parts["cp"][0].text_encoder))
     # heads start fresh unless asked for
     assert not torch.equal(ensemble.heads["color"].weight, parts["cp"][0].heads["color"].weight)
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"views": VIEWS[::-1]}, r"data.views is \['crop \(crop 0.5\)', 'full'\] here but \['full', 'crop \(crop 0.5\)'\]"),
+    ({"views": [VIEWS[0], ViewSpec("crop", crop=0.8)]}, r"data.views is \['full', 'crop \(crop 0.8\)'\] here"),
+    ({"image_size": 32}, "data.image_size is 32 here but 16 in that model"),
+    ({"mean": [0.5] * 3, "std": [0.5] * 3}, r"data.mean / std is \[\[0.5, 0.5, 0.5\], \[0.5, 0.5, 0.5\]\] here"),
+])
+def test_a_saved_backbone_is_taken_only_for_the_images_it_was_trained_on(tmp_path, data, match):
+    """Its fuse layer's weights are per view: views swapped with equal shapes would load and read the wrong ones."""
+    src_exp = experiment(["color"])
+    path = str(save(build_model(src_exp, {"color": info("color")}), src_exp, tmp_path / "src"))
+    for model, what in (({"init_from": {"all": path}}, "model.init_from.all"), ({"base": path}, "model.base")):
+        exp = experiment(["color"], **model)
+        exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **data))
+        with pytest.raises(ConfigError, match=re.escape(f"{what} ({path}): ") + match):
+            build_model(exp, {"color": info("color")})
 
 
 def test_compose_names_a_group_that_does_not_exist(tmp_path):

@@ -41,7 +41,7 @@ def save_tiny(folder, seed: int, groups: dict, labels: dict | None = None, image
     infos = {t: TaskInfo(t, "multiclass", labels.get(t, ["0", "1"]), 10, 0, True, False) for t in TASKS}
     torch.manual_seed(seed)
     model = MultiTaskModel(exp.model, infos, ["full"], groups)
-    save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    save_model(folder, model, data=exp.data, experiment=exp.to_dict())
     return str(folder)
 
 
@@ -146,7 +146,7 @@ def save_text(folder, seed: int, tokenizer: str) -> str:
     infos = {t: TaskInfo(t, "multiclass", ["0", "1"], 10, 0, False, True) for t in TASKS}
     torch.manual_seed(seed)
     model = MultiTaskModel(exp.model, infos, ["full"], {"all": list(TASKS)})
-    save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    save_model(folder, model, data=exp.data, experiment=exp.to_dict())
     return str(folder)
 
 

@@ -107,8 +107,7 @@ def test_format_1_model_loads_as_plain_concatenation(tmp_path):
     """A model saved before per-modality norms (no `fusion_norm` in its meta) loads bit-exactly."""
     torch.manual_seed(0)
     old = build({"all": ["color", "title", "tags"]}, fusion_norm="none").eval()
-    save_model(tmp_path, old, model_spec=old.spec, data=DataSpec(image_size=32, views=[ViewSpec(v) for v in VIEWS]),
-               experiment={})
+    save_model(tmp_path, old, data=DataSpec(image_size=32, views=[ViewSpec(v) for v in VIEWS]), experiment={})
     meta = json.loads((tmp_path / META_FILE).read_text())
     del meta["model"]["fusion_norm"]
     meta["format_version"] = 1
@@ -223,7 +222,7 @@ def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
     torch.manual_seed(0)
     model = MultiTaskModel(spec, {"color": TaskInfo("color", "multiclass", labels, 10, 0, True, True)}, ["full"],
                            {"all": ["color"]})
-    save_model(tmp_path / "model", model, model_spec=spec, data=data, experiment=exp.to_dict())
+    save_model(tmp_path / "model", model, data=data, experiment=exp.to_dict())
     saved = load(tmp_path / "model")
     other_titles = items.assign(title=items["title"].to_numpy()[::-1])
     other_images = items.assign(image=items["image"].to_numpy()[::-1])
@@ -330,8 +329,7 @@ def test_modality_loss_is_on_by_default_and_off_builds_the_model_of_format_2():
 def test_a_model_with_modality_heads_saves_and_loads_them(tmp_path):
     torch.manual_seed(0)
     model = build({"all": ["color", "title", "tags"]}, modality_loss=0.5).eval()
-    save_model(tmp_path, model, model_spec=model.spec, data=DataSpec(image_size=32, views=[ViewSpec(v) for v in VIEWS]),
-               experiment={})
+    save_model(tmp_path, model, data=DataSpec(image_size=32, views=[ViewSpec(v) for v in VIEWS]), experiment={})
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert meta["format_version"] == 3 and meta["model"]["modality_loss"] == 0.5
     saved = load(tmp_path).model

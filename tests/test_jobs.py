@@ -102,7 +102,7 @@ def tiny_model(folder: Path) -> Path:
     infos = {t.name: TaskInfo(t.name, "multiclass", labels[t.name], 10, 0, True, False) for t in tasks}
     torch.manual_seed(0)
     model = MultiTaskModel(exp.model, infos, ["full"], exp.task_groups())
-    save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    save_model(folder, model, data=exp.data, experiment=exp.to_dict())
     return folder
 
 

@@ -266,6 +266,19 @@ def test_text_encoder_rebuilds_from_a_saved_hf_config():
     assert torch.equal(rebuilt(ids, torch.ones_like(ids)), source(ids, torch.ones_like(ids)))
 
 
+def test_a_half_precision_text_encoder_loads_in_float32(tmp_path):
+    """A Hub encoder saved in bf16 (its config records the dtype) trains with float32 weights like the rest."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(**TINY_BERT)).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = MultiTaskModel(spec(image_backbone=None, text_config=None, text_encoder=str(tmp_path)), {"title": TITLE},
+                           VIEWS, {"all": ["title"]})
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model(batch(TITLE), "title").dtype == torch.float32
+    rebuilt = TextEncoder(config={**model.text_encoder.encoder.config.to_dict(), "dtype": "bfloat16"})
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.float32}
+
+
 @pytest.mark.slow
 def test_compiled_features_compile_per_unit_not_per_step_or_task():
     """Each compiled unit (group trunk, text encoder) compiles on first use; more steps over the

@@ -66,7 +66,7 @@ def model_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     model = MultiTaskModel(exp.model, infos, ["full", "crop"], exp.task_groups())
     folder = tmp_path_factory.mktemp("model")
-    save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+    save_model(folder, model, data=exp.data, experiment=exp.to_dict())
     return str(folder)
 
 

@@ -129,6 +129,35 @@ def test_models_cache_is_filled_from_the_standard_caches(tmp_path, caches):
     assert resolve_models(exp).model.image_weights == str(path)
 
 
+@pytest.mark.parametrize("source", ["uri", "standard cache"])
+def test_a_copy_cut_short_leaves_nothing_in_the_cache(tmp_path, caches, monkeypatch, source):
+    """Weights copied into the models cache appear there whole or not at all: the next run fetches again."""
+    import pyarrow.fs
+
+    torch_home, _ = caches
+    if source == "uri":
+        torch.save(models.mobilenet_v3_small().state_dict(), tmp_path / "w.pth")
+        weights, copier = (tmp_path / "w.pth").as_uri(), (pyarrow.fs, "copy_files")
+    else:
+        save_torchvision_weights(torch_home, "mobilenet_v3_small")
+        weights, copier = "DEFAULT", (shutil, "copyfile")
+    exp = experiment(tmp_path, image_backbone="mobilenet_v3_small", image_weights=weights,
+                     models_cache=str(tmp_path / "models"))
+    real = getattr(*copier)
+
+    def cut_short(src, dst, **kwargs):
+        real(src, dst, **kwargs)
+        Path(dst).write_bytes(Path(dst).read_bytes()[:1000])
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(*copier, cut_short)
+    with pytest.raises((ConfigError, OSError), match="connection reset"):
+        resolve_models(exp)
+    monkeypatch.setattr(*copier, real)
+    path = Path(resolve_models(exp).model.image_weights)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
 def test_common_backbones_are_torchvision_models():
     """Naming one skips the driver's torchvision import, so each must really be a model here."""
     assert COMMON_BACKBONES <= set(models.list_models(module=models))

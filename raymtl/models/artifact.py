@@ -54,14 +54,14 @@ class SavedModel:
         return {name: info.threshold for name, info in self.infos.items()}
 
 
-def portable_model_spec(model: MultiTaskModel, spec: ModelSpec) -> ModelSpec:
-    """The spec without references to other files: the weights file holds every weight.
+def portable_model_spec(model: MultiTaskModel) -> ModelSpec:
+    """The model's own spec (a grown model's architecture is its base's, not its config's) without
+    references to other files: the weights file holds every weight.
 
     The text encoder is described by its Hugging Face config (rebuilt by AutoConfig.for_model).
     """
-    portable = dataclasses.replace(spec, text_encoder=None, image_weights=None, base=None, init_from=None,
-                                   models_cache=None, fusion_norm=model.spec.fusion_norm,  # a grown base keeps its own
-                                   modality_loss=model.spec.modality_loss)
+    portable = dataclasses.replace(model.spec, text_encoder=None, image_weights=None, base=None, init_from=None,
+                                   models_cache=None, groups=model.groups)
     if model.text_encoder is None:
         return portable
     return dataclasses.replace(portable, text_config=model.text_encoder.encoder.config.to_dict())
@@ -71,11 +71,10 @@ def save_model(
     folder: str | Path,
     model: MultiTaskModel,
     *,
-    model_spec: ModelSpec,
     data: DataSpec,
     experiment: dict[str, Any],
 ) -> Path:
-    """Write the model folder; its tasks (label maps, thresholds) are the model's own."""
+    """Write the model folder; its spec and tasks (label maps, thresholds) are the model's own."""
     from safetensors.torch import save_model as save_safetensors
 
     folder = Path(folder)
@@ -89,7 +88,7 @@ def save_model(
         data_out = dataclasses.replace(data, tokenizer=TOKENIZER_DIR)
     meta = {
         "format_version": FORMAT_VERSION,
-        "model": dataclasses.asdict(portable_model_spec(model, model_spec)),
+        "model": dataclasses.asdict(portable_model_spec(model)),
         "data": dataclasses.asdict(data_out),
         "tasks": {name: info.to_dict() for name, info in model.infos.items()},
         "groups": model.groups,

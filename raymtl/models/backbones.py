@@ -139,6 +139,9 @@ class TextEncoder(nn.Module):
 
     Built from a local model directory, or with random weights from config kwargs: a tiny BERT for
     tests, or a saved model's `config.to_dict()` (its `model_type`, default "bert", picks the class).
+    Always in float32, whatever dtype the files record (transformers keeps a checkpoint's bf16 / fp16):
+    training keeps float32 master weights and autocasts, and a half-precision encoder beside the
+    float32 image tower and heads would fail an fp32 run's matmuls.
     """
 
     def __init__(
@@ -157,10 +160,11 @@ class TextEncoder(nn.Module):
             if not directory.is_dir():  # from_pretrained would otherwise try the Hugging Face Hub
                 raise FileNotFoundError(f"text encoder {str(directory)!r} is not a local model directory "
                                         "(Hub ids are resolved to one by raymtl.models.hub.resolve_models)")
-            self.encoder = AutoModel.from_pretrained(str(directory))
+            self.encoder = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
         else:
             kwargs = dict(config)
-            self.encoder = AutoModel.from_config(AutoConfig.for_model(kwargs.pop("model_type", "bert"), **kwargs))
+            self.encoder = AutoModel.from_config(AutoConfig.for_model(kwargs.pop("model_type", "bert"), **kwargs),
+                                                 dtype=torch.float32)
         # The model's own pooler is never used: parameters that never get a gradient would sit in
         # the optimizer and trip DDP's unused-parameter check.
         if getattr(self.encoder, "pooler", None) is not None:

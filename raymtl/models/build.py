@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from raymtl.config import ConfigError, Experiment
+from raymtl.config import ConfigError, DataSpec, Experiment
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load
 from raymtl.models.multitask import MultiTaskModel
 
 
 def build_model(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
-    view_names = [v.name for v in exp.data.views]
-    groups = exp.task_groups()
     if exp.model.base:
-        model = grow(exp.model.base, infos, groups, view_names, exp.seed)
+        model = grow(exp, infos)
     else:
         torch.manual_seed(exp.seed)
-        model = MultiTaskModel(exp.model, infos, view_names, groups)
+        model = MultiTaskModel(exp.model, infos, [v.name for v in exp.data.views], exp.task_groups())
     for part, path in (exp.model.init_from or {}).items():
-        load_part(model, part, path, with_heads=exp.model.init_heads)
+        load_part(model, part, path, data=exp.data, with_heads=exp.model.init_heads)
     return model
 
 
@@ -35,24 +33,46 @@ def base_label_maps(path: str) -> dict[str, list[str]]:
     return {name: info.labels for name, info in load(path).infos.items()}
 
 
-def grow(path: str, infos: dict[str, TaskInfo], groups: dict[str, list[str]], view_names: list[str],
-         seed: int) -> MultiTaskModel:
-    """The saved model at `path` with a new head for every task of `infos` it does not have yet."""
-    model = load(path).model
-    if list(model.view_names) != view_names:
-        raise ConfigError(f"data.views {view_names} differ from the base model's views {model.view_names} ({path})")
-    torch.manual_seed(seed)
+def grow(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
+    """The saved model `model.base` with a new head for every task of `infos` it does not have yet, and
+    the config's threshold and weight for those it has.
+
+    Its architecture is the base's; it trains with the config's dropout settings, and a new group's
+    image backbone starts from the config's `image_weights`.
+    """
+    path, groups = exp.model.base, exp.task_groups()
+    saved = load(path)
+    _check_images(saved.data, exp.data, f"model.base ({path})")
+    model = saved.model
+    model.train_with(exp.model)
+    torch.manual_seed(exp.seed)
     for name, info in infos.items():
         if name in model.infos:
-            continue
-        group = next(g for g, tasks in groups.items() if name in tasks)
-        model.add_task(info, group)
+            model.update_task(info)
+        else:
+            model.add_task(info, next(g for g, tasks in groups.items() if name in tasks))
     return model.train()
 
 
-def load_part(model: MultiTaskModel, part: str, path: str, *, with_heads: bool) -> None:
+def _check_images(source: DataSpec, data: DataSpec, what: str) -> None:
+    """A trained image backbone reads images as it was trained on them: the same views in the same order
+    (names and crops; their fuse layer's weights are per view), image size and normalisation."""
+    for key, ours, theirs in (("data.views", _views(data), _views(source)),
+                              ("data.image_size", data.image_size, source.image_size),
+                              ("data.mean / std", [list(x) for x in data.normalization()],
+                               [list(x) for x in source.normalization()])):
+        if ours != theirs:
+            raise ConfigError(f"{what}: {key} is {ours} here but {theirs} in that model")
+
+
+def _views(data: DataSpec) -> list[str]:
+    return [v.name if v.crop == 1.0 else f"{v.name} (crop {v.crop:g})" for v in data.views]
+
+
+def load_part(model: MultiTaskModel, part: str, path: str, *, data: DataSpec, with_heads: bool) -> None:
     """Copy one trained part ("text", or a task group's image backbone) from the saved model at `path`."""
-    source = load(path).model
+    saved = load(path)
+    source = saved.model
     if part == "text":
         if model.text_encoder is None or source.text_encoder is None:
             raise ConfigError(f"model.init_from.text: both models need a text encoder ({path})")
@@ -61,6 +81,7 @@ def load_part(model: MultiTaskModel, part: str, path: str, *, with_heads: bool) 
     if part not in model.image_backbones:
         raise ConfigError(f"model.init_from: {part!r} is no task group with an image backbone; "
                           f"groups are {sorted(model.image_backbones)}")
+    _check_images(saved.data, data, f"model.init_from.{part} ({path})")
     src_group = part if part in source.image_backbones else _only_group(source, path)
     _copy(model.image_backbones[part], source.image_backbones[src_group], f"image backbone {src_group!r} of {path}")
     if with_heads:

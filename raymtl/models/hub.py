@@ -23,6 +23,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from raymtl import storage
@@ -249,8 +251,7 @@ def _fetch_torchvision(url: str, what: str, cache: Path) -> Path:
         return file
     standard = standard_caches().torch / file.name
     if standard.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(standard, file)
+        _write_in_place(file, lambda part: shutil.copyfile(standard, part))
         return file
     if offline():
         raise ConfigError(f"model.image_weights: {what}: {file.name} is not in the torch cache {cache} "
@@ -276,10 +277,24 @@ def _fetch_uri(uri: str, cache: Path) -> Path:
     file = cache / "uri" / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
     if file.is_file():
         return file
-    file.parent.mkdir(parents=True, exist_ok=True)
     fs, path = storage.resolve(uri)
     try:
-        pafs.copy_files(path, str(file), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        _write_in_place(file, lambda part: pafs.copy_files(path, str(part), source_filesystem=fs,
+                                                           destination_filesystem=pafs.LocalFileSystem()))
     except Exception as e:
         raise ConfigError(f"model.image_weights: could not copy {uri} ({type(e).__name__}: {e})") from None
     return file
+
+
+def _write_in_place(file: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside `file`, then rename it to `file`: the cache takes any file there as
+    complete, so a copy cut short must never leave one under that name."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".part", dir=file.parent)
+    os.close(fd)
+    part = Path(name)
+    try:
+        write(part)
+        os.replace(part, file)
+    finally:
+        part.unlink(missing_ok=True)

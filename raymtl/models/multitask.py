@@ -191,6 +191,18 @@ class MultiTaskModel(nn.Module):
                 module.eval()
         return self
 
+    def train_with(self, spec: ModelSpec) -> None:
+        """Go on training as `spec` says where a trained model may: dropout and modality dropout (in
+        every group: they are no weights, and a resume rebuilds all groups from one spec) and a new
+        group's pretrained `image_weights`. The architecture stays this model's."""
+        self.spec = dataclasses.replace(self.spec, image_weights=spec.image_weights, dropout=spec.dropout,
+                                        modality_dropout=spec.modality_dropout)
+        layers = [*(b.fuse for b in self.image_backbones.values()), *(f.net for f in self.fusion.values())]
+        for layer in (m for seq in layers for m in seq if isinstance(m, nn.Dropout)):
+            layer.p = spec.dropout
+        for fusion in self.fusion.values():
+            fusion.modality_dropout = spec.modality_dropout
+
     def add_task(self, info: TaskInfo, group: str) -> None:
         """Add a task to a (trained) model: a new head in `group`, or a new group of its own.
 
@@ -203,6 +215,15 @@ class MultiTaskModel(nn.Module):
             self._add_head(info, group)
         else:
             self._add_group(group, [info])
+
+    def update_task(self, info: TaskInfo) -> None:
+        """Take a run's threshold and weight for a task this model has, so that the saved model decides as
+        the run's validation did. Its head stays as trained: the run must give it the same kind and inputs."""
+        old = self.infos[info.name]
+        if (info.kind, info.has_image, info.has_text) != (old.kind, old.has_image, old.has_text):
+            raise ConfigError(f"task {info.name!r}: the base model's head is {_described(old)}; this config makes "
+                              f"it {_described(info)}: list it as the base has it, or under a new name for a new head")
+        self.infos[info.name] = dataclasses.replace(old, threshold=info.threshold, weight=info.weight)
 
     def _add_group(self, group: str, infos: Sequence[TaskInfo]) -> None:
         inputs = [self._inputs(info) for info in infos]
@@ -340,6 +361,12 @@ class MultiTaskModel(nn.Module):
         """
         image, text = self._inputs(self.infos[task])
         return self.group_of(task), image and self.masked != "image", text and self.masked != "text"
+
+
+def _described(info: TaskInfo) -> str:
+    """A task's kind and inputs, in words: "multiclass on image + text"."""
+    inputs = [m for m, given in (("image", info.has_image), ("text", info.has_text)) if given]
+    return f"{info.kind} on {' + '.join(inputs) or 'no input'}"
 
 
 def _rows(batch: Mapping[str, Any]) -> int:

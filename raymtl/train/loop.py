@@ -307,7 +307,7 @@ def _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position
         files.log_epoch(row, position.history, position.events)
 
     def write(folder: Path) -> None:
-        save_model(folder, model, model_spec=exp.model, data=exp.data, experiment=exp.to_dict())
+        save_model(folder, model, data=exp.data, experiment=exp.to_dict())
         save_train_state(
             folder,
             position=position,
