@@ -115,6 +115,22 @@ def test_the_learning_rate_is_a_function_of_global_samples_across_resizes():
     assert resized[5 * 8 + 4] not in (resized[5 * 8], resized[6 * 8])  # the W=1 step in between has its own
 
 
+def test_a_global_batch_keeps_the_steps_across_a_resize_and_splits_them_among_the_ranks():
+    from raymtl.config import ConfigError, Experiment, TaskSpec, global_batch
+
+    assert global_batch(TrainingSpec(batch_size=16), 3) == 48
+    assert global_batch(TrainingSpec(batch_size=16, batch_scope="global"), 3) == 16
+    steps = epoch_plan(schedule_for(2), N, [[2, 8, 0], [3, 8, 5]])  # the step stays 8 rows on 3 ranks
+    assert steps == global_steps(schedule_for(2), N, 8)
+    sizes = [len(s.rows) for r in range(3) for s in rank_steps(steps[5:6], N, seed=3, epoch=0, rank=r, world=3)]
+    assert sizes == [3, 3, 2]
+    with pytest.raises(ConfigError, match="a global batch of 2 leaves some of 4 workers no row"):
+        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet", image_column="image")],
+                   training=TrainingSpec(batch_size=2, batch_scope="global", num_workers=[1, 4])).validate()
+    with pytest.raises(ConfigError, match=r"expected N >= 1 or \[min, max\] with 1 <= min <= max, got \[3, 2\]"):
+        Experiment(name="e", tasks=[TaskSpec(name="t", train="t.parquet", image_column="image")], training=TrainingSpec(num_workers=[3, 2])).validate()
+
+
 def test_a_rerun_with_more_epochs_goes_on_along_the_longer_cosine_not_the_finished_one():
     """A warmup-cosine schedule saved at its end (lr 0) and loaded into the schedule of a longer
     config gives the longer schedule's lr at the saved sample count, saying so; an unchanged one loads as saved."""
