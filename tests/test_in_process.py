@@ -74,8 +74,9 @@ def test_a_remote_run_names_its_checkpoints_by_uri(monkeypatch):
 
     result = types.SimpleNamespace(
         checkpoint=checkpoint("checkpoint_2"), metrics={"epoch": 2},
-        best_checkpoints=[(checkpoint("checkpoint_1"), {"val/mean_loss": 0.1})],
-        get_best_checkpoint=lambda metric, mode: checkpoint("checkpoint_1"))
+        best_checkpoints=[(checkpoint("checkpoint_0"), {"val/mean_loss": float("nan")}),  # NaN is never the best
+                          (checkpoint("checkpoint_1"), {"val/mean_loss": 0.1}),
+                          (checkpoint("checkpoint_2"), {"val/mean_loss": 0.1})])  # of equals, the older
     monkeypatch.setattr(trainer, "prepare", lambda exp: (exp, {}))
     monkeypatch.setattr(trainer, "ensure_ray", lambda address: None)
     monkeypatch.setattr(trainer, "make_trainer", lambda exp, infos: types.SimpleNamespace(fit=lambda: result))
@@ -120,12 +121,16 @@ def test_retention_keeps_the_best_and_the_latest(tmp_path):
     assert maximize.best(str(tmp_path)) == str(folders[4])
 
 
-def test_retention_ties_keep_the_newer(tmp_path):
-    """Ray Train keeps the newer of equal scores, and so do the pruning and the best."""
+def test_retention_ties_keep_the_newer_and_name_the_older_best(tmp_path):
+    """As Ray Train: its checkpoint manager keeps the newer of equal scores, and `get_best_checkpoint`
+    (the first of equals in its ascending list) names the older."""
     folders = checkpoints(tmp_path, [0.5, 0.2, 0.2, 0.7])
-    rule = Retention(keep=1, metric="val/mean_loss", mode="min")
-    assert rule.best(str(tmp_path)) == str(folders[2])
+    rule = Retention(keep=2, metric="val/mean_loss", mode="min")
+    assert rule.best(str(tmp_path)) == str(folders[1])
     rule.prune(str(tmp_path))
+    assert sorted(tmp_path.iterdir()) == [folders[1], folders[2], folders[3]]
+    keep_one = Retention(keep=1, metric="val/mean_loss", mode="min")
+    keep_one.prune(str(tmp_path))
     assert sorted(tmp_path.iterdir()) == [folders[2], folders[3]]
 
 
@@ -133,8 +138,10 @@ def test_mid_epoch_checkpoints_never_displace_the_evaluated_one(tmp_path):
     """A mid-epoch checkpoint's weights were never evaluated: it scores worst, so the epoch's
     checkpoint stays the best and is kept (it once carried the epoch's score, and the tie deleted it)."""
     exp = exp_with(checkpoint_metric="val/mean_loss", checkpoint_mode="min")
-    mid = _unmeasured_metrics(exp, Position(epoch=1, history=[{"epoch": 1, "val/mean_loss": 0.2}]))
+    mid = _unmeasured_metrics(exp, Position(epoch=1, history=[{"epoch": 1, "val/mean_loss": 0.2}]), "val/mean_loss")
     assert mid == {"val/mean_loss": sys.float_info.max, "epoch": 1}
+    # No validation data: checkpoints rank by recency, and a mid-epoch one has no score to be named best by.
+    assert _unmeasured_metrics(exp, Position(epoch=1), None) == {"epoch": 1}
     folders = checkpoints(tmp_path, [0.5, 0.2, mid["val/mean_loss"], mid["val/mean_loss"]])
     rule = Retention(keep=2, metric="val/mean_loss", mode="min")
     rule.prune(str(tmp_path))

@@ -242,6 +242,12 @@ def load_train_state(folder: Path) -> dict:
     return state
 
 
+def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
+    """The metric checkpoints are ranked by; None when it is a validation metric and no task has validation data."""
+    metric = exp.training.checkpoint_metric
+    return metric if any(i.n_val for i in infos.values()) or not metric.startswith("val/") else None
+
+
 def missing_files(folder: str, meta: RunMeta) -> list[str]:
     """The files of checkpoint `folder` that its `run.json` (`meta`) lists and the folder lacks or
     holds at another size: an upload cut short. A checkpoint from before the list needs the files a

@@ -77,18 +77,19 @@ class Retention:
                 found.append((folder, json.loads(file.read_text())))
         return found
 
-    def ranked(self, found: list[tuple[Path, dict]]) -> list[Path]:
-        """The folders of `found` (`checkpoints`), best first: among equal scores the newer first, a
-        NaN or missing score last (as Ray Train ranks them; an evaluated score is never a tie with a
-        mid-epoch checkpoint's, which is the worst possible)."""
+    def ranked(self, found: list[tuple[Path, dict]], *, older_first: bool = False) -> list[Path]:
+        """The folders of `found` (`checkpoints`), best first, a NaN or missing score last; among equal
+        scores the newer first, as Ray Train keeps them (`older_first`: the older, as Ray Train's
+        `get_best_checkpoint` names the best). A mid-epoch checkpoint ties with no evaluated one: it
+        scores the worst possible."""
         if self.metric is None:
             return [folder for folder, _ in reversed(found)]
-        sign = 1 if self.mode == "min" else -1
+        sign, age = (1 if self.mode == "min" else -1), (1 if older_first else -1)
 
         def key(item: tuple[int, tuple[Path, dict]]) -> tuple[bool, float, int]:
             i, (_, metrics) = item
             score = self.score(metrics)
-            return math.isnan(score), 0.0 if math.isnan(score) else sign * score, -i
+            return math.isnan(score), 0.0 if math.isnan(score) else sign * score, age * i
 
         return [folder for _, (folder, _) in sorted(enumerate(found), key=key)]
 
@@ -112,7 +113,7 @@ class Retention:
             return None
         found = self.checkpoints(run_dir)
         scores = {folder: self.score(metrics) for folder, metrics in found}
-        best = [folder for folder in self.ranked(found) if not math.isnan(scores[folder])]
+        best = [folder for folder in self.ranked(found, older_first=True) if not math.isnan(scores[folder])]
         return str(best[0]) if best else None
 
 

@@ -37,6 +37,7 @@ from raymtl.train.batches import TaskBatches
 from raymtl.train.checkpoint import (
     Position,
     RunMeta,
+    checkpoint_score,
     load_train_state,
     report_checkpoint,
     resume_position,
@@ -146,6 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     upcoming: dict[int, tuple] = {}  # the next epoch's plan and batches, prepared while this one evaluates
     meta = RunMeta.of(exp, infos, batches, world)
+    ranked_by = checkpoint_score(exp, infos)
     grad_sync = GradSync(model, compression=tr.grad_compression)
     files = RunFiles(run_dir, config.get("retention")) if rank == 0 else None
 
@@ -230,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elastic.noticed(position, world, files)
             if periodic and position.step < len(all_steps) or notice != preempting:
                 _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, {}, files,
-                        background=notice == preempting)
+                        ranked_by, background=notice == preempting)
             preempting = notice
 
         if files is not None and affinity is not None and affinity.count:
@@ -249,7 +251,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_schedule.after_epoch(row.get("val/mean_loss"))
         position = dataclasses.replace(position, epoch=epoch + 1, step=0, history=[*position.history, row], worlds=[],
                                        consumed={})
-        _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files)
+        _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files,
+                ranked_by)
 
 
 def _step(model: MultiTaskModel, optimizer: torch.optim.Optimizer, scaler, grad_clip: float | None) -> None:
@@ -281,25 +284,28 @@ def _start_stage(model: MultiTaskModel, exp: Experiment, stage: StageSpec, n_tra
     return optimizer, lr_schedule
 
 
-def _unmeasured_metrics(exp: Experiment, position: Position) -> dict:
-    """A mid-epoch checkpoint's metrics: its weights were never evaluated, so it scores worst and
-    ranks below every epoch's checkpoint (were it to carry the last epoch's score, the tie would
-    keep it, the newer, and delete the checkpoint that score was measured on).
+def _unmeasured_metrics(exp: Experiment, position: Position, ranked_by: str | None) -> dict:
+    """A mid-epoch checkpoint's metrics: its weights were never evaluated, so it scores worst by the
+    metric checkpoints are ranked by (`ranked_by`; None: by recency, no validation data) and ranks
+    below every epoch's checkpoint (were it to carry the last epoch's score, the tie would keep it,
+    the newer, and delete the checkpoint that score was measured on).
 
     Worst is the largest finite float: Ray Train keeps scores in a JSON snapshot where infinity does
     not survive (a resumed run would then fail to rank).
     """
+    if ranked_by is None:
+        return {"epoch": position.epoch}
     worst = sys.float_info.max if exp.training.checkpoint_mode == "min" else -sys.float_info.max
-    return {exp.training.checkpoint_metric: worst, "epoch": position.epoch}
+    return {ranked_by: worst, "epoch": position.epoch}
 
 
 def _report(exp, model, optimizer, scaler, lr_schedule, ewma, affinity, position, stage_idx, meta, row, files,
-            background: bool = True) -> None:
+            ranked_by: str | None, background: bool = True) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the checkpoint folder (`background`:
     see `checkpoint.report_checkpoint`)."""
     sync_buffers(model)
     rng_states = gather_rng()
-    metrics = {**(row or _unmeasured_metrics(exp, position)), "global_step": position.global_step}
+    metrics = {**(row or _unmeasured_metrics(exp, position, ranked_by)), "global_step": position.global_step}
     if files is None:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import PREEMPTION_WATCHER_ENV, ensure_ray
-from raymtl.train.checkpoint import RunMeta, latest_run_meta, newest_checkpoint
+from raymtl.train.checkpoint import RunMeta, checkpoint_score, latest_run_meta, newest_checkpoint
 from raymtl.train.elastic import ROWS_ENV
 from raymtl.train.faults import CRASH_ENV
 from raymtl.train.report import format_history, read_history, read_rows
@@ -136,12 +137,6 @@ def watches_preemption() -> bool:
     """Whether Ray Train's preemption watcher runs (off on the lean local cluster `ensure_ray`
     starts): decided here once, as asking it is a barrier every rank must take alike."""
     return os.environ.get(PREEMPTION_WATCHER_ENV, "1") != "0"
-
-
-def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:
-    """The metric checkpoints are ranked by; None when it is a validation metric and no task has validation data."""
-    metric = exp.training.checkpoint_metric
-    return metric if any(i.n_val for i in infos.values()) or not metric.startswith("val/") else None
 
 
 def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrides: dict | None = None,
@@ -271,11 +266,15 @@ def _events(run_dir: str) -> list[dict[str, Any]]:
 
 
 def _best(result, exp: Experiment, run_dir: str) -> str | None:
-    """The kept checkpoint best by `training.checkpoint_metric`; None when none reported it (no validation data)."""
+    """The kept checkpoint best by `training.checkpoint_metric`, the older of equals (as Ray Train's
+    `get_best_checkpoint`, which would also name a NaN); None when none reported a number for it."""
     metric = exp.training.checkpoint_metric
-    if not any(metric in metrics for _, metrics in result.best_checkpoints or []):
+    scored = [(checkpoint, metrics[metric]) for checkpoint, metrics in result.best_checkpoints or []
+              if isinstance(metrics.get(metric), (int, float)) and not math.isnan(metrics[metric])]
+    if not scored:
         return None
-    return storage.checkpoint_in(run_dir, result.get_best_checkpoint(metric, exp.training.checkpoint_mode))
+    best, _ = (max if exp.training.checkpoint_mode == "max" else min)(scored, key=lambda pair: pair[1])
+    return storage.checkpoint_in(run_dir, best)
 
 
 def print_summary(result: TrainResult) -> None:
