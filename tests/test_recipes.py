@@ -29,6 +29,21 @@ def test_parts_are_single_modality_models_of_the_same_tasks():
     assert image.training.epochs == exp.training.epochs and image.training.lr_multipliers == {"text": 0.1}
 
 
+@pytest.mark.parametrize("metric, mode, image_part", [
+    ("val/season/accuracy", "max", "val/mean_score"), ("val/season/loss", "min", "val/mean_loss"),
+    ("train/season/loss_ewma", "min", "train/mean_loss_ewma"), ("val/color/accuracy", "max", "val/color/accuracy")])
+def test_a_part_ranks_by_a_metric_it_reports(metric, mode, image_part):
+    """A task the image part lacks (text only) cannot rank its checkpoints: the part takes its mean of
+    the same sense; the text part, which has every task, keeps the run's metric."""
+    exp = load_experiment(CONFIG)
+    season = next(t for t in exp.tasks if t.name == "season")
+    tasks = [dataclasses.replace(t, image_column=None) if t is season else t for t in exp.tasks]
+    exp = dataclasses.replace(exp, tasks=tasks, training=dataclasses.replace(
+        exp.training, checkpoint_metric=metric, checkpoint_mode=mode)).validate()
+    assert part_experiment(exp, "image").training.checkpoint_metric == image_part
+    assert part_experiment(exp, "text").training.checkpoint_metric == metric
+
+
 def test_composed_model_takes_its_backbones_from_the_parts_and_trains_the_fusion_stages():
     exp = load_experiment(CONFIG)
     composed = compose(exp, "runs/image/ckpt", "runs/text/ckpt")

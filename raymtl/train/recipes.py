@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from raymtl.config import ConfigError, Experiment, StageSpec
+from raymtl.config import ConfigError, Experiment, StageSpec, TrainingSpec
 from raymtl.train.trainer import TrainResult
 
 Fit = Callable[[Experiment], TrainResult]
@@ -41,9 +41,21 @@ def part_experiment(exp: Experiment, modality: str) -> Experiment:
     groups = {g: [t for t in members if t in names] for g, members in (exp.model.groups or {}).items()}
     model = dataclasses.replace(model, groups={g: m for g, m in groups.items() if m} or None, init_from=None,
                                 init_heads=False, base=None)
-    training = dataclasses.replace(exp.training, recipe="joint", fusion_stages=[])
+    training = dataclasses.replace(exp.training, recipe="joint", fusion_stages=[],
+                                   checkpoint_metric=_part_metric(exp.training, names))
     return dataclasses.replace(exp, name=f"{exp.name}-{modality}", tasks=tasks, model=model,
                                training=training).validate()
+
+
+def _part_metric(training: TrainingSpec, tasks: set[str]) -> str:
+    """The part's checkpoint metric: the run's, or, when it names a task the part lacks (an image part
+    ranked by a text-only task's accuracy), the part's mean of the same sense (score or loss)."""
+    parts = training.checkpoint_metric.split("/")
+    if len(parts) != 3 or parts[1] in tasks:
+        return training.checkpoint_metric
+    if parts[0] == "train":
+        return "train/mean_loss_ewma"
+    return "val/mean_score" if training.checkpoint_mode == "max" else "val/mean_loss"
 
 
 def default_fusion_stages(epochs: int) -> list[StageSpec]:
