@@ -128,8 +128,9 @@ def test_row_nbytes_counts_a_multilabel_tasks_multi_hot_row(images):
 
 
 @pytest.mark.parametrize("tags, labels", [
-    ([[1, 2], [3, None], [2]], ["1", "2", "3"]),  # Arrow reads the whole list<int64> as floats, row 1's batch as ints
+    ([[1, 2], [3, None], [2]], ["1", "2", "3"]),  # pandas would read the whole list<int64> as floats, row 1's batch as ints
     ([["a", "b"], ["c", None], ["b"]], ["a", "b", "c"]),
+    ([[1.0, 2.0], [3.0], [2.0]], ["1.0", "2.0", "3.0"]),  # float tags keep their names (models trained on them)
 ])
 def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(images, tmp_path, tags, labels):
     _table(images, tags).to_parquet(tmp_path / "tags.parquet", index=False)
@@ -142,6 +143,13 @@ def test_a_null_tag_in_a_multilabel_list_is_no_tag_to_inspection_and_decoding(im
     decode = lambda rows: datasets.decode_rows(source, np.array(rows), inputs.preprocessors["tags"])  # noqa: E731
     np.testing.assert_array_equal(decode([0, 2]).arrays["label"], [[1, 1, 0], [0, 1, 0]])  # a batch without the null
     np.testing.assert_array_equal(decode([1]).arrays["label"], [[0, 0, 1]])
+
+
+def test_integer_tags_read_as_floats_still_encode(images):
+    """Ray Data (evaluation's reader) makes a list of integers holding a null floats: 1.0 is tag '1'."""
+    prep = _prep(kind="multilabel", labels=["1", "2", "3"])
+    out = prep(_table(images, [np.array([1.0, np.nan]), np.array([3.0]), np.array([], float)]))
+    np.testing.assert_array_equal(out["label"], [[1, 0, 0], [0, 0, 1], [0, 0, 0]])
 
 
 def test_dataframe_columns_mixing_numbers_and_words_are_read_as_text(images):

@@ -39,7 +39,9 @@ import ray.data
 from raymtl.config import ConfigError, Experiment
 from raymtl.data.plan import Step
 from raymtl.data.source_blocks import SourceBlocks
-from raymtl.data.tables import PARQUET_SUFFIXES, arrow_table, file_format, is_small, read_table, source_paths
+from raymtl.data.tables import (
+    PARQUET_SUFFIXES, arrow_table, file_format, is_small, read_table, source_paths, to_pandas,
+)
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import Preprocessor
 
@@ -329,7 +331,7 @@ def decode_rows(source: pa.Table | SourceBlocks, rows: np.ndarray, prep: Preproc
     `Preprocessor`: the numeric arrays and the unreadable rows' messages (the task tag and ids are
     not model inputs)."""
     rows = np.asarray(rows, np.int64)
-    raw = source.take(rows) if isinstance(source, SourceBlocks) else source.take(pa.array(rows)).to_pandas()
+    raw = source.take(rows) if isinstance(source, SourceBlocks) else to_pandas(source.take(pa.array(rows)))
     out = prep(raw)
     errors = out.pop("error", None)
     bad = {} if errors is None else {i: str(m) for i, m in enumerate(errors) if m}

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from raymtl.data.tables import concat_files
+from raymtl.data.tables import concat_files, to_pandas
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SourceBlocks:
         parts, order = [], []
         for b in np.unique(which):
             mine = np.flatnonzero(which == b)
-            parts.append(_block(self.blocks[b]).take(pa.array(rows[mine] - self.starts[b])).to_pandas())
+            parts.append(to_pandas(_block(self.blocks[b]).take(pa.array(rows[mine] - self.starts[b]))))
             order.append(mine)
         frame = concat_files(parts)  # blocks of different files may type a column differently
         return frame.iloc[np.argsort(np.concatenate(order), kind="stable")].reset_index(drop=True)

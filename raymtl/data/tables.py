@@ -228,7 +228,7 @@ def label_batches(source: Any, column: str) -> Iterator[tuple[str, int, pd.Serie
                 options = pacsv.ConvertOptions(include_columns=[column])
                 batches = pacsv.open_csv(fs.open_input_stream(path), convert_options=options)
             for batch in batches:
-                yield name, start, batch.column(0).to_pandas()
+                yield name, start, to_pandas(batch.column(0))
                 start += batch.num_rows
 
 
@@ -296,22 +296,31 @@ def label_names(values: pd.Series, multilabel: bool) -> tuple[np.ndarray, np.nda
     """Every label of a label column: (its row, its name). The one way cells become label names, for
     inspection's label maps and the preprocessor's encoding alike.
 
-    A label's name is its text (`str(value)`). A multilabel cell is a list of labels: a null element
-    is no label (a missing tag), and a whole-number float is named as the integer ('1', not '1.0'),
-    because Arrow reads a list of integers holding a null as floats, and a batch of its rows without
-    the null as integers. A multilabel cell that is not a list is one label; a null cell, none.
+    A label's name is its text (`str(value)`). A multilabel cell is a list of labels, a null element
+    no label (a missing tag); a multilabel cell that is not a list is one label, a null cell none.
     """
     values = values.reset_index(drop=True)
     if multilabel:
         values = values.explode().dropna()
-    codes, uniques = pd.factorize(values, use_na_sentinel=False)
-    names = np.array([_tag_name(u) if multilabel else str(u) for u in uniques], dtype=object)
-    return values.index.to_numpy(), names[codes]
+    return values.index.to_numpy(), np.array([str(v) for v in values], dtype=object)
 
 
-def _tag_name(tag: Any) -> str:
-    whole = isinstance(tag, (float, np.floating)) and float(tag).is_integer()
-    return str(int(tag)) if whole else str(tag)
+def to_pandas(data: pa.Table | pa.Array | pa.ChunkedArray) -> Any:
+    """Arrow data as pandas, integers holding a null kept as integers (objects), not made floats: a
+    list of tags [1, None] would otherwise name every tag of its file '1.0'."""
+    return data.to_pandas(integer_object_nulls=True)
+
+
+def whole_number_twin(name: str) -> str:
+    """A whole number's other name ('1' <-> '1.0'): pandas reads a list of integers holding a null
+    as floats, unless read with `integer_object_nulls` (as raymtl reads tables; Ray Data does not)."""
+    try:
+        number = float(name)
+    except ValueError:
+        return name
+    if not number.is_integer():
+        return name
+    return str(int(number)) if "." in name else f"{int(number)}.0"
 
 
 def read_parts(
@@ -330,9 +339,9 @@ def read_parts(
     fs, files = check_source(source, required)
     infos = _infos(fs, files)
     if columns is None or sum(i.size or 0 for i in infos) > DRIVER_READ_BYTES:
-        return [(name, _read_file(fs, path, name, columns).to_pandas()) for path, name in files]
+        return [(name, to_pandas(_read_file(fs, path, name, columns))) for path, name in files]
     keep = list(dict.fromkeys([*required, *columns]))
-    return [(name, _file_table(fs, info, name, keep).select(columns).to_pandas())
+    return [(name, to_pandas(_file_table(fs, info, name, keep).select(columns)))
             for info, (_, name) in zip(infos, files)]
 
 

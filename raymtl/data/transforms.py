@@ -31,7 +31,7 @@ from PIL import Image
 
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
 from raymtl.data import image_io
-from raymtl.data.tables import label_names
+from raymtl.data.tables import label_names, whole_number_twin
 from raymtl.data.task_info import TaskInfo
 from raymtl.errors import DataError
 
@@ -167,7 +167,10 @@ class Preprocessor:
         """Label names (`tables.label_names`, as inspection named them) -> class ids, or multi-hot rows
         for list-valued multilabel cells."""
         rows, names = label_names(values, self.kind == "multilabel")
-        codes = pd.Index(self.labels).get_indexer(names)
+        index = pd.Index(self.labels)
+        codes = index.get_indexer(names)
+        if (codes < 0).any():  # integer tags that a reader without integer_object_nulls made floats ('1.0')
+            codes[codes < 0] = index.get_indexer([whole_number_twin(name) for name in names[codes < 0]])
         if (codes < 0).any():
             bad = names[int(np.argmax(codes < 0))]
             raise ConfigError(
