@@ -253,10 +253,10 @@ def test_a_missing_image_is_bad_at_once_without_a_retry(replies):
     assert replies.requests["/3.png"] == 1 and replies.waits == []
 
 
-@pytest.mark.parametrize("on_bad", ["mark", "skip", "raise"])
+@pytest.mark.parametrize("on_bad", ["skip", "raise"])
 def test_a_read_that_keeps_failing_fails_the_task_as_retryable_not_as_a_bad_image(replies, on_bad):
-    """After the retries the decode fails with an error naming the URL and its last status; no row is marked
-    or dropped, and it is no data error: `training.max_failures` resumes the run from its checkpoint."""
+    """In training, after the retries the decode fails with an error naming the URL and its last status; no row
+    is dropped, and it is no data error: `training.max_failures` resumes the run from its checkpoint."""
     replies.scripts["/1.png"] = [(503, None)]
     with pytest.raises(storage.TransientReadError) as raised:
         _prep(concurrency=4, on_bad=on_bad)(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
@@ -265,6 +265,15 @@ def test_a_read_that_keeps_failing_fails_the_task_as_retryable_not_as_a_bad_imag
     policy = storage.RETRY
     assert replies.requests["/1.png"] == policy.attempts
     assert len(replies.waits) == policy.attempts - 1 and sum(replies.waits) <= policy.max_total_wait_s
+
+
+def test_prediction_writes_a_read_that_keeps_failing_as_its_rows_error(replies):
+    """Prediction (mark) has no checkpoint to retry from: the row keeps its error, rows in = rows out."""
+    replies.scripts["/1.png"] = [(503, None)]
+    out = _prep(concurrency=4, on_bad="mark")(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
+    assert [bool(e) for e in out["error"]] == [False, True, False, False]
+    assert "cannot read image" in out["error"][1] and "HTTP 503" in out["error"][1]
+    assert replies.requests["/1.png"] == storage.RETRY.attempts
 
 
 def test_retry_after_is_honoured_up_to_the_cap_and_the_waits_are_bounded(replies, monkeypatch):

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
 from raymtl.data import image_io
 from raymtl.data.tables import label_names, whole_number_twin
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 ON_BAD = ("raise", "skip", "mark")
 # What a missing, truncated, corrupt or oversized image raises (PIL and pyarrow alike). A remote read that kept
-# failing for a passing reason raises `storage.TransientReadError`, none of these: it fails the task, not the row.
+# failing for a passing reason raises `storage.TransientReadError`, none of these: in training it fails the task,
+# not the row.
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -131,6 +133,9 @@ class Preprocessor:
         by_column: dict[str, list[ViewSpec]] = defaultdict(list)
         for v in self.views:
             by_column[v.column].append(v)
+        # Training fails a task on a read that kept failing for a passing reason (it is retried from a
+        # checkpoint); prediction, which has no retry, writes it as the row's error (rows in = rows out).
+        bad_errors = _BAD_IMAGE_ERRORS + ((storage.TransientReadError,) if self.on_bad == "mark" else ())
         for column, views in by_column.items():
             min_side = math.ceil(size / min(v.crop for v in views))
             uris = batch[column].to_numpy()
@@ -143,7 +148,7 @@ class Preprocessor:
                     image = decode_image(data, min_side)
                     for v in views:
                         pixels[v.name][i] = _crop_resize(image, v.crop, size)
-                except _BAD_IMAGE_ERRORS as e:
+                except bad_errors as e:
                     errors[i] = f"task {self.task!r}: cannot read image {uris[i]!r} in column {column!r}: {type(e).__name__}: {e}"
                     if self.on_bad == "raise":
                         raise BadImageError(errors[i]) from e
