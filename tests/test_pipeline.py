@@ -182,6 +182,12 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(mode, fmt):
     assert pixels.shape == (16, 16, 3) and (pixels == 128).all()  # mid-grey, not white
 
 
+def test_a_32_bit_grey_image_of_8_bit_values_is_taken_as_it_is():
+    encoded = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 200, np.int32)).save(encoded, format="TIFF")
+    assert Image.open(encoded).mode == "I" and (np.asarray(decode_image(encoded.getvalue())) == 200).all()
+
+
 def test_centre_crop_crops_the_shorter_side(images):
     views = [ViewSpec("full"), ViewSpec("centre", crop=0.5)]
     out = _prep(views=views)(_table(images, ["a"], names=["framed"]))

@@ -228,13 +228,17 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     JPEGs decode at the smallest power-of-two scale that keeps both sides >= `min_side`
     (PIL draft mode): several times faster, and the pixels are resized down anyway. 16-bit grey
     images (a PNG opens as "I;16", or "I" in older Pillow) keep their top 8 bits: PIL's RGB
-    conversion would clip them at 255, nearly white.
+    conversion would clip them at 255, nearly white. An "I" (32-bit) image whose values fit in 8
+    bits (some TIFFs) is taken as it is.
     """
     image = Image.open(io.BytesIO(data))
     if min_side:
         image.draft("RGB", (min_side, min_side))
     if image.mode.startswith("I"):
-        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
+        grey = np.asarray(image)
+        if image.mode.startswith("I;16") or grey.max(initial=0) > 255:
+            grey = grey >> 8
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
