@@ -246,7 +246,7 @@ def fit(exp: Experiment, *, address: str | None = None, raise_on_error: bool = T
                 result, best = fit_here(exp, infos)
             else:
                 result = make_trainer(exp, infos).fit()
-                best = _best(result, exp, run_dir)
+                best = best_checkpoint(result, exp.training.checkpoint_metric, exp.training.checkpoint_mode, run_dir)
     except TrainingFailedError as e:
         if raise_on_error:
             raise
@@ -265,15 +265,14 @@ def _events(run_dir: str) -> list[dict[str, Any]]:
     return [row for row in read_rows(run_dir) if "event" in row]
 
 
-def _best(result, exp: Experiment, run_dir: str) -> str | None:
-    """The kept checkpoint best by `training.checkpoint_metric`, the older of equals (as Ray Train's
+def best_checkpoint(result, metric: str, mode: str, run_dir: str) -> str | None:
+    """A Ray Train `Result`'s kept checkpoint best by `metric`, the older of equals (as Ray Train's
     `get_best_checkpoint`, which would also name a NaN); None when none reported a number for it."""
-    metric = exp.training.checkpoint_metric
     scored = [(checkpoint, metrics[metric]) for checkpoint, metrics in result.best_checkpoints or []
               if isinstance(metrics.get(metric), (int, float)) and not math.isnan(metrics[metric])]
     if not scored:
         return None
-    best, _ = (max if exp.training.checkpoint_mode == "max" else min)(scored, key=lambda pair: pair[1])
+    best, _ = (max if mode == "max" else min)(scored, key=lambda pair: pair[1])
     return storage.checkpoint_in(run_dir, best)
 
 

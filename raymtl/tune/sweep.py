@@ -341,11 +341,8 @@ def _best_checkpoint(run_dir: str, spec: SweepSpec) -> str | None:
     from ray.train import Result
 
     from raymtl.train.in_process import Retention
+    from raymtl.train.trainer import best_checkpoint
 
     if not storage.is_uri(run_dir):  # a local folder: its checkpoints carry their metrics (in-trial runs too)
         return Retention(1, spec.metric, spec.mode).best(run_dir)
-    result = Result.from_path(run_dir)
-    if not result.best_checkpoints:
-        return None
-    checkpoint = result.get_best_checkpoint(spec.metric, spec.mode)
-    return storage.checkpoint_in(run_dir, checkpoint)
+    return best_checkpoint(Result.from_path(run_dir), spec.metric, spec.mode, run_dir)
