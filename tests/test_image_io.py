@@ -21,6 +21,7 @@ from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec, load_experi
 from raymtl.data import image_io
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
+from raymtl.predict.plan import Input
 from raymtl.train.failures import is_data_error
 
 SIZE = 8
@@ -81,11 +82,11 @@ def _url(s: _Server, name: str) -> str:
     return f"http://127.0.0.1:{s.server_address[1]}/{name}"
 
 
-def _prep(concurrency: int, on_bad: str = "raise") -> Preprocessor:
+def _prep(concurrency: int, on_bad: str = "raise", retried: bool = True) -> Preprocessor:
     task = TaskSpec("color", train=None, image_column="image")
     info = TaskInfo("color", "multiclass", ["a"], N, 0, has_image=True, has_text=False)
     data = DataSpec(image_size=SIZE, views=[ViewSpec("full")], read_concurrency=concurrency)
-    return Preprocessor(task, info, data, with_labels=False, on_bad=on_bad)
+    return Preprocessor(task, info, data, with_labels=False, on_bad=on_bad, retried=retried)
 
 
 def _red(view: np.ndarray) -> np.ndarray:
@@ -253,10 +254,10 @@ def test_a_missing_image_is_bad_at_once_without_a_retry(replies):
     assert replies.requests["/3.png"] == 1 and replies.waits == []
 
 
-@pytest.mark.parametrize("on_bad", ["skip", "raise"])
+@pytest.mark.parametrize("on_bad", ["mark", "skip", "raise"])  # training marks bad rows with skip_bad_images
 def test_a_read_that_keeps_failing_fails_the_task_as_retryable_not_as_a_bad_image(replies, on_bad):
     """In training, after the retries the decode fails with an error naming the URL and its last status; no row
-    is dropped, and it is no data error: `training.max_failures` resumes the run from its checkpoint."""
+    is marked or dropped, and it is no data error: `training.max_failures` resumes the run from its checkpoint."""
     replies.scripts["/1.png"] = [(503, None)]
     with pytest.raises(storage.TransientReadError) as raised:
         _prep(concurrency=4, on_bad=on_bad)(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
@@ -268,9 +269,11 @@ def test_a_read_that_keeps_failing_fails_the_task_as_retryable_not_as_a_bad_imag
 
 
 def test_prediction_writes_a_read_that_keeps_failing_as_its_rows_error(replies):
-    """Prediction (mark) has no checkpoint to retry from: the row keeps its error, rows in = rows out."""
+    """Prediction has no checkpoint to retry from: its preprocessor (an input's, from the plan) keeps the row
+    with its error, rows in = rows out."""
     replies.scripts["/1.png"] = [(503, None)]
-    out = _prep(concurrency=4, on_bad="mark")(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
+    prep = Input("image", "image", ("color",)).preprocessor(DataSpec(image_size=SIZE, read_concurrency=4))
+    out = prep(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
     assert [bool(e) for e in out["error"]] == [False, True, False, False]
     assert "cannot read image" in out["error"][1] and "HTTP 503" in out["error"][1]
     assert replies.requests["/1.png"] == storage.RETRY.attempts

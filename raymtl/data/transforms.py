@@ -66,6 +66,7 @@ class Preprocessor:
         *,
         with_labels: bool = True,
         on_bad: str = "raise",
+        retried: bool = True,
     ) -> None:
         if on_bad not in ON_BAD:
             raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
@@ -75,6 +76,9 @@ class Preprocessor:
         self.kind = info.kind
         self.labels = list(info.labels)
         self.on_bad = on_bad
+        # A remote read that kept failing for a passing reason fails the decode where a retry from a
+        # checkpoint follows (training, `retried`); elsewhere (prediction) it is the row's error.
+        self.unreadable = _BAD_IMAGE_ERRORS if retried else (*_BAD_IMAGE_ERRORS, storage.TransientReadError)
         self.label_column = task.label_column if with_labels else None
         self.text_column = task.text_column if info.has_text else None
         self.id_column = task.id_column
@@ -133,9 +137,6 @@ class Preprocessor:
         by_column: dict[str, list[ViewSpec]] = defaultdict(list)
         for v in self.views:
             by_column[v.column].append(v)
-        # Training fails a task on a read that kept failing for a passing reason (it is retried from a
-        # checkpoint); prediction, which has no retry, writes it as the row's error (rows in = rows out).
-        bad_errors = _BAD_IMAGE_ERRORS + ((storage.TransientReadError,) if self.on_bad == "mark" else ())
         for column, views in by_column.items():
             min_side = math.ceil(size / min(v.crop for v in views))
             uris = batch[column].to_numpy()
@@ -148,7 +149,7 @@ class Preprocessor:
                     image = decode_image(data, min_side)
                     for v in views:
                         pixels[v.name][i] = _crop_resize(image, v.crop, size)
-                except bad_errors as e:
+                except self.unreadable as e:
                     errors[i] = f"task {self.task!r}: cannot read image {uris[i]!r} in column {column!r}: {type(e).__name__}: {e}"
                     if self.on_bad == "raise":
                         raise BadImageError(errors[i]) from e

@@ -37,7 +37,7 @@ class Input:
         spec = TaskSpec(name, train=None, image_column=self.column if image else None,
                         text_column=self.column if text else None)
         info = TaskInfo(name, "multiclass", [], 0, 0, has_image=image, has_text=text)  # labels unused
-        return Preprocessor(spec, info, data, with_labels=False, on_bad="mark")
+        return Preprocessor(spec, info, data, with_labels=False, on_bad="mark", retried=False)  # no checkpoint
 
 
 @dataclass(frozen=True)
