@@ -307,20 +307,9 @@ def label_names(values: pd.Series, multilabel: bool) -> tuple[np.ndarray, np.nda
 
 def to_pandas(data: pa.Table | pa.Array | pa.ChunkedArray) -> Any:
     """Arrow data as pandas, integers holding a null kept as integers (objects), not made floats: a
-    list of tags [1, None] would otherwise name every tag of its file '1.0'."""
+    list of tags [1, None] would otherwise name every tag of its file '1.0' (Ray Data's own pandas
+    batches, Arrow-backed, keep integers too)."""
     return data.to_pandas(integer_object_nulls=True)
-
-
-def whole_number_twin(name: str) -> str:
-    """A whole number's other name ('1' <-> '1.0'): pandas reads a list of integers holding a null
-    as floats, unless read with `integer_object_nulls` (as raymtl reads tables; Ray Data does not)."""
-    try:
-        number = float(name)
-    except ValueError:
-        return name
-    if not number.is_integer():
-        return name
-    return str(int(number)) if "." in name else f"{int(number)}.0"
 
 
 def read_parts(

@@ -32,7 +32,7 @@ from PIL import Image
 from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
 from raymtl.data import image_io
-from raymtl.data.tables import label_names, whole_number_twin
+from raymtl.data.tables import label_names
 from raymtl.data.task_info import TaskInfo
 from raymtl.errors import DataError
 
@@ -173,10 +173,7 @@ class Preprocessor:
         """Label names (`tables.label_names`, as inspection named them) -> class ids, or multi-hot rows
         for list-valued multilabel cells."""
         rows, names = label_names(values, self.kind == "multilabel")
-        index = pd.Index(self.labels)
-        codes = index.get_indexer(names)
-        if (codes < 0).any():  # integer tags that a reader without integer_object_nulls made floats ('1.0')
-            codes[codes < 0] = index.get_indexer([whole_number_twin(name) for name in names[codes < 0]])
+        codes = pd.Index(self.labels).get_indexer(names)
         if (codes < 0).any():
             bad = names[int(np.argmax(codes < 0))]
             raise ConfigError(
@@ -228,18 +225,15 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
 
     JPEGs decode at the smallest power-of-two scale that keeps both sides >= `min_side`
     (PIL draft mode): several times faster, and the pixels are resized down anyway. 16-bit grey
-    images (a PNG opens as "I;16", or "I" in older Pillow) keep their top 8 bits: PIL's RGB
-    conversion would clip them at 255, nearly white. An "I" (32-bit) image whose values fit in 8
-    bits (some TIFFs) is taken as it is.
+    images (modes "I;16", "I;16B"...: a 16-bit PNG or TIFF) keep their top 8 bits: PIL's RGB
+    conversion would clip them at 255, nearly white. A 32-bit "I" image has no known range: PIL
+    converts it (a pinned Pillow >= 10.3 opens 16-bit PNGs as "I;16", not "I").
     """
     image = Image.open(io.BytesIO(data))
     if min_side:
         image.draft("RGB", (min_side, min_side))
-    if image.mode.startswith("I"):
-        grey = np.asarray(image)
-        if image.mode.startswith("I;16") or grey.max(initial=0) > 255:
-            grey = grey >> 8
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     return image.convert("RGB")
 
 
