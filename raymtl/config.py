@@ -1,8 +1,9 @@
 """Typed experiment configuration: YAML <-> dataclasses, checked before Ray starts.
 
 One `Experiment` drives everything (data pipeline, model, loop, sweeps). Parsing rejects
-unknown keys with a "did you mean" hint and wrong types with the dotted path of the fault;
-checks that need the data itself (files, columns, labels) live in `raymtl.data.tables`.
+unknown keys with a "did you mean" hint and wrong types with the dotted path of the fault, and
+checks names (tasks, groups, metrics); checks that need the data itself (files, columns, labels)
+live in `raymtl.data.inspection` and `raymtl.preflight`.
 """
 
 from __future__ import annotations

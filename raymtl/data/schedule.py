@@ -1,8 +1,8 @@
 """TaskSchedule: which task each step of an epoch trains on.
 
-The order is a pure function of (seed, epoch, per-task batch counts, mode), so every DDP rank
-and every resumed run computes the identical sequence without communicating. A rank that picked
-its own random task would deadlock both DDP and Ray Data's streaming split.
+The order is a pure function of (seed, epoch, per-task batch counts, mode), so every rank and
+every resumed run computes the identical sequence without communicating. A rank that picked its
+own random task would deadlock the gradient sync (each task's step all-reduces its own parameters).
 """
 
 from __future__ import annotations

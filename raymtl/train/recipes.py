@@ -1,8 +1,9 @@
 """Octopod's staged recipe (`training.recipe: staged`): single-modality models first, then fusion.
 
 1. an image model (the config's tasks that have images, no text encoder) and a text model (the
-   tasks that have text, no image backbone) train as the config's `training` section says, each
-   under its own run name (`<name>-image`, `<name>-text`; a rerun resumes them like any run);
+   tasks that have text, no image backbone) train as the config's `training` section says (but for
+   a `checkpoint_metric` of a task the part lacks: the part's mean of the same sense), each under
+   its own run name (`<name>-image`, `<name>-text`; a rerun resumes them like any run);
 2. the image + text model of the config is composed from their best checkpoints (`model.init_from`:
    each task group's image backbone from the image model, the text encoder from the text model)
    and trained in `training.fusion_stages`: a stage with both backbones frozen trains only the

@@ -1,9 +1,10 @@
 """Where an epoch's training time goes: waiting for batches vs computing on them.
 
-Ray Data feeds each task's steps from its own stream; when a stream falls behind, the loop waits.
-`StepTimer` measures that wait per step so a run reports it (`perf/data_wait_fraction`) instead of
-leaving it to guesswork. The first batch of each task in an epoch waits for its stream to start and
-is counted apart (`perf/first_batch_wait_s`), so the fraction describes the steady state.
+An epoch's batches come from the decoded cache or from one stream of decode tasks; when the stream
+falls behind, the loop waits. `StepTimer` measures that wait per step so a run reports it
+(`perf/data_wait_fraction`) instead of leaving it to guesswork. The first batch of each task in an
+epoch waits for the stream to start and is counted apart (`perf/first_batch_wait_s`), so the
+fraction describes the steady state.
 `perf/epoch_s`, `perf/steps_s` (forward, backward and update of every step) and `perf/eval_s` put
 the steps in proportion to the whole epoch; `perf/first_step_unix` (wall clock when the epoch's first
 step ended) lets a benchmark measure start-up from outside the run.

@@ -1,4 +1,5 @@
-"""Driver side of training: check everything, then wire the per-task Datasets into a TorchTrainer."""
+"""Driver side of training: check everything, then hand the task inputs (tables in the object store,
+a decoded cache, or a large source's blocks) to a TorchTrainer, or train here (`in_process`)."""
 
 from __future__ import annotations
 
