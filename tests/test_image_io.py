@@ -22,7 +22,7 @@ from raymtl.data import image_io
 from raymtl.data.task_info import TaskInfo
 from raymtl.data.transforms import BadImageError, Preprocessor
 from raymtl.predict.plan import Input
-from raymtl.train.failures import is_data_error
+from raymtl.train.failures import is_permanent
 
 SIZE = 8
 N = 16
@@ -262,7 +262,7 @@ def test_a_read_that_keeps_failing_fails_the_task_as_retryable_not_as_a_bad_imag
     with pytest.raises(storage.TransientReadError) as raised:
         _prep(concurrency=4, on_bad=on_bad)(pd.DataFrame({"image": [_cdn(i) for i in range(4)]}))
     assert "https://cdn.example/1.png" in str(raised.value) and "HTTP 503" in str(raised.value)
-    assert not is_data_error(raised.value)
+    assert not is_permanent(raised.value)
     policy = storage.RETRY
     assert replies.requests["/1.png"] == policy.attempts
     assert len(replies.waits) == policy.attempts - 1 and sum(replies.waits) <= policy.max_total_wait_s

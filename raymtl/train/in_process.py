@@ -127,7 +127,7 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
     from ray.train import ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
-    from raymtl.train.failures import is_data_error
+    from raymtl.train.failures import is_permanent
     from raymtl.train.trainer import train_loop_per_worker
 
     run_dir = config["run_dir"]
@@ -143,7 +143,7 @@ def fit_in_process(exp: Experiment, config: dict, retention: Retention):
             return trainer.fit()
         except Exception as error:  # noqa: BLE001 -- a worker's failure, handled as Ray Train would
             failures += 1
-            if 0 <= attempts < failures or is_data_error(error):  # the same data fails the same way
+            if 0 <= attempts < failures or is_permanent(error):  # the same data or config fails the same way
                 raise WorkerGroupError(f"the in-process run failed: {error!r}", {0: error}) from error
             console.log_error(error)
             console.say(f"[raymtl] attempt {failures} failed ({console.root_cause(error)!r}); "
