@@ -326,6 +326,28 @@ def test_bad_images_over_the_cap_stop_with_one_line_naming_count_and_files(ray_c
     assert "data.max_bad_fraction=0.3" in line and images["corrupt"] in line
 
 
+def test_the_cap_on_bad_rows_is_the_epochs_also_after_a_resume():
+    """8 bad rows of 100 under a 10 % cap: the uninterrupted epoch trains; resumed halfway, the cap
+    was 10 % of the 50 rows left and a preemption ended a run that would have finished."""
+    import types
+
+    bad = set(range(92, 100))
+
+    class Cache:
+        def gather(self, key, rows):
+            return datasets.Decoded({"label": np.asarray(rows, np.int64)},
+                                    {i: f"row {r}" for i, r in enumerate(rows) if r in bad})
+
+    inputs = types.SimpleNamespace(max_bad_fraction=0.1)
+    plan = [Step("a", np.arange(i, i + 10)) for i in range(0, 100, 10)]
+    for steps, planned in ((plan, None), (plan[5:], 100)):
+        data = TaskBatches(inputs, "train", steps, CPU, Cache(), planned=planned)
+        assert sum(len(data.next("a")["label"]) for _ in steps) == len(steps) * 10 - 8
+    resumed = TaskBatches(inputs, "train", plan[5:], CPU, Cache())  # the rows left: a cap of 5
+    with pytest.raises(DataError, match="8 of this rank's 50 train rows"):
+        [resumed.next("a") for _ in plan[5:]]
+
+
 def test_strict_mode_stops_at_the_first_bad_image_with_a_data_error(ray_cluster, images, tmp_path):
     inputs = _two_task_inputs(images, tmp_path, cache=False, color_names=("red", "corrupt", "red"))
     data = TaskBatches(inputs, "train", [Step("color", np.array([0, 1, 2]))], CPU, None)

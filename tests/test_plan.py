@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raymtl.data.plan import global_order, train_steps, val_steps
+from raymtl.data.plan import global_order, global_steps, rank_rows, rank_steps, train_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
 
 N = {"color": 70, "style": 41}
@@ -80,3 +80,12 @@ def test_validation_reads_every_row_once_whatever_the_world(world):
         for step in val_steps(n_rows, 16, rank=rank, world=world):
             read[step.task] += step.rows.tolist()
     assert {task: sorted(rows) for task, rows in read.items()} == {task: list(range(n)) for task, n in n_rows.items()}
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_rank_rows_counts_what_rank_steps_gives_each_rank(world):
+    schedule = TaskSchedule({"a": 7, "b": 3}, 0, 0, "shuffled").steps()
+    steps = global_steps(schedule, {"a": 100, "b": 50}, 13)
+    for rank in range(world):
+        mine = rank_steps(steps, {"a": 100, "b": 50}, seed=0, epoch=0, rank=rank, world=world)
+        assert rank_rows(steps, rank, world) == sum(len(s.rows) for s in mine)

@@ -137,6 +137,11 @@ def rank_steps(
     return out
 
 
+def rank_rows(steps: list[GlobalStep], rank: int, world: int) -> int:
+    """How many rows `rank_steps` gives `rank` of `steps`, without their orders."""
+    return sum(len(range(s.start + rank, s.stop, world)) for s in steps)
+
+
 def train_steps(
     schedule: list[str],
     n_rows: dict[str, int],

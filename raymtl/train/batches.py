@@ -147,10 +147,14 @@ class TaskBatches:
         cache: DecodedCache | None,
         *,
         slots: int | None = None,
+        planned: int | None = None,
     ) -> None:
         self.steps, self.device_inputs = steps, device_inputs
         self.i = 0
-        self.bad = BadRows(split, sum(len(s.rows) for s in steps), inputs.max_bad_fraction)
+        # `planned`: the rows the cap on unreadable ones is a fraction of (default: those of `steps`), the
+        # whole epoch's for a resumed one, so a resume does not shrink the cap to the rows left
+        planned = sum(len(s.rows) for s in steps) if planned is None else planned
+        self.bad = BadRows(split, planned, inputs.max_bad_fraction)
         read = [s for s in steps if len(s.rows)]  # a resized epoch's short last step may leave a rank none
         if cache is not None:
             raw: Iterator[Decoded] = (cache.gather(dataset_key(s.task, split), s.rows) for s in read)

@@ -25,7 +25,7 @@ import torch
 from raymtl.config import Experiment, StageSpec, global_batch
 from raymtl.data.datasets import DecodedCache, TaskInputs, decode_slots, warm_decoders
 from raymtl.data.device_inputs import DeviceInputs
-from raymtl.data.plan import GlobalStep, epoch_plan, rank_steps, val_steps
+from raymtl.data.plan import GlobalStep, epoch_plan, rank_rows, rank_steps, val_steps
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load as load_artifact
@@ -143,7 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         all_steps = epoch_plan(steps, n_train, worlds)
         plan = rank_steps(all_steps[start:], n_train, seed=exp.seed, epoch=epoch, rank=rank, world=world,
                           shuffle=exp.data.shuffle)
-        return all_steps, plan, TaskBatches(inputs, "train", plan, device_inputs, cache, slots=slots)
+        return all_steps, plan, TaskBatches(inputs, "train", plan, device_inputs, cache, slots=slots,
+                                            planned=rank_rows(all_steps, rank, world))  # a resumed epoch's too
 
     upcoming: dict[int, tuple] = {}  # the next epoch's plan and batches, prepared while this one evaluates
     meta = RunMeta.of(exp, infos, batches, world)
