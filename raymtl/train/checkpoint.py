@@ -15,14 +15,15 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import posixpath
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from raymtl.data.task_info import TaskInfo
 from raymtl.errors import DataError
 from raymtl.models.artifact import META_FILE, WEIGHTS_FILE
 
+T = TypeVar("T")
 logger = logging.getLogger("raymtl")
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -240,6 +242,18 @@ def load_train_state(folder: Path) -> dict:
     meta = Path(folder) / RUN_META_FILE
     state["meta"] = RunMeta.from_json(meta.read_text()) if meta.exists() else None
     return state
+
+
+def best_of(found: Sequence[tuple[T, dict]], metric: str, mode: str) -> T | None:
+    """The item of `found` ((item, its reported metrics) pairs) best by `metric`, the first of equals (as
+    Ray Train's `get_best_checkpoint`: the older, in its list as in a run folder's); never one whose score
+    is NaN or missing, which Ray's would name: None when no item has a number for it."""
+    scored = [(item, metrics[metric]) for item, metrics in found
+              if isinstance(metrics.get(metric), (int, float)) and not math.isnan(metrics[metric])]
+    if not scored:
+        return None
+    best, _ = (max if mode == "max" else min)(scored, key=lambda pair: pair[1])
+    return best
 
 
 def checkpoint_score(exp: Experiment, infos: dict[str, TaskInfo]) -> str | None:

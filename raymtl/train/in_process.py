@@ -25,7 +25,7 @@ from pathlib import Path
 
 from raymtl import console, storage
 from raymtl.config import ConfigError, Experiment, worker_range
-from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, newest_checkpoint
+from raymtl.train.checkpoint import CHECKPOINT_METRICS_FILE, best_of, newest_checkpoint
 
 
 def trains_in_process(exp: Experiment, address: str | None) -> bool:
@@ -77,25 +77,20 @@ class Retention:
                 found.append((folder, json.loads(file.read_text())))
         return found
 
-    def ranked(self, found: list[tuple[Path, dict]], *, older_first: bool = False) -> list[Path]:
+    def ranked(self, found: list[tuple[Path, dict]]) -> list[Path]:
         """The folders of `found` (`checkpoints`), best first, a NaN or missing score last; among equal
-        scores the newer first, as Ray Train keeps them (`older_first`: the older, as Ray Train's
-        `get_best_checkpoint` names the best). A mid-epoch checkpoint ties with no evaluated one: it
-        scores the worst possible."""
+        scores the newer first, as Ray Train keeps them. A mid-epoch checkpoint ties with no evaluated
+        one: it scores the worst possible."""
         if self.metric is None:
             return [folder for folder, _ in reversed(found)]
-        sign, age = (1 if self.mode == "min" else -1), (1 if older_first else -1)
+        sign = 1 if self.mode == "min" else -1
 
         def key(item: tuple[int, tuple[Path, dict]]) -> tuple[bool, float, int]:
             i, (_, metrics) = item
-            score = self.score(metrics)
-            return math.isnan(score), 0.0 if math.isnan(score) else sign * score, age * i
+            score = float(metrics.get(self.metric, math.nan))
+            return math.isnan(score), 0.0 if math.isnan(score) else sign * score, -i
 
         return [folder for _, (folder, _) in sorted(enumerate(found), key=key)]
-
-    def score(self, metrics: dict) -> float:
-        """A checkpoint's score by `metric`: NaN when it has none."""
-        return float(metrics.get(self.metric, math.nan))
 
     def prune(self, run_dir: str) -> None:
         """Delete the checkpoints neither among the `keep` best nor the latest."""
@@ -108,13 +103,10 @@ class Retention:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def best(self, run_dir: str) -> str | None:
-        """The best checkpoint by `metric`; None without a metric (no validation data) or a checkpoint scored."""
-        if self.metric is None:
-            return None
-        found = self.checkpoints(run_dir)
-        scores = {folder: self.score(metrics) for folder, metrics in found}
-        best = [folder for folder in self.ranked(found, older_first=True) if not math.isnan(scores[folder])]
-        return str(best[0]) if best else None
+        """The best checkpoint by `metric` (`checkpoint.best_of`, as for a Ray Train run); None without a
+        metric (no validation data) or a checkpoint scored."""
+        best = best_of(self.checkpoints(run_dir), self.metric, self.mode) if self.metric else None
+        return None if best is None else str(best)
 
 
 def fit_in_process(exp: Experiment, config: dict, retention: Retention):

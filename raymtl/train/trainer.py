@@ -4,7 +4,6 @@ a decoded cache, or a large source's blocks) to a TorchTrainer, or train here (`
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
 from raymtl.ray_runtime import PREEMPTION_WATCHER_ENV, ensure_ray
-from raymtl.train.checkpoint import RunMeta, checkpoint_score, latest_run_meta, newest_checkpoint
+from raymtl.train.checkpoint import RunMeta, best_of, checkpoint_score, latest_run_meta, newest_checkpoint
 from raymtl.train.elastic import ROWS_ENV
 from raymtl.train.faults import CRASH_ENV
 from raymtl.train.report import format_history, read_history, read_rows
@@ -267,14 +266,10 @@ def _events(run_dir: str) -> list[dict[str, Any]]:
 
 
 def best_checkpoint(result, metric: str, mode: str, run_dir: str) -> str | None:
-    """A Ray Train `Result`'s kept checkpoint best by `metric`, the older of equals (as Ray Train's
-    `get_best_checkpoint`, which would also name a NaN); None when none reported a number for it."""
-    scored = [(checkpoint, metrics[metric]) for checkpoint, metrics in result.best_checkpoints or []
-              if isinstance(metrics.get(metric), (int, float)) and not math.isnan(metrics[metric])]
-    if not scored:
-        return None
-    best, _ = (max if mode == "max" else min)(scored, key=lambda pair: pair[1])
-    return storage.checkpoint_in(run_dir, best)
+    """A Ray Train `Result`'s kept checkpoint best by `metric` (`checkpoint.best_of`); None when none
+    reported a number for it."""
+    best = best_of(result.best_checkpoints or [], metric, mode)
+    return None if best is None else storage.checkpoint_in(run_dir, best)
 
 
 def print_summary(result: TrainResult) -> None:
