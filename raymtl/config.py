@@ -389,6 +389,12 @@ def epoch_metrics(exp: Experiment) -> list[str]:
     return names
 
 
+def metric_task(metric: str) -> str | None:
+    """The task of a per-task metric (`val/<task>/accuracy`, `train/<task>/loss_ewma`); None for a mean."""
+    parts = metric.split("/")
+    return parts[1] if len(parts) == 3 else None
+
+
 def check_metric(metric: str, exp: Experiment, path: str, prefix: str = "") -> None:
     """`metric` is one the epochs report (starting with `prefix`): a typo, or accuracy of a multilabel
     task, would rank nothing and keep only the latest checkpoint."""

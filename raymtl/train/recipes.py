@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from raymtl.config import ConfigError, Experiment, StageSpec, TrainingSpec
+from raymtl.config import ConfigError, Experiment, StageSpec, TrainingSpec, metric_task
 from raymtl.train.trainer import TrainResult
 
 Fit = Callable[[Experiment], TrainResult]
@@ -51,10 +51,10 @@ def part_experiment(exp: Experiment, modality: str) -> Experiment:
 def _part_metric(training: TrainingSpec, tasks: set[str]) -> str:
     """The part's checkpoint metric: the run's, or, when it names a task the part lacks (an image part
     ranked by a text-only task's accuracy), the part's mean of the same sense (score or loss)."""
-    parts = training.checkpoint_metric.split("/")
-    if len(parts) != 3 or parts[1] in tasks:
+    task = metric_task(training.checkpoint_metric)
+    if task is None or task in tasks:
         return training.checkpoint_metric
-    if parts[0] == "train":
+    if training.checkpoint_metric.startswith("train/"):
         return "train/mean_loss_ewma"
     return "val/mean_score" if training.checkpoint_mode == "max" else "val/mean_loss"
 

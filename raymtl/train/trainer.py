@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymtl import console, preflight, storage
-from raymtl.config import ConfigError, Experiment, global_batch, worker_range
+from raymtl.config import ConfigError, Experiment, global_batch, metric_task, worker_range
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
@@ -95,9 +95,9 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
 def check_measured(metric: str, infos: dict[str, TaskInfo], path: str) -> None:
     """A task's validation metric needs its validation data (with none at all, checkpoints are kept
     by recency: `checkpoint_score`)."""
-    parts = metric.split("/")
-    if len(parts) == 3 and parts[0] == "val" and not infos[parts[1]].n_val and any(i.n_val for i in infos.values()):
-        raise ConfigError(f"{path}: {metric!r} is never measured: task {parts[1]!r} has no validation data")
+    task = metric_task(metric)
+    if task and metric.startswith("val/") and not infos[task].n_val and any(i.n_val for i in infos.values()):
+        raise ConfigError(f"{path}: {metric!r} is never measured: task {task!r} has no validation data")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
