@@ -63,3 +63,20 @@ def test_table_has_a_row_per_epoch_with_task_columns_and_throughput():
     ]
     assert first.split() == ["1", "1.5000", "0.5000", "0.7000", "0.2500", "1.1000", "0.3750", "123.5", "3.1%", "31.2"]
     assert second.split() == ["2", "1.0000", "0.7500", "0.5000", "0.5000", "0.7500", "0.6250", "-", "-", "-"]
+
+
+def test_step_log_line_of_a_rank_without_a_batch_yet_says_so(tmp_path, caplog):
+    """Rank 0's shard ran short before a task's first batch: the step still logs, without a loss."""
+    import logging
+
+    from raymtl.train.metrics import Ewma
+    from raymtl.train.report import RunFiles
+
+    files = RunFiles(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="raymtl"):
+        files.log_step(0, 10, 10, "color", Ewma(0.1))
+        trained = Ewma(0.1)
+        trained.update(0.5)
+        files.log_step(0, 10, 10, "color", trained)
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 1 step 10/10  color loss~n/a (no batch yet)", "epoch 1 step 10/10  color loss~0.5000"]

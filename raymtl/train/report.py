@@ -115,7 +115,9 @@ class RunFiles:
         the only times the EWMA is read off the device."""
         self.progress.step(epoch, step, steps, task, loss)
         if step == steps or step % max(1, steps // 10) == 0:
-            logger.info("epoch %d step %d/%d  %s loss~%.4f", epoch + 1, step, steps, task, loss.value)
+            value = loss.value  # None: this rank has had no batch of the task yet (its shard ran short)
+            logger.info("epoch %d step %d/%d  %s loss~%s", epoch + 1, step, steps, task,
+                        "n/a (no batch yet)" if value is None else f"{value:.4f}")
 
     def log_affinity(self, tracker: AffinityTracker) -> None:
         """affinity.json (the running mean, TAG's Z) and affinity.png (its heatmap) in the run folder."""
