@@ -201,6 +201,38 @@ def test_unreadable_tokenizer_folder_names_the_file(tmp_path, caches):
         resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=str(tmp_path / "tok")))
 
 
+@needs_minilm
+def test_tokenizer_without_a_padding_token_fails_before_training_naming_the_text_tasks(tmp_path, caches):
+    """raymtl pads every text to data.max_length: a GPT-2-like tokenizer failed in a decode task, after Ray started."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    with pytest.raises(ConfigError, match=r"data.tokenizer .*nopad.* has no padding token.* task\(s\) \['color'\]"):
+        resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=str(tmp_path / "nopad")))
+
+
+@needs_minilm
+@pytest.mark.parametrize("saved", [True, False], ids=["text_encoder", "text_config"])
+def test_tokenizer_with_more_tokens_than_the_encoder_embeds_fails_before_training(tmp_path, caches, saved):
+    """Token ids past the encoder's embedding table failed at the first text batch's forward pass."""
+    from transformers import BertConfig, BertModel
+
+    def encoder(vocab: int) -> dict:
+        config = dict(model_type="bert", vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=64)
+        if not saved:
+            return {"text_config": config}
+        BertModel(BertConfig(**config)).save_pretrained(tmp_path / f"bert{vocab}")
+        return {"text_encoder": str(tmp_path / f"bert{vocab}")}
+
+    where = r"model.text_encoder .*bert100' \(its config.json vocab_size\)" if saved else r"model.text_config \(its vocab_size\)"
+    with pytest.raises(ConfigError, match=rf"data.tokenizer .* has 30522 tokens but {where} embeds only 100"):
+        resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=MINILM, **encoder(100)))
+    assert resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=MINILM, **encoder(30522))).data.tokenizer
+
+
 @pytest.mark.slow  # trains (~25 s each on 2 cores)
 @pytest.mark.parametrize("arch, kwargs", [("mobilenet_v3_small", None), ("vit_b_16", {"image_size": 32})])
 def test_non_resnet_backbones_train(arch, kwargs):

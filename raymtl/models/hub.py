@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raymtl import storage
-from raymtl.config import ConfigError, Experiment, _choice
+from raymtl.config import ConfigError, Experiment, ModelSpec, _choice
 
 TORCH_SUBDIR = Path("torch", "hub", "checkpoints")
 HF_SUBDIR = Path("huggingface", "hub")
@@ -80,6 +80,9 @@ def resolve_models(exp: Experiment) -> Experiment:
     caches = Caches.of(m.models_cache)
     text_encoder = m.text_encoder and _text_model(m.text_encoder, "model.text_encoder", caches, weights=True)
     tokenizer = d.tokenizer and _text_model(d.tokenizer, "data.tokenizer", caches, weights=False)
+    text_tasks = [t.name for t in exp.tasks if t.text_column is not None]
+    if tokenizer and text_tasks:
+        _check_tokenizer(d.tokenizer, tokenizer, text_tasks, _encoder_vocab(m, text_encoder))
     image_weights, mean, std = m.image_weights, d.mean, d.std
     if m.image_backbone is not None:
         image_weights, norm = _image_weights(m.image_backbone, m.image_weights, m.image_kwargs, caches)
@@ -160,6 +163,37 @@ def _check_text_folder(folder: Path, key: str, name: str, *, weights: bool) -> N
         json.loads((folder / first).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {name!r}: cannot read {folder / first} ({type(e).__name__}: {e})") from None
+
+
+def _encoder_vocab(model: ModelSpec, encoder: str | None) -> tuple[str, int] | None:
+    """Where the text encoder's embedding rows are set, and how many: its config.json or `model.text_config`."""
+    if encoder:
+        vocab = json.loads((Path(encoder) / "config.json").read_text()).get("vocab_size")
+        where = f"model.text_encoder {model.text_encoder!r} (its config.json vocab_size)"
+    else:
+        vocab, where = (model.text_config or {}).get("vocab_size"), "model.text_config (its vocab_size)"
+    return (where, vocab) if isinstance(vocab, int) else None
+
+
+def _check_tokenizer(name: str, folder: str, tasks: list[str], encoder_vocab: tuple[str, int] | None) -> None:
+    """The tokenizer pads (every text is padded to `data.max_length`) and its ids fit the encoder's
+    embedding table: either fault would otherwise surface in a decode task or a text batch's forward
+    pass, after Ray started. Loads the tokenizer once per process, as the decode workers do."""
+    from raymtl.data.transforms import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer {name!r}: transformers cannot load {folder} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"data.tokenizer {name!r} has no padding token, and raymtl pads the text of task(s) "
+                          f"{tasks} to data.max_length; use a tokenizer with one (BERT's [PAD]) or set pad_token "
+                          f"in its tokenizer_config.json")
+    if encoder_vocab is not None and len(tokenizer) > encoder_vocab[1]:
+        where, vocab = encoder_vocab
+        raise ConfigError(f"data.tokenizer {name!r} has {len(tokenizer)} tokens but {where} embeds only {vocab}: "
+                          "token ids past it cannot be looked up; use the encoder's own tokenizer")
 
 
 def _copy_repo(source: Path, target: Path, repo_id: str) -> None:
