@@ -220,3 +220,28 @@ def test_frozen_parts_stay_bit_identical_through_training_steps():
     model.freeze([])  # the next stage fine-tunes everything
     assert all(p.requires_grad for p in model.parameters())
     assert model.image_backbones.training
+
+
+def test_init_heads_takes_the_fusion_and_heads_that_fit_and_says_which_it_left(tmp_path, caplog):
+    """An image-only part in an image+text ensemble: its fusion layer has other shapes (no text input),
+    its head fits. `init_heads` takes what fits, as documented, rather than failing the composition."""
+    src_exp = dataclasses.replace(experiment(["color"]), model=ModelSpec(image_backbone="resnet18", hidden_dim=16,
+                                                                         dropout=0.0))
+    source = build_model(src_exp, {"color": info("color")})
+    path = str(save(source, src_exp, tmp_path / "image-only"))
+    with caplog.at_level("INFO", logger="raymtl"):
+        ensemble = build_model(experiment(["color"], init_from={"all": path}, init_heads=True), {"color": info("color")})
+    assert_same(state(ensemble.image_backbones["all"]), state(source.image_backbones["all"]))
+    assert_same(state(ensemble.heads["color"]), state(source.heads["color"]))
+    assert f"model.init_from.all: fusion 'all' of {path} not taken: its shapes differ (text_norm.weight: (16,) here, " \
+           "absent there)" in caplog.text
+
+
+def test_a_backbone_of_another_shape_fails_naming_the_first_weight_that_differs(tmp_path):
+    src_exp = experiment(["color"])
+    path = str(save(build_model(src_exp, {"color": info("color")}), src_exp, tmp_path / "r18"))
+    exp = experiment(["color"], init_from={"all": path})
+    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, image_backbone="resnet34"))
+    with pytest.raises(ConfigError, match=re.escape(f"cannot load the image backbone 'all' of {path}: its shapes "
+                                                    "differ (trunk.layer1.2.conv1.weight: (64, 64, 3, 3) here, absent there)")):
+        build_model(exp, {"color": info("color")})

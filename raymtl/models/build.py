@@ -9,12 +9,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from raymtl.config import ConfigError, DataSpec, Experiment
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.artifact import load
 from raymtl.models.multitask import MultiTaskModel
+
+logger = logging.getLogger("raymtl")
 
 
 def build_model(exp: Experiment, infos: dict[str, TaskInfo]) -> MultiTaskModel:
@@ -84,11 +88,16 @@ def load_part(model: MultiTaskModel, part: str, path: str, *, data: DataSpec, wi
     _check_images(saved.data, data, f"model.init_from.{part} ({path})")
     src_group = part if part in source.image_backbones else _only_group(source, path)
     _copy(model.image_backbones[part], source.image_backbones[src_group], f"image backbone {src_group!r} of {path}")
-    if with_heads:
-        _copy(model.fusion[part], source.fusion[src_group], f"fusion {src_group!r} of {path}")
+    if with_heads:  # what fits: an image-only part's fusion has other shapes in an image+text model
+        _copy_if_fits(model.fusion[part], source.fusion[src_group], f"model.init_from.{part}: fusion {src_group!r} of {path}")
         for task in model.groups[part]:
-            if task in source.heads and source.infos[task].labels == model.infos[task].labels:
-                _copy(model.heads[task], source.heads[task], f"head {task!r} of {path}")
+            if task not in source.heads:
+                continue
+            what = f"model.init_from.{part}: head {task!r} of {path}"
+            if source.infos[task].labels != model.infos[task].labels:
+                logger.warning("%s not taken: its labels differ", what)
+            else:
+                _copy_if_fits(model.heads[task], source.heads[task], what)
 
 
 def _only_group(source: MultiTaskModel, path: str) -> str:
@@ -99,7 +108,25 @@ def _only_group(source: MultiTaskModel, path: str) -> str:
 
 
 def _copy(target: torch.nn.Module, source: torch.nn.Module, what: str) -> None:
-    try:
+    mismatch = _mismatch(target, source)
+    if mismatch:
+        raise ConfigError(f"cannot load the {what}: its shapes differ ({mismatch})")
+    target.load_state_dict(source.state_dict())
+
+
+def _copy_if_fits(target: torch.nn.Module, source: torch.nn.Module, what: str) -> None:
+    mismatch = _mismatch(target, source)
+    if mismatch:
+        logger.warning("%s not taken: its shapes differ (%s)", what, mismatch)
+    else:
         target.load_state_dict(source.state_dict())
-    except RuntimeError as e:
-        raise ConfigError(f"cannot load the {what}: its shapes differ ({str(e).splitlines()[0]})") from None
+
+
+def _mismatch(target: torch.nn.Module, source: torch.nn.Module) -> str | None:
+    """The first weight whose shape differs, or which one side lacks, as `name: shape here, shape there`."""
+    ours, theirs = target.state_dict(), source.state_dict()
+    for name in [*ours, *(k for k in theirs if k not in ours)]:
+        here, there = (tuple(d[name].shape) if name in d else "absent" for d in (ours, theirs))
+        if here != there:
+            return f"{name}: {here} here, {there} there"
+    return None
