@@ -201,3 +201,23 @@ def test_adamw_is_fused_only_on_a_gpu():
 
     optimizer = build_optimizer(torch.nn.Linear(2, 2), TrainingSpec(), 1e-3)
     assert not optimizer.defaults["fused"]
+
+
+def test_a_deterministic_runs_workers_start_with_the_cublas_workspace_setting(tmp_path, monkeypatch):
+    """cuBLAS reads it once, when it starts: a Ray Train worker gets it in its runtime env, not from the loop."""
+    from raymtl.config import Experiment, TaskSpec, TrainingSpec
+    from raymtl.data.task_info import TaskInfo
+    from raymtl.train.trainer import make_trainer
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 8, 4, True, False)}
+
+    def worker_env(deterministic: bool) -> dict:
+        exp = Experiment(name="t", storage_path=str(tmp_path), tasks=[TaskSpec("color", "unused.parquet", "image")],
+                         training=TrainingSpec(deterministic=deterministic))
+        return (make_trainer(exp, infos, inputs=object()).run_config.worker_runtime_env or {}).get("env_vars", {})
+
+    assert worker_env(True) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert "CUBLAS_WORKSPACE_CONFIG" not in worker_env(False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own (smaller) choice is kept
+    assert worker_env(True) == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}

@@ -96,12 +96,19 @@ def for_inference(device: torch.device, experiment: dict | None) -> Precision:
         return Precision.on(device, "auto", mixed)
 
 
+def kernel_env(deterministic: bool) -> dict[str, str]:
+    """The environment a deterministic run's processes start with: cuBLAS reads its workspace setting
+    once, when it starts, so a Ray Train worker gets it in its runtime env rather than from the loop."""
+    return {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")} if deterministic else {}
+
+
 def configure_kernels(device: torch.device, deterministic: bool) -> None:
     """The process-wide switches for a run on `device` (see the module docstring)."""
     cuda = device.type == "cuda"
     torch.use_deterministic_algorithms(deterministic, warn_only=cuda)  # also undoes an earlier run's, in this process
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA op
+        for name, value in kernel_env(deterministic).items():  # an in-process run: before its first CUDA op
+            os.environ.setdefault(name, value)
         torch.backends.cudnn.benchmark = False
     elif cuda:
         torch.backends.cudnn.benchmark = True

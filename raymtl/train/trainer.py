@@ -17,6 +17,7 @@ from raymtl.ray_runtime import PREEMPTION_WATCHER_ENV, ensure_ray
 from raymtl.train.checkpoint import RunMeta, best_of, checkpoint_score, latest_run_meta, newest_checkpoint
 from raymtl.train.elastic import ROWS_ENV
 from raymtl.train.faults import CRASH_ENV
+from raymtl.train.precision import kernel_env
 from raymtl.train.report import format_history, read_history, read_rows
 
 
@@ -149,7 +150,7 @@ def make_trainer(exp: Experiment, infos: dict[str, TaskInfo], run_config_overrid
     from raymtl.train.failures import Trainer
 
     tr = exp.training
-    env = forwarded_env()
+    env = {**kernel_env(tr.deterministic), **forwarded_env()}
     run_config = RunConfig(
         name=exp.name,
         storage_path=storage.normalize(exp.storage_path),
