@@ -183,6 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
+    load_before = os.getloadavg()
+    started = time.monotonic()
     paths = write_data(args, workdir / "data")
     ensure_ray()  # started here, so no run's wall time includes the cluster start
     base = base_experiment(args, paths, workdir / "runs")
@@ -197,7 +199,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     print_report(table, grouping, runs)
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {"cpu_count": os.cpu_count(), "load_after": os.getloadavg()},
+        "machine": {"cpu_count": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()},
+        "wall_s": round(time.monotonic() - started, 1),
         "rows": row_counts(paths),
         "affinity": {"tasks": affinity_tasks, "mean": z.tolist()},
         "groupings": [{"groups": g, "score": s} for g, s in top],
