@@ -1,8 +1,8 @@
 """Checks run before Ray starts, cheap enough for the command line's first two seconds.
 
 `check` covers what a config can get wrong beyond its own fields: every task's tables, columns
-and labels (`inspect_tasks`), that `storage_path` takes a file, and that a few of each task's
-images decode. It imports no torch, Ray or transformers, so `raymtl train` reports a bad input
+and labels (`inspect_tasks`), that `training.checkpoint_metric` is measured, that `storage_path`
+takes a file, and that a few of each task's images decode. It imports no torch, Ray or transformers, so `raymtl train` reports a bad input
 in about a second instead of after Ray and a worker have started.
 """
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from raymtl import storage
 from raymtl.console import BAD_IMAGE_HINT
-from raymtl.config import ConfigError, Experiment, TaskSpec
+from raymtl.config import ConfigError, Experiment, TaskSpec, metric_task
 from raymtl.data.inspection import inspect_tasks
 from raymtl.data.tables import head_rows, is_small, read_table
 from raymtl.data.task_info import TaskInfo
@@ -26,11 +26,20 @@ IMAGE_SAMPLE = 8  # images decoded per task and image column
 def check(exp: Experiment) -> dict[str, TaskInfo]:
     """Everything checkable without Ray; returns the tasks' infos. Raises ConfigError naming the fault."""
     infos = inspect_tasks(exp)
+    check_measured(exp.training.checkpoint_metric, infos, "training.checkpoint_metric")
     check_storage(exp.storage_path)
     for task in exp.tasks:
         if infos[task.name].has_image:
             check_images(task, exp)
     return infos
+
+
+def check_measured(metric: str, infos: dict[str, TaskInfo], path: str) -> None:
+    """A task's validation metric needs its validation data (with none at all, checkpoints are kept
+    by recency: `checkpoint_score`)."""
+    task = metric_task(metric)
+    if task and metric.startswith("val/") and not infos[task].n_val and any(i.n_val for i in infos.values()):
+        raise ConfigError(f"{path}: {metric!r} is never measured: task {task!r} has no validation data")
 
 
 def check_storage(path: str) -> None:

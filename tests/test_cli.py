@@ -102,6 +102,18 @@ def test_missing_file_malformed_yaml_and_missing_column_fail_fast(tmp_path):
         assert wall < FAST_S, f"{config}: {wall:.1f} s"
 
 
+def test_a_checkpoint_metric_never_measured_fails_before_torch_is_imported(tmp_path):
+    """As the README says of every config and data fault: found by the command line's own checks."""
+    table = write_task(tmp_path, "color", 8)
+    config = write_config(tmp_path, table, training={"checkpoint_metric": "val/style/accuracy"},
+                          tasks=[{"name": "color", "train": str(table), "validation": str(table), "image_column": "image"},
+                                 {"name": "style", "train": str(table), "image_column": "image"}])
+    done, _ = raymtl("train", str(config), cwd=tmp_path, before="sys.modules['torch'] = sys.modules['ray'] = None")
+    assert "training.checkpoint_metric: 'val/style/accuracy' is never measured: task 'style' has no validation " \
+           "data" in one_error_line(done)
+    assert done.returncode == 2
+
+
 def test_tune_config_and_data_errors_fail_fast(tmp_path):
     table = write_task(tmp_path, "color", 16)
     bad_key = write_config(tmp_path, table, sweep={"groupings": "serch"}).rename(tmp_path / "bad_key.yaml")

@@ -225,7 +225,7 @@ def test_a_gpu_run_in_this_process_needs_a_visible_gpu(monkeypatch):
 def test_a_task_metric_needs_that_tasks_validation_data():
     """Ranking by a task without validation rows ranks nothing; with no validation at all, recency ranks."""
     from raymtl.data.task_info import TaskInfo
-    from raymtl.train.trainer import check_measured
+    from raymtl.preflight import check_measured
 
     infos = {"color": TaskInfo("color", "multiclass", ["a", "b"], 10, 4, True, False),
              "style": TaskInfo("style", "multiclass", ["a", "b"], 10, 0, True, False)}

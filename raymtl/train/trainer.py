@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raymtl import console, preflight, storage
-from raymtl.config import ConfigError, Experiment, global_batch, metric_task, worker_range
+from raymtl.config import ConfigError, Experiment, global_batch, worker_range
 from raymtl.data.schedule import TaskSchedule
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.hub import resolve_models
@@ -78,27 +78,18 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
     """Everything checked before Ray starts: the experiment (with the base's label maps and its named
     models resolved to local files, fetched once here) and its tasks.
 
-    Models, `preflight.check` (files, columns, labels, storage, a sample of images), that every task
+    Models, `preflight.check` (files, columns, labels, the metric, storage, a sample of images), that every task
     fills a batch, that `model.base` / `init_from` load, and that a run resumed under the same name
     still has the model of its latest checkpoint.
     """
     exp = with_base_labels(resolve_models(exp))
     infos = preflight.check(exp)
-    check_measured(exp.training.checkpoint_metric, infos, "training.checkpoint_metric")
     check_resume(exp, infos, check_schedule(exp, infos))
     if exp.model.base or exp.model.init_from:
         from raymtl.models.build import build_model
 
         build_model(exp, infos)
     return exp, infos
-
-
-def check_measured(metric: str, infos: dict[str, TaskInfo], path: str) -> None:
-    """A task's validation metric needs its validation data (with none at all, checkpoints are kept
-    by recency: `checkpoint_score`)."""
-    task = metric_task(metric)
-    if task and metric.startswith("val/") and not infos[task].n_val and any(i.n_val for i in infos.values()):
-        raise ConfigError(f"{path}: {metric!r} is never measured: task {task!r} has no validation data")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

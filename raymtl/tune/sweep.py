@@ -59,8 +59,9 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
     Re-running the same sweep resumes it: the search result is reused, finished trials are kept,
     unfinished and failed ones continue from their latest checkpoint.
     """
+    from raymtl.preflight import check_measured
     from raymtl.ray_runtime import ensure_ray
-    from raymtl.train.trainer import check_measured, check_schedule, prepare
+    from raymtl.train.trainer import check_schedule, prepare
 
     spec.validate(exp)
     exp, infos = prepare(exp)
