@@ -35,7 +35,11 @@ MODEL_PARTS = ("image", "text", "fusion", "heads")  # what stages freeze and lr_
 # A transformer trains at a tenth of a CNN's lr: at one lr (1e-3) the fusion benchmark's from-scratch
 # BERT learned nothing (text alone 0.25 mean accuracy, image + text below image alone); at 1e-4, 0.61.
 DEFAULT_LR_MULTIPLIERS = {"text": 0.1}
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Task and group names key torch modules (no '.') and datasets (`<task>.<split>`); an experiment name is
+# one folder under storage_path (one path component: never '', '..' or '/...').
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+TASK_COLUMNS = ("label_column", "image_column", "text_column", "id_column")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -313,24 +317,23 @@ def _choice(value: str, allowed: Sequence[str], path: str, listed: str | None = 
 
 def _validate(exp: Experiment) -> None:
     """Checks that need no data: names, kinds, choices, groups, ranges."""
+    _check_name(exp.name, "name: experiment name", "it names the run's folder under storage_path", dots=True)
     if not exp.tasks:
         raise ConfigError("no tasks configured: `tasks` needs at least one task")
     seen: set[str] = set()
+    columns = {f"data.views[{i}].column": v.column for i, v in enumerate(exp.data.views)}
     for i, t in enumerate(exp.tasks):
         where = f"tasks[{i}] ({t.name!r})"
-        if not t.name or not isinstance(t.name, str):
-            raise ConfigError(f"tasks[{i}]: a task needs a non-empty name")
-        if not TASK_NAME.fullmatch(t.name):
-            raise ConfigError(
-                f"tasks[{i}]: task name {t.name!r} may hold only letters, digits, '_', '-' and '.' "
-                "(it names datasets, files and metrics)"
-            )
+        _check_name(t.name, f"tasks[{i}]: task name", "it names datasets, model modules, files and metrics")
         if t.name in seen:
             raise ConfigError(f"duplicate task name {t.name!r}: task names must be unique")
         if t.name in PREDICTION_COLUMNS:
             raise ConfigError(f"{where}: task name {t.name!r} is a column of every prediction; rename the task")
         seen.add(t.name)
         _choice(t.kind, TASK_KINDS, f"{where}.kind")
+        if t.kind == "multilabel" and t.label_smoothing:
+            raise ConfigError(f"{where}.label_smoothing: applies to multiclass tasks only (the task is multilabel)")
+        columns.update({f"{where}.{key}": getattr(t, key) for key in TASK_COLUMNS})
         if t.train is None:
             raise ConfigError(f"{where}: `train` source is required")
         if t.image_column is None and t.text_column is None and not any(v.column for v in exp.data.views):
@@ -342,10 +345,17 @@ def _validate(exp: Experiment) -> None:
             if clash in seen:
                 raise ConfigError(f"tasks {name!r} and {clash!r} would write the same prediction column {clash!r}; "
                                   "rename one")
+    for path, column in columns.items():
+        if column == "":
+            raise ConfigError(f"{path}: a column name cannot be empty")
     view_names = [v.name for v in exp.data.views]
     if len(set(view_names)) != len(view_names):
         raise ConfigError(f"data.views: duplicate view names {view_names}")
     tr, m = exp.training, exp.model
+    readers = [t.name for t in exp.tasks if t.image_column is not None]
+    if not view_names and readers and m.image_backbone is not None:
+        raise ConfigError(f"data.views: empty, but tasks {readers} read images (image_column); "
+                          "the image backbone needs at least one view, e.g. [{name: full}]")
     _choice(tr.sampler, SAMPLERS, "training.sampler")
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer")
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule")
@@ -377,8 +387,18 @@ def _validate(exp: Experiment) -> None:
             for part in s.freeze:
                 _choice(part, MODEL_PARTS, f"training.{key}[{i}].freeze")
     if m.groups is not None:
+        for group in m.groups:
+            _check_name(group, "model.groups: group name", "it names model modules")
         check_groups(m.groups, exp.task_names)
     check_metric(tr.checkpoint_metric, exp, "training.checkpoint_metric")
+
+
+def _check_name(name: Any, what: str, why: str, dots: bool = False) -> None:
+    """`name` is letters, digits, '_', '-' (and '.' with `dots`: RUN_NAME, else TASK_NAME), starting with a
+    letter or digit."""
+    if not (isinstance(name, str) and (RUN_NAME if dots else TASK_NAME).fullmatch(name)):
+        chars = "letters, digits, '_', '-' and '.'" if dots else "letters, digits, '_' and '-'"
+        raise ConfigError(f"{what} {name!r} may hold only {chars}, starting with a letter or digit ({why})")
 
 
 def epoch_metrics(exp: Experiment) -> list[str]:
@@ -474,9 +494,12 @@ def _check_ranges(exp: Experiment) -> None:
             if not math.isfinite(value) or not _in_range(value, rule):
                 shown = f"in {rule}" if rule[0] in "[(" else f"{rule.rstrip('-.0123456789')} {rule.lstrip('>=')}"
                 raise ConfigError(f"{join_path(where, name)}: must be {shown}, got {value!r}")
-    for name in ("mean", "std"):
+    for name, rule in (("mean", "finite"), ("std", "finite and > 0")):
         values = getattr(exp.data, name)
         if values is not None and len(values) != 3:
             raise ConfigError(f"data.{name}: expected 3 values (R, G, B), got {values}")
-    if exp.data.std is not None and any(not v > 0 for v in exp.data.std):
-        raise ConfigError(f"data.std: every value must be > 0, got {exp.data.std}")
+        if values is not None and not all(math.isfinite(v) and (name == "mean" or v > 0) for v in values):
+            raise ConfigError(f"data.{name}: every value must be {rule}, got {values}")
+    for name, amount in exp.training.worker_resources.items():
+        if not (math.isfinite(amount) and amount >= 0):
+            raise ConfigError(f"training.worker_resources.{name}: must be >= 0, got {amount!r}")

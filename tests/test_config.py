@@ -122,6 +122,26 @@ def test_task_names_do_not_clash_with_prediction_columns(names: list[str], expec
         load_experiment(raw)
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ({**minimal(), "name": ""}, "name: experiment name '' may hold only letters, digits"),
+    ({**minimal(), "name": "../x"}, "name: experiment name '../x' may hold only"),
+    ({**minimal(), "name": "/abs/run"}, "name: experiment name '/abs/run' may hold only"),
+    ({**minimal(), "name": ".."}, r"name: experiment name '\.\.' may hold only"),
+    (minimal(tasks=[{"name": "color.v2", "train": "c.parquet", "image_column": "image"}]),
+     r"tasks\[0\]: task name 'color.v2' may hold only letters, digits, '_' and '-', starting"),
+    (minimal(model={"groups": {1: ["color", "style"]}}), "model.groups: group name 1 may hold only"),
+    (minimal(model={"groups": {"": ["color", "style"]}}), "model.groups: group name '' may hold only"),
+    (minimal(model={"groups": {"g.1": ["color"], "g2": ["style"]}}), "model.groups: group name 'g.1' may hold only"),
+])
+def test_names_follow_their_rule(raw: dict, expected: str) -> None:
+    """A '.' in a task or group name breaks torch's module keys (and `<task>.<split>` dataset keys) in
+    the worker; an empty or path-like experiment name puts the run folder outside its own."""
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(raw)
+    for name in ("catalogue-v1.2", "demo-20240101-120000", "x"):
+        assert load_experiment({**minimal(), "name": name}).name == name
+
+
 def test_unknown_kind_suggests_closest() -> None:
     raw = minimal()
     raw["tasks"][1]["kind"] = "multilable"
@@ -144,6 +164,44 @@ def test_checkpoint_metric_is_one_the_epochs_report(metric: str, expected: str) 
         load_experiment(minimal(training={"checkpoint_metric": metric}))
     for metric in ("val/style/micro_f1", "val/color/macro_f1", "val/mean_score", "train/color/loss_ewma"):
         assert load_experiment(minimal(training={"checkpoint_metric": metric})).training.checkpoint_metric == metric
+
+
+def test_image_tasks_need_a_view() -> None:
+    """No view gives the image backbone nothing to read: it failed building the model in a worker."""
+    with pytest.raises(ConfigError, match=r"data.views: empty, but tasks \['color'\] read images"):
+        load_experiment(minimal(data={"views": []}))
+    text_only = {"name": "exp", "tasks": [minimal()["tasks"][1]], "data": {"views": []}}
+    assert load_experiment(text_only).data.views == []
+    assert load_experiment(minimal(data={"views": []}, model={"image_backbone": None})).data.views == []
+
+
+def test_label_smoothing_is_for_multiclass_tasks() -> None:
+    """It failed when a worker built the multilabel task's loss."""
+    raw = minimal()
+    raw["tasks"][1]["label_smoothing"] = 0.1
+    with pytest.raises(ConfigError, match=r"tasks\[1\] \('style'\).label_smoothing: applies to multiclass tasks only"):
+        load_experiment(raw)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (minimal(data={"mean": [float("nan"), 0.5, 0.5]}), r"data.mean: every value must be finite, got \[nan, 0.5, 0.5\]"),
+    (minimal(data={"mean": [0.5, float("inf"), 0.5]}), r"data.mean: every value must be finite"),
+    (minimal(data={"std": [0.2, float("inf"), 0.2]}), r"data.std: every value must be finite and > 0"),
+    (minimal(training={"worker_resources": {"GPU": -1}}), r"training.worker_resources.GPU: must be >= 0, got -1.0"),
+    (minimal(training={"worker_resources": {"slot": float("nan")}}), r"training.worker_resources.slot: must be >= 0, got nan"),
+    (minimal(data={"views": [{"name": "full", "column": ""}]}), r"data.views\[0\].column: a column name cannot be empty"),
+])
+def test_bad_values_name_their_key(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(raw)
+
+
+@pytest.mark.parametrize("key", ["label_column", "image_column", "text_column", "id_column"])
+def test_column_names_are_not_empty(key: str) -> None:
+    raw = minimal()
+    raw["tasks"][0][key] = ""
+    with pytest.raises(ConfigError, match=rf"tasks\[0\] \('color'\).{key}: a column name cannot be empty"):
+        load_experiment(raw)
 
 
 def test_task_without_input_column() -> None:

@@ -284,6 +284,23 @@ def test_multilabel_label_outside_explicit_labels() -> None:
         inspect_one(train=frame([["casual"], ["party", "casual"]]), kind="multilabel", labels=["casual", "sport"])
 
 
+def test_multilabel_task_without_any_label(tmp_path: Path) -> None:
+    """No label gives a head of no outputs, whose NaN loss made val/mean_loss NaN."""
+    path = write(frame([[], []]), tmp_path / "t.parquet")
+    with raises("task 'color' (train)", f"'{path}' has no label", "every row's label list is empty"):
+        inspect_one(train=path, kind="multilabel")
+
+
+def test_multiclass_task_with_one_label() -> None:
+    """A classifier over one class learns nothing."""
+    with raises("task 'color' (train)", "the DataFrame has one label, 'red'", "at least two"):
+        inspect_one(train=frame(["red", "red"]))
+    with raises("task 'color'", "`labels` ['red'] has one label"):
+        inspect_one(train=frame(["red", "red"]), labels=["red"])
+    assert inspect_one(train=frame(["red", "red"]), labels=["red", "blue"]).labels == ["red", "blue"]
+    assert inspect_one(train=frame([["red"], ["red"]]), kind="multilabel").labels == ["red"]
+
+
 def test_a_uri_resolves_like_pyarrow_with_one_filesystem_per_bucket(tmp_path: Path) -> None:
     import pyarrow.fs as pafs
 

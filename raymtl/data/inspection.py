@@ -36,6 +36,7 @@ def _inspect_task(task: TaskSpec, data: DataSpec) -> TaskInfo:
     val = _split_labels(task, "validation", task.validation, data) if task.validation is not None else _Split()
     test = _split_labels(task, "test", task.test, data) if task.test is not None else _Split()
     labels = _label_names(task, train, val, test)
+    _check_count(task, labels)
     return TaskInfo(
         name=task.name,
         kind=task.kind,
@@ -149,6 +150,19 @@ def _label_names(task: TaskSpec, train: _Split, val: _Split, test: _Split) -> li
     for split, part in (("validation", val), ("test", test)):
         _check_known(task, split, part, set(names), why)
     return names
+
+
+def _check_count(task: TaskSpec, names: list[str]) -> None:
+    """A head needs a label to predict (no label: no outputs, and a NaN loss), and a classifier over one
+    class learns nothing."""
+    if len(names) >= (2 if task.kind == "multiclass" else 1):
+        return
+    where, source = ((f"task {task.name!r}", f"`labels` {names}") if task.labels is not None
+                     else (f"task {task.name!r} (train)", _describe(task.train)))
+    if not names:
+        raise ConfigError(f"{where}: {source} has no label (every row's label list is empty); a task needs one")
+    raise ConfigError(f"{where}: {source} has one label, {names[0]!r}; a multiclass task needs at least two "
+                      "(add rows of the others, or list them in `labels`)")
 
 
 def _check_known(task: TaskSpec, split: str, part: _Split, known: set[str], why: str) -> None:
