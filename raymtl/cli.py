@@ -7,33 +7,61 @@ torch, Ray or transformers, so a bad input is reported in about a second, as one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from raymtl import console, preflight, ray_runtime, storage
 from raymtl.config import ConfigError, Experiment, load_experiment
 from raymtl.ray_runtime import DASHBOARD_ENV
 
 
+def _training(exp: Experiment, **changes: Any) -> Experiment:
+    return dataclasses.replace(exp, training=dataclasses.replace(exp.training, **changes))
+
+
+# Flag (argparse dest) -> how it changes the experiment, applied in this order.
+OVERRIDES: dict[str, Callable[[Experiment, Any], Experiment]] = {
+    "workers": lambda exp, n: _training(exp, num_workers=n),
+    "cpus_per_worker": lambda exp, n: _training(exp, cpus_per_worker=n),
+    "gpu": lambda exp, _: _training(exp, use_gpu=True),
+    "epochs": lambda exp, n: _training(exp, epochs=n, stages=[]),
+    "name": lambda exp, name: dataclasses.replace(exp, name=name),
+    "storage": lambda exp, path: dataclasses.replace(exp, storage_path=path),
+}
+
+
+@contextlib.contextmanager
+def blaming(flag: str) -> Iterator[None]:
+    """A config error raised inside is the flag's: prefix it (`--workers: training.num_workers: ...`)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"--{flag.replace('_', '-')}: {e}") from None
+
+
 def apply_overrides(exp: Experiment, args: argparse.Namespace) -> Experiment:
-    """Command-line scaling and naming flags win over the config file."""
-    tr = exp.training
-    if getattr(args, "workers", None):
-        tr = dataclasses.replace(tr, num_workers=args.workers)
-    if getattr(args, "cpus_per_worker", None):
-        tr = dataclasses.replace(tr, cpus_per_worker=args.cpus_per_worker)
-    if getattr(args, "gpu", False):
-        tr = dataclasses.replace(tr, use_gpu=True)
-    if getattr(args, "epochs", None):
-        tr = dataclasses.replace(tr, epochs=args.epochs, stages=[])
-    exp = dataclasses.replace(exp, training=tr)
-    if getattr(args, "name", None):
-        exp = dataclasses.replace(exp, name=args.name)
-    if getattr(args, "storage", None):
-        exp = dataclasses.replace(exp, storage_path=args.storage)
-    return exp.validate()
+    """Command-line scaling and naming flags win over the (checked) config file.
+
+    Any given value applies, a 0 too; each is checked as it is applied, so an error names its flag.
+    """
+    for flag, override in OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is not None and value is not False:  # --gpu is False when not given
+            with blaming(flag):
+                exp = override(exp, value).validate()
+    return exp
+
+
+def nonempty(text: str) -> str:
+    """An argparse type: an empty --name puts a run's files at the storage root, an empty --storage in the cwd."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def add_scaling_flags(p: argparse.ArgumentParser) -> None:
@@ -41,8 +69,8 @@ def add_scaling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per training worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
     p.add_argument("--epochs", type=int, help="override training.epochs (single stage)")
-    p.add_argument("--name", help="experiment name (same name = resume)")
-    p.add_argument("--storage", help="storage path or URI for checkpoints and logs")
+    p.add_argument("--name", type=nonempty, help="experiment name (same name = resume)")
+    p.add_argument("--storage", type=nonempty, help="storage path or URI for checkpoints and logs")
     add_cluster_flags(p)
 
 
@@ -83,8 +111,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     exp, spec = load_sweep(args.config)  # light: the spec and the experiment, no torch or Ray
     exp = apply_overrides(exp, args)
-    if args.max_concurrent:
-        spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent)
+    if args.max_concurrent is not None:
+        with blaming("max_concurrent"):
+            spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent).validate(exp)
     preflight.check(exp)
     console.open_log(sweep_dir_of(exp))
     result = run_sweep(exp, spec, address=args.address)
@@ -101,7 +130,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from raymtl.demo import run_demo
 
-    run_demo(args.out, workers=args.workers or 1, epochs=args.epochs, address=args.address)
+    run_demo(args.out, workers=args.workers, epochs=args.epochs, address=args.address)
     return 0
 
 

@@ -45,13 +45,19 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        members = [a for a in args if a is not type(None)]
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in members:
             try:
                 return _convert(arg, value, path)
             except ConfigError as e:
-                errors.append(str(e))
-        raise errors and ConfigError(errors[0]) or ConfigError(f"{path}: bad value {value!r}")
+                errors.append(e)
+        # The member the value is shaped like (a mapping's dataclass, a list's list) holds the real fault
+        # (an unknown key, a bad item); a value shaped like none gets every member named.
+        shaped = [e for arg, e in zip(members, errors) if _container(arg) and isinstance(value, _container(arg))]
+        if len(members) == 1 or shaped:
+            raise (shaped or errors)[0]
+        raise ConfigError(f"{path}: expected {' or '.join(map(_describe, members))}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin is list:
@@ -61,6 +67,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        for k in value:
+            if args[0] is str and not isinstance(k, str):  # YAML reads `1:` or `true:` as a number or a bool
+                raise ConfigError(f"{join_path(path, k)}: keys here are strings, got {type(k).__name__} {k!r}; "
+                                  "quote it in YAML")
         return {k: _convert(args[1], v, join_path(path, k)) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -69,3 +79,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _container(tp: Any) -> type | None:
+    """The plain-data container a type is read from: dict for a dataclass or mapping, list for a list."""
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        return dict
+    return list if typing.get_origin(tp) is list else None
+
+
+def _describe(tp: Any) -> str:
+    return {dict: "a mapping", list: "a list"}.get(_container(tp)) or getattr(tp, "__name__", str(tp))

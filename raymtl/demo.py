@@ -19,9 +19,10 @@ def run_demo(out: str | Path = "demo_output", *, workers: int = 1, epochs: int |
     catalogue = make_catalogue(out / "data", seed=0)
     config_path = write_demo_config(out / "data", catalogue, storage_path=str(out / "runs"))
     exp = load_experiment(config_path)
-    training = dataclasses.replace(exp.training, num_workers=workers, epochs=epochs or exp.training.epochs)
+    training = dataclasses.replace(exp.training, num_workers=workers,
+                                   epochs=exp.training.epochs if epochs is None else epochs)
     # A fresh run each time: the same name would resume the previous demo instead.
-    exp = dataclasses.replace(exp, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", training=training)
+    exp = dataclasses.replace(exp, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", training=training).validate()
     console.say(f"[raymtl demo] config: {config_path}; tasks: {', '.join(exp.task_names)}")
     console.open_log(str(out / "runs" / exp.name))
     result = fit(exp, address=address)

@@ -1,7 +1,8 @@
 """`raymtl train` as a user meets it: fast one-line errors, and a quiet console around a real run.
 
-Every test runs the command in a subprocess, as a shell would. The fast ones must finish well
-before Ray could start (the documented figure is about 1-2 s; the bound here is generous).
+The error tests run the command in a subprocess, as a shell would (the flag tests call `main` here).
+The fast ones must finish well before Ray could start (the documented figure is about 1-2 s; the
+bound here is generous).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+
+from raymtl.cli import apply_overrides, build_parser, main
+from raymtl.config import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 5.0
@@ -176,6 +180,51 @@ def test_bad_image_in_the_sample_stops_before_ray(tmp_path, kind):
     assert f"task 'color': cannot read image '{tmp_path}/images/color-000.png' in column 'image'" in line
     assert "data.skip_bad_images: true" in line
     assert wall < FAST_S
+
+
+# ---------------------------------------------------------------- command-line overrides
+
+
+@pytest.mark.parametrize(
+    "verb, flags, culprit",
+    [
+        ("train", ["--workers", "0"], "--workers: training.num_workers: expected N >= 1"),
+        ("train", ["--workers", "2", "--epochs", "0"], "--epochs: training.epochs: must be >= 1, got 0"),
+        ("train", ["--cpus-per-worker", "0"], "--cpus-per-worker: training.cpus_per_worker: must be > 0, got 0.0"),
+        ("tune", ["--workers", "-1"], "--workers: training.num_workers: expected N >= 1"),
+        ("tune", ["--max-concurrent", "0"], "--max-concurrent: sweep.max_concurrent: must be >= 1, got 0"),
+    ],
+)
+def test_a_bad_override_is_refused_naming_its_flag(tmp_path, capsys, verb, flags, culprit):
+    """A 0 is applied (and refused), not read as "no flag" leaving the config's value in place."""
+    config = write_config(tmp_path, tmp_path / "t.parquet", sweep={"seeds": [0, 1]})
+    assert main([verb, str(config), *flags]) == 2  # refused before the data is read or Ray starts
+    assert f"raymtl: error: {culprit}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--name", "--storage"])
+def test_an_empty_name_or_storage_is_refused(capsys, flag):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "c.yaml", flag, ""])
+    assert f"argument {flag}: must not be empty" in capsys.readouterr().err
+
+
+def test_overrides_replace_the_config_values(tmp_path):
+    config = write_config(tmp_path, tmp_path / "t.parquet", training={"epochs": 5, "stages": [{"epochs": 2}]})
+    args = build_parser().parse_args(["train", str(config), "--workers", "3", "--epochs", "1", "--gpu",
+                                      "--cpus-per-worker", "0.5", "--name", "b", "--storage", "s3://x/runs"])
+    exp = apply_overrides(load_experiment(config), args)
+    assert (exp.name, exp.storage_path) == ("b", "s3://x/runs")
+    tr = exp.training
+    assert (tr.num_workers, tr.epochs, tr.stages, tr.use_gpu, tr.cpus_per_worker) == (3, 1, [], True, 0.5)
+
+
+@pytest.mark.parametrize("flag, culprit", [("--workers", "training.num_workers: expected N >= 1"),
+                                           ("--epochs", "training.epochs: must be >= 1, got 0")])
+def test_a_zero_demo_flag_is_refused(tmp_path, capsys, monkeypatch, flag, culprit):
+    monkeypatch.setattr("raymtl.demo.fit", lambda *a, **k: pytest.fail("the demo trained"))
+    assert main(["demo", "--out", str(tmp_path), flag, "0"]) == 2  # the demo's config refuses it before Ray
+    assert culprit in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- inside Ray (slow)

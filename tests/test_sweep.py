@@ -88,6 +88,10 @@ def test_a_config_without_sweep_section_is_refused(exp, tmp_path):
         ({"seeds": []}, "sweep.seeds: an empty list"),
         ({"seeds": [1, 1]}, "sweep.seeds: duplicate values"),
         ({"lr": {"min": 1e-2, "max": 1e-4}}, "sweep.lr: need 0 < min < max"),
+        ({"lr": {"min": -0.01, "max": 0.01, "log": False}}, r"sweep.lr: need 0 < min < max .*got min=-0.01"),
+        ({"lr": {"min": 1e-4, "max": math.inf}}, r"sweep.lr: need 0 < min < max \(finite\)"),
+        ({"lr": {"min": 1e-4, "maxx": 1e-2}}, r"unknown key 'sweep.lr.maxx' \(did you mean 'max'\?\)"),
+        ({"lr": {"min": 1e-4}}, "missing required key 'sweep.lr.max'"),
         ({"lr": "fast"}, "sweep.lr: expected a list"),
         ({"metric": "val/colour/accuracy"}, "sweep.metric: unknown value 'val/colour/accuracy'"),
         ({"metric": "train/mean_loss_ewma"}, "sweep.metric: unknown value 'train/mean_loss_ewma'.*choose one of val/"),
@@ -102,6 +106,14 @@ def test_sweep_errors_name_the_key_at_fault(exp, tmp_path, section, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_sweep(write_config(tmp_path, exp, section))
     assert str(info.value).startswith(str(tmp_path / "sweep.yaml"))
+
+
+@pytest.mark.parametrize("section", ["sweep: []\n", "sweep: 0\n"])
+def test_a_sweep_section_that_is_not_a_mapping_is_refused(exp, tmp_path, section):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(exp.to_dict()) + section)
+    with pytest.raises(ConfigError, match=f"^{path}: sweep: expected a mapping, got"):
+        load_sweep(path)
 
 
 def test_experiment_errors_still_name_their_key(exp, tmp_path):

@@ -148,8 +148,9 @@ def hashable(value: Any) -> str:
 
 
 def _check_range(lr: Any) -> None:
-    if isinstance(lr, Range) and not (0 < lr.min < lr.max if lr.log else lr.min < lr.max):
-        raise ConfigError(f"sweep.lr: need {'0 < ' if lr.log else ''}min < max, got min={lr.min} max={lr.max}")
+    """Learning rates are > 0, drawn on a linear scale (`log: false`) too: a trial fails inside Tune on one."""
+    if isinstance(lr, Range) and not 0 < lr.min < lr.max < math.inf:
+        raise ConfigError(f"sweep.lr: need 0 < min < max (finite), got min={lr.min} max={lr.max}")
     if isinstance(lr, list) and any(v <= 0 for v in lr):
         raise ConfigError(f"sweep.lr: learning rates must be > 0, got {lr}")
 
@@ -170,7 +171,7 @@ def load_sweep(path: str | Path) -> tuple[Experiment, SweepSpec]:
         raise ConfigError(f"{path}: a sweep config needs a top-level `sweep:` section")
     try:
         exp = from_dict(Experiment, {k: v for k, v in raw.items() if k != "sweep"}, "").validate()
-        spec = from_dict(SweepSpec, raw["sweep"] or {}, "sweep").validate(exp)
+        spec = from_dict(SweepSpec, {} if raw["sweep"] is None else raw["sweep"], "sweep").validate(exp)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return exp, spec
