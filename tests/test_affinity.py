@@ -1,5 +1,6 @@
 """Lookahead affinity: the formula by hand, no side effects on the model, tracker and heatmap."""
 
+import copy
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from raymtl.config import ModelSpec
+from raymtl.config import ConfigError, ModelSpec
 from raymtl.data.task_info import TaskInfo
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.tune.spec import affinity_interval
@@ -22,6 +23,7 @@ from raymtl.train.affinity import (
     plot_heatmap,
     shared_parameter_names,
 )
+from raymtl.tune.groupings import best_groupings
 
 TASKS = ["a", "b", "c"]
 
@@ -235,17 +237,36 @@ TINY_BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attenti
                  max_position_embeddings=16)
 
 
+class Method(nn.Module):
+    """`model.<method>` as a module's forward, for `functional_call`."""
+
+    def __init__(self, model, method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, batch, task):
+        return getattr(self.model, self.method)(batch, task)
+
+
 def reference_affinity(model, grad_batches, eval_batches, losses, lr, update):
-    """Z by the formula, one step tensor per task and one forward pass per (source, target) pair."""
+    """Z by the formula: one step tensor per task (its training loss's gradient), one pass per (source, target)."""
     tasks = list(grad_batches)
     names = shared_parameter_names(model)
     theta = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in names}
     frozen = {n: b.clone() for n, b in model.named_buffers()}
 
+    def outputs(params, task, batch, method):
+        state = {f"model.{n}": v for n, v in {**{n: b.clone() for n, b in frozen.items()}, **params}.items()}
+        return torch.func.functional_call(Method(model, method), state, args=(batch, task))
+
     def loss(params, task, batch):
-        buffers = {n: b.clone() for n, b in frozen.items()}
-        logits = torch.func.functional_call(model, {**buffers, **params}, args=(batch,), kwargs={"task": task})
-        return losses[task](logits, batch["label"])
+        return losses[task](outputs(params, task, batch, "forward"), batch["label"])
+
+    def training_loss(params, task, batch):  # the training step's: every head at its weight
+        if not isinstance(model, MultiTaskModel):
+            return loss(params, task, batch)
+        heads = outputs(params, task, batch, "training_outputs")
+        return sum(losses[task](logits, batch["label"]) * w for logits, w in heads)
 
     modes = {m: m.training for m in model.modules()}
     for m in model.modules():  # dropout off, BatchNorm as it was (what _deterministic does)
@@ -253,7 +274,7 @@ def reference_affinity(model, grad_batches, eval_batches, losses, lr, update):
             m.training = False
     steps = {}
     for t in tasks:
-        grads = torch.autograd.grad(loss(theta, t, grad_batches[t]), list(theta.values()), allow_unused=True)
+        grads = torch.autograd.grad(training_loss(theta, t, grad_batches[t]), list(theta.values()), allow_unused=True)
         steps[t] = {n: update(n, g) for n, g in zip(names, grads) if g is not None}
     z = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
     with torch.no_grad():
@@ -267,22 +288,27 @@ def reference_affinity(model, grad_batches, eval_batches, losses, lr, update):
     return z
 
 
-def mixed_model_and_data(rows=8):
-    """Image-only, text-only and image+text tasks in one group, resnet18 (BatchNorm in train mode)."""
-    kinds = {"img": (True, False), "txt": (False, True), "both": (True, True), "both2": (True, True)}
-    infos = {t: TaskInfo(t, "multiclass", ["0", "1", "2"], 8, 4, i, x) for t, (i, x) in kinds.items()}
+MIXED = {"img": (True, False), "txt": (False, True), "both": (True, True), "both2": (True, True)}
+
+
+def mixed_model_and_data(rows=8, kinds=MIXED, views=("full",), weights=None):
+    """Image-only, text-only and image+text tasks (`kinds`: task -> has image, has text) in one group,
+    resnet18 (BatchNorm in train mode) over `views`, `rows` rows per task (or {task: rows})."""
+    infos = {t: TaskInfo(t, "multiclass", ["0", "1", "2"], 8, 4, i, x, weight=(weights or {}).get(t, 1.0))
+             for t, (i, x) in kinds.items()}
     spec = ModelSpec(image_backbone="resnet18", text_config=TINY_BERT, hidden_dim=8, dropout=0.1)
     torch.manual_seed(0)
-    model = MultiTaskModel(spec, infos, ["full"], {"all": list(infos)}).train()
+    model = MultiTaskModel(spec, infos, list(views), {"all": list(infos)}).train()
     g = torch.Generator().manual_seed(1)
     data = {}
     for t, (image, text) in kinds.items():
-        b = {"label": torch.randint(0, 3, (rows,), generator=g)}
-        if image:
-            b["view_full"] = torch.randn(rows, 3, 32, 32, generator=g)
+        n = rows[t] if isinstance(rows, dict) else rows
+        b = {"label": torch.randint(0, 3, (n,), generator=g)}
+        for view in views if image else ():
+            b[f"view_{view}"] = torch.randn(n, 3, 32, 32, generator=g)
         if text:
-            b["input_ids"] = torch.randint(1, 60, (rows, 5), generator=g)
-            b["attention_mask"] = torch.ones(rows, 5, dtype=torch.long)
+            b["input_ids"] = torch.randint(1, 60, (n, 5), generator=g)
+            b["attention_mask"] = torch.ones(n, 5, dtype=torch.long)
         data[t] = b
     return model, data, {t: F.cross_entropy for t in infos}
 
@@ -349,3 +375,73 @@ def test_affinity_is_computed_on_the_parameters_device(lookahead_rows):
     data = {t: {k: v.to("meta") for k, v in b.items()} for t, b in batches(TASKS, n=8).items()}
     tasks, z = lookahead_affinity(model, data, {t: mse for t in TASKS}, 0.1, lookahead_rows=lookahead_rows)
     assert tasks == TASKS and z.device.type == "meta" and z.shape == (3, 3) and z.dtype == torch.float64
+
+
+@pytest.mark.parametrize("rows", [dict(a=8, b=8, c=8), dict(a=8, b=6, c=3)])
+def test_batched_lookahead_over_two_views_equals_the_formula_pair_by_pair(rows):
+    """The trunk sees every view of every task in one batch (view-major): BatchNorm statistics stay per task."""
+    model, data, losses = mixed_model_and_data(rows, kinds=dict.fromkeys(rows, (True, False)), views=["front", "back"])
+    before = snapshot(model)
+    _, z = lookahead_affinity(model, data, losses, 0.1)
+    torch.testing.assert_close(z, reference_affinity(model, data, data, losses, 0.1, lambda n, g: g),
+                               rtol=1e-4, atol=1e-5)
+    assert_unchanged(model, before)
+
+
+def test_lookahead_step_is_the_optimizers_step_on_the_training_loss():
+    """The step is the one training takes: the per-modality heads' losses (modality_loss) and the task weight."""
+    weights = {"img": 3.0, "txt": 1.0, "both": 0.5, "both2": 1.0}
+    model, data, losses = mixed_model_and_data(weights=weights)
+    model.eval()  # no dropout; the lookahead keeps BatchNorm's mode, and so does the deep copy below
+    lr = 0.5
+    update = optimizer_update(torch.optim.SGD(model.parameters(), lr=lr), model)
+    tasks, z = lookahead_affinity(model, data, losses, lr, update=update, weights=weights)
+    with torch.no_grad():
+        before = [F.cross_entropy(model(data[t], t), data[t]["label"]).double() for t in tasks]
+    for i, s in enumerate(tasks):
+        stepped = copy.deepcopy(model)
+        outputs = stepped.training_outputs(data[s], s)
+        (sum(F.cross_entropy(logits, data[s]["label"]) * w for logits, w in outputs) * weights[s]).backward()
+        for p in stepped.parts()["heads"]:  # the lookahead moves the shared parameters only
+            p.grad = None
+        torch.optim.SGD(stepped.parameters(), lr=lr).step()
+        with torch.no_grad():
+            for j, t in enumerate(tasks):
+                real = 1 - F.cross_entropy(stepped(data[t], t), data[t]["label"]).double() / before[j]
+                assert z[i, j] == pytest.approx(float(real), abs=1e-4), (s, t)
+
+
+def test_a_task_whose_loss_is_zero_has_zero_affinity():
+    """A fit task (its loss ~0 before the step) gains or loses nothing measurable: its column is 0, not 1."""
+    losses = {"a": mse, "b": mse, "c": lambda pred, y: 0 * mse(pred, y)}
+    _, z = lookahead_affinity(LinearMTL(TASKS), batches(TASKS), losses, 0.1)
+    assert torch.equal(z[:, 2], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(z[2], torch.zeros(3, dtype=torch.float64))  # its zero gradient moves nothing
+    assert (z[:2, :2].diagonal() > 0).all()
+
+
+def test_a_negative_loss_is_refused_naming_the_task():
+    """Z is a ratio of losses: a loss below 0 (a Gaussian NLL, say) gave ~1e13, now an error naming the task."""
+    losses = {"a": mse, "b": lambda pred, y: mse(pred, y) - 10.0, "c": mse}
+    with pytest.raises(ConfigError, match=r"task 'b'.* negative \(-9\.\d+\).*>= 0"):
+        lookahead_affinity(LinearMTL(TASKS), batches(TASKS), losses, 0.1)
+
+
+def test_tracker_skips_a_non_finite_measurement_and_says_which_tasks(caplog):
+    """One NaN in the running total made the mean NaN for the rest of the run, and the search ranked NaN first."""
+    tracker = AffinityTracker(TASKS)
+    good = torch.tensor([[0, .5, -.1], [.5, 0, -.1], [-.1, -.1, 0]], dtype=torch.float64)
+    for _ in range(9):
+        tracker.update(good)
+    bad = good.clone()
+    bad[2, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="raymtl"):
+        tracker.update(bad)
+    assert "c -> a" in caplog.text and "skipped" in caplog.text
+    assert tracker.count == 9 and tracker.skipped == 1
+    torch.testing.assert_close(tracker.mean(), good)
+    restored = AffinityTracker(TASKS)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.skipped == 1 and tracker.to_dict()["skipped"] == 1
+    (best, _), *_ = best_groupings(tracker.mean(), tracker.tasks, max_groups=3, top=3)
+    assert best == {"g0": ["a", "b"], "g1": ["c"]}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from raymtl.config import ConfigError
 from raymtl.data.planted import make_planted, planted_experiment, planted_tasks, resolve_clusters
 from raymtl.train.affinity import AffinityTracker, lookahead_affinity, optimizer_update
 from raymtl.tune.groupings import baseline_groupings, best_groupings, partitions, score_partition
@@ -195,3 +196,13 @@ def test_search_recovers_planted_clusters(seed, optimizer, one_thread):
     assert best[0][0] == {"g0": ["a", "b", "c"], "g1": ["d", "e"]}, (best, z)
     baselines = baseline_groupings(tasks).values()
     assert all(best[0][1] > score_partition(p, z, tasks) for p in baselines)
+
+
+def test_search_refuses_a_non_finite_affinity_naming_the_pair():
+    """NaN compares false with every score: a NaN-scored grouping ranked first and was trained as the best."""
+    z = torch.tensor([[0, .5, -.1], [.5, 0, -.1], [float("nan"), -.1, 0]], dtype=torch.float64)
+    with pytest.raises(ConfigError, match=r"not finite for c -> a \(stepping task -> affected task\)"):
+        best_groupings(z, ["a", "b", "c"], max_groups=3)
+    z[2, 0] = float("inf")
+    with pytest.raises(ConfigError, match="c -> a"):
+        score_partition([["a", "b", "c"]], z, ["a", "b", "c"])

@@ -2,11 +2,17 @@
 
 For tasks i, j with their own batches B_i, B_j and the parameters theta_s shared by all tasks:
 
-    Z[i, j] = 1 - L_j(B_j; theta_s - lr * g_i) / L_j(B_j; theta_s),   g_i = grad_theta_s L_i(B_i)
+    Z[i, j] = 1 - L_j(B_j; theta_s - lr * g_i) / L_j(B_j; theta_s),   g_i = grad_theta_s L_i^train(B_i)
 
 Z[i, j] > 0: a step on task i lowers task j's loss (i helps j); < 0: it raises it (conflict). Rows
 are the stepping task, columns the task that is affected. Because every task has its own dataset,
-each task's loss is measured on its own batch. The measurement is side-effect free: the lookahead
+each task's loss is measured on its own batch. L_i^train is the loss a training step on task i
+backpropagates (`raymtl.train.losses.training_loss`: the per-modality heads' losses beside the
+fused head's, times the task weight), so the lookahead is that step. L_j is the fused head's
+unweighted loss, the one val/<task>/loss reports (a task weight would cancel in the ratio anyway). Z is a
+relative change, so it needs losses >= 0: a negative loss is refused (`ConfigError`), and a target
+whose loss is at most `FIT_LOSS` before the step counts as fit, Z[., j] = 0 (nothing left to change;
+the ratio would be one of float32 rounding noise). The measurement is side-effect free: the lookahead
 parameters live in a dict passed to `torch.func.functional_call`; the model and optimizer are never
 written to, so it can run inside the training loop between two steps.
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +40,17 @@ from torch.nn import functional as F
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from raymtl.errors import ConfigError
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.collectives import all_reduce_sum, world_size
+from raymtl.train.losses import LossFn, training_loss
+from raymtl.tune.groupings import non_finite_pairs
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 Update = Callable[[str, Tensor], Tensor]  # (parameter name, gradient) -> step direction before lr
-_EPS = 1e-12  # a zero loss before the step leaves nothing to improve: Z is then 1 - after / eps
+# A target loss at most this before the step is fit: its Z is 0. Cross-entropy near 0 is rounded in
+# float32 at ~6e-8 (log of 1 + a small sum), so below ~1e-6 a loss ratio is mostly rounding.
+FIT_LOSS = 1e-6
+logger = logging.getLogger("raymtl")
 
 
 def shared_parameter_names(model: nn.Module) -> list[str]:
@@ -55,10 +67,12 @@ def lookahead_affinity(
     shared: Sequence[str] | None = None,
     update: Update | None = None,
     lookahead_rows: int | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[list[str], Tensor]:
     """(tasks, Z [T, T]) for the tasks of `batches` (in its order); Z[i, j] as in the module doc.
 
-    `losses[task](logits, batch["label"])` is the task's unweighted loss; `shared` names the
+    `losses[task](logits, batch["label"])` is the task's unweighted loss, `weights[task]` the weight
+    training gives it (`TaskInfo.weight`; default 1); `shared` names the
     parameters that take the lookahead step (default: `shared_parameter_names`). Heads stay put.
     `update(name, g)` turns a gradient into the step direction (default: g itself, plain SGD).
     Pass the bare model, not its DDP wrapper: the measurement is local to one rank; it is left
@@ -86,9 +100,11 @@ def lookahead_affinity(
     before = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     with _deterministic(model):
         for i, source in enumerate(tasks):
-            loss = _task_loss(model, theta, batches[source], source, losses[source])
+            batch, weight = batches[source], 1.0 if weights is None else weights[source]
+            outputs = _training_outputs(model, theta, batch, source)
+            loss, fused = training_loss(outputs, batch["label"], losses[source], weight)
             grads = list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
-            before[i] = loss.detach().double()
+            before[i] = fused.detach().double()
             with torch.no_grad():
                 moved = {}  # theta - lr * step, written over the gradient: no second copy of the parameters
                 for n, g in zip(names, grads):
@@ -105,7 +121,8 @@ def lookahead_affinity(
         if subset:  # the targets' losses before any step, on the same rows as after it
             with torch.no_grad():
                 before = _evaluate(model, theta, targets, losses)
-    return tasks, 1.0 - after / before.clamp_min(_EPS)
+    _check_not_negative(tasks, before, after)
+    return tasks, torch.where(before <= FIT_LOSS, 0.0, 1.0 - after / before)
 
 
 def optimizer_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> Update:
@@ -178,14 +195,35 @@ class RecentRows:
         return {k: torch.cat([b[k] for b in kept])[-self.rows :] for k in kept[0]}
 
 
-def _task_loss(
-    model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor], task: str, loss: LossFn
-) -> Tensor:
-    # Fresh copies of the buffers: a BatchNorm in train mode updates its running statistics in
-    # place, which must land on throwaway tensors, not on the model.
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    logits = functional_call(model, {**buffers, **params}, args=(batch,), kwargs={"task": task})
-    return loss(logits, batch["label"])
+def _training_outputs(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor], task: str
+) -> list[tuple[Tensor, float]]:
+    """(logits, loss weight) of a training step on `batch` under `params`: a `MultiTaskModel`'s
+    `training_outputs`, as the training loop takes them; another model's forward at weight 1."""
+    if isinstance(model, MultiTaskModel):
+        return _call(model, "training_outputs", params, batch, task)
+    return [(_call(model, "forward", params, batch, task), 1.0)]
+
+
+def _call(model: nn.Module, method: str, params: Mapping[str, Tensor], batch: Mapping, task: str) -> Any:
+    """`model.<method>(batch, task)` under `params`, on fresh copies of the buffers: a BatchNorm in
+    train mode updates its running statistics in place, which must land on throwaway tensors."""
+    state = {f"model.{n}": t for n, t in {**{n: b.clone() for n, b in model.named_buffers()}, **params}.items()}
+    return functional_call(_Method(model, method), state, args=(batch, task))
+
+
+def _check_not_negative(tasks: Sequence[str], before: Tensor, after: Tensor) -> None:
+    """Refuse a negative loss (before any step or after one), naming its task: Z would be meaningless."""
+    if before.is_meta:  # no values to check
+        return
+    lowest = torch.cat([before[None], after]).amin(0)
+    if bool((lowest < 0).any()):
+        j = int(lowest.argmin())
+        raise ConfigError(
+            f"task {tasks[j]!r}: its loss is negative ({float(lowest[j]):.4g}); the task affinity "
+            "(training.affinity_every_steps) compares losses by their ratio and needs every task's loss "
+            "to be >= 0: shift a loss with another lower bound to 0"
+        )
 
 
 def _latest(batch: Mapping[str, Tensor], rows: int | None) -> Mapping[str, Tensor]:
@@ -205,19 +243,18 @@ def _evaluate(
     the result equals one pass per task. Other models: one pass per task.
     """
     if not isinstance(model, MultiTaskModel):
-        return torch.stack([_task_loss(model, params, b, t, losses[t]).double() for t, b in batches.items()])
+        return torch.stack([losses[t](_call(model, "forward", params, b, t), b["label"]).double()
+                            for t, b in batches.items()])
     together: dict[tuple, list[str]] = {}
     for task, batch in batches.items():
         shapes = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in batch.items() if k != "label"))
         together.setdefault((model.feature_key(task), shapes), []).append(task)
     out = dict.fromkeys(batches, None)
-    trunk = _Trunk(model)
-    trunk_params = {f"model.{n}": p for n, p in params.items()}
     for tasks in together.values():
         sizes = [len(batches[t]["label"]) for t in tasks]
         joined = {k: torch.cat([batches[t][k] for t in tasks]) for k in batches[tasks[0]] if k != "label"}
         with _per_task_batch_norm(model, sizes):
-            feats = functional_call(trunk, trunk_params, args=(joined, tasks[0]))
+            feats = _call(model, "features", params, joined, tasks[0])
         for task, f in zip(tasks, feats.split(sizes)):
             prefix = f"heads.{task}."
             head = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
@@ -225,34 +262,42 @@ def _evaluate(
     return torch.stack(list(out.values()))
 
 
-class _Trunk(nn.Module):
-    """`model.features` as a module's forward, for `functional_call`."""
+class _Method(nn.Module):
+    """`model.<method>(batch, task)` as a module's forward, for `functional_call` (names prefixed `model.`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, method: str) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, batch: Mapping[str, Tensor], task: str) -> Tensor:
-        return self.model.features(batch, task)
+    def forward(self, batch: Mapping[str, Tensor], task: str) -> Any:
+        return getattr(self.model, self.method)(batch, task)
 
 
 @contextlib.contextmanager
 def _per_task_batch_norm(model: nn.Module, sizes: Sequence[int]) -> Iterator[None]:
     """BatchNorms that use batch statistics normalise each task's rows by that task's statistics.
 
-    Running statistics are not updated (the measurement leaves buffers alone); BatchNorms on
-    running statistics (eval mode) act row by row and stay as they are.
+    The image trunk sees every view of the joined batch stacked view-major (`ImageBackbone.forward`):
+    view 0's rows of each task in turn, then view 1's, ...; a task's statistics span all its views, as
+    in a pass of that task alone. Running statistics are not updated (the measurement leaves buffers
+    alone); BatchNorms on running statistics (eval mode) act row by row and stay as they are.
     """
     patched = [m for m in model.modules() if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
 
     def forward(m: _BatchNorm, x: Tensor) -> Tensor:
+        views, extra = divmod(x.shape[0], sum(sizes))
+        if extra:
+            raise RuntimeError(f"a BatchNorm saw {x.shape[0]} rows, not a multiple of the tasks' {sum(sizes)}")
         if len(set(sizes)) > 1:
-            return torch.cat([F.batch_norm(part, None, None, m.weight, m.bias, True, 0.0, m.eps) for part in x.split(sizes)])
-        rows = x.reshape(len(sizes), sizes[0], x.shape[1], -1)  # [task, row, channel, rest]: one call for all tasks
-        var, mean = torch.var_mean(rows, dim=(1, 3), unbiased=False, keepdim=True)
+            parts, n = x.split(list(sizes) * views), len(sizes)  # part k: view k // n of task k % n
+            normed = [F.batch_norm(torch.cat(parts[t::n]), None, None, m.weight, m.bias, True, 0.0, m.eps).split(size)
+                      for t, size in enumerate(sizes)]
+            return torch.cat([normed[k % n][k // n] for k in range(len(parts))])
+        rows = x.reshape(views, len(sizes), sizes[0], x.shape[1], -1)  # [view, task, row, channel, rest]: one call
+        var, mean = torch.var_mean(rows, dim=(0, 2, 4), unbiased=False, keepdim=True)
         y = (rows - mean) * torch.rsqrt(var + m.eps)
         if m.weight is not None:
-            y = y * m.weight.view(1, 1, -1, 1) + m.bias.view(1, 1, -1, 1)
+            y = y * m.weight.view(1, 1, 1, -1, 1) + m.bias.view(1, 1, 1, -1, 1)
         return y.reshape(x.shape)
 
     try:
@@ -286,17 +331,29 @@ def _deterministic(model: nn.Module) -> Iterator[None]:
 
 
 class AffinityTracker:
-    """Running mean of lookahead affinities over a run (TAG averages Z over training)."""
+    """Running mean of lookahead affinities over a run (TAG averages Z over training).
+
+    A measurement with a non-finite value (a NaN or infinite loss) is skipped, counted in `skipped`
+    and logged naming its tasks: in the running total it would make the mean NaN for the rest of the run.
+    """
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = list(tasks)
         self.total = torch.zeros(len(self.tasks), len(self.tasks), dtype=torch.float64)
         self.count = 0
+        self.skipped = 0
 
     def update(self, z: Tensor) -> None:
         if z.shape != self.total.shape:
             raise ValueError(f"affinity of shape {tuple(z.shape)} for {len(self.tasks)} tasks")
-        self.total += z.detach().to("cpu", torch.float64)
+        z = z.detach().to("cpu", torch.float64)
+        bad = non_finite_pairs(z, self.tasks)
+        if bad:
+            self.skipped += 1
+            logger.warning("[raymtl] affinity measurement skipped (%d so far): Z is not finite for %s "
+                           "(stepping task -> affected task; a NaN or infinite loss)", self.skipped, bad)
+            return
+        self.total += z
         self.count += 1
 
     def mean(self) -> Tensor:
@@ -305,13 +362,14 @@ class AffinityTracker:
         return self.total / self.count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tasks": list(self.tasks), "total": self.total.clone(), "count": self.count}
+        return {"tasks": list(self.tasks), "total": self.total.clone(), "count": self.count, "skipped": self.skipped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["tasks"]) != self.tasks:
             raise ValueError(f"affinity state is for tasks {state['tasks']}, this tracker for {self.tasks}")
         self.total = state["total"].clone().to(torch.float64)
         self.count = int(state["count"])
+        self.skipped = int(state.get("skipped", 0))  # checkpoints before it counted none
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: the mean as a matrix and as {source task: {target task: affinity}}."""
@@ -319,6 +377,7 @@ class AffinityTracker:
         return {
             "tasks": list(self.tasks),
             "count": self.count,
+            "skipped": self.skipped,
             "mean": mean,
             "affinity": {i: dict(zip(self.tasks, row)) for i, row in zip(self.tasks, mean)},
         }
@@ -405,11 +464,12 @@ def _diverging(x: float) -> tuple[int, int, int]:
 
 
 def measure_affinity(
-    model, recent: RecentRows, losses, optimizer, tracker: AffinityTracker, lookahead_rows: int | None = None
+    model, recent: RecentRows, losses, weights, optimizer, tracker: AffinityTracker, lookahead_rows: int | None = None
 ) -> None:
     """One lookahead affinity measurement on each task's latest rows, averaged over ranks.
 
-    The lookahead step is the optimizer's own update for each task's gradient at its current lr.
+    The lookahead step is the optimizer's own update for the gradient of each task's training loss
+    (`weights`: the tasks' loss weights) at its current lr.
     Autocast stays off: Z is made of loss ratios 1 - after/before whose differences are small, and
     bf16's 8-bit mantissa would drown them, so the measurement runs in float32 even when training
     uses bf16. Z is reduced in float64 on the process group's device.
@@ -419,7 +479,8 @@ def measure_affinity(
     device = next(model.parameters()).device
     with torch.autocast(device.type, enabled=False):
         tasks, z = lookahead_affinity(
-            model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update, lookahead_rows=lookahead_rows
+            model, {t: recent.get(t) for t in tracker.tasks}, losses, lr, update=update, lookahead_rows=lookahead_rows,
+            weights=weights,
         )
     tracker.update(all_reduce_sum(z.double()) / world_size())
 

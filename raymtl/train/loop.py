@@ -48,7 +48,7 @@ from raymtl.train.collectives import broadcast_tensors, gather_rng
 from raymtl.train.evaluation import evaluate, sync_buffers
 from raymtl.train.faults import maybe_crash
 from raymtl.train.gradsync import GradSync
-from raymtl.train.losses import task_loss
+from raymtl.train.losses import task_loss, training_loss
 from raymtl.train.metrics import Ewma
 from raymtl.train.optim import build_lr_schedule, build_optimizer, stage_step
 from raymtl.train.precision import Precision, configure_kernels
@@ -122,6 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed((exp.seed * 1000 + rank) % 2**32)
 
     losses = {t.name: task_loss(t, infos[t.name]) for t in exp.tasks}
+    task_weights = {name: info.weight for name, info in infos.items()}  # the affinity lookahead steps as training does
     ewma = {name: Ewma(tr.ewma_alpha) for name in infos}
     position = Position()
     affinity = AffinityTracker(sorted(infos)) if tr.affinity_every_steps else None
@@ -207,10 +208,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if batch is not None:  # None: this rank's shard ran short; it still joins the gradient sync
                 with precision.autocast():
                     outputs = model.training_outputs(batch, task)
-                head_losses = [losses[task](logits.float(), batch["label"]) for logits, _ in outputs]
-                loss = sum(h * weight for h, (_, weight) in zip(head_losses, outputs)) * infos[task].weight
+                loss, fused = training_loss(outputs, batch["label"], losses[task], infos[task].weight)
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                ewma[task].update(head_losses[0] * infos[task].weight)  # the fused head's: comparable to val/loss
+                ewma[task].update(fused * infos[task].weight)  # the fused head's: comparable to val/loss
             if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
             lr = optimizer.param_groups[0]["lr"]
@@ -222,7 +222,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if batch is not None:
                     recent.add(task, batch)
                 if position.global_step % tr.affinity_every_steps == 0 and affinity_ready(recent, affinity):
-                    measure_affinity(model, recent, losses, optimizer, affinity, tr.affinity_lookahead_rows)
+                    measure_affinity(model, recent, losses, task_weights, optimizer, affinity,
+                                     tr.affinity_lookahead_rows)
             if files is not None:
                 files.log_step(epoch, position.step, len(all_steps), task, ewma[task])
             elastic.log_rows(epoch, position, at, rank, world, task, mine.rows, lr)

@@ -7,6 +7,7 @@ log-sum-exp and a bf16 logit cannot be paired with a float32 multi-hot target ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Callable
 
@@ -17,6 +18,17 @@ from raymtl.config import TaskSpec
 from raymtl.data.task_info import TaskInfo
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def training_loss(
+    outputs: Sequence[tuple[Tensor, float]], label: Tensor, loss: LossFn, weight: float
+) -> tuple[Tensor, Tensor]:
+    """(the loss a training step backpropagates, the fused head's unweighted loss) from a model's
+    `training_outputs`: each head's loss at its weight, summed, times the task's `weight`. The
+    training step and the affinity's lookahead step (`raymtl.train.affinity`) both take it, so the
+    lookahead is the step training takes."""
+    head_losses = [loss(logits.float(), label) for logits, _ in outputs]
+    return sum(h * w for h, (_, w) in zip(head_losses, outputs)) * weight, head_losses[0]
 
 
 def task_loss(task: TaskSpec, info: TaskInfo) -> LossFn:

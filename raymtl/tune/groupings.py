@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from raymtl.config import check_groups
+from raymtl.config import ConfigError, check_groups
 
 T = TypeVar("T")
 Partition = tuple[tuple[str, ...], ...]
@@ -91,6 +91,13 @@ def baseline_groupings(tasks: Sequence[str]) -> dict[str, Grouping]:
     }
 
 
+def non_finite_pairs(z: Tensor, tasks: Sequence[str], most: int = 5) -> str:
+    """The first `most` (stepping -> affected) task pairs where Z is NaN or infinite, "" if none."""
+    rows, cols = torch.nonzero(~torch.isfinite(z), as_tuple=True)
+    pairs = [f"{tasks[i]} -> {tasks[j]}" for i, j in zip(rows.tolist(), cols.tolist())]
+    return ", ".join(pairs[:most]) + (f" and {len(pairs) - most} more" if len(pairs) > most else "")
+
+
 # ------------------------------------------------------------ internals (groups of task indices)
 
 IndexPartition = tuple[tuple[int, ...], ...]
@@ -151,6 +158,10 @@ def _matrix(z: Tensor, tasks: Sequence[str]) -> list[list[float]]:
         raise ValueError(f"affinity of shape {tuple(values.shape)} for {len(tasks)} tasks")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"duplicate task names in {list(tasks)}")
+    bad = non_finite_pairs(values, tasks)
+    if bad:  # NaN would rank first (it compares false with every score) and decide the search
+        raise ConfigError(f"the affinity is not finite for {bad} (stepping task -> affected task): "
+                          "no grouping can be scored by it; measure it again")
     return values.tolist()
 
 
