@@ -236,3 +236,22 @@ def test_a_task_metric_needs_that_tasks_validation_data():
         check_measured(metric, infos, "training.checkpoint_metric")
     infos["color"].n_val = 0
     check_measured("val/style/accuracy", infos, "training.checkpoint_metric")
+
+
+def test_a_task_weight_scales_the_gradient_not_the_reported_training_loss(tmp_path):
+    """train/<task>/loss_ewma is comparable to val/<task>/loss: a weight of 3 read 3x the validation loss.
+    At lr 1e-12 both runs see the same weights and batches, so their training losses are equal."""
+    import dataclasses
+
+    from raymtl.config import load_experiment
+    from raymtl.data.synthetic import make_catalogue, write_demo_config
+    from raymtl.train.trainer import fit
+
+    cat = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 64})
+    exp = load_experiment(write_demo_config(
+        tmp_path / "data", cat, storage_path=str(tmp_path / "runs"), data={"image_size": 16, "views": [{"name": "full"}]},
+        model={"hidden_dim": 16}, training={"batch_size": 16, "epochs": 1, "lr": 1e-12, "lr_schedule": "none"}))
+    rows = [fit(dataclasses.replace(exp, name=f"weight{w}", tasks=[dataclasses.replace(t, weight=w) for t in exp.tasks]))
+            .history[-1] for w in (1.0, 3.0)]
+    assert rows[1]["train/color/loss_ewma"] == pytest.approx(rows[0]["train/color/loss_ewma"], rel=1e-6)
+    assert rows[1]["val/color/loss"] == pytest.approx(rows[0]["val/color/loss"], rel=1e-6)
