@@ -173,6 +173,18 @@ def test_inspect_streams_only_the_label_column_of_a_large_table(tmp_path: Path, 
     assert (info.n_train, info.labels) == (9, ["blue", "red"])
 
 
+def test_an_image_sample_reads_past_empty_files(tmp_path: Path) -> None:
+    """A large source is sampled from its first rows: Spark's output may start with empty parts."""
+    for i in range(8):
+        write(frame([]), tmp_path / f"part-{i}.{'csv' if i % 2 else 'parquet'}")
+    with raises(f"'{tmp_path}' has no rows"):
+        tables.head_rows(str(tmp_path), ["image"], 8)
+    write(frame(), tmp_path / "part-8.parquet")
+    write(frame(["red"] * 9), tmp_path / "part-9.csv")
+    sample = tables.head_rows(str(tmp_path), ["image"], 6)["image"].tolist()
+    assert sample == [f"/img/{k}.png" for k in [0, 1, 2, 3, 0, 1]]
+
+
 # ---------------------------------------------------------------- labels
 
 

@@ -245,14 +245,19 @@ def label_batches(source: Any, column: str) -> Iterator[tuple[str, int, pd.Serie
 
 
 def head_rows(source: Any, columns: list[str], rows: int) -> pd.DataFrame:
-    """Up to `rows` rows of `columns` from the start of each file of a large source (an image sample)."""
+    """The first `rows` rows of `columns` of a large source (an image sample), past files without
+    rows (Spark's output may start with empty parts); a ConfigError naming the source if it has none."""
     fs, files = _expand(source)
-    parts = []
-    for path, name in files[:rows]:
-        batch = next(_batches(fs, path, name, columns), None)
-        if batch is not None:
-            parts.append(batch.slice(0, rows).to_pandas())
-    return pd.concat(parts, ignore_index=True)
+    parts, taken = [], 0
+    batches = (batch for path, name in files for batch in _batches(fs, path, name, columns) if batch.num_rows)
+    for batch in batches:
+        parts.append(to_pandas(batch.slice(0, rows - taken)))
+        taken += len(parts[-1])
+        if taken >= rows:
+            break
+    if not parts:
+        raise ConfigError(f"{os.fspath(source)!r} has no rows")
+    return concat_files(parts)
 
 
 # ---------------------------------------------------------------- tables
