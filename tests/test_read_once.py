@@ -128,8 +128,8 @@ def test_blocks_keep_the_files_order_when_later_reads_finish_first(ray_cluster, 
 
 @pytest.mark.parametrize("by_cluster", [False, True])
 def test_files_that_type_a_column_differently_are_read_as_text(ray_cluster, tmp_path, monkeypatch, by_cluster):
-    """CSV types each file by its own values: numeric ids and labels in one file, alphanumeric in the
-    next. Inspection reads labels as text; the task inputs do too, by the driver or the cluster."""
+    """Numeric ids and labels in one file, alphanumeric in the next. Inspection reads labels as text;
+    the task inputs do too, by the driver or the cluster."""
     for i in range(6):
         Image.new("RGB", (12, 10), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
     (tmp_path / "size").mkdir()
@@ -151,6 +151,35 @@ def test_files_that_type_a_column_differently_are_read_as_text(ray_cluster, tmp_
     decoded = datasets.decode_rows(source if by_cluster else datasets._table(source), rows, inputs.preprocessors["size"])
     assert decoded.arrays["label"].tolist() == [3, 0, 3, 0]  # S, 1, S, 1
     np.testing.assert_array_equal(decoded.arrays["view_full"][:, 0, 0, 0], 20 * rows)
+
+
+def test_the_cluster_reads_csv_labels_and_ids_as_the_text_written(ray_cluster, tmp_path, monkeypatch):
+    """Arrow types 1.1, 1.10 and 02134 as floats (two classes merged, one renamed) and the ids as ints:
+    a large CSV's task inputs and the items a model evaluates hold the text inspection named."""
+    from raymtl.config import DataSpec
+    from raymtl.predict.plan import Plan
+    from raymtl.predict.reading import read_items
+
+    for i in range(3):
+        Image.new("RGB", (12, 10), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    frame = pd.DataFrame({"id": ["007", "02134", "3"], "image": [str(tmp_path / f"{i}.png") for i in range(3)],
+                          "label": ["1.1", "1.10", "02134"]})
+    frame.to_csv(tmp_path / "codes.csv", index=False)
+    exp = load_experiment({"name": "codes", "storage_path": str(tmp_path / "runs"), "data": {"image_size": 8},
+                           "tasks": [{"name": "zip", "train": str(tmp_path / "codes.csv"), "image_column": "image",
+                                      "id_column": "id"}]})
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 0)
+    infos = preflight.check(exp)
+    assert infos["zip"].labels == ["1.1", "1.10", "02134"]
+    inputs = datasets.build_inputs(exp, infos)
+    blocks = inputs.sources["zip.train"]
+    assert isinstance(blocks, SourceBlocks)
+    assert blocks.take(np.arange(3))["id"].tolist() == frame["id"].tolist()
+    decoded = datasets.decode_rows(blocks, np.array([2, 0, 1]), inputs.preprocessors["zip"])
+    assert decoded.arrays["label"].tolist() == [2, 0, 1]
+    plan = Plan("m", DataSpec(), inputs=(), heads=(), id_column="id", strict=False, top_k=0, label_column="label")
+    items = read_items(str(tmp_path / "codes.csv"), plan).to_pandas()
+    assert items.to_dict("list") == frame[["id", "label"]].to_dict("list")
 
 
 def test_a_large_source_reads_pq_parts_and_compressed_csv_like_the_driver(ray_cluster, tmp_path, monkeypatch):

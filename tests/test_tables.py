@@ -71,6 +71,53 @@ def test_csv_source(tmp_path: Path) -> None:
     assert info.labels == ["2", "3", "10"]  # numeric labels in numeric order, as strings
 
 
+# Arrow would type these as floats, merging two classes ('1.1') and renaming one ('2134.0'); the ids as ints.
+CODES = "image,label,id\n/img/0.png,1.1,007\n/img/1.png,1.10,02134\n/img/2.png,02134,3\n"
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_csv_labels_are_the_text_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, large: bool) -> None:
+    monkeypatch.setattr(tables, "DRIVER_READ_BYTES", 0 if large else 256 << 20)  # large: the label column streamed
+    (path := tmp_path / "t.csv").write_text(CODES)
+    assert inspect_one(train=str(path)).labels == ["1.1", "1.10", "02134"]
+    assert inspect_one(train=str(path), labels=["02134", "1.10", "1.1"]).labels == ["02134", "1.10", "1.1"]
+
+
+def test_csv_labels_and_ids_decode_as_inspected(tmp_path: Path) -> None:
+    """The task inputs (read by the driver: a small source) encode the labels inspection named, and
+    keep the ids' leading zeros."""
+    from PIL import Image
+
+    from raymtl.data import datasets
+
+    for i in range(3):
+        Image.new("RGB", (6, 6), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (path := tmp_path / "t.csv").write_text(CODES.replace("/img/", f"{tmp_path}/"))
+    exp = experiment(train=str(path), id_column="id", data=DataSpec(image_size=8))
+    infos = inspect_tasks(exp)
+    inputs = datasets.build_inputs(exp, infos)
+    table = datasets._table(inputs.sources["color.train"])
+    assert table.column("id").to_pylist() == ["007", "02134", "3"]
+    decoded = datasets.decode_rows(table, [2, 0, 1], inputs.preprocessors["color"])
+    assert decoded.arrays["label"].tolist() == [2, 0, 1]  # 02134, 1.1, 1.10: three classes
+
+
+def test_csv_items_to_predict_keep_their_text(tmp_path: Path) -> None:
+    from raymtl.predict.plan import Plan
+    from raymtl.predict.reading import items_here
+
+    (path := tmp_path / "t.csv").write_text(CODES)
+    plan = Plan("m", DataSpec(), inputs=(), heads=(), id_column="id", strict=False, top_k=0, label_column="label")
+    items = items_here(str(path), plan, None)
+    assert items.to_dict("list") == {"id": ["007", "02134", "3"], "label": ["1.1", "1.10", "02134"]}
+
+
+def test_an_empty_csv_label_is_missing(tmp_path: Path) -> None:
+    (path := tmp_path / "t.csv").write_text("image,label\np0,red\np1,\n")
+    with raises("label_column 'label' is empty in 1 row(s)", "(first: row 1)"):
+        inspect_one(train=str(path))
+
+
 def test_glob_source_spans_files_and_skips_hidden(tmp_path: Path) -> None:
     write(frame(["red", "red"]), tmp_path / "part-1.parquet")
     write(frame(["blue"]), tmp_path / "part-0.parquet")
@@ -124,6 +171,18 @@ def test_inspect_streams_only_the_label_column_of_a_large_table(tmp_path: Path, 
     frame(["red"] * 5 + ["blue"] * 4).to_parquet(path, index=False, row_group_size=4)
     info = inspect_one(train=str(path))
     assert (info.n_train, info.labels) == (9, ["blue", "red"])
+
+
+def test_an_image_sample_reads_past_empty_files(tmp_path: Path) -> None:
+    """A large source is sampled from its first rows: Spark's output may start with empty parts."""
+    for i in range(8):
+        write(frame([]), tmp_path / f"part-{i}.{'csv' if i % 2 else 'parquet'}")
+    with raises(f"'{tmp_path}' has no rows"):
+        tables.head_rows(str(tmp_path), ["image"], 8)
+    write(frame(), tmp_path / "part-8.parquet")
+    write(frame(["red"] * 9), tmp_path / "part-9.csv")
+    sample = tables.head_rows(str(tmp_path), ["image"], 6)["image"].tolist()
+    assert sample == [f"/img/{k}.png" for k in [0, 1, 2, 3, 0, 1]]
 
 
 # ---------------------------------------------------------------- labels

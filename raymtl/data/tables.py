@@ -2,8 +2,8 @@
 
 A source is a parquet or CSV file, a glob of them (local path or a URI that
 `pyarrow.fs.FileSystem.from_uri` understands), or a pandas DataFrame (Python API). Each file is
-read in the format its own name says. Faults name the file or column (a `ConfigError`);
-checking a task's tables against its config is `raymtl.data.inspection`'s job.
+read in the format its own name says, a CSV's cells as the text written in them. Faults name the
+file or column (a `ConfigError`); checking a task's tables against its config is `raymtl.data.inspection`'s job.
 """
 
 from __future__ import annotations
@@ -163,14 +163,32 @@ def _file_columns(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
             return pacsv.open_csv(stream).schema.names
 
 
+def csv_convert(columns: list[str], select: bool = True) -> pacsv.ConvertOptions:
+    """Arrow's options reading a CSV's `columns` (only those, if `select`) as the text written in each
+    cell, an empty cell missing. Typed by their values, labels 1.1 and 1.10 would be one float (two
+    classes merged), 02134 the float 2134.0 and an id 007 the int 7."""
+    return pacsv.ConvertOptions(include_columns=columns if select else [], strings_can_be_null=True,
+                                column_types=dict.fromkeys(columns, pa.string()), null_values=[""])
+
+
 def _read_file(fs: pafs.FileSystem, path: str, name: str, columns: list[str] | None) -> pa.Table:
-    """A file's rows (only `columns` if given): the one place that reads them."""
+    """A file's rows (only `columns` if given): the one place that reads them whole."""
     with _reading(name):
         if file_format(name) == "parquet":
             return pq.read_table(path, columns=columns, filesystem=fs)
-        options = pacsv.ConvertOptions(include_columns=columns) if columns is not None else None
+        options = csv_convert(_file_columns(fs, path, name) if columns is None else columns)
         with fs.open_input_stream(path) as stream:
             return pacsv.read_csv(stream, convert_options=options)
+
+
+def _batches(fs: pafs.FileSystem, path: str, name: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """A file's `columns`, one record batch at a time (as `_read_file` reads them)."""
+    with _reading(name):
+        if file_format(name) == "parquet":
+            yield from pq.ParquetFile(path, filesystem=fs).iter_batches(columns=columns)
+        else:
+            with fs.open_input_stream(path) as stream:
+                yield from pacsv.open_csv(stream, convert_options=csv_convert(columns))
 
 
 # ---------------------------------------------------------------- files read once per process
@@ -221,31 +239,25 @@ def label_batches(source: Any, column: str) -> Iterator[tuple[str, int, pd.Serie
     fs, files = _expand(source)
     for path, name in files:
         start = 0
-        with _reading(name):
-            if file_format(name) == "parquet":
-                batches = pq.ParquetFile(path, filesystem=fs).iter_batches(columns=[column])
-            else:
-                options = pacsv.ConvertOptions(include_columns=[column])
-                batches = pacsv.open_csv(fs.open_input_stream(path), convert_options=options)
-            for batch in batches:
-                yield name, start, to_pandas(batch.column(0))
-                start += batch.num_rows
+        for batch in _batches(fs, path, name, [column]):
+            yield name, start, to_pandas(batch.column(0))
+            start += batch.num_rows
 
 
 def head_rows(source: Any, columns: list[str], rows: int) -> pd.DataFrame:
-    """Up to `rows` rows of `columns` from the start of each file of a large source (an image sample)."""
+    """The first `rows` rows of `columns` of a large source (an image sample), past files without
+    rows (Spark's output may start with empty parts); a ConfigError naming the source if it has none."""
     fs, files = _expand(source)
-    parts = []
-    for path, name in files[:rows]:
-        with _reading(name):
-            if file_format(name) == "parquet":
-                batch = next(pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=rows, columns=columns), None)
-            else:
-                options = pacsv.ConvertOptions(include_columns=columns)
-                batch = next(iter(pacsv.open_csv(fs.open_input_stream(path), convert_options=options)), None)
-        if batch is not None:
-            parts.append(batch.slice(0, rows).to_pandas())
-    return pd.concat(parts, ignore_index=True)
+    parts, taken = [], 0
+    batches = (batch for path, name in files for batch in _batches(fs, path, name, columns) if batch.num_rows)
+    for batch in batches:
+        parts.append(to_pandas(batch.slice(0, rows - taken)))
+        taken += len(parts[-1])
+        if taken >= rows:
+            break
+    if not parts:
+        raise ConfigError(f"{os.fspath(source)!r} has no rows")
+    return concat_files(parts)
 
 
 # ---------------------------------------------------------------- tables
@@ -258,9 +270,9 @@ def read_table(source: Any, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def concat_files(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Frames read from several files, as one. A column whose type differs between them (CSV types
-    each file by its own values: numeric ids in one file, alphanumeric in the next) becomes each
-    value's text, as inspection and the preprocessor read every raw column (`str(value)`)."""
+    """Frames read from several files, as one. A column whose type differs between them (numeric ids
+    in one parquet file, alphanumeric in the next; a CSV's text beside a parquet's numbers) becomes
+    each value's text, as inspection and the preprocessor read every raw column (`str(value)`)."""
     for name in frames[0].columns if len(frames) > 1 else ():
         if len({str(f[name].dtype) for f in frames}) > 1:
             frames = [f.assign(**{name: f[name].astype(str)}) for f in frames]
@@ -296,8 +308,9 @@ def label_names(values: pd.Series, multilabel: bool) -> tuple[np.ndarray, np.nda
     """Every label of a label column: (its row, its name). The one way cells become label names, for
     inspection's label maps and the preprocessor's encoding alike.
 
-    A label's name is its text (`str(value)`). A multilabel cell is a list of labels, a null element
-    no label (a missing tag); a multilabel cell that is not a list is one label, a null cell none.
+    A label's name is its text (`str(value)`; a CSV's cells are read as text, `csv_convert`). A
+    multilabel cell is a list of labels, a null element no label (a missing tag); a multilabel cell
+    that is not a list is one label, a null cell none.
     """
     values = values.reset_index(drop=True)
     if multilabel:

@@ -53,7 +53,7 @@ def read_items(source: Any, plan: Plan, images: list[str] | None = None) -> ray.
     images = source_images(source) if images is None else images
     if images:
         return ray.data.from_items(_image_rows(images, plan))
-    items = read_source(source)
+    items = read_source(source, text=list(plan.required_columns))
     where = "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
     check_columns(items.schema().names, plan.required_columns, where)
     return items.select_columns(list(plan.required_columns))
