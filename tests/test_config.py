@@ -129,7 +129,7 @@ def test_task_names_do_not_clash_with_prediction_columns(names: list[str], expec
     ({**minimal(), "name": ".."}, r"name: experiment name '\.\.' may hold only"),
     (minimal(tasks=[{"name": "color.v2", "train": "c.parquet", "image_column": "image"}]),
      r"tasks\[0\]: task name 'color.v2' may hold only letters, digits, '_' and '-', starting"),
-    (minimal(model={"groups": {1: ["color", "style"]}}), "model.groups: group name 1 may hold only"),
+    (minimal(model={"groups": {1: ["color", "style"]}}), r"model.groups.1: keys here are strings, got int 1"),
     (minimal(model={"groups": {"": ["color", "style"]}}), "model.groups: group name '' may hold only"),
     (minimal(model={"groups": {"g.1": ["color"], "g2": ["style"]}}), "model.groups: group name 'g.1' may hold only"),
 ])
