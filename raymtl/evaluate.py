@@ -11,7 +11,11 @@ between the stages (`_PrepareEach`, `_ScoreEach`) and each stage runs each task'
 task's own stage would.
 
 The loss is the negative log-likelihood of the predicted probabilities (cross-entropy or BCE,
-without label smoothing or task weight). Rows whose image cannot be read are left out and counted.
+without label smoothing or task weight), an ensemble's of its averaged probabilities, computed in
+float64 from them (a probability of 0 costs -log of the dtype's smallest positive value, 103.3 in
+float32). For one model it is training's val/<task>/loss to float precision where softmax does not
+underflow; a false multilabel label of probability near 1 is only as exact as float32 keeps 1 - p.
+Rows whose image cannot be read are left out and counted.
 
 `modality`: "image" (image only: the text masked), "text" (text only: the image masked) or "both".
 A masked modality is not computed and feeds zeros into its fusion slot (after the per-modality
@@ -288,28 +292,30 @@ def _stack(values: list) -> np.ndarray:
 
 
 class TaskScore:
-    """The training metrics of one task, fed batches of {"probs", "label", "bad"} numpy arrays."""
+    """The training metrics of one task, fed batches of {"probs", "label", "bad"} numpy arrays.
+
+    The decisions (argmax, probability > threshold) are prediction's, and the loss is the NLL of
+    the probabilities (`likelihood_loss_sum`): an ensemble's, of its averaged probabilities.
+    """
 
     def __init__(self, info: Any) -> None:
-        from raymtl.train.losses import task_loss
         from raymtl.train.metrics import make_accumulator
 
         self.info = info
         self.accumulator = make_accumulator(info, info.threshold)
-        self.loss = task_loss(TaskSpec(info.name, train=None, kind=info.kind), info)
         self.rows = self.bad_rows = 0
 
     def update(self, batch: dict[str, np.ndarray]) -> None:
         import torch
 
-        from raymtl.models.ensemble import as_logits
+        from raymtl.train.losses import likelihood_loss_sum
 
         good = ~batch["bad"]
         self.rows, self.bad_rows = self.rows + len(good), self.bad_rows + int((~good).sum())
         if good.any():
-            logits = as_logits(torch.as_tensor(batch["probs"][good]), self.info.kind)
-            target = torch.as_tensor(batch[LABEL][good])
-            self.accumulator.update(logits, target, self.loss(logits, target) * int(good.sum()))
+            probs, target = batch["probs"][good], batch[LABEL][good]
+            loss_sum = likelihood_loss_sum(probs, target, self.info.kind)
+            self.accumulator.update(torch.as_tensor(probs), torch.as_tensor(target), loss_sum)
 
     def metrics(self) -> dict[str, float]:
         return {**self.accumulator.compute(), "rows": self.rows, "bad_rows": self.bad_rows}
