@@ -360,3 +360,26 @@ def test_an_ensembles_loss_is_the_nll_of_its_averaged_probabilities(setup, tmp_p
         assert abs(nll - members_nll) > 1e-4  # the two differ enough to tell apart
         assert got.tasks[spec.name]["loss"] == pytest.approx(nll, rel=1e-5), spec.name
 
+
+def test_a_task_without_readable_rows_is_named_and_left_out_of_the_means(tmp_path):
+    """Every row of b failed to read: its metrics are NaN, the mean score and Δ% are a's, and the
+    table and evaluation.json name b."""
+    from raymtl.evaluate import format_table, write_results
+
+    unread = {"accuracy": np.nan, "macro_f1": np.nan, "loss": np.nan, "rows": 2, "bad_rows": 2}
+    read = {"accuracy": 0.9, "macro_f1": 0.8, "loss": 0.3, "rows": 4, "bad_rows": 1}
+    model = Evaluation("m", "validation", {"a": read, "b": unread})
+    baseline = Evaluation("s", "validation", {"a": {**read, "accuracy": 0.6, "loss": 0.6}, "b": unread})
+    assert model.mean_score == pytest.approx(0.9) and model.unmeasured == ["b"]
+    comparison = compare(model, [baseline])
+    assert comparison.delta_percent == pytest.approx(comparison.per_task_percent["a"]) == pytest.approx(100 * 1.0 / 3)
+    table = format_table(model, comparison)
+    assert "mean score: 0.9000" in table and "warning: no readable rows in task b: left out of the mean score" in table
+    assert "Δ% vs s: +33.33  (without task b: no readable rows)" in table
+    assert comparison.unmeasured == ["b"]
+    assert compare(Evaluation("m", "validation", {"b": read}), [baseline]).unmeasured == ["b"]  # unread by s
+    write_results(str(tmp_path), model, [baseline], comparison)
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["mean_score"] == pytest.approx(0.9) and report["unmeasured"] == ["b"]
+    assert report["baselines"][0]["unmeasured"] == ["b"]
+    assert np.isnan(Evaluation("m", "validation", {"b": unread}).mean_score)  # nothing measured
