@@ -8,9 +8,11 @@ Conventions:
 - Metrics are computed from probabilities (softmax or sigmoid, `raymtl.models.ensemble.probabilities`),
   as prediction sees them, so validation, `raymtl evaluate` and `raymtl predict` decide alike.
 - The loss is the caller's: the summed negative log-likelihood of each batch (`raymtl.train.losses`).
-- Macro-F1 averages per-class F1 over the classes that appear in the targets or the predictions
-  (sklearn's choice for multiclass labels); a class with no true or predicted example carries no
-  information and is skipped. With no such class at all it is 0.0 (sklearn's zero_division=0).
+- Macro-F1 averages per-class F1 over the classes that appear in the targets or the predictions:
+  a class with neither carries no information and is left out; with no class seen at all
+  (multilabel only) it is 0.0. Multiclass: sklearn's `f1_score(average="macro")`, whose classes
+  are those seen. Multilabel: not sklearn's default, which scores every label, such a label 0.0
+  (`zero_division`), pulling the mean down; sklearn's with `zero_division=np.nan` when a label is seen.
 - Micro-F1 with no positives in targets and predictions is 0.0 (zero_division=0).
 - A multilabel probability counts as positive when it is > threshold (strictly, as torchmetrics and
   prediction do).
