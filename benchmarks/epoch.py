@@ -173,6 +173,8 @@ def evaluate(model, val, infos, losses, batch_size: int, make_accumulator) -> No
     """As raymtl's `evaluate`: per task, metric states over its validation batches, then computed."""
     import torch
 
+    from raymtl.models.ensemble import probabilities
+
     model.eval()
     with torch.no_grad():
         for task, data in val.items():
@@ -180,7 +182,8 @@ def evaluate(model, val, infos, losses, batch_size: int, make_accumulator) -> No
             for i in range(0, len(data["label"]), batch_size):
                 batch = {k: v[i : i + batch_size] for k, v in data.items()}
                 logits = model(batch, task).float()
-                acc.update(logits, batch["label"], losses[task](logits, batch["label"]).item() * len(logits))
+                probs = probabilities(logits, infos[task].kind)
+                acc.update(probs, batch["label"], losses[task](logits, batch["label"]).item() * len(logits))
             acc.compute()
     model.train()
 

@@ -11,7 +11,12 @@ between the stages (`_PrepareEach`, `_ScoreEach`) and each stage runs each task'
 task's own stage would.
 
 The loss is the negative log-likelihood of the predicted probabilities (cross-entropy or BCE,
-without label smoothing or task weight). Rows whose image cannot be read are left out and counted.
+without label smoothing or task weight), an ensemble's of its averaged probabilities, computed in
+float64 from them (a probability of 0 costs -log of the dtype's smallest positive value, 103.3 in
+float32). For one model it is training's val/<task>/loss to float precision where softmax does not
+underflow; a false multilabel label of probability near 1 is only as exact as float32 keeps 1 - p.
+Rows whose image cannot be read are left out and counted; a task none of whose rows could be read
+is named, its metrics NaN, and left out of the mean score and Δ%.
 
 `modality`: "image" (image only: the text masked), "text" (text only: the image masked) or "both".
 A masked modality is not computed and feeds zeros into its fusion slot (after the per-modality
@@ -69,9 +74,16 @@ class Evaluation:
     modality: str = "both"  # both | image (text masked) | text (image masked)
 
     @property
+    def unmeasured(self) -> list[str]:
+        """The tasks none of whose rows could be read: their metrics are NaN."""
+        return [task for task, m in self.tasks.items() if np.isnan(m[primary_metric(m)])]
+
+    @property
     def mean_score(self) -> float:
-        """The mean of the tasks' primary metrics, as `val/mean_score` in training."""
-        return float(np.mean([m[primary_metric(m)] for m in self.tasks.values()]))
+        """The mean of the tasks' primary metrics, as `val/mean_score` in training, over the tasks
+        measured (NaN when none was)."""
+        scores = [m[primary_metric(m)] for m in self.tasks.values()]
+        return _mean([score for score in scores if not np.isnan(score)])
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Comparison:
     deltas: dict[str, dict[str, float]]  # task -> metric -> model - baseline
     delta_percent: float
     per_task_percent: dict[str, float] = field(default_factory=dict)
+    unmeasured: list[str] = field(default_factory=list)  # left out of Δ%: no row read by the model or a baseline
 
 
 def evaluate(
@@ -288,28 +301,30 @@ def _stack(values: list) -> np.ndarray:
 
 
 class TaskScore:
-    """The training metrics of one task, fed batches of {"probs", "label", "bad"} numpy arrays."""
+    """The training metrics of one task, fed batches of {"probs", "label", "bad"} numpy arrays.
+
+    The decisions (argmax, probability > threshold) are prediction's, and the loss is the NLL of
+    the probabilities (`likelihood_loss_sum`): an ensemble's, of its averaged probabilities.
+    """
 
     def __init__(self, info: Any) -> None:
-        from raymtl.train.losses import task_loss
         from raymtl.train.metrics import make_accumulator
 
         self.info = info
         self.accumulator = make_accumulator(info, info.threshold)
-        self.loss = task_loss(TaskSpec(info.name, train=None, kind=info.kind), info)
         self.rows = self.bad_rows = 0
 
     def update(self, batch: dict[str, np.ndarray]) -> None:
         import torch
 
-        from raymtl.models.ensemble import as_logits
+        from raymtl.train.losses import likelihood_loss_sum
 
         good = ~batch["bad"]
         self.rows, self.bad_rows = self.rows + len(good), self.bad_rows + int((~good).sum())
         if good.any():
-            logits = as_logits(torch.as_tensor(batch["probs"][good]), self.info.kind)
-            target = torch.as_tensor(batch[LABEL][good])
-            self.accumulator.update(logits, target, self.loss(logits, target) * int(good.sum()))
+            probs, target = batch["probs"][good], batch[LABEL][good]
+            loss_sum = likelihood_loss_sum(probs, target, self.info.kind)
+            self.accumulator.update(torch.as_tensor(probs), torch.as_tensor(target), loss_sum)
 
     def metrics(self) -> dict[str, float]:
         return {**self.accumulator.compute(), "rows": self.rows, "bad_rows": self.bad_rows}
@@ -321,6 +336,7 @@ class TaskScore:
 def compare(evaluation: Evaluation, baselines: list[Evaluation]) -> Comparison:
     """Deltas and Δ% of `evaluation` against the baselines; every task needs a baseline that has it."""
     deltas, percent = {}, {}
+    unread = {task for e in (evaluation, *baselines) for task in e.unmeasured}
     for task, metrics in evaluation.tasks.items():
         refs = [b.tasks[task] for b in baselines if task in b.tasks]
         if not refs:
@@ -329,8 +345,13 @@ def compare(evaluation: Evaluation, baselines: list[Evaluation]) -> Comparison:
         reference = {m: float(np.mean([r[m] for r in refs])) for m in names}
         deltas[task] = {m: metrics[m] - reference[m] for m in names}
         percent[task] = float(np.mean([relative_gain(m, metrics[m], reference[m]) for m in names]))
-    return Comparison([b.model for b in baselines], deltas, 100 * float(np.mean(list(percent.values()))),
-                      {t: 100 * p for t, p in percent.items()})
+    measured = [p for task, p in percent.items() if task not in unread]
+    return Comparison([b.model for b in baselines], deltas, 100 * _mean(measured),
+                      {t: 100 * p for t, p in percent.items()}, [task for task in percent if task in unread])
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def relative_gain(metric: str, value: float, baseline: float) -> float:
@@ -354,8 +375,15 @@ def format_table(evaluation: Evaluation, comparison: Comparison | None = None) -
         rows.append(row)
     lines = [summary_table(rows), "", f"mean score: {evaluation.mean_score:.4f}  ({evaluation.split})"]
     if comparison:
-        lines.append(f"Δ% vs {', '.join(comparison.baselines)}: {comparison.delta_percent:+.2f}")
+        left_out = f"  (without {_tasks(comparison.unmeasured)}: no readable rows)" if comparison.unmeasured else ""
+        lines.append(f"Δ% vs {', '.join(comparison.baselines)}: {comparison.delta_percent:+.2f}{left_out}")
+    if evaluation.unmeasured:
+        lines.append(f"warning: no readable rows in {_tasks(evaluation.unmeasured)}: left out of the mean score")
     return "\n".join(lines)
+
+
+def _tasks(names: list[str]) -> str:
+    return f"task{'s' if len(names) > 1 else ''} {', '.join(names)}"
 
 
 def modality_table(by_modality: dict[str, Evaluation]) -> str:
@@ -373,11 +401,10 @@ def modality_table(by_modality: dict[str, Evaluation]) -> str:
 def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation], comparison: Comparison | None,
                   by_modality: dict[str, Evaluation] | None = None) -> None:
     """evaluation.json (everything) and evaluation.csv (one row per model and task) in `out`."""
-    report: dict[str, Any] = {**asdict(evaluation), "mean_score": evaluation.mean_score,
-                              "baselines": [asdict(b) for b in baselines],
+    report: dict[str, Any] = {**_summary(evaluation), "baselines": [_summary(b) for b in baselines],
                               "comparison": asdict(comparison) if comparison else None}
     if by_modality:
-        report["by_modality"] = {m: {**asdict(e), "mean_score": e.mean_score} for m, e in by_modality.items()}
+        report["by_modality"] = {m: _summary(e) for m, e in by_modality.items()}
     storage.write_text(storage.join(out, "evaluation.json"), json.dumps(report, indent=2))
     rows = [{"model": e.model, "task": task, **metrics} for e in (evaluation, *baselines)
             for task, metrics in e.tasks.items()]
@@ -386,3 +413,8 @@ def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation],
     writer.writeheader()
     writer.writerows(rows)
     storage.write_text(storage.join(out, "evaluation.csv"), buffer.getvalue())
+
+
+def _summary(evaluation: Evaluation) -> dict[str, Any]:
+    """An evaluation's fields, its mean score and the tasks it left out of it (none of their rows read)."""
+    return {**asdict(evaluation), "mean_score": evaluation.mean_score, "unmeasured": evaluation.unmeasured}

@@ -11,10 +11,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
 from raymtl.cli import build_parser, main
-from raymtl.config import ConfigError
+from raymtl.config import ConfigError, Experiment, TaskSpec
 from raymtl.data.planted import make_planted, planted_experiment
 from raymtl.data.synthetic import default_tokenizer_path
 from raymtl.data.task_info import TaskInfo
@@ -275,3 +277,109 @@ def test_ray_data_actors_score_every_task_in_one_stream_as_this_process_does(ray
     for task in TASKS:
         assert on_ray.tasks[task]["rows"] == len(pd.read_parquet(exp.task(task).validation))
         assert on_ray.tasks[task] == pytest.approx(here.tasks[task], abs=1e-6)
+
+
+class Fixed(torch.nn.Module):
+    """A model whose output is `logits` for every batch: training's validation without a network."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, batch, task):
+        return self.logits
+
+
+LOSS_CASES = {  # logits and labels of confident mistakes (softmax/sigmoid far from 0.5, not underflowing)
+    "multiclass": (torch.tensor([[-25.0, 0.0, 0.0], [2.0, 0.0, -1.0], [0.0, 9.0, 0.0], [40.0, 0.0, -40.0]]),
+                   torch.tensor([0, 0, 1, 2])),
+    "multilabel": (torch.tensor([[-30.0, 5.0, 0.3], [4.0, -12.0, 2.0]]),
+                   torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+}
+
+
+@pytest.mark.parametrize("kind", LOSS_CASES)
+def test_evaluate_reports_the_loss_training_validation_reports(kind):
+    """One model, the same rows: `raymtl evaluate`'s loss (from the probabilities) is training's
+    val/<task>/loss, the NLL without label smoothing, also for a confident mistake (25.69, not 16.1)."""
+    from raymtl.models.ensemble import probabilities
+    from raymtl.train.evaluation import evaluate as validate
+
+    logits, labels = LOSS_CASES[kind]
+    info = TaskInfo("t", kind, ["x", "y", "z"], 4, len(labels), True, False)
+    spec = TaskSpec("t", "x.csv", kind=kind, label_smoothing=0.2 if kind == "multiclass" else 0.0)
+    trained = validate(Fixed(logits), Experiment("e", [spec]), {"t": info}, [("t", {"label": labels})], "cpu")["t"]
+    nll = (F.cross_entropy(logits, labels) if kind == "multiclass"
+           else F.binary_cross_entropy_with_logits(logits, labels)).item()
+    assert trained["loss"] == pytest.approx(nll, rel=1e-6)
+    probs = probabilities(logits, kind).numpy()
+    got = task_metrics(info, [{"probs": probs, "label": labels.numpy(), "bad": np.zeros(len(labels), bool)}])
+    assert got["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    assert {k: v for k, v in got.items() if k not in ("loss", "rows", "bad_rows")} == {
+        k: v for k, v in trained.items() if k != "loss"}
+
+
+def test_a_probability_that_underflowed_costs_the_least_loss_it_stands_for_not_infinity():
+    info = TaskInfo("t", "multiclass", ["x", "y"], 1, 1, True, False)
+    got = task_metrics(info, [{"probs": np.array([[0.0, 1.0]], np.float32), "label": np.array([0]),
+                               "bad": np.zeros(1, bool)}])
+    assert got["loss"] == pytest.approx(-np.log(np.finfo(np.float32).smallest_subnormal))
+
+
+def test_multilabel_metrics_threshold_the_probabilities_as_prediction_does():
+    """Probabilities a float32 step or two either side of the threshold (and on it) are positive in
+    the metrics exactly where prediction lists their label."""
+    from raymtl.predict.output import output_columns
+    from raymtl.predict.plan import Head
+
+    for threshold in (0.1, 0.3, 0.5, 0.9):
+        t = np.float32(threshold)
+        probs = (t + np.arange(-3, 4, dtype=np.float32) * np.spacing(t))[:, None]  # t and its neighbours
+        head = Head("m", "multilabel", ("x",), threshold, ("image",))
+        listed = output_columns(head, probs, np.zeros(len(probs), bool), 0)["m"].to_pylist()
+        info = TaskInfo("m", "multilabel", ["x"], 1, 1, True, False, threshold=threshold)
+        for p, labels in zip(probs, listed):
+            row = {"probs": p[None], "label": np.ones((1, 1), np.float32), "bad": np.zeros(1, bool)}
+            got = task_metrics(info, [row])
+            assert got["exact_match"] == float(labels == ["x"]), (threshold, p)
+
+
+def test_an_ensembles_loss_is_the_nll_of_its_averaged_probabilities(setup, tmp_path, monkeypatch):
+    """Not the mean of its members' losses: the ensemble is scored as the one model it predicts as."""
+    from raymtl.models.ensemble import build_ensemble
+
+    model, exp = setup
+    monkeypatch.setattr("raymtl.ray_runtime.ensure_ray", no_ray)
+    other = save_tiny(tmp_path / "other", 3, {"all": list(TASKS)})
+    got = evaluate(build_ensemble([model, other], str(tmp_path / "ens")), exp, batch_size=8)
+    for spec in exp.tasks:
+        items = pd.read_parquet(spec.validation)
+        rows = np.arange(len(items)), items["label"].to_numpy()
+        each = [member_probs(m, items)[spec.name][rows] for m in (model, other)]
+        nll, members_nll = -np.log((each[0] + each[1]) / 2).mean(), -np.log(each).mean()
+        assert abs(nll - members_nll) > 1e-4  # the two differ enough to tell apart
+        assert got.tasks[spec.name]["loss"] == pytest.approx(nll, rel=1e-5), spec.name
+
+
+def test_a_task_without_readable_rows_is_named_and_left_out_of_the_means(tmp_path):
+    """Every row of b failed to read: its metrics are NaN, the mean score and Δ% are a's, and the
+    table and evaluation.json name b."""
+    from raymtl.evaluate import format_table, write_results
+
+    unread = {"accuracy": np.nan, "macro_f1": np.nan, "loss": np.nan, "rows": 2, "bad_rows": 2}
+    read = {"accuracy": 0.9, "macro_f1": 0.8, "loss": 0.3, "rows": 4, "bad_rows": 1}
+    model = Evaluation("m", "validation", {"a": read, "b": unread})
+    baseline = Evaluation("s", "validation", {"a": {**read, "accuracy": 0.6, "loss": 0.6}, "b": unread})
+    assert model.mean_score == pytest.approx(0.9) and model.unmeasured == ["b"]
+    comparison = compare(model, [baseline])
+    assert comparison.delta_percent == pytest.approx(comparison.per_task_percent["a"]) == pytest.approx(100 * 1.0 / 3)
+    table = format_table(model, comparison)
+    assert "mean score: 0.9000" in table and "warning: no readable rows in task b: left out of the mean score" in table
+    assert "Δ% vs s: +33.33  (without task b: no readable rows)" in table
+    assert comparison.unmeasured == ["b"]
+    assert compare(Evaluation("m", "validation", {"b": read}), [baseline]).unmeasured == ["b"]  # unread by s
+    write_results(str(tmp_path), model, [baseline], comparison)
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["mean_score"] == pytest.approx(0.9) and report["unmeasured"] == ["b"]
+    assert report["baselines"][0]["unmeasured"] == ["b"]
+    assert np.isnan(Evaluation("m", "validation", {"b": unread}).mean_score)  # nothing measured

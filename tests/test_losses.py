@@ -51,3 +51,20 @@ def test_custom_callable_is_used():
     assert loss is custom
     assert loss(torch.zeros(2, 3), torch.tensor([0, 1])).item() == 7.0
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+def test_the_reported_loss_is_the_nll_of_the_logits_or_of_their_probabilities(kind):
+    """likelihood_loss ignores the training criterion's smoothing; likelihood_loss_sum of the
+    probabilities is it times the rows, with no clamp on confident mistakes (logits up to +-20)."""
+    from raymtl.models.ensemble import probabilities
+    from raymtl.train.losses import likelihood_loss, likelihood_loss_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3) * 8 - (12 if kind == "multilabel" else 0)  # multilabel: p near 0, where float32 is exact
+    target = torch.tensor([0, 2, 1, 1, 0, 2]) if kind == "multiclass" else (torch.rand(6, 3) < 0.5).float()
+    nll = likelihood_loss(kind)(logits, target)
+    assert torch.allclose(nll, F.cross_entropy(logits, target) if kind == "multiclass"
+                          else F.binary_cross_entropy_with_logits(logits, target))
+    got = likelihood_loss_sum(probabilities(logits, kind).numpy(), target.numpy(), kind)
+    assert got == pytest.approx(6 * nll.item(), rel=1e-5)

@@ -13,8 +13,8 @@ def info(kind, n):
     return TaskInfo("t", kind, [str(i) for i in range(n)], 10, 10, True, False)
 
 
-def one_hot_logits(pred, n):
-    return torch.nn.functional.one_hot(torch.tensor(pred), n).float() * 4 - 2
+def one_hot_probs(pred, n):
+    return torch.softmax(torch.nn.functional.one_hot(torch.tensor(pred), n).float() * 4 - 2, 1)
 
 
 # Multiclass, 3 classes. true: 0 0 1 1 2 ; pred: 0 1 1 1 0
@@ -27,7 +27,7 @@ MC_TRUE, MC_PRED = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
 
 def test_multiclass_by_hand():
     acc = make_accumulator(info("multiclass", 3))
-    acc.update(one_hot_logits(MC_PRED, 3), torch.tensor(MC_TRUE), loss_sum=2.5)
+    acc.update(one_hot_probs(MC_PRED, 3), torch.tensor(MC_TRUE), loss_sum=2.5)
     out = acc.compute()
     assert out.keys() == {"loss", "accuracy", "macro_f1"}
     assert out["loss"] == pytest.approx(0.5)
@@ -38,11 +38,11 @@ def test_multiclass_by_hand():
 def test_multiclass_macro_f1_skips_absent_classes():
     # 4 classes; class 3 is never true nor predicted: averaged over classes 0..2 only.
     acc = make_accumulator(info("multiclass", 4))
-    acc.update(one_hot_logits(MC_PRED, 4), torch.tensor(MC_TRUE), loss_sum=torch.tensor(1.0))
+    acc.update(one_hot_probs(MC_PRED, 4), torch.tensor(MC_TRUE), loss_sum=torch.tensor(1.0))
     assert acc.compute()["macro_f1"] == pytest.approx((0.5 + 0.8) / 3)
 
 
-# Multilabel, 3 labels, threshold 0.5 on sigmoid (logit > 0).
+# Multilabel, 3 labels, threshold 0.5 on the probabilities.
 #   true            pred
 #   1 0 1           1 0 0      -> not exact
 #   0 1 0           0 1 0      -> exact
@@ -54,13 +54,13 @@ ML_TRUE = [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]]
 ML_PRED = [[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0]]
 
 
-def ml_logits(pred):
-    return torch.tensor(pred).float() * 4 - 2
+def ml_probs(pred):
+    return torch.sigmoid(torch.tensor(pred).float() * 4 - 2)
 
 
 def test_multilabel_by_hand():
     acc = make_accumulator(info("multilabel", 3), threshold=0.5)
-    acc.update(ml_logits(ML_PRED), torch.tensor(ML_TRUE).float(), loss_sum=2.0)
+    acc.update(ml_probs(ML_PRED), torch.tensor(ML_TRUE).float(), loss_sum=2.0)
     out = acc.compute()
     assert out.keys() == {"loss", "micro_f1", "macro_f1", "exact_match"}
     assert out["loss"] == pytest.approx(0.5)
@@ -70,27 +70,27 @@ def test_multilabel_by_hand():
 
 
 def test_multilabel_threshold():
-    # sigmoid(1) = 0.731: positive at threshold 0.5, negative at 0.8 -> nothing predicted at all.
+    # 0.731: positive at threshold 0.5, negative at 0.8 -> nothing predicted at all.
     acc = make_accumulator(info("multilabel", 2), threshold=0.8)
-    acc.update(torch.ones(2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]), loss_sum=0.0)
+    acc.update(torch.full((2, 2), 0.731), torch.tensor([[1.0, 0.0], [0.0, 0.0]]), loss_sum=0.0)
     out = acc.compute()
     # label 0: tp=0 fp=0 fn=1 -> F1 0 ; label 1 absent -> macro 0 ; micro 0/1 = 0 ; row 2 exact.
     assert (out["micro_f1"], out["macro_f1"], out["exact_match"]) == (0.0, 0.0, 0.5)
 
 
 @pytest.mark.parametrize(
-    "kind, n, logits, target",
+    "kind, n, probs, target",
     [
-        ("multiclass", 3, one_hot_logits(MC_PRED, 3), torch.tensor(MC_TRUE)),
-        ("multilabel", 3, ml_logits(ML_PRED), torch.tensor(ML_TRUE).float()),
+        ("multiclass", 3, one_hot_probs(MC_PRED, 3), torch.tensor(MC_TRUE)),
+        ("multilabel", 3, ml_probs(ML_PRED), torch.tensor(ML_TRUE).float()),
     ],
 )
-def test_summed_state_of_two_ranks_equals_one_accumulator(kind, n, logits, target):
+def test_summed_state_of_two_ranks_equals_one_accumulator(kind, n, probs, target):
     single = make_accumulator(info(kind, n))
-    single.update(logits, target, loss_sum=3.0)
+    single.update(probs, target, loss_sum=3.0)
     ranks = [make_accumulator(info(kind, n)) for _ in range(2)]
-    ranks[0].update(logits[:2], target[:2], loss_sum=1.0)
-    ranks[1].update(logits[2:], target[2:], loss_sum=2.0)
+    ranks[0].update(probs[:2], target[:2], loss_sum=1.0)
+    ranks[1].update(probs[2:], target[2:], loss_sum=2.0)
     reduced = make_accumulator(info(kind, n))
     reduced.load_state(ranks[0].state + ranks[1].state)  # what all_reduce(SUM) computes
     assert reduced.compute() == single.compute()

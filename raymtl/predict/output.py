@@ -11,9 +11,9 @@ from raymtl.predict.plan import Head
 def output_columns(head: Head, probs: np.ndarray, bad: np.ndarray, top_k: int) -> dict[str, pa.Array]:
     """<task> and <task>_prob (and <task>_top_k) of one task; null on bad rows.
 
-    Multiclass: the most probable label and its probability. Multilabel: the labels whose sigmoid
-    is above the task's threshold (strictly, as in the validation metrics), in label-map order,
-    and their probabilities.
+    Multiclass: the most probable label and its probability. Multilabel: the labels whose probability
+    is above the task's threshold (strictly, as the validation and evaluation metrics decide), in
+    label-map order, and their probabilities.
     """
     labels = np.asarray(head.labels, dtype=object)
     if head.kind == "multiclass":

@@ -1,4 +1,8 @@
-"""Validation inside the loop: every task's metrics over all ranks' shards, with rank 0's BatchNorm statistics."""
+"""Validation inside the loop: every task's metrics over all ranks' shards, with rank 0's BatchNorm statistics.
+
+A task's loss here is the negative log-likelihood (`likelihood_loss`), not its training criterion
+(label smoothing, a loss of its own): what `raymtl evaluate` reports for the same model and rows.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import torch
 
 from raymtl.config import Experiment
 from raymtl.data.task_info import TaskInfo
+from raymtl.models.ensemble import probabilities
 from raymtl.models.multitask import MultiTaskModel
 from raymtl.train.batches import TaskBatches
 from raymtl.train.collectives import all_reduce_sum, broadcast_tensors
-from raymtl.train.losses import task_loss
+from raymtl.train.losses import likelihood_loss
 from raymtl.train.metrics import make_accumulator
 from raymtl.train.precision import Precision
 
@@ -24,12 +29,13 @@ def evaluate(model: MultiTaskModel, exp: Experiment, infos: dict[str, TaskInfo],
     sync_buffers(model)
     model.eval()
     accs = {name: make_accumulator(info, exp.task(name).threshold, device) for name, info in infos.items() if info.n_val}
-    losses = {name: task_loss(exp.task(name), infos[name]) for name in accs}
+    losses = {name: likelihood_loss(infos[name].kind) for name in accs}
     for name, batch in data:
         if batch is not None:
             with precision.autocast() if precision is not None else contextlib.nullcontext():
                 logits = model(batch, name).float()
-            accs[name].update(logits, batch["label"], losses[name](logits, batch["label"]) * len(logits))
+            nll_sum = losses[name](logits, batch["label"]) * len(logits)
+            accs[name].update(probabilities(logits, infos[name].kind), batch["label"], nll_sum)
     results = {}
     for name, acc in sorted(accs.items()):  # the same order on every rank: one all-reduce per task
         acc.load_state(all_reduce_sum(acc.state))

@@ -1,8 +1,12 @@
-"""Per-task loss functions.
+"""Per-task loss functions, and the loss validation and `raymtl evaluate` report.
 
-They are unweighted: the training loop multiplies by the task weight, so weighting lives in one
-place. Built-in losses compute in float32, since bf16 logits under autocast lose precision in the
-log-sum-exp and a bf16 logit cannot be paired with a float32 multi-hot target outside autocast.
+The training criterion (`task_loss`) drives the gradient; the reported loss (`likelihood_loss`, or
+`likelihood_loss_sum` of probabilities) is the negative log-likelihood, whatever the criterion, so
+val/<task>/loss of a task with label smoothing or a loss of its own compares with any other's and
+with `raymtl evaluate`'s. They are unweighted: the training loop multiplies by the task weight, so
+weighting lives in one place. Built-in losses compute in float32, since bf16 logits under autocast
+lose precision in the log-sum-exp and a bf16 logit cannot be paired with a float32 multi-hot target
+outside autocast.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Callable
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -43,6 +48,27 @@ def task_loss(task: TaskSpec, info: TaskInfo) -> LossFn:
             raise ValueError(f"task {task.name!r}: label_smoothing applies to multiclass tasks only")
         return _binary_cross_entropy
     raise ValueError(f"task {task.name!r}: unknown task kind {info.kind!r}")
+
+
+def likelihood_loss(kind: str) -> LossFn:
+    """`loss(logits, target) -> scalar`: the mean negative log-likelihood, without label smoothing
+    (cross-entropy, or BCE-with-logits averaged over the labels)."""
+    return _cross_entropy if kind == "multiclass" else _binary_cross_entropy
+
+
+def likelihood_loss_sum(probs: np.ndarray, target: np.ndarray, kind: str) -> float:
+    """The summed negative log-likelihood of rows' probabilities: `likelihood_loss` of their logits
+    times the rows, in float64 from the probabilities themselves (an ensemble's average has no logits).
+
+    A probability is floored at the smallest positive value of its dtype only: 0 there stands for a
+    value below it, so the row costs the least it can (103.3 in float32), not infinity.
+    """
+    p, floor = probs.astype(np.float64), np.finfo(probs.dtype).smallest_subnormal
+    if kind == "multiclass":
+        return float(-np.log(np.maximum(p[np.arange(len(p)), target], floor)).sum())
+    t = target.astype(np.float64)
+    per_label = t * np.log(np.maximum(p, floor)) + (1 - t) * np.log(np.maximum(1 - p, floor))
+    return float(-per_label.mean(1).sum())
 
 
 def _cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -5,11 +5,17 @@ float64 tensor: the loop sums every rank's tensor with a single `all_reduce(SUM)
 and computes, which gives exactly the metrics of one accumulator that saw all ranks' data.
 
 Conventions:
-- Macro-F1 averages per-class F1 over the classes that appear in the targets or the predictions
-  (sklearn's choice for multiclass labels); a class with no true or predicted example carries no
-  information and is skipped. With no such class at all it is 0.0 (sklearn's zero_division=0).
+- Metrics are computed from probabilities (softmax or sigmoid, `raymtl.models.ensemble.probabilities`),
+  as prediction sees them, so validation, `raymtl evaluate` and `raymtl predict` decide alike.
+- The loss is the caller's: the summed negative log-likelihood of each batch (`raymtl.train.losses`).
+- Macro-F1 averages per-class F1 over the classes that appear in the targets or the predictions:
+  a class with neither carries no information and is left out; with no class seen at all
+  (multilabel only) it is 0.0. Multiclass: sklearn's `f1_score(average="macro")`, whose classes
+  are those seen. Multilabel: not sklearn's default, which scores every label, such a label 0.0
+  (`zero_division`), pulling the mean down; sklearn's with `zero_division=np.nan` when a label is seen.
 - Micro-F1 with no positives in targets and predictions is 0.0 (zero_division=0).
-- A multilabel score counts as positive when sigmoid(logit) > threshold (strictly, as torchmetrics).
+- A multilabel probability counts as positive when it is > threshold (strictly, as torchmetrics and
+  prediction do).
 - An accumulator that saw no example computes NaN for every key.
 """
 
@@ -49,12 +55,12 @@ class Accumulator(ABC):
         self._state = state.detach().to(self._state.device, torch.float64).clone()
 
     @torch.no_grad()
-    def update(self, logits: Tensor, target: Tensor, loss_sum: float | Tensor) -> None:
-        """Add a batch: logits [B, C], its targets, and the SUM (not mean) of its per-example loss.
+    def update(self, probs: Tensor, target: Tensor, loss_sum: float | Tensor) -> None:
+        """Add a batch: probabilities [B, C], its targets, and the SUM (not mean) of its per-example loss.
 
         A tensor `loss_sum` is added on device, without a host sync.
         """
-        self._state[:-2] += self._stats(logits.detach(), target).to(self._state)
+        self._state[:-2] += self._stats(probs.detach(), target).to(self._state)
         self._state[-2] += torch.as_tensor(loss_sum).detach().to(self._state)
         self._state[-1] += target.shape[0]
 
@@ -65,7 +71,7 @@ class Accumulator(ABC):
         return {"loss": self._state[-2].item() / count, **self._metrics(self._state[:-2], count)}
 
     @abstractmethod
-    def _stats(self, logits: Tensor, target: Tensor) -> Tensor:
+    def _stats(self, probs: Tensor, target: Tensor) -> Tensor:
         """A batch's task statistics, laid out like `state[:-2]`."""
 
     @abstractmethod
@@ -82,9 +88,9 @@ class MulticlassAccumulator(Accumulator):
         super().__init__(num_labels * num_labels, device)
         self.num_labels = num_labels
 
-    def _stats(self, logits: Tensor, target: Tensor) -> Tensor:
+    def _stats(self, probs: Tensor, target: Tensor) -> Tensor:
         c = self.num_labels
-        cells = target.long() * c + logits.argmax(1)
+        cells = target.long() * c + probs.argmax(1)
         # Not bincount: on a GPU it reads the cells' min and max back to size its output, a sync per batch.
         return torch.zeros(c * c, dtype=torch.long, device=cells.device).index_add_(0, cells, torch.ones_like(cells))
 
@@ -107,8 +113,8 @@ class MultilabelAccumulator(Accumulator):
         self.num_labels = num_labels
         self.threshold = threshold
 
-    def _stats(self, logits: Tensor, target: Tensor) -> Tensor:
-        pred = torch.sigmoid(logits.float()) > self.threshold
+    def _stats(self, probs: Tensor, target: Tensor) -> Tensor:
+        pred = probs > self.threshold
         true = target > 0.5
         tp, fp, fn = (pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0)
         exact = (pred == true).all(1).sum()
