@@ -210,7 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     outputs = model.training_outputs(batch, task)
                 loss, fused = training_loss(outputs, batch["label"], losses[task], infos[task].weight)
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                ewma[task].update(fused)  # the fused head's, unweighted: comparable to val/loss
+                ewma[task].update(fused)  # the fused head's criterion, unweighted (val/loss: its plain NLL)
             if not grad_sync.finish():
                 continue  # no rank had a batch: every rank skips the step
             lr = optimizer.param_groups[0]["lr"]
