@@ -112,8 +112,10 @@ def test_csv_items_to_predict_keep_their_text(tmp_path: Path) -> None:
     assert items.to_dict("list") == {"id": ["007", "02134", "3"], "label": ["1.1", "1.10", "02134"]}
 
 
-def test_an_empty_csv_label_is_missing(tmp_path: Path) -> None:
-    (path := tmp_path / "t.csv").write_text("image,label\np0,red\np1,\n")
+@pytest.mark.parametrize("cell", ["", "NA", "null"])
+def test_an_empty_or_na_csv_label_is_missing(tmp_path: Path, cell: str) -> None:
+    """As pandas reads them (R's write.csv writes NA): not a class named 'NA'."""
+    (path := tmp_path / "t.csv").write_text(f"image,label\np0,red\np1,{cell}\n")
     with raises("label_column 'label' is empty in 1 row(s)", "(first: row 1)"):
         inspect_one(train=str(path))
 

@@ -93,7 +93,7 @@ def read_source_parts(
         bounds = [len(frame) * i // blocks for i in range(blocks + 1)]
         return [ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds, bounds[1:])])]
     fs, paths = source_paths(source)
-    csv = csv_convert(columns or text or [], select=False)
+    csv = csv_convert(columns or text or [], select=bool(columns))  # unread columns are never typed
     readers = {"parquet": _read_parquet, "csv": functools.partial(ray.data.read_csv, convert_options=csv)}
     parts = [readers[fmt](list(files), filesystem=fs) for fmt, files in itertools.groupby(paths, key=file_format)]
     return [ds.select_columns(columns) for ds in parts] if columns else parts
