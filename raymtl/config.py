@@ -35,10 +35,9 @@ MODEL_PARTS = ("image", "text", "fusion", "heads")  # what stages freeze and lr_
 # A transformer trains at a tenth of a CNN's lr: at one lr (1e-3) the fusion benchmark's from-scratch
 # BERT learned nothing (text alone 0.25 mean accuracy, image + text below image alone); at 1e-4, 0.61.
 DEFAULT_LR_MULTIPLIERS = {"text": 0.1}
-# Task and group names key torch modules (no '.') and datasets (`<task>.<split>`); an experiment name is
-# one folder under storage_path (one path component: never '', '..' or '/...').
+# Task names key datasets (`<task>.<split>`), files, metrics and torch modules; group names only torch
+# modules, which refuse '' and '.'; an experiment name is one folder under storage_path.
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 TASK_COLUMNS = ("label_column", "image_column", "text_column", "id_column")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -317,7 +316,9 @@ def _choice(value: str, allowed: Sequence[str], path: str, listed: str | None = 
 
 def _validate(exp: Experiment) -> None:
     """Checks that need no data: names, kinds, choices, groups, ranges."""
-    _check_name(exp.name, "name: experiment name", "it names the run's folder under storage_path", dots=True)
+    if not isinstance(exp.name, str) or exp.name in ("", ".", "..") or any(c in exp.name for c in "/\\"):
+        raise ConfigError(f"name: experiment name {exp.name!r} must name one folder under storage_path "
+                          "(not empty, '.' or '..', no '/' or '\\')")
     if not exp.tasks:
         raise ConfigError("no tasks configured: `tasks` needs at least one task")
     seen: set[str] = set()
@@ -388,17 +389,18 @@ def _validate(exp: Experiment) -> None:
                 _choice(part, MODEL_PARTS, f"training.{key}[{i}].freeze")
     if m.groups is not None:
         for group in m.groups:
-            _check_name(group, "model.groups: group name", "it names model modules")
+            if not group or "." in group:
+                raise ConfigError(f"model.groups: group name {group!r} must be non-empty without '.' (it keys "
+                                  "the group's torch modules)")
         check_groups(m.groups, exp.task_names)
     check_metric(tr.checkpoint_metric, exp, "training.checkpoint_metric")
 
 
-def _check_name(name: Any, what: str, why: str, dots: bool = False) -> None:
-    """`name` is letters, digits, '_', '-' (and '.' with `dots`: RUN_NAME, else TASK_NAME), starting with a
-    letter or digit."""
-    if not (isinstance(name, str) and (RUN_NAME if dots else TASK_NAME).fullmatch(name)):
-        chars = "letters, digits, '_', '-' and '.'" if dots else "letters, digits, '_' and '-'"
-        raise ConfigError(f"{what} {name!r} may hold only {chars}, starting with a letter or digit ({why})")
+def _check_name(name: Any, what: str, why: str) -> None:
+    """`name` is letters, digits, '_' and '-' (TASK_NAME), starting with a letter or digit."""
+    if not (isinstance(name, str) and TASK_NAME.fullmatch(name)):
+        raise ConfigError(f"{what} {name!r} may hold only letters, digits, '_' and '-', starting with a letter or "
+                          f"digit ({why})")
 
 
 def epoch_metrics(exp: Experiment) -> list[str]:

@@ -123,23 +123,25 @@ def test_task_names_do_not_clash_with_prediction_columns(names: list[str], expec
 
 
 @pytest.mark.parametrize("raw, expected", [
-    ({**minimal(), "name": ""}, "name: experiment name '' may hold only letters, digits"),
-    ({**minimal(), "name": "../x"}, "name: experiment name '../x' may hold only"),
-    ({**minimal(), "name": "/abs/run"}, "name: experiment name '/abs/run' may hold only"),
-    ({**minimal(), "name": ".."}, r"name: experiment name '\.\.' may hold only"),
+    ({**minimal(), "name": ""}, "name: experiment name '' must name one folder under storage_path"),
+    ({**minimal(), "name": "../x"}, "name: experiment name '../x' must name one folder"),
+    ({**minimal(), "name": "/abs/run"}, "name: experiment name '/abs/run' must name one folder"),
+    ({**minimal(), "name": ".."}, r"name: experiment name '\.\.' must name one folder"),
     (minimal(tasks=[{"name": "color.v2", "train": "c.parquet", "image_column": "image"}]),
      r"tasks\[0\]: task name 'color.v2' may hold only letters, digits, '_' and '-', starting"),
     (minimal(model={"groups": {1: ["color", "style"]}}), r"model.groups.1: keys here are strings, got int 1"),
-    (minimal(model={"groups": {"": ["color", "style"]}}), "model.groups: group name '' may hold only"),
-    (minimal(model={"groups": {"g.1": ["color"], "g2": ["style"]}}), "model.groups: group name 'g.1' may hold only"),
+    (minimal(model={"groups": {"": ["color", "style"]}}), "model.groups: group name '' must be non-empty without '.'"),
+    (minimal(model={"groups": {"g.1": ["color"], "g2": ["style"]}}), "model.groups: group name 'g.1' must be non-empty"),
 ])
 def test_names_follow_their_rule(raw: dict, expected: str) -> None:
     """A '.' in a task or group name breaks torch's module keys (and `<task>.<split>` dataset keys) in
     the worker; an empty or path-like experiment name puts the run folder outside its own."""
     with pytest.raises(ConfigError, match=expected):
         load_experiment(raw)
-    for name in ("catalogue-v1.2", "demo-20240101-120000", "x"):
+    for name in ("catalogue-v1.2", "demo-20240101-120000", "x", "lr=3e-4,bs=64", "resnet50 baseline"):
         assert load_experiment({**minimal(), "name": name}).name == name
+    groups = {"color+pattern": ["color", "style"]}  # what torch takes as a module key
+    assert load_experiment(minimal(model={"groups": groups})).model.groups == groups
 
 
 def test_unknown_kind_suggests_closest() -> None:
