@@ -233,6 +233,20 @@ def test_tokenizer_with_more_tokens_than_the_encoder_embeds_fails_before_trainin
     assert resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=MINILM, **encoder(30522))).data.tokenizer
 
 
+@needs_minilm
+def test_a_text_config_without_vocab_size_is_checked_at_its_default(tmp_path, caches):
+    """BERT's default: 30522 embedding rows, which a tokenizer of 30525 tokens overruns."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    tok.add_tokens(["[SKU]", "[BRAND]", "[SIZE]"])
+    tok.save_pretrained(tmp_path / "grown")
+    small = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ConfigError, match=r"has 30525 tokens but model.text_config \(its vocab_size, by default\) "
+                                          "embeds only 30522"):
+        resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=str(tmp_path / "grown"), text_config=small))
+
+
 @pytest.mark.slow  # trains (~25 s each on 2 cores)
 @pytest.mark.parametrize("arch, kwargs", [("mobilenet_v3_small", None), ("vit_b_16", {"image_size": 32})])
 def test_non_resnet_backbones_train(arch, kwargs):

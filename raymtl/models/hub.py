@@ -74,20 +74,22 @@ def resolve_models(exp: Experiment) -> Experiment:
 
     Also checks that local files and folders exist and are readable. The image weights' own
     normalisation becomes `data.mean`/`std` unless the config sets them. Errors are one line naming
-    the model, where it looked and how to fetch it. Text models come first: they need no torch.
+    the model, where it looked and how to fetch it. Text models come first: they need no torch. A
+    text task's tokenizer is then loaded (transformers, seconds) to check that it pads and that its
+    ids fit the encoder's embeddings, after every named model is found.
     """
     m, d = exp.model, exp.data
     caches = Caches.of(m.models_cache)
     text_encoder = m.text_encoder and _text_model(m.text_encoder, "model.text_encoder", caches, weights=True)
     tokenizer = d.tokenizer and _text_model(d.tokenizer, "data.tokenizer", caches, weights=False)
-    text_tasks = [t.name for t in exp.tasks if t.text_column is not None]
-    if tokenizer and text_tasks:
-        _check_tokenizer(d.tokenizer, tokenizer, text_tasks, _encoder_vocab(m, text_encoder))
     image_weights, mean, std = m.image_weights, d.mean, d.std
     if m.image_backbone is not None:
         image_weights, norm = _image_weights(m.image_backbone, m.image_weights, m.image_kwargs, caches)
         if norm and mean is None and std is None:
             mean, std = norm
+    text_tasks = [t.name for t in exp.tasks if t.text_column is not None]
+    if tokenizer and text_tasks:
+        _check_tokenizer(d.tokenizer, tokenizer, text_tasks, _encoder_vocab(m, text_encoder))
     return dataclasses.replace(
         exp,
         model=dataclasses.replace(m, text_encoder=text_encoder, image_weights=image_weights),
@@ -166,12 +168,19 @@ def _check_text_folder(folder: Path, key: str, name: str, *, weights: bool) -> N
 
 
 def _encoder_vocab(model: ModelSpec, encoder: str | None) -> tuple[str, int] | None:
-    """Where the text encoder's embedding rows are set, and how many: its config.json or `model.text_config`."""
+    """Where the text encoder's embedding rows are set, and how many: its config.json, or
+    `model.text_config` (its model type's default when it sets none, as `TextEncoder` builds it)."""
     if encoder:
         vocab = json.loads((Path(encoder) / "config.json").read_text()).get("vocab_size")
         where = f"model.text_encoder {model.text_encoder!r} (its config.json vocab_size)"
+    elif model.text_config is not None:
+        from transformers import AutoConfig
+
+        config = dict(model.text_config)
+        vocab = getattr(AutoConfig.for_model(config.pop("model_type", "bert"), **config), "vocab_size", None)
+        where = "model.text_config (its vocab_size" + ("" if "vocab_size" in config else ", by default") + ")"
     else:
-        vocab, where = (model.text_config or {}).get("vocab_size"), "model.text_config (its vocab_size)"
+        return None
     return (where, vocab) if isinstance(vocab, int) else None
 
 
