@@ -445,3 +445,17 @@ def test_tracker_skips_a_non_finite_measurement_and_says_which_tasks(caplog):
     assert restored.skipped == 1 and tracker.to_dict()["skipped"] == 1
     (best, _), *_ = best_groupings(tracker.mean(), tracker.tasks, max_groups=3, top=3)
     assert best == {"g0": ["a", "b"], "g1": ["c"]}
+
+
+def test_a_search_run_whose_every_measurement_was_skipped_says_so(tmp_path):
+    """Its affinity.json was never written, and the search blamed affinity_every_steps."""
+    from raymtl.train.report import RunFiles
+    from raymtl.tune.candidates import read_affinity
+
+    tracker = AffinityTracker(TASKS)
+    for _ in range(3):
+        tracker.update(torch.full((3, 3), float("nan"), dtype=torch.float64))
+    RunFiles(str(tmp_path)).log_affinity(tracker)
+    with pytest.raises(ConfigError, match=r"every affinity measurement of the search run \(3\) had a non-finite "
+                                          r"loss"):
+        read_affinity(str(tmp_path))

@@ -372,14 +372,15 @@ class AffinityTracker:
         self.skipped = int(state.get("skipped", 0))  # checkpoints before it counted none
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly: the mean as a matrix and as {source task: {target task: affinity}}."""
-        mean = self.mean().tolist()
+        """JSON-friendly: the mean as a matrix and as {source task: {target task: affinity}}; None and {}
+        when every measurement was skipped."""
+        mean = self.mean().tolist() if self.count else None
         return {
             "tasks": list(self.tasks),
             "count": self.count,
             "skipped": self.skipped,
             "mean": mean,
-            "affinity": {i: dict(zip(self.tasks, row)) for i, row in zip(self.tasks, mean)},
+            "affinity": {i: dict(zip(self.tasks, row)) for i, row in zip(self.tasks, mean or [])},
         }
 
     def save(self, path: str | Path) -> Path:

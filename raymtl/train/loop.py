@@ -237,7 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         ranked_by, background=notice == preempting)
             preempting = notice
 
-        if files is not None and affinity is not None and affinity.count:
+        if files is not None and affinity is not None and (affinity.count or affinity.skipped):
             files.log_affinity(affinity)
         # Validation decodes from here, not during the training steps; the next epoch's first
         # batches are prepared while this one evaluates and checkpoints.

@@ -120,8 +120,11 @@ class RunFiles:
                         "n/a (no batch yet)" if value is None else f"{value:.4f}")
 
     def log_affinity(self, tracker: AffinityTracker) -> None:
-        """affinity.json (the running mean, TAG's Z) and affinity.png (its heatmap) in the run folder."""
+        """affinity.json (the running mean, TAG's Z; the skipped count) and affinity.png (its heatmap) in the
+        run folder."""
         storage.write_text(storage.join(self.run_dir, AFFINITY_FILE), json.dumps(tracker.to_dict(), indent=2))
+        if not tracker.count:
+            return
         with tempfile.TemporaryDirectory() as tmp:
             plot_heatmap(tracker.mean(), tracker.tasks, f"{tmp}/affinity.png")
             storage.upload_dir(tmp, self.run_dir)

@@ -42,6 +42,9 @@ def read_affinity(run_dir: str) -> tuple[list[str], torch.Tensor]:
             "set it, or raise affinity_epochs)"
         )
     data = json.loads(storage.read_text(path))
+    if data["mean"] is None:
+        raise ConfigError(f"{path}: every affinity measurement of the search run ({data['skipped']}) had a non-finite "
+                          "loss (NaN or inf): it diverged; lower its lr, or check the tasks' losses")
     return list(data["tasks"]), torch.tensor(data["mean"], dtype=torch.float64)
 
 
