@@ -64,6 +64,14 @@ def nonempty(text: str) -> str:
     return text
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (the demo's flags, refused before its catalogue is written)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_scaling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="training workers (data-parallel ranks)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per training worker")
@@ -111,6 +119,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     exp, spec = load_sweep(args.config)  # light: the spec and the experiment, no torch or Ray
     exp = apply_overrides(exp, args)
+    spec.validate(exp)  # the sweep's settings against the overridden experiment (--workers, --gpu)
     if args.max_concurrent is not None:
         with blaming("max_concurrent"):
             spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent).validate(exp)
@@ -223,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a synthetic catalogue and train an image+text model on it")
     p.add_argument("--out", default="demo_output", help="folder for the demo data, config and runs")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=positive, default=1, help="training workers")
+    p.add_argument("--epochs", type=positive, help="override the demo config's epochs")
     add_cluster_flags(p)
     add_console_flags(p)
     p.set_defaults(func=cmd_demo)

@@ -219,12 +219,19 @@ def test_overrides_replace_the_config_values(tmp_path):
     assert (tr.num_workers, tr.epochs, tr.stages, tr.use_gpu, tr.cpus_per_worker) == (3, 1, [], True, 0.5)
 
 
-@pytest.mark.parametrize("flag, culprit", [("--workers", "training.num_workers: expected N >= 1"),
-                                           ("--epochs", "training.epochs: must be >= 1, got 0")])
-def test_a_zero_demo_flag_is_refused(tmp_path, capsys, monkeypatch, flag, culprit):
-    monkeypatch.setattr("raymtl.demo.fit", lambda *a, **k: pytest.fail("the demo trained"))
-    assert main(["demo", "--out", str(tmp_path), flag, "0"]) == 2  # the demo's config refuses it before Ray
-    assert culprit in capsys.readouterr().err
+@pytest.mark.parametrize("flag", ["--workers", "--epochs"])
+def test_a_zero_demo_flag_is_refused_naming_it_before_the_catalogue_is_written(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path), flag, "0"])
+    assert exit_.value.code == 2 and not any(tmp_path.iterdir())
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_sweep_setting_the_overrides_break_is_not_blamed_on_max_concurrent(tmp_path, capsys):
+    config = write_config(tmp_path, tmp_path / "t.parquet", sweep={"seeds": [0, 1], "gpus_per_trial": 0.5})
+    assert main(["tune", str(config), "--workers", "2", "--max-concurrent", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.gpus_per_trial" in err and "--max-concurrent" not in err
 
 
 # ---------------------------------------------------------------- inside Ray (slow)
