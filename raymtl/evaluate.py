@@ -13,8 +13,9 @@ task's own stage would.
 The loss is the negative log-likelihood of the predicted probabilities (cross-entropy or BCE,
 without label smoothing or task weight), an ensemble's of its averaged probabilities, computed in
 float64 from them (a probability of 0 costs -log of the dtype's smallest positive value, 103.3 in
-float32). For one model it is training's val/<task>/loss to float precision where softmax does not
-underflow; a false multilabel label of probability near 1 is only as exact as float32 keeps 1 - p.
+float32; a multilabel probability rounded to 1 leaves 1 - p at half float32's step below 1, 17.3).
+For one model it is training's val/<task>/loss to float precision where the probabilities neither
+underflow nor round to 1; beyond that it is the least loss they stand for.
 Rows whose image cannot be read are left out and counted; a task none of whose rows could be read
 is named, its metrics NaN, and left out of the mean score and Δ%.
 

@@ -326,6 +326,17 @@ def test_a_probability_that_underflowed_costs_the_least_loss_it_stands_for_not_i
     assert got["loss"] == pytest.approx(-np.log(np.finfo(np.float32).smallest_subnormal))
 
 
+def test_a_multilabel_probability_rounded_to_one_costs_the_least_it_stands_for():
+    """sigmoid(30) is 1.0 in float32: 1 - p below half its last step, a loss of at least 17.3, not the
+    103.3 of a floor at the smallest float (more than the row's true 30: evaluate read 66.6 where training 30)."""
+    info = TaskInfo("t", "multilabel", ["x", "y"], 1, 1, True, False)
+    probs = torch.tensor([[30.0, -30.0]]).sigmoid().numpy()
+    got = task_metrics(info, [{"probs": probs, "label": np.array([[0.0, 1.0]], np.float32), "bad": np.zeros(1, bool)}])
+    least = -np.log(np.finfo(np.float32).epsneg / 2)
+    assert got["loss"] == pytest.approx((least + 30.0) / 2, rel=1e-5)
+    assert least == pytest.approx(17.33, abs=0.01)
+
+
 def test_multilabel_metrics_threshold_the_probabilities_as_prediction_does():
     """Probabilities a float32 step or two either side of the threshold (and on it) are positive in
     the metrics exactly where prediction lists their label."""

@@ -60,14 +60,16 @@ def likelihood_loss_sum(probs: np.ndarray, target: np.ndarray, kind: str) -> flo
     """The summed negative log-likelihood of rows' probabilities: `likelihood_loss` of their logits
     times the rows, in float64 from the probabilities themselves (an ensemble's average has no logits).
 
-    A probability is floored at the smallest positive value of its dtype only: 0 there stands for a
-    value below it, so the row costs the least it can (103.3 in float32), not infinity.
+    A value the dtype cannot tell from 0 stands for one below what it can, so the row costs the least it
+    can, not infinity: p is floored at the dtype's smallest positive value (103.3 in float32), and a
+    multilabel 1 - p at half the step below 1 (p rounded to 1: 17.3 in float32).
     """
-    p, floor = probs.astype(np.float64), np.finfo(probs.dtype).smallest_subnormal
+    p, dtype = probs.astype(np.float64), np.finfo(probs.dtype)
     if kind == "multiclass":
-        return float(-np.log(np.maximum(p[np.arange(len(p)), target], floor)).sum())
+        return float(-np.log(np.maximum(p[np.arange(len(p)), target], dtype.smallest_subnormal)).sum())
     t = target.astype(np.float64)
-    per_label = t * np.log(np.maximum(p, floor)) + (1 - t) * np.log(np.maximum(1 - p, floor))
+    per_label = (t * np.log(np.maximum(p, dtype.smallest_subnormal))
+                 + (1 - t) * np.log(np.maximum(1 - p, dtype.epsneg / 2)))
     return float(-per_label.mean(1).sum())
 
 
