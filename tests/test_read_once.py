@@ -182,6 +182,23 @@ def test_the_cluster_reads_csv_labels_and_ids_as_the_text_written(ray_cluster, t
     assert items.to_dict("list") == frame[["id", "label"]].to_dict("list")
 
 
+def test_a_large_csv_is_read_for_its_used_columns_only(ray_cluster, tmp_path):
+    """An unused column, empty in Ray's first block (typed null) and filled later, failed the read of the
+    items to predict and evaluate, and the cluster's task inputs: neither reads nor types it now."""
+    from raymtl.config import DataSpec
+    from raymtl.predict.plan import Plan
+    from raymtl.predict.reading import read_items
+
+    rows = 200_000  # 2.6 MB: several of Arrow's 1 MB CSV blocks
+    path = tmp_path / "items.csv"
+    path.write_text("id,label,notes\n" + "".join(f"{i:07d},{i % 3},{'x' if i == rows - 1 else ''}\n"
+                                                 for i in range(rows)))
+    plan = Plan("m", DataSpec(), inputs=(), heads=(), id_column="id", strict=False, top_k=0, label_column="label")
+    assert read_items(str(path), plan).count() == rows
+    (part,) = datasets.read_source_parts(str(path), ["id", "label"])
+    assert part.count() == rows
+
+
 def test_a_large_source_reads_pq_parts_and_compressed_csv_like_the_driver(ray_cluster, tmp_path, monkeypatch):
     """Every file the driver reads is read by the cluster too: Ray Data's parquet reader skips names
     not ending in .parquet unless told otherwise, which would lose a source's .pq parts."""

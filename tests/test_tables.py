@@ -116,7 +116,7 @@ def test_csv_items_to_predict_keep_their_text(tmp_path: Path) -> None:
 def test_an_empty_or_na_csv_label_is_missing(tmp_path: Path, cell: str) -> None:
     """As pandas reads them (R's write.csv writes NA): not a class named 'NA'."""
     (path := tmp_path / "t.csv").write_text(f"image,label\np0,red\np1,{cell}\n")
-    with raises("label_column 'label' is empty in 1 row(s)", "(first: row 1)"):
+    with raises("label_column 'label' is empty in 1 row(s)", "(first: row 1) (in a CSV, a cell reading NA"):
         inspect_one(train=str(path))
 
 

@@ -67,23 +67,21 @@ def dataset_key(task: str, split: str) -> str:
     return f"{task}.{split}"
 
 
-def read_source(source: Any, columns: list[str] | None = None, text: list[str] | None = None) -> ray.data.Dataset:
+def read_source(source: Any, columns: list[str] | None = None) -> ray.data.Dataset:
     """A parquet/CSV file, directory, glob or URI, or a pandas DataFrame, as one Ray Dataset (rows in
     no particular order across files of different formats: `read_source_parts` keeps the order)."""
-    parts = read_source_parts(source, columns, text)
+    parts = read_source_parts(source, columns)
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def read_source_parts(
-    source: Any, columns: list[str] | None = None, text: list[str] | None = None
-) -> list[ray.data.Dataset]:
+def read_source_parts(source: Any, columns: list[str] | None = None) -> list[ray.data.Dataset]:
     """A source as Ray Datasets whose rows, one after the other, are the source's rows in the order
     the driver reads them: one per run of same-format files (a union would interleave their blocks).
 
     Each file is read in the format its own name says, as `inspect_tasks` checks it. `columns` is
     selected first thing (Ray pushes it into the parquet read; a DataFrame is sliced before
-    `from_pandas`) so unused columns never enter the object store. A CSV's `columns` (reading every
-    column: its `text` ones) are read as the driver reads them, as text (`tables.csv_convert`).
+    `from_pandas`) so unused columns never enter the object store; a CSV reads only its `columns`, as
+    the driver reads them, as text (`tables.csv_convert`), so an unused column is never typed.
     """
     if isinstance(source, pd.DataFrame):
         frame = source[columns] if columns else source
@@ -93,7 +91,7 @@ def read_source_parts(
         bounds = [len(frame) * i // blocks for i in range(blocks + 1)]
         return [ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds, bounds[1:])])]
     fs, paths = source_paths(source)
-    csv = csv_convert(columns or text or [], select=bool(columns))  # unread columns are never typed
+    csv = csv_convert(columns or [], select=bool(columns))  # unread columns are never typed
     readers = {"parquet": _read_parquet, "csv": functools.partial(ray.data.read_csv, convert_options=csv)}
     parts = [readers[fmt](list(files), filesystem=fs) for fmt, files in itertools.groupby(paths, key=file_format)]
     return [ds.select_columns(columns) for ds in parts] if columns else parts

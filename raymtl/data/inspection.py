@@ -129,6 +129,7 @@ def _cell_labels(values: pd.Series, task: TaskSpec, where: str, first_row: int =
     if len(missing):
         raise ConfigError(
             f"label_column {column!r} is empty in {len(missing)} row(s) of {where} (first: row {first_row + missing[0]})"
+            + " (in a CSV, a cell reading NA, null, N/A, NaN or #N/A is empty too)"
         )
     return set(label_names(values, multilabel=False)[1])
 

@@ -165,8 +165,8 @@ def _file_columns(fs: pafs.FileSystem, path: str, name: str) -> list[str]:
 
 def csv_convert(columns: list[str], select: bool = True) -> pacsv.ConvertOptions:
     """Arrow's options reading a CSV's `columns` (only those, if `select`) as the text written in each
-    cell; a cell Arrow reads as null in any column (empty, `NA`, `null`, `N/A`, ...: its defaults, and
-    pandas') is missing. Typed by their values, labels 1.1 and 1.10 would be one float (two classes
+    cell; a cell Arrow reads as null in any column (empty, `NA`, `null`, `N/A`, ...: its default markers)
+    is missing. Typed by their values, labels 1.1 and 1.10 would be one float (two classes
     merged), 02134 the float 2134.0 and an id 007 the int 7."""
     return pacsv.ConvertOptions(include_columns=columns if select else [], strings_can_be_null=True,
                                 column_types=dict.fromkeys(columns, pa.string()))

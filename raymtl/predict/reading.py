@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raymtl import storage
-from raymtl.data.tables import check_columns, concat_files, is_small, read_parts, source_paths
+from raymtl.data.tables import check_columns, check_source, concat_files, is_small, read_parts, source_paths
 from raymtl.errors import ConfigError
 from raymtl.predict.plan import Plan
 
@@ -42,7 +42,7 @@ def source_images(source: Any) -> list[str]:
 def read_items(source: Any, plan: Plan, images: list[str] | None = None) -> ray.data.Dataset:
     """The items as a Dataset of the columns the plan reads, checked before anything runs.
 
-    A table source (see `read_source`) is read as is; a folder without tables but with images
+    A table source (see `read_source`) is read for those columns only; a folder without tables but with images
     (`images`: `source_images`, when the caller has it) becomes one row per image, its path in the
     id and image columns (and no text).
     """
@@ -53,10 +53,11 @@ def read_items(source: Any, plan: Plan, images: list[str] | None = None) -> ray.
     images = source_images(source) if images is None else images
     if images:
         return ray.data.from_items(_image_rows(images, plan))
-    items = read_source(source, text=list(plan.required_columns))
-    where = "the DataFrame" if isinstance(source, pd.DataFrame) else repr(os.fspath(source))
-    check_columns(items.schema().names, plan.required_columns, where)
-    return items.select_columns(list(plan.required_columns))
+    if isinstance(source, pd.DataFrame):
+        check_columns(list(source.columns), plan.required_columns, "the DataFrame")
+    else:  # every file's footer or header, naming the file: its other columns are never read
+        check_source(source, plan.required_columns)
+    return read_source(source, list(plan.required_columns))
 
 
 def items_here(source: Any, plan: Plan, most: int | None, images: list[str] | None = None) -> pd.DataFrame | None:
