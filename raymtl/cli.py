@@ -117,9 +117,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from raymtl.tune.spec import load_sweep
     from raymtl.tune.sweep import run_sweep, sweep_dir_of
 
-    exp, spec = load_sweep(args.config)  # light: the spec and the experiment, no torch or Ray
-    exp = apply_overrides(exp, args)
-    spec.validate(exp)  # the sweep's settings against the overridden experiment (--workers, --gpu)
+    # light: the spec and the experiment, no torch or Ray; the sweep checked against the flags' experiment
+    exp, spec = load_sweep(args.config, lambda exp: apply_overrides(exp, args))
     if args.max_concurrent is not None:
         with blaming("max_concurrent"):
             spec = dataclasses.replace(spec, max_concurrent=args.max_concurrent).validate(exp)

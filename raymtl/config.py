@@ -38,6 +38,7 @@ DEFAULT_LR_MULTIPLIERS = {"text": 0.1}
 # Task names key datasets (`<task>.<split>`), files, metrics and torch modules; group names only torch
 # modules, which refuse '' and '.'; an experiment name is one folder under storage_path.
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+RUN_NAME_REFUSED = "/\\#?%"  # a path separator, or what a URI reads as its fragment, query or an escape
 TASK_COLUMNS = ("label_column", "image_column", "text_column", "id_column")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the normalisation when neither data.mean/std nor named image weights set one
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -316,9 +317,9 @@ def _choice(value: str, allowed: Sequence[str], path: str, listed: str | None = 
 
 def _validate(exp: Experiment) -> None:
     """Checks that need no data: names, kinds, choices, groups, ranges."""
-    if not isinstance(exp.name, str) or exp.name in ("", ".", "..") or any(c in exp.name for c in "/\\"):
-        raise ConfigError(f"name: experiment name {exp.name!r} must name one folder under storage_path "
-                          "(not empty, '.' or '..', no '/' or '\\')")
+    if not isinstance(exp.name, str) or exp.name in ("", ".", "..") or any(c in exp.name for c in RUN_NAME_REFUSED):
+        raise ConfigError(f"name: experiment name {exp.name!r} must name one folder under storage_path, also "
+                          f"in a URI (not empty, '.' or '..', none of {' '.join(RUN_NAME_REFUSED)})")
     if not exp.tasks:
         raise ConfigError("no tasks configured: `tasks` needs at least one task")
     seen: set[str] = set()

@@ -227,11 +227,17 @@ def test_a_zero_demo_flag_is_refused_naming_it_before_the_catalogue_is_written(t
     assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_a_sweep_setting_the_overrides_break_is_not_blamed_on_max_concurrent(tmp_path, capsys):
+def test_the_sweep_is_checked_against_the_experiment_the_flags_make(tmp_path, capsys, monkeypatch):
+    """One a flag breaks is refused, not blamed on --max-concurrent; one a flag makes valid is not refused."""
     config = write_config(tmp_path, tmp_path / "t.parquet", sweep={"seeds": [0, 1], "gpus_per_trial": 0.5})
     assert main(["tune", str(config), "--workers", "2", "--max-concurrent", "2"]) == 2
     err = capsys.readouterr().err
     assert "sweep.gpus_per_trial" in err and "--max-concurrent" not in err
+    two = write_config(tmp_path, tmp_path / "t.parquet", sweep={"seeds": [0, 1], "gpus_per_trial": 0.5},
+                       training={"num_workers": 2})
+    monkeypatch.setattr("raymtl.preflight.check", lambda exp: pytest.fail(f"checked with {exp.training.num_workers}"))
+    with pytest.raises(pytest.fail.Exception, match="checked with 1"):  # on to the data checks, one worker
+        main(["tune", str(two), "--workers", "1"])
 
 
 # ---------------------------------------------------------------- inside Ray (slow)

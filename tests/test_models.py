@@ -336,3 +336,20 @@ def test_parameters_for_is_exactly_what_a_step_of_the_task_gives_a_gradient():
         used = {id(p) for p in model.parameters_for(task.name)}
         assert {id(p) for p in model.parameters() if p.grad is not None} == used, task.name
         assert len(used) == len(model.parameters_for(task.name))  # each once
+
+
+def test_a_name_torch_keeps_for_a_module_attribute_is_refused_before_training(tmp_path):
+    """A task or group named `type` or `train` passed the config and failed as the worker built the model."""
+    from raymtl.config import ConfigError, load_experiment
+    from raymtl.train.trainer import prepare
+
+    def raw(task="color", groups=None):
+        return {"name": "t", "storage_path": str(tmp_path), "model": {"groups": groups} if groups else {},
+                "tasks": [{"name": task, "train": str(tmp_path / "missing.parquet"), "image_column": "image"}]}
+
+    with pytest.raises(ConfigError, match=r"task name\(s\) \['type'\]: torch's ModuleDict"):
+        prepare(load_experiment(raw(task="type")))
+    with pytest.raises(ConfigError, match=r"model.groups group name\(s\) \['train'\]: torch's ModuleDict"):
+        prepare(load_experiment(raw(groups={"train": ["color"]})))
+    with pytest.raises(ConfigError, match="missing.parquet"):  # other names pass on to the data checks
+        prepare(load_experiment(raw(task="type_", groups={"train_": ["type_"]})))

@@ -234,6 +234,12 @@ def test_tokenizer_with_more_tokens_than_the_encoder_embeds_fails_before_trainin
 
 
 @needs_minilm
+def test_a_text_config_transformers_cannot_build_is_a_config_error(tmp_path, caches):
+    with pytest.raises(ConfigError, match="model.text_config: transformers cannot build it: Unrecognized model identifier: bret"):
+        resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=MINILM, text_config={"model_type": "bret"}))
+
+
+@needs_minilm
 def test_a_text_config_without_vocab_size_is_checked_at_its_default(tmp_path, caches):
     """BERT's default: 30522 embedding rows, which a tokenizer of 30525 tokens overruns."""
     from transformers import AutoTokenizer

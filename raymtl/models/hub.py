@@ -177,7 +177,10 @@ def _encoder_vocab(model: ModelSpec, encoder: str | None) -> tuple[str, int] | N
         from transformers import AutoConfig
 
         config = dict(model.text_config)
-        vocab = getattr(AutoConfig.for_model(config.pop("model_type", "bert"), **config), "vocab_size", None)
+        try:
+            vocab = getattr(AutoConfig.for_model(config.pop("model_type", "bert"), **config), "vocab_size", None)
+        except Exception as e:  # transformers' own (ValueError, its strict-dataclass errors): the config's fault
+            raise ConfigError(f"model.text_config: transformers cannot build it: {str(e).splitlines()[0]}") from None
         where = "model.text_config (its vocab_size" + ("" if "vocab_size" in config else ", by default") + ")"
     else:
         return None

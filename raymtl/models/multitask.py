@@ -95,6 +95,17 @@ def _drop_one(image: Tensor, text: Tensor, p: float) -> tuple[Tensor, Tensor]:
     return image * keep_image, text * keep_text
 
 
+def check_module_names(tasks: Sequence[str], groups: Sequence[str]) -> None:
+    """Task and group names key the model's `nn.ModuleDict`s, which refuse their own attributes' names
+    (`type`, `train`, `keys`, `to`, ...): found on the driver, not when a worker builds the model."""
+    taken = set(dir(nn.ModuleDict()))
+    for what, names in (("task", tasks), ("model.groups group", groups)):
+        clash = sorted(set(names) & taken)
+        if clash:
+            raise ConfigError(f"{what} name(s) {clash}: torch's ModuleDict, which the model keys by these names, "
+                              "has an attribute of that name; rename it (e.g. a suffix: 'type_')")
+
+
 class MultiTaskModel(nn.Module):
     """Image backbones per task group, a shared text encoder, fusion per group, a head per task.
 

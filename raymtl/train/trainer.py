@@ -78,10 +78,13 @@ def prepare(exp: Experiment) -> tuple[Experiment, dict[str, TaskInfo]]:
     """Everything checked before Ray starts: the experiment (with the base's label maps and its named
     models resolved to local files, fetched once here) and its tasks.
 
-    Models, `preflight.check` (files, columns, labels, the metric, storage, a sample of images), that every task
-    fills a batch, that `model.base` / `init_from` load, and that a run resumed under the same name
-    still has the model of its latest checkpoint.
+    Names as torch keys, models, `preflight.check` (files, columns, labels, the metric, storage, a sample
+    of images), that every task fills a batch, that `model.base` / `init_from` load, and that a run
+    resumed under the same name still has the model of its latest checkpoint.
     """
+    from raymtl.models.multitask import check_module_names  # transformers, torchvision: not at import
+
+    check_module_names(exp.task_names, list(exp.task_groups()))
     exp = with_base_labels(resolve_models(exp))
     infos = preflight.check(exp)
     check_resume(exp, infos, check_schedule(exp, infos))

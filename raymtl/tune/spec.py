@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,13 +164,23 @@ def _check_asha(asha: AshaSpec | None) -> None:
         raise ConfigError(f"sweep.asha.reduction_factor: must be > 1, got {asha.reduction_factor}")
 
 
-def load_sweep(path: str | Path) -> tuple[Experiment, SweepSpec]:
-    """The experiment and its `sweep:` section from one YAML file, both checked before Ray starts."""
+def load_sweep(
+    path: str | Path, overrides: Callable[[Experiment], Experiment] | None = None
+) -> tuple[Experiment, SweepSpec]:
+    """The experiment and its `sweep:` section from one YAML file, both checked before Ray starts.
+
+    `overrides` (the command line's flags) change the experiment before the sweep is checked against
+    it: a setting a flag makes valid is not refused, one a flag breaks is found here."""
     raw = read_config(path)
     if "sweep" not in raw:
         raise ConfigError(f"{path}: a sweep config needs a top-level `sweep:` section")
     try:
         exp = from_dict(Experiment, {k: v for k, v in raw.items() if k != "sweep"}, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if overrides is not None:
+        exp = overrides(exp)  # its errors name their flag
+    try:
         spec = from_dict(SweepSpec, {} if raw["sweep"] is None else raw["sweep"], "sweep").validate(exp)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
