@@ -180,3 +180,12 @@ def _newest(run: Path) -> Path:
 
 def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_badly_named_task_is_refused_before_a_part_trains():
+    """Each part checked only its own tasks: a text task named `keys` was found after the image part trained."""
+    exp = load_experiment(CONFIG)
+    text_only = dataclasses.replace(exp.tasks[-1], name="keys", image_column=None)  # in the text part only
+    exp = dataclasses.replace(exp, tasks=[*exp.tasks[:-1], text_only]).validate()
+    with pytest.raises(ConfigError, match=r"task name\(s\) \['keys'\]"):
+        fit_recipe(exp, fit=lambda part: pytest.fail(f"{part.name} trained"))

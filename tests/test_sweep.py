@@ -518,3 +518,13 @@ def test_a_trial_that_diverged_leaves_the_others_records(tmp_path):
     assert (diverged.best, diverged.epochs) == (None, 2)
     assert (fine.best["val/mean_loss"], fine.best["epoch"], fine.epochs, fine.wall_s) == (0.4, 2, 3, 5.0)
     assert choose([diverged, fine], "val/mean_loss", "min").trial_id == "t1"
+
+
+def test_a_grouping_with_a_group_named_as_a_module_attribute_is_refused_before_ray(exp, monkeypatch):
+    """Each trial of it failed inside Ray as its model was built (ModuleDict refuses 'train')."""
+    from raymtl import ray_runtime
+
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda address=None: pytest.fail("Ray was started"))
+    spec = SweepSpec(groupings=[{"g0": TASKS}, {"train": TASKS[:2], "eval_": TASKS[2:]}], seeds=[0])
+    with pytest.raises(ConfigError, match=r"sweep.groupings\[1\]: model.groups group name\(s\) \['train'\]"):
+        sweep.run_sweep(exp, spec)

@@ -117,6 +117,9 @@ def train_parts(exp: Experiment, fit: Fit) -> Experiment:
 
 def fit_recipe(exp: Experiment, fit: Fit) -> TrainResult:
     """Train `exp` by its `training.recipe`; the result is the image + text model's run."""
+    from raymtl.models.multitask import check_module_names
+
+    check_module_names(exp.task_names, list(exp.task_groups()))  # before a part trains: each checks only its own
     if exp.training.recipe == "staged":
         exp = train_parts(exp, fit)
     return fit(exp)

@@ -59,6 +59,7 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
     Re-running the same sweep resumes it: the search result is reused, finished trials are kept,
     unfinished and failed ones continue from their latest checkpoint.
     """
+    from raymtl.models.multitask import check_module_names
     from raymtl.preflight import check_measured
     from raymtl.ray_runtime import ensure_ray
     from raymtl.train.trainer import check_schedule, prepare
@@ -68,6 +69,7 @@ def run_sweep(exp: Experiment, spec: SweepSpec, *, address: str | None = None) -
     check_measured(spec.metric, infos, "sweep.metric")
     for where, variant in spec.variants(exp):
         try:
+            check_module_names(variant.task_names, list(variant.task_groups()))  # a grouping's group names
             check_schedule(variant, infos)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
