@@ -14,8 +14,10 @@ The loss is the negative log-likelihood of the predicted probabilities (cross-en
 without label smoothing or task weight), an ensemble's of its averaged probabilities, computed in
 float64 from them (a probability of 0 costs -log of the dtype's smallest positive value, 103.3 in
 float32; a multilabel probability rounded to 1 leaves 1 - p at half float32's step below 1, 17.3).
-For one model it is training's val/<task>/loss to float precision where the probabilities neither
-underflow nor round to 1; beyond that it is the least loss they stand for.
+For one model it is training's val/<task>/loss as far as float32 probabilities keep it: exact to float
+precision for likely labels, less so for a multilabel false positive of probability near 1, whose
+1 - p float32 keeps to a few digits (a logit of 15: 14.84 against 15.00), and the least loss they
+stand for where they underflow or round to 1.
 Rows whose image cannot be read are left out and counted; a task none of whose rows could be read
 is named, its metrics NaN, and left out of the mean score and Δ%.
 

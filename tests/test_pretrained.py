@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,10 +234,18 @@ def test_tokenizer_with_more_tokens_than_the_encoder_embeds_fails_before_trainin
     assert resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=MINILM, **encoder(30522))).data.tokenizer
 
 
-@needs_minilm
-def test_a_text_config_transformers_cannot_build_is_a_config_error(tmp_path, caches):
-    with pytest.raises(ConfigError, match="model.text_config: transformers cannot build it: Unrecognized model identifier: bret"):
-        resolve_models(experiment(tmp_path, image_backbone=None, tokenizer=MINILM, text_config={"model_type": "bret"}))
+@pytest.mark.parametrize("config, reason", [
+    ({"model_type": "bret"}, "Unrecognized model identifier: bret"),
+    ({"vocab_size": None}, "Validation error for field 'vocab_size': TypeError: Field 'vocab_size' expected int"),
+    ({"hidden_size": 30, "num_attention_heads": 4}, "The hidden size (30) is not a multiple of the number of attention"),
+    ({"hidden_act": "nope"}, "nope"),
+])
+def test_a_text_config_transformers_cannot_build_is_a_config_error(tmp_path, caches, config, reason):
+    """Each failed when a worker built the model (a bare ValueError or KeyError), or named no key."""
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    with pytest.raises(ConfigError, match=re.escape(f"model.text_config: transformers cannot build a model of it: ")
+                       + ".*" + re.escape(reason)):
+        resolve_models(experiment(tmp_path, image_backbone=None, text_config={**small, **config}))
 
 
 @needs_minilm

@@ -74,9 +74,10 @@ def resolve_models(exp: Experiment) -> Experiment:
 
     Also checks that local files and folders exist and are readable. The image weights' own
     normalisation becomes `data.mean`/`std` unless the config sets them. Errors are one line naming
-    the model, where it looked and how to fetch it. Text models come first: they need no torch. A
-    text task's tokenizer is then loaded (transformers, seconds) to check that it pads and that its
-    ids fit the encoder's embeddings, after every named model is found.
+    the model, where it looked and how to fetch it. Text models come first: they need no torch. After
+    every named model is found, a `model.text_config` is built on the meta device and a text task's
+    tokenizer loaded (transformers, seconds), to check that it pads and that its ids fit the encoder's
+    embeddings.
     """
     m, d = exp.model, exp.data
     caches = Caches.of(m.models_cache)
@@ -88,8 +89,9 @@ def resolve_models(exp: Experiment) -> Experiment:
         if norm and mean is None and std is None:
             mean, std = norm
     text_tasks = [t.name for t in exp.tasks if t.text_column is not None]
+    vocab = _encoder_vocab(m, text_encoder)  # builds a text_config's model: a bad one fails here
     if tokenizer and text_tasks:
-        _check_tokenizer(d.tokenizer, tokenizer, text_tasks, _encoder_vocab(m, text_encoder))
+        _check_tokenizer(d.tokenizer, tokenizer, text_tasks, vocab)
     return dataclasses.replace(
         exp,
         model=dataclasses.replace(m, text_encoder=text_encoder, image_weights=image_weights),
@@ -174,17 +176,31 @@ def _encoder_vocab(model: ModelSpec, encoder: str | None) -> tuple[str, int] | N
         vocab = json.loads((Path(encoder) / "config.json").read_text()).get("vocab_size")
         where = f"model.text_encoder {model.text_encoder!r} (its config.json vocab_size)"
     elif model.text_config is not None:
-        from transformers import AutoConfig
-
-        config = dict(model.text_config)
-        try:
-            vocab = getattr(AutoConfig.for_model(config.pop("model_type", "bert"), **config), "vocab_size", None)
-        except Exception as e:  # transformers' own (ValueError, its strict-dataclass errors): the config's fault
-            raise ConfigError(f"model.text_config: transformers cannot build it: {str(e).splitlines()[0]}") from None
-        where = "model.text_config (its vocab_size" + ("" if "vocab_size" in config else ", by default") + ")"
+        vocab = _text_config_vocab(model.text_config)
+        where = "model.text_config (its vocab_size" + ("" if "vocab_size" in model.text_config else ", by default") + ")"
     else:
         return None
     return (where, vocab) if isinstance(vocab, int) else None
+
+
+def _text_config_vocab(text_config: dict) -> int | None:
+    """The embedding rows of the encoder `model.text_config` makes, its model type's default when unset.
+
+    The model is built once on the meta device (no memory), as `TextEncoder` builds it: a config
+    transformers reads but cannot build a model of (heads that do not divide the hidden size, an
+    unknown activation) fails here, naming the key, rather than in every worker."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = dict(text_config)
+    try:
+        built = AutoConfig.for_model(config.pop("model_type", "bert"), **config)
+        with torch.device("meta"):
+            AutoModel.from_config(built)
+    except Exception as e:  # transformers' own (ValueError, KeyError, its strict-dataclass errors): the config's
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(f"model.text_config: transformers cannot build a model of it: {reason[:300]}") from None
+    return getattr(built, "vocab_size", None)
 
 
 def _check_tokenizer(name: str, folder: str, tasks: list[str], encoder_vocab: tuple[str, int] | None) -> None:
