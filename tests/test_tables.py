@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -372,3 +373,14 @@ def test_a_uri_resolves_like_pyarrow_with_one_filesystem_per_bucket(tmp_path: Pa
         fs, path = storage.resolve(uri)
         assert path == pafs.FileSystem.from_uri(uri)[1]
     assert storage.resolve(f"file://{tmp_path}/x")[0] is storage.resolve(f"file://{tmp_path}/y")[0]
+
+
+def test_a_source_check_names_the_first_file_in_order_that_lacks_a_column(tmp_path: Path) -> None:
+    """The footers are read concurrently; the fault reported is still the first file's."""
+    from raymtl.data.tables import check_source
+
+    for i in range(40):
+        columns = {"image": ["a.png"], "label": ["red"]} if i not in (17, 31) else {"image": ["a.png"]}
+        pq.write_table(pa.table(columns), tmp_path / f"part-{i:03d}.parquet")
+    with raises("label 'label' not found in", "part-017.parquet"):
+        check_source(str(tmp_path), {"image": "image", "label": "label"})

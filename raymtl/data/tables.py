@@ -14,6 +14,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any
@@ -36,6 +37,7 @@ _LOCAL_MAGIC = re.compile(r"[*?\[]")
 _URI_MAGIC = re.compile(r"[*\[]")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_COMPRESSIONS = (".gz", ".bz2", ".br", ".lz4", ".zst")  # what Arrow opens by the name (compression="detect")
+HEADER_READERS = 16  # files whose footer or header `check_source` reads at once
 
 
 def source_files(source: str | os.PathLike) -> list[str]:
@@ -350,10 +352,14 @@ def read_parts(
 
 def check_source(source: Any, required: dict[str, str]) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
     """The files of a file/glob/URI source, each checked to have the `required` columns (by its
-    parquet footer or CSV header, without reading rows): the filesystem and (path, name) per file."""
+    parquet footer or CSV header, without reading rows): the filesystem and (path, name) per file.
+
+    The footers are read concurrently (one request each in an object store, a many-part source's
+    latency otherwise adds up); a fault is reported for the first file in order that has one."""
     fs, files = _expand(source)
-    for path, name in files:
-        check_columns(_file_columns(fs, path, name), required, name)
+    with ThreadPoolExecutor(max_workers=HEADER_READERS) as pool:
+        for (_, name), columns in zip(files, pool.map(lambda file: _file_columns(fs, *file), files)):
+            check_columns(columns, required, name)
     return fs, files
 
 
