@@ -102,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     exp = apply_overrides(load_experiment(args.config), args)
     preflight.check(exp)
-    # Named models resolve (a missing one fails in a second) before the trainer's heavy imports.
+    # Named models resolve before the trainer's imports (a missing one fails in a second; a text task's
+    # tokenizer check loads transformers).
     exp = resolve_models(exp)
     console.open_log(storage.join(storage.normalize(exp.storage_path), exp.name))
     from raymtl.train.recipes import fit_recipe

@@ -9,7 +9,8 @@ are the stepping task, columns the task that is affected. Because every task has
 each task's loss is measured on its own batch. L_i^train is the loss a training step on task i
 backpropagates (`raymtl.train.losses.training_loss`: the per-modality heads' losses beside the
 fused head's, times the task weight), so the lookahead is that step. L_j is the fused head's
-unweighted loss, the one val/<task>/loss reports (a task weight would cancel in the ratio anyway). Z is a
+unweighted training criterion, label smoothing or the task's own loss included, which
+train/<task>/loss_ewma tracks (a task weight would cancel in the ratio anyway). Z is a
 relative change, so it needs losses >= 0: a negative loss is refused (`ConfigError`), and a target
 whose loss is at most `FIT_LOSS` before the step counts as fit, Z[., j] = 0 (nothing left to change;
 the ratio would be one of float32 rounding noise). The measurement is side-effect free: the lookahead
