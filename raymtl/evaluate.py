@@ -3,7 +3,8 @@
 Each task of a training config is read from its `validation:` (or `test:`) source and runs through
 prediction's Ray Data stages (`raymtl.predict`: the training `Preprocessor` on CPU actors, the
 model in a pool of actors) with its labels encoded alongside; the driver feeds the probabilities
-into the training metric code (`make_accumulator`), so the numbers are the ones training reports.
+into the training metric code (`make_accumulator`), so the numbers are the ones training reports
+on the same rows (rows prediction flags, an unreadable image or an empty text, are left out here).
 Every task's rows go through one stream, tagged with their task (`tagged`): one start of the
 actors however many tasks, and a batch may hold rows of several. The tasks' tables differ in
 columns and types, and their decoded arrays and probabilities in shapes, so a row travels pickled
@@ -41,6 +42,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import pickle
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,7 +99,8 @@ class Comparison:
     deltas: dict[str, dict[str, float]]  # task -> metric -> model - baseline
     delta_percent: float
     per_task_percent: dict[str, float] = field(default_factory=dict)
-    unmeasured: list[str] = field(default_factory=list)  # left out of Δ%: no row read by the model or a baseline
+    unmeasured: list[str] = field(default_factory=list)  # left out of Δ%: no row read by the model or its baselines
+    zero_references: dict[str, list[str]] = field(default_factory=dict)  # task -> metrics of reference 0: no gain
 
 
 def evaluate(
@@ -337,20 +340,29 @@ class TaskScore:
 
 
 def compare(evaluation: Evaluation, baselines: list[Evaluation]) -> Comparison:
-    """Deltas and Δ% of `evaluation` against the baselines; every task needs a baseline that has it."""
-    deltas, percent = {}, {}
-    unread = {task for e in (evaluation, *baselines) for task in e.unmeasured}
+    """Deltas and Δ% of `evaluation` against the baselines; every task needs a baseline that has it.
+
+    A task's reference is the mean of the baselines that read a row of it; a task the model read no
+    row of, or none of its baselines did, is left out of Δ% and named. A metric whose reference is 0
+    has no relative gain: it is left out of its task's mean and named (`zero_references`)."""
+    deltas, percent, unread, zero = {}, {}, [], {}
     for task, metrics in evaluation.tasks.items():
-        refs = [b.tasks[task] for b in baselines if task in b.tasks]
-        if not refs:
+        having = [b for b in baselines if task in b.tasks]
+        if not having:
             raise ConfigError(f"no baseline predicts task {task!r}; baselines: {[b.model for b in baselines]}")
+        refs = [b.tasks[task] for b in having if task not in b.unmeasured]
         names = [m for m in metrics if m not in COUNTS]
+        if task in evaluation.unmeasured or not refs:
+            unread.append(task)
+            deltas[task], percent[task] = dict.fromkeys(names, math.nan), math.nan
+            continue
         reference = {m: float(np.mean([r[m] for r in refs])) for m in names}
         deltas[task] = {m: metrics[m] - reference[m] for m in names}
-        percent[task] = float(np.mean([relative_gain(m, metrics[m], reference[m]) for m in names]))
-    measured = [p for task, p in percent.items() if task not in unread]
+        zero[task] = [m for m in names if not reference[m]]
+        percent[task] = _mean([relative_gain(m, metrics[m], reference[m]) for m in names if reference[m]])
+    measured = [p for task, p in percent.items() if task not in unread and not math.isnan(p)]
     return Comparison([b.model for b in baselines], deltas, 100 * _mean(measured),
-                      {t: 100 * p for t, p in percent.items()}, [task for task in percent if task in unread])
+                      {t: 100 * p for t, p in percent.items()}, unread, {t: m for t, m in zero.items() if m})
 
 
 def _mean(values: list[float]) -> float:
@@ -358,9 +370,9 @@ def _mean(values: list[float]) -> float:
 
 
 def relative_gain(metric: str, value: float, baseline: float) -> float:
-    """(value - baseline) / baseline, negated for a metric where lower is better."""
+    """(value - baseline) / baseline, negated for a metric where lower is better (baseline != 0)."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    return sign * (value - baseline) / baseline if baseline else 0.0
+    return sign * (value - baseline) / baseline
 
 
 # ---------------------------------------------------------------- output
@@ -380,6 +392,9 @@ def format_table(evaluation: Evaluation, comparison: Comparison | None = None) -
     if comparison:
         left_out = f"  (without {_tasks(comparison.unmeasured)}: no readable rows)" if comparison.unmeasured else ""
         lines.append(f"Δ% vs {', '.join(comparison.baselines)}: {comparison.delta_percent:+.2f}{left_out}")
+        if comparison.zero_references:
+            named = "; ".join(f"{t}: {', '.join(m)}" for t, m in comparison.zero_references.items())
+            lines.append(f"note: metrics whose baseline is 0 have no relative gain, left out of Δ% ({named})")
     if evaluation.unmeasured:
         lines.append(f"warning: no readable rows in {_tasks(evaluation.unmeasured)}: left out of the mean score")
     return "\n".join(lines)
@@ -408,7 +423,7 @@ def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation],
                               "comparison": asdict(comparison) if comparison else None}
     if by_modality:
         report["by_modality"] = {m: _summary(e) for m, e in by_modality.items()}
-    storage.write_text(storage.join(out, "evaluation.json"), json.dumps(report, indent=2))
+    storage.write_text(storage.join(out, "evaluation.json"), json.dumps(_json_safe(report), indent=2, allow_nan=False))
     rows = [{"model": e.model, "task": task, **metrics} for e in (evaluation, *baselines)
             for task, metrics in e.tasks.items()]
     buffer = io.StringIO()
@@ -416,6 +431,17 @@ def write_results(out: str, evaluation: Evaluation, baselines: list[Evaluation],
     writer.writeheader()
     writer.writerows(rows)
     storage.write_text(storage.join(out, "evaluation.csv"), buffer.getvalue())
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every NaN as None: strict JSON (what a browser or jq reads) has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _summary(evaluation: Evaluation) -> dict[str, Any]:

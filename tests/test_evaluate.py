@@ -390,7 +390,33 @@ def test_a_task_without_readable_rows_is_named_and_left_out_of_the_means(tmp_pat
     assert comparison.unmeasured == ["b"]
     assert compare(Evaluation("m", "validation", {"b": read}), [baseline]).unmeasured == ["b"]  # unread by s
     write_results(str(tmp_path), model, [baseline], comparison)
+    strict = json.loads((tmp_path / "evaluation.json").read_text(), parse_constant=pytest.fail)  # no NaN token
+    assert strict["tasks"]["b"]["accuracy"] is None and strict["comparison"]["per_task_percent"]["b"] is None
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["mean_score"] == pytest.approx(0.9) and report["unmeasured"] == ["b"]
     assert report["baselines"][0]["unmeasured"] == ["b"]
     assert np.isnan(Evaluation("m", "validation", {"b": unread}).mean_score)  # nothing measured
+
+
+def test_a_baseline_that_read_no_row_of_a_task_is_left_out_of_its_reference_only():
+    """Another baseline read it: the task is compared with that one, not dropped from Δ%."""
+    read = {"accuracy": 0.9, "loss": 0.3, "rows": 4, "bad_rows": 0}
+    unread = {"accuracy": np.nan, "loss": np.nan, "rows": 2, "bad_rows": 2}
+    model = Evaluation("m", "validation", {"a": read})
+    image_only = Evaluation("s2", "validation", {"a": {**read, "accuracy": 0.6, "loss": 0.6}})
+    comparison = compare(model, [image_only, Evaluation("s3", "validation", {"a": unread})])
+    assert comparison.unmeasured == [] and comparison.deltas["a"]["accuracy"] == pytest.approx(0.3)
+    assert comparison.delta_percent == pytest.approx(100 * (0.5 + 0.5) / 2)
+
+
+def test_a_metric_whose_baseline_is_0_is_left_out_of_delta_percent_and_named():
+    """A relative gain over 0 is undefined: it counted as no change, pulling the task's mean to 0."""
+    from raymtl.evaluate import format_table
+
+    model = Evaluation("m", "validation", {"a": {"accuracy": 0.5, "macro_f1": 0.4, "loss": 0.5, "rows": 4, "bad_rows": 0}})
+    base = Evaluation("s", "validation", {"a": {"accuracy": 0.0, "macro_f1": 0.0, "loss": 1.0, "rows": 4, "bad_rows": 0}})
+    comparison = compare(model, [base])
+    assert comparison.per_task_percent == pytest.approx({"a": 50.0})  # the loss alone: -(0.5 - 1) / 1
+    assert comparison.zero_references == {"a": ["accuracy", "macro_f1"]}
+    assert "note: metrics whose baseline is 0 have no relative gain, left out of Δ% (a: accuracy, macro_f1)" in \
+        format_table(model, comparison)

@@ -238,6 +238,15 @@ def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
     assert not np.allclose(probs("image", items), both) and not np.allclose(probs("text", items), both)
     assert not np.allclose(probs("both", other_titles), both)  # unmasked, the titles do count
 
+    def bad(modality, rows):
+        plan = make_plan(str(tmp_path / "model"), saved, tasks=["color"], label_column="label")
+        return scored(dataclasses.replace(plan, masked=MASKED[modality]), rows)["bad"]
+
+    faults = items.assign(title=["", *items["title"][1:]], image=[*items["image"][:-1], str(tmp_path / "gone.png")])
+    assert bad("both", faults)[[0, -1]].all() and bad("both", faults).sum() == 2
+    assert bad("image", faults).tolist() == [False] * (len(items) - 1) + [True]  # the empty title is masked
+    assert bad("text", faults).tolist() == [True] + [False] * (len(items) - 1)  # the missing image is masked
+
 
 def test_modality_report_lists_each_tasks_primary_metric_per_modality():
     from raymtl.evaluate import Evaluation, modality_table

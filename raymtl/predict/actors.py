@@ -109,6 +109,8 @@ class Predict:
         self.device_inputs = DeviceInputs(plan.data, self.device)
         for _, member in self.members:
             member.mask(plan.masked)
+        # A masked modality's inputs feed zeros: their faults (an empty text, an unreadable image) spoil no row.
+        self.masked_inputs = frozenset(i for i, inp in enumerate(plan.inputs) if inp.kind == plan.masked)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -155,7 +157,8 @@ class Predict:
             start += len(head.labels)
             bad = np.zeros(len(batch[ID]), dtype=bool)
             for i in head.inputs:
-                bad |= batch[f"{i}/{ERROR}"] != ""
+                if i not in self.masked_inputs:
+                    bad |= batch[f"{i}/{ERROR}"] != ""
             probs[bad] = 0.0
             out.append((probs, bad))
         return out
