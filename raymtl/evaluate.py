@@ -55,7 +55,7 @@ import raymtl.predict
 from raymtl import console, storage
 from raymtl.config import ConfigError, Experiment, TaskSpec, load_experiment
 from raymtl.predict import gpus_per_actor, local_choice, predictions, stages_here
-from raymtl.predict.actors import Predict, Prepare
+from raymtl.predict.actors import Predict, Prepare, masked_inputs
 from raymtl.predict.plan import LABEL, Plan, make_plan
 from raymtl.predict.reading import items_here, read_items
 from raymtl.train.metrics import summary_table
@@ -272,11 +272,12 @@ class _ScoreEach(Predict):
     def __init__(self, plans: list[Plan], use_gpu: bool, saved: Any = None) -> None:
         super().__init__(plans[0], use_gpu, saved)  # the plans differ in their task and columns only
         self.heads, self.task_heads = (), [plan.heads for plan in plans]  # a row's heads are its task's
+        self.task_masked = [masked_inputs(plan) for plan in plans]  # each plan numbers its own inputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scored = {}
         for k, arrays in by_task(batch).items():
-            ((probs, bad),) = self.probabilities(arrays, self.task_heads[k])
+            ((probs, bad),) = self.probabilities(arrays, self.task_heads[k], self.task_masked[k])
             scored[k] = {"probs": probs, LABEL: arrays[LABEL], "bad": bad}
         return _by_row(batch[TASK], scored)
 

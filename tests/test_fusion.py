@@ -346,3 +346,43 @@ def test_a_model_with_modality_heads_saves_and_loads_them(tmp_path):
     with torch.no_grad():
         for (ours, w), (theirs, w2) in zip(model.training_outputs(b, "tags"), saved.training_outputs(b, "tags")):
             assert w == w2 and torch.equal(ours, theirs)
+
+
+def test_a_masked_modality_is_read_per_task_in_an_evaluation_of_several(tmp_path):
+    """Each task's plan numbers its own inputs: the masked ones were taken from the first task's plan,
+    so under --modality text an image-only task first made a text-only task's empty titles count."""
+    import pandas as pd
+
+    from raymtl.config import Experiment, ModelSpec, TaskSpec
+    from raymtl.data.synthetic import make_catalogue
+    from raymtl.data.task_info import TaskInfo
+    from raymtl.evaluate import MASKED, _PrepareEach, _ScoreEach, by_task, tagged
+    from raymtl.models.multitask import MultiTaskModel
+    from raymtl.predict.plan import make_plan
+
+    paths = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 6})["color"]
+    items = pd.read_parquet(paths["train"])
+    labels = sorted(items["label"].unique())
+    data = DataSpec(image_size=16, views=[ViewSpec("full")], tokenizer=default_tokenizer_path(), max_length=12)
+    spec = ModelSpec(image_backbone="resnet18", hidden_dim=8, dropout=0.0,
+                     text_config={"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16})
+    tasks = [TaskSpec("color", train="x", image_column="image", id_column="id"),
+             TaskSpec("words", train="x", text_column="title", id_column="id")]
+    infos = {"color": TaskInfo("color", "multiclass", labels, 6, 0, True, False),
+             "words": TaskInfo("words", "multiclass", labels, 6, 0, False, True)}
+    save_model(tmp_path / "model", MultiTaskModel(spec, infos, ["full"], {"all": ["color", "words"]}), data=data,
+               experiment=Experiment("m", tasks, data=data, model=spec).to_dict())
+    saved = load(tmp_path / "model")
+    faults = items.assign(title=["", *items["title"][1:]], image=[str(tmp_path / "gone.png"), *items["image"][1:]])
+
+    def bad(modality):
+        plans = [dataclasses.replace(make_plan(str(tmp_path / "model"), saved, tasks=[t], label_column="label"),
+                                     masked=MASKED[modality]) for t in ("color", "words")]
+        stream = pd.concat([tagged(faults, 0), tagged(faults, 1)], ignore_index=True)
+        scored = by_task(_ScoreEach(plans, use_gpu=False)(_PrepareEach(plans)(stream)))
+        return [scored[k]["bad"][0] for k in (0, 1)]  # row 0: no image, empty title
+
+    assert bad("both") == [True, True]
+    assert bad("text") == [False, True]  # the image masked: color's missing image spoils nothing
+    assert bad("image") == [True, False]

@@ -55,6 +55,12 @@ class Prepare:
         return out
 
 
+def masked_inputs(plan: Plan) -> frozenset[int]:
+    """The plan's inputs of its masked modality: they feed zeros, so their faults (an empty text, an
+    unreadable image) spoil no row."""
+    return frozenset(i for i, inp in enumerate(plan.inputs) if inp.kind == plan.masked)
+
+
 def _label_encoder(plan: Plan) -> Preprocessor:
     """The training transform reading only the label column of the plan's one task."""
     (head,) = plan.heads
@@ -109,8 +115,7 @@ class Predict:
         self.device_inputs = DeviceInputs(plan.data, self.device)
         for _, member in self.members:
             member.mask(plan.masked)
-        # A masked modality's inputs feed zeros: their faults (an empty text, an unreadable image) spoil no row.
-        self.masked_inputs = frozenset(i for i, inp in enumerate(plan.inputs) if inp.kind == plan.masked)
+        self.masked_inputs = masked_inputs(plan)
         self.heads, self.top_k = plan.heads, plan.top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -122,11 +127,12 @@ class Predict:
         return pa.table(columns)
 
     def probabilities(
-        self, batch: dict[str, np.ndarray], heads: tuple[Head, ...] | None = None
+        self, batch: dict[str, np.ndarray], heads: tuple[Head, ...] | None = None, masked: frozenset[int] | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per head (the plan's, or `heads`): softmax (multiclass) or sigmoid (multilabel) probabilities,
-        zeros on its bad rows, and the bad rows (an input of the head has an error). An ensemble's are
-        its members' weighted mean.
+        zeros on its bad rows, and the bad rows (an input of the head has an error, but for the `masked`
+        inputs: the plan's, or those of the plan `heads` come from). An ensemble's are its members'
+        weighted mean.
 
         Bad rows run through the model with the others (their placeholder inputs cost less than a
         selection of rows per head; in eval mode every row is computed on its own) and are zeroed after.
@@ -157,7 +163,7 @@ class Predict:
             start += len(head.labels)
             bad = np.zeros(len(batch[ID]), dtype=bool)
             for i in head.inputs:
-                if i not in self.masked_inputs:
+                if i not in (self.masked_inputs if masked is None else masked):
                     bad |= batch[f"{i}/{ERROR}"] != ""
             probs[bad] = 0.0
             out.append((probs, bad))
