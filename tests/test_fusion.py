@@ -197,26 +197,33 @@ def test_fusion_norm_is_checked():
 
 
 @pytest.mark.skipif(default_tokenizer_path() is None, reason="the MiniLM tokenizer is not installed")
+def small_image_text(tmp_path, rows: int):
+    """A catalogue task's items (image, title, label), its labels, and the data and model specs of a small
+    image + text model over them."""
+    import pandas as pd
+
+    from raymtl.config import ModelSpec
+    from raymtl.data.synthetic import make_catalogue
+
+    items = pd.read_parquet(make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": rows})["color"]["train"])
+    data = DataSpec(image_size=16, views=[ViewSpec("full")], tokenizer=default_tokenizer_path(), max_length=12)
+    spec = ModelSpec(image_backbone="resnet18", hidden_dim=8, dropout=0.0,
+                     text_config={"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16})
+    return items, sorted(items["label"].unique()), data, spec
+
+
 def test_evaluation_with_a_masked_modality_reads_nothing_of_it(tmp_path):
     """The scoring stage of `raymtl evaluate --modality image` (text masked) gives the same numbers
     whatever the titles say, `--modality text` whatever the images show; both differ from `both`."""
-    import pandas as pd
-
-    from raymtl.config import Experiment, ModelSpec, TaskSpec
-    from raymtl.data.synthetic import make_catalogue
+    from raymtl.config import Experiment, TaskSpec
     from raymtl.data.task_info import TaskInfo
     from raymtl.evaluate import MASKED
     from raymtl.models.multitask import MultiTaskModel
     from raymtl.predict.plan import make_plan
     from test_evaluate import scored
 
-    paths = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 12})["color"]
-    items = pd.read_parquet(paths["train"])
-    labels = sorted(items["label"].unique())
-    data = DataSpec(image_size=16, views=[ViewSpec("full")], tokenizer=default_tokenizer_path(), max_length=12)
-    spec = ModelSpec(image_backbone="resnet18", hidden_dim=8, dropout=0.0,
-                     text_config={"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16})
+    items, labels, data, spec = small_image_text(tmp_path, 12)
     exp = Experiment("m", [TaskSpec("color", train="x", image_column="image", text_column="title", id_column="id")],
                      data=data, model=spec)
     torch.manual_seed(0)
@@ -353,20 +360,13 @@ def test_a_masked_modality_is_read_per_task_in_an_evaluation_of_several(tmp_path
     so under --modality text an image-only task first made a text-only task's empty titles count."""
     import pandas as pd
 
-    from raymtl.config import Experiment, ModelSpec, TaskSpec
-    from raymtl.data.synthetic import make_catalogue
+    from raymtl.config import Experiment, TaskSpec
     from raymtl.data.task_info import TaskInfo
     from raymtl.evaluate import MASKED, _PrepareEach, _ScoreEach, by_task, tagged
     from raymtl.models.multitask import MultiTaskModel
     from raymtl.predict.plan import make_plan
 
-    paths = make_catalogue(tmp_path / "data", seed=0, image_size=16, sizes={"color": 6})["color"]
-    items = pd.read_parquet(paths["train"])
-    labels = sorted(items["label"].unique())
-    data = DataSpec(image_size=16, views=[ViewSpec("full")], tokenizer=default_tokenizer_path(), max_length=12)
-    spec = ModelSpec(image_backbone="resnet18", hidden_dim=8, dropout=0.0,
-                     text_config={"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16})
+    items, labels, data, spec = small_image_text(tmp_path, 6)
     tasks = [TaskSpec("color", train="x", image_column="image", id_column="id"),
              TaskSpec("words", train="x", text_column="title", id_column="id")]
     infos = {"color": TaskInfo("color", "multiclass", labels, 6, 0, True, False),
