@@ -176,6 +176,22 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(mode, fmt):
     assert pixels.shape == (16, 16, 3) and (pixels == 128).all()  # mid-grey, not white
 
 
+@pytest.mark.parametrize("min_side", [0, 8])  # 8: JPEG draft mode
+def test_a_photo_is_turned_upright_by_its_exif_orientation(min_side):
+    """A phone stores a portrait photo landscape with an Orientation tag that viewers apply: the model
+    saw it on its side (and a crop view cut the wrong axis)."""
+    stored = np.zeros((32, 64, 3), np.uint8)  # 64 wide, 32 high; red left half
+    stored[:, :32] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    encoded = io.BytesIO()
+    Image.fromarray(stored).save(encoded, format="JPEG", quality=95, exif=exif)
+    shown = np.asarray(decode_image(encoded.getvalue(), min_side))
+    assert shown.shape[0] > shown.shape[1]  # upright: portrait
+    top, bottom = shown[: shown.shape[0] // 4].mean((0, 1)), shown[-shown.shape[0] // 4 :].mean((0, 1))
+    assert top[0] > 200 and bottom[0] < 60  # the left (red) half is now on top
+
+
 def test_a_32_bit_grey_image_converts_as_pil_converts_it():
     """No range is known for "I": every image of a dataset alike (8-bit values kept, larger ones clipped)."""
     for value, grey in ((200, 200), (300, 255)):

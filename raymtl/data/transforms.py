@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from raymtl import storage
 from raymtl.config import ConfigError, DataSpec, TaskSpec, ViewSpec
@@ -227,11 +227,13 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     (PIL draft mode): several times faster, and the pixels are resized down anyway. 16-bit grey
     images (modes "I;16", "I;16B"...: a 16-bit PNG or TIFF) keep their top 8 bits: PIL's RGB
     conversion would clip them at 255, nearly white. A 32-bit "I" image has no known range: PIL
-    converts it (a pinned Pillow >= 10.3 opens 16-bit PNGs as "I;16", not "I").
+    converts it (a pinned Pillow >= 10.3 opens 16-bit PNGs as "I;16", not "I"). A photo is turned
+    upright by its EXIF orientation, as viewers show it (a phone stores a portrait photo landscape).
     """
     image = Image.open(io.BytesIO(data))
     if min_side:
         image.draft("RGB", (min_side, min_side))
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     return image.convert("RGB")
