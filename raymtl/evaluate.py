@@ -4,7 +4,7 @@ Each task of a training config is read from its `validation:` (or `test:`) sourc
 prediction's Ray Data stages (`raymtl.predict`: the training `Preprocessor` on CPU actors, the
 model in a pool of actors) with its labels encoded alongside; the driver feeds the probabilities
 into the training metric code (`make_accumulator`), so the numbers are the ones training reports
-on the same rows (rows prediction flags, an unreadable image or an empty text, are left out here).
+on the same rows (an empty text is scored as training's validation scores it; prediction flags it).
 Every task's rows go through one stream, tagged with their task (`tagged`): one start of the
 actors however many tasks, and a batch may hold rows of several. The tasks' tables differ in
 columns and types, and their decoded arrays and probabilities in shapes, so a row travels pickled
@@ -201,7 +201,7 @@ def _plan(model_path: str, saved: Any, spec: TaskSpec, modality: str) -> Plan:
     """The prediction plan of one task's split: its columns, its labels encoded, a modality masked."""
     plan = make_plan(model_path, saved, tasks=[spec.name], image_column=spec.image_column,
                      text_column=spec.text_column, id_column=_row_id(spec), label_column=spec.label_column)
-    return dataclasses.replace(plan, masked=MASKED[modality])
+    return dataclasses.replace(plan, masked=MASKED[modality], empty_text_is_bad=False)  # scored as "", as training
 
 
 def _task_rows(exp: Experiment, infos: dict, split: str, tasks: list[str] | None) -> dict[str, int]:

@@ -386,3 +386,24 @@ def test_a_masked_modality_is_read_per_task_in_an_evaluation_of_several(tmp_path
     assert bad("both") == [True, True]
     assert bad("text") == [False, True]  # the image masked: color's missing image spoils nothing
     assert bad("image") == [True, False]
+
+
+def test_evaluation_scores_an_empty_text_as_training_does_and_prediction_flags_it(tmp_path):
+    """Evaluate left such rows out while training's validation tokenized them as "": other numbers."""
+    from raymtl.config import Experiment, TaskSpec
+    from raymtl.data.task_info import TaskInfo
+    from raymtl.evaluate import _plan
+    from raymtl.models.multitask import MultiTaskModel
+    from raymtl.predict.plan import make_plan
+    from test_evaluate import scored
+
+    items, labels, data, spec = small_image_text(tmp_path, 6)
+    task = TaskSpec("color", train="x", image_column="image", text_column="title", id_column="id")
+    model = MultiTaskModel(spec, {"color": TaskInfo("color", "multiclass", labels, 6, 0, True, True)}, ["full"],
+                           {"all": ["color"]})
+    save_model(tmp_path / "model", model, data=data, experiment=Experiment("m", [task], data=data, model=spec).to_dict())
+    saved, path = load(tmp_path / "model"), str(tmp_path / "model")
+    empty = items.assign(title=["  ", *items["title"][1:]])
+    assert not scored(_plan(path, saved, task, "both"), empty)["bad"].any()
+    assert scored(make_plan(path, saved, tasks=["color"], label_column="label"), empty)["bad"].tolist() == \
+        [True] + [False] * (len(items) - 1)

@@ -43,7 +43,7 @@ class Prepare:
         out: dict[str, np.ndarray] = {ID: np.array([None if pd.isna(v) else str(v) for v in ids], dtype=object)}
         for i, (inp, prep) in enumerate(zip(plan.inputs, self.preprocessors)):
             arrays = prep(batch)
-            if inp.kind == "text":
+            if inp.kind == "text" and plan.empty_text_is_bad:
                 arrays[ERROR] = _empty_texts(batch[inp.column], inp)
             out.update({f"{i}/{key}": value for key, value in arrays.items() if key != "task"})
         if self.labels is not None:

@@ -64,6 +64,7 @@ class Plan:
     top_k: int
     label_column: str | None = None  # evaluation: also encode this column as the (single) head's labels
     masked: str | None = None  # evaluation: a modality (image | text) the model runs without (`MultiTaskModel.mask`)
+    empty_text_is_bad: bool = True  # prediction flags the row; evaluation scores it as training's validation does
 
     def preprocessors(self, data: DataSpec) -> list[Preprocessor]:
         """One per input; `data` is the plan's with the tokenizer folder of the node it runs on."""
