@@ -326,7 +326,9 @@ def _validate(exp: Experiment) -> None:
     columns = {f"data.views[{i}].column": v.column for i, v in enumerate(exp.data.views)}
     for i, t in enumerate(exp.tasks):
         where = f"tasks[{i}] ({t.name!r})"
-        _check_name(t.name, f"tasks[{i}]: task name", "it names datasets, model modules, files and metrics")
+        if not (isinstance(t.name, str) and TASK_NAME.fullmatch(t.name)):
+            raise ConfigError(f"tasks[{i}]: task name {t.name!r} may hold only letters, digits, '_' and '-', starting "
+                              "with a letter or digit (it names datasets, model modules, files and metrics)")
         if t.name in seen:
             raise ConfigError(f"duplicate task name {t.name!r}: task names must be unique")
         if t.name in PREDICTION_COLUMNS:
@@ -395,13 +397,6 @@ def _validate(exp: Experiment) -> None:
                                   "the group's torch modules)")
         check_groups(m.groups, exp.task_names)
     check_metric(tr.checkpoint_metric, exp, "training.checkpoint_metric")
-
-
-def _check_name(name: Any, what: str, why: str) -> None:
-    """`name` is letters, digits, '_' and '-' (TASK_NAME), starting with a letter or digit."""
-    if not (isinstance(name, str) and TASK_NAME.fullmatch(name)):
-        raise ConfigError(f"{what} {name!r} may hold only letters, digits, '_' and '-', starting with a letter or "
-                          f"digit ({why})")
 
 
 def epoch_metrics(exp: Experiment) -> list[str]:

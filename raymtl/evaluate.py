@@ -347,13 +347,14 @@ def compare(evaluation: Evaluation, baselines: list[Evaluation]) -> Comparison:
     row of, or none of its baselines did, is left out of Δ% and named. A metric whose reference is 0
     has no relative gain: it is left out of its task's mean and named (`zero_references`)."""
     deltas, percent, unread, zero = {}, {}, [], {}
+    model_unread = set(evaluation.unmeasured)
+    read_by = [(b, set(b.tasks) - set(b.unmeasured)) for b in baselines]  # the tasks each baseline read rows of
     for task, metrics in evaluation.tasks.items():
-        having = [b for b in baselines if task in b.tasks]
-        if not having:
+        if not any(task in b.tasks for b in baselines):
             raise ConfigError(f"no baseline predicts task {task!r}; baselines: {[b.model for b in baselines]}")
-        refs = [b.tasks[task] for b in having if task not in b.unmeasured]
+        refs = [b.tasks[task] for b, read in read_by if task in read]
         names = [m for m in metrics if m not in COUNTS]
-        if task in evaluation.unmeasured or not refs:
+        if task in model_unread or not refs:
             unread.append(task)
             deltas[task], percent[task] = dict.fromkeys(names, math.nan), math.nan
             continue
@@ -361,7 +362,7 @@ def compare(evaluation: Evaluation, baselines: list[Evaluation]) -> Comparison:
         deltas[task] = {m: metrics[m] - reference[m] for m in names}
         zero[task] = [m for m in names if not reference[m]]
         percent[task] = _mean([relative_gain(m, metrics[m], reference[m]) for m in names if reference[m]])
-    measured = [p for task, p in percent.items() if task not in unread and not math.isnan(p)]
+    measured = [p for p in percent.values() if not math.isnan(p)]  # an unread task's is NaN
     return Comparison([b.model for b in baselines], deltas, 100 * _mean(measured),
                       {t: 100 * p for t, p in percent.items()}, unread, {t: m for t, m in zero.items() if m})
 

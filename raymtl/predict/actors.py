@@ -142,6 +142,7 @@ class Predict:
         from raymtl.models.ensemble import probabilities
 
         heads = self.heads if heads is None else heads
+        masked = self.masked_inputs if masked is None else masked
         arrays = self._on_device(batch)
         features: dict[tuple, torch.Tensor] = {}  # tasks of one group with the same inputs share one pass
         outputs = []
@@ -163,7 +164,7 @@ class Predict:
             start += len(head.labels)
             bad = np.zeros(len(batch[ID]), dtype=bool)
             for i in head.inputs:
-                if i not in (self.masked_inputs if masked is None else masked):
+                if i not in masked:
                     bad |= batch[f"{i}/{ERROR}"] != ""
             probs[bad] = 0.0
             out.append((probs, bad))

@@ -105,6 +105,9 @@ def train_parts(exp: Experiment, fit: Fit) -> Experiment:
     if exp.model.image_backbone is None or not has_text or (exp.model.text_encoder or exp.model.text_config) is None:
         raise ConfigError("training.recipe: staged composes an image model and a text model; "
                           "the config needs an image backbone, a text encoder and tasks with text")
+    from raymtl.models.multitask import check_module_names
+
+    check_module_names(exp.task_names, list(exp.task_groups()))  # before a part trains: each checks only its own
     given = exp.model.init_from or {}
     image_groups = [g for g, members in exp.task_groups().items() if any(has_image(exp, exp.task(t)) for t in members)]
     trained = {}
@@ -117,9 +120,6 @@ def train_parts(exp: Experiment, fit: Fit) -> Experiment:
 
 def fit_recipe(exp: Experiment, fit: Fit) -> TrainResult:
     """Train `exp` by its `training.recipe`; the result is the image + text model's run."""
-    from raymtl.models.multitask import check_module_names
-
-    check_module_names(exp.task_names, list(exp.task_groups()))  # before a part trains: each checks only its own
     if exp.training.recipe == "staged":
         exp = train_parts(exp, fit)
     return fit(exp)
